@@ -1,0 +1,1 @@
+"""The `flatdino` console script: thin typer commands that build a config and call one function."""

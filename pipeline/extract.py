@@ -1,0 +1,336 @@
+"""`flatdino extract-features`: images -> DINOv2 patch features in a resumable Zarr store.
+
+The job is a chain over shards (consecutive, chunk-aligned image ranges):
+
+    decode_shard (CPU, plain function)  ->  ShardEmbedder (backbone, loaded once)  ->  store
+
+The local backend calls these in-process with one decode of look-ahead; the Ray backend runs
+`decode_shard` as CPU tasks and `ShardEmbedder` as a pool of actors (GPUs when asked). Both call the
+same functions on the same shards and batches, so they write identical bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .backbone import BACKBONES, load_backbone
+from .errors import FlatDinoError, StoreMismatchError, TooManyFailuresError, WeightsError
+from .preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
+from .sources import ImageSource, load_image, open_source
+from .store import FeatureStore, Shard, check_fingerprint, create_store
+
+log = logging.getLogger("flatdino.extract")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `extract_features` needs; the CLI only fills it in."""
+
+    data: str  # ImageFolder directory, Parquet manifest, or "digits"
+    out: str  # store directory (created)
+    split: str = "all"  # digits: which rows; directories and manifests: only recorded
+    backbone: str = "dinov2-vitb14-reg"  # key of pipeline.backbone.BACKBONES
+    weights: str | None = None  # local weights file or directory; None: hub (or seed for tiny)
+    views: int = 2  # stored views per image (0 centre crop, 1 flip, >=2 random crops)
+    view_seed: int = 0  # seed of the random crops of views >= 2
+    batch_size: int = 64  # backbone batch (images x views are flattened into batches)
+    shard_size: int = 64  # images per unit of work; a multiple of chunk_rows
+    chunk_rows: int = 8  # images per Zarr chunk of the features array
+    dtype: str = "fp32"  # backbone compute precision: fp32 | bf16 (features are stored float16)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    backend: str = "ray"  # ray | local
+    workers: int = 1  # backbone actors (Ray backend)
+    num_gpus_per_worker: float | None = None  # None: 1 when CUDA is visible, else 0
+    torch_threads: int = 0  # intra-op threads per backbone worker; 0: cpu count / workers
+    ray_address: str | None = None  # None: a local Ray instance; "auto" or ADDR: a cluster
+    max_failed_fraction: float = 0.01  # exit non-zero above this fraction of undecodable images
+    overwrite: bool = False  # replace an existing store made with other settings
+    progress: bool = True  # show the tqdm bar
+
+
+@dataclass
+class ExtractSummary:
+    """What one run did (also printed by the CLI)."""
+
+    store: str
+    images: int
+    shards_total: int
+    shards_run: int
+    images_run: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the shard functions
+
+
+@dataclass
+class DecodedShard:
+    """The CPU half of a shard: normalised views of every decodable image, and the errors."""
+
+    shard: Shard
+    pixels: np.ndarray  # (n_ok, V, 3, 224, 224) float32
+    valid: np.ndarray  # (n,) bool
+    errors: dict[int, str]  # image index -> "ExceptionType: message"
+
+
+def decode_shard(kind: str, root: str, paths: list[str], shard: Shard, recipe: ViewRecipe) -> DecodedShard:
+    """Decode, crop and normalise images [shard.start, shard.stop); bad images become errors."""
+    views, valid, errors = [], np.zeros(shard.stop - shard.start, dtype=bool), {}
+    for offset, path in enumerate(paths):
+        index = shard.start + offset
+        try:
+            with load_image(kind, root, path) as img:
+                crop = adm_center_crop(to_rgb(img), recipe.crop_size)
+            views.append(make_views(crop, index, recipe).numpy())
+            valid[offset] = True
+        except Exception as e:  # any decode failure marks only this image invalid
+            errors[index] = f"{type(e).__name__}: {e}"[:500]
+    shape = (0, recipe.views, 3, recipe.input_size, recipe.input_size)
+    pixels = np.stack(views) if views else np.zeros(shape, np.float32)
+    return DecodedShard(shard, pixels, valid, errors)
+
+
+class ShardEmbedder:
+    """Runs the backbone over decoded shards and writes them; loads the model once (a Ray actor)."""
+
+    def __init__(self, cfg: ExtractConfig, expected_sha: str):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
+        torch.set_num_threads(threads)
+        model, sha = load_backbone(cfg.backbone, cfg.weights)
+        if sha != expected_sha:  # e.g. another file at the same path on another node
+            raise WeightsError(f"worker loaded weights with sha256 {sha[:12]}, driver {expected_sha[:12]}")
+        self.model = model.to(self.device)
+        self.store = FeatureStore(cfg.out, mode="r+")
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, V, 3, H, W) -> (n, V, P, C) float16, in batches of cfg.batch_size images."""
+        n, v = pixels.shape[:2]
+        flat = torch.from_numpy(pixels).reshape(n * v, *pixels.shape[2:])  # (n*V, 3, H, W)
+        out = np.empty((n * v, self.model.num_patches, self.model.dim), np.float16)
+        dtype = DTYPES[self.cfg.dtype]
+        for i in range(0, n * v, self.cfg.batch_size):
+            x = flat[i : i + self.cfg.batch_size].to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                y = self.model(x)  # (b, P, C)
+            out[i : i + len(x)] = y.float().cpu().numpy().astype(np.float16)
+        return out.reshape(n, v, *out.shape[1:])  # (n, V, P, C)
+
+    def __call__(self, decoded: DecodedShard) -> tuple[int, int, dict[int, str]]:
+        """Embed and write one shard; returns (shard index, images, errors)."""
+        shard = decoded.shard
+        n = shard.stop - shard.start
+        feats = np.zeros((n, *self.store.features.shape[1:]), np.float16)
+        if len(decoded.pixels):
+            feats[decoded.valid] = self.embed(decoded.pixels)
+        self.store.write_shard(shard, feats, decoded.valid, decoded.errors)
+        return shard.index, n, decoded.errors
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- the two backends
+
+
+def _run_local(cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str) -> Iterator:
+    embedder = ShardEmbedder(cfg, sha)
+
+    def decode(shard: Shard) -> DecodedShard:
+        paths = list(source.paths[shard.start : shard.stop])
+        return decode_shard(source.kind, source.root, paths, shard, recipe)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # decode shard s+1 while s runs the backbone
+        pending = [pool.submit(decode, s) for s in todo[:2]]
+        for i in range(len(todo)):
+            decoded = pending.pop(0).result()
+            if i + 2 < len(todo):
+                pending.append(pool.submit(decode, todo[i + 2]))
+            yield embedder(decoded)
+
+
+def _run_ray(cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str) -> Iterator:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True,
+                 logging_level=logging.WARNING)  # fmt: skip
+    gpus = cfg.num_gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    decode_task = ray.remote(num_cpus=1)(decode_shard)
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(ShardEmbedder)
+    actors = [actor_cls.remote(cfg, sha) for _ in range(cfg.workers)]
+    queue = list(reversed(todo))
+    inflight: dict = {}  # ObjectRef -> actor; two shards per actor: one decoding, one embedding
+
+    def submit(actor) -> None:
+        shard = queue.pop()
+        paths = list(source.paths[shard.start : shard.stop])
+        decoded = decode_task.remote(source.kind, source.root, paths, shard, recipe)
+        inflight[actor.__call__.remote(decoded)] = actor
+
+    for actor in actors * 2:
+        if queue:
+            submit(actor)
+    try:
+        while inflight:
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            actor = inflight.pop(ref)
+            result = ray.get(ref)
+            if queue:
+                submit(actor)
+            yield result
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def fingerprint(cfg: ExtractConfig, source: ImageSource, recipe: ViewRecipe, sha: str) -> dict:
+    """What must match for a store to be resumed: backbone, weights, preprocessing, input."""
+    fp = {
+        "backbone": cfg.backbone,
+        "weights_sha256": sha,
+        "dtype": cfg.dtype,
+        "preprocessing": recipe.to_dict(),
+        "input": {"kind": source.kind, "split": source.split, "images": len(source),
+                  "sha256": source.fingerprint()},
+        "batch_size": cfg.batch_size,  # CPU matmuls round differently for other batch shapes
+        "shard_size": cfg.shard_size,
+        "chunk_rows": cfg.chunk_rows,
+    }  # fmt: skip
+    return json.loads(json.dumps(fp))  # the form it takes after a round trip through zarr.json
+
+
+def open_or_create_store(cfg: ExtractConfig, source: ImageSource, fp: dict, dim: int, patches: int) -> FeatureStore:
+    """Resume a matching store, replace it with --overwrite, or create a fresh one."""
+    out = Path(cfg.out)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory made by the user: create the store in its place
+    if out.exists():
+        try:
+            store = FeatureStore(out, mode="r+")
+        except FlatDinoError:
+            if not cfg.overwrite:
+                raise StoreMismatchError(
+                    f"--out {cfg.out!r} exists and is not a flatdino feature store; "
+                    "pass --overwrite to replace it, or choose another --out"
+                ) from None
+            store = None
+        if store is not None and not cfg.overwrite:
+            check_fingerprint(store, fp)
+            return store
+        _remove(out)
+    return create_store(
+        out,
+        shape=(len(source), cfg.views, patches, dim),
+        labels=np.asarray(source.labels, dtype=np.int32),
+        paths=list(source.paths),
+        class_names=list(source.class_names),
+        shard_size=cfg.shard_size,
+        chunk_rows=cfg.chunk_rows,
+        attrs={
+            "fingerprint": fp,
+            "config": asdict(cfg),
+            "input_root": source.root,
+            "num_patches": patches,
+            "feature_dim": dim,
+            "feature_space": "DINOv2 patch tokens, final LayerNorm without affine (RAE)",
+            "package_version": package_version(),
+        },
+    )
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flatdino")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def validate(cfg: ExtractConfig) -> None:
+    checks = [
+        (cfg.backbone in BACKBONES, f"--backbone must be one of {sorted(BACKBONES)}"),
+        (cfg.views >= 1, "--views must be >= 1"),
+        (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+        (cfg.workers >= 1, "--workers must be >= 1"),
+        (cfg.chunk_rows >= 1 and cfg.shard_size % cfg.chunk_rows == 0,
+         f"--shard-size must be a positive multiple of {cfg.chunk_rows} (chunk rows)"),
+        (cfg.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}"),
+        (cfg.backend in ("ray", "local"), "--backend must be ray or local"),
+        (0.0 <= cfg.max_failed_fraction <= 1.0, "--max-failed-fraction must be in [0, 1]"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise FlatDinoError(message)
+
+
+def extract_features(cfg: ExtractConfig) -> ExtractSummary:
+    """Run (or resume) the extraction job of `cfg`; raises TooManyFailuresError after finishing."""
+    validate(cfg)
+    source = open_source(cfg.data, cfg.split)
+    if source.skipped_files:
+        log.warning("skipped %d files without an image extension", source.skipped_files)
+    recipe = ViewRecipe(views=cfg.views, seed=cfg.view_seed)
+    probe, sha = load_backbone(cfg.backbone, cfg.weights)  # identity and shape before any work
+    store = open_or_create_store(cfg, source, fingerprint(cfg, source, recipe, sha), probe.dim, probe.num_patches)
+    del probe
+    shards = store.shards()
+    todo = [s for s, done in zip(shards, store.done_mask(), strict=True) if not done]
+    summary = ExtractSummary(str(store.path), store.num_images, len(shards), len(todo))
+    if todo:
+        run = _run_ray if cfg.backend == "ray" else _run_local
+        total = sum(s.stop - s.start for s in todo)
+        start = time.perf_counter()
+        with tqdm(total=total, unit="img", desc="extract-features", disable=not cfg.progress) as bar:
+            for _, n, errors in run(cfg, source, todo, recipe, sha):
+                summary.images_run += n
+                bar.update(n)
+        summary.seconds = time.perf_counter() - start
+        summary.images_per_s = summary.images_run / max(summary.seconds, 1e-9)
+    if not store.attrs.get("complete"):
+        store.finalize()
+    errors = store.shard_errors()
+    summary.failed = len(errors)
+    summary.failures = [f"{source.paths[i]}: {e}" for i, e in sorted(errors.items())[:5]]
+    if summary.failed > cfg.max_failed_fraction * store.num_images:
+        raise TooManyFailuresError(
+            f"{summary.failed} of {store.num_images} images failed to decode (more than "
+            f"--max-failed-fraction {cfg.max_failed_fraction}); the store is complete and their "
+            f"rows are marked invalid, see {store.path / 'manifest.parquet'} (first: {summary.failures[0]})"
+        )
+    return summary

@@ -1,0 +1,1 @@
+"""Models, losses and training loops (FlatDINO VAE, LightningDiT, pixel decoder); built by later issues."""
