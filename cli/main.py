@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from flatdino.pipeline.backbone import BACKBONES
 from flatdino.pipeline.errors import FlatDinoError
 
@@ -54,24 +53,85 @@ def setup_logging() -> None:
 
 @app.command("extract-features")
 def extract_features_cmd(
-    data: Annotated[str, typer.Option(help="ImageFolder directory (ROOT/CLASS/IMAGE), Parquet manifest with 'path' and 'label' columns, or 'digits' (built-in, offline).")],
-    out: Annotated[Path, typer.Option(help="Feature store directory to create or resume (Zarr v3).")],
-    split: Annotated[Split, typer.Option(help="digits: train (80%), val (20%) or all rows of a fixed seeded split. Directories and manifests: recorded in the store only.")] = Split.all,
-    backbone: Annotated[Backbone, typer.Option(help="dinov2-vitb14-reg: DINOv2-B/14 with 4 registers (timm). tiny: same structure, random weights, for tests and the demo.")] = Backbone("dinov2-vitb14-reg"),
-    weights: Annotated[Path | None, typer.Option(help="Local weights: timm safetensors, original DINOv2 .pth, or a transformers checkpoint directory. Default: the Hugging Face hub.")] = None,
-    views: Annotated[int, typer.Option(min=1, help="Views stored per image: 0 centre crop, 1 its flip, >=2 seeded random-resized crops.")] = 2,
+    data: Annotated[
+        str,
+        typer.Option(
+            help="ImageFolder directory (ROOT/CLASS/IMAGE), Parquet manifest with 'path' and 'label' columns, or 'digits' (built-in, offline)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Feature store directory to create or resume (Zarr v3).")
+    ],
+    split: Annotated[
+        Split,
+        typer.Option(
+            help="digits: train (80%), val (20%) or all rows of a fixed seeded split. Directories and manifests: recorded in the store only."
+        ),
+    ] = Split.all,
+    backbone: Annotated[
+        Backbone,
+        typer.Option(
+            help="dinov2-vitb14-reg: DINOv2-B/14 with 4 registers (timm). tiny: same structure, random weights, for tests and the demo."
+        ),
+    ] = Backbone("dinov2-vitb14-reg"),
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local weights: timm safetensors, original DINOv2 .pth, or a transformers checkpoint directory. Default: the Hugging Face hub."
+        ),
+    ] = None,
+    views: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Views stored per image: 0 centre crop, 1 its flip, >=2 seeded random-resized crops.",
+        ),
+    ] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the random crops of views >= 2.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Backbone batch size (images x views).")] = 64,
-    shard_size: Annotated[int, typer.Option(min=8, help="Images per unit of work (resume granularity); a multiple of 8.")] = 64,
-    dtype: Annotated[Precision, typer.Option(help="Backbone compute precision; bf16 for GPUs (features are stored as float16 either way).")] = Precision.fp32,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Backbone batch size (images x views).")
+    ] = 64,
+    shard_size: Annotated[
+        int,
+        typer.Option(min=8, help="Images per unit of work (resume granularity); a multiple of 8."),
+    ] = 64,
+    dtype: Annotated[
+        Precision,
+        typer.Option(
+            help="Backbone compute precision; bf16 for GPUs (features are stored as float16 either way)."
+        ),
+    ] = Precision.fp32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    backend: Annotated[Backend, typer.Option(help="ray: CPU decode tasks + backbone actors; local: one process, no Ray.")] = Backend.ray,
+    backend: Annotated[
+        Backend,
+        typer.Option(help="ray: CPU decode tasks + backbone actors; local: one process, no Ray."),
+    ] = Backend.ray,
     workers: Annotated[int, typer.Option(min=1, help="Backbone actors (Ray backend).")] = 1,
-    num_gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per backbone actor; default 1 when the cluster has GPUs, else 0.")] = None,
-    torch_threads: Annotated[int, typer.Option(min=0, help="CPU threads per backbone worker; 0: cores / workers.")] = 0,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address ('auto' inside `ray job submit`); default: start Ray locally.")] = None,
-    max_failed_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit 1 when more than this fraction of images fail to decode (they are kept as invalid rows).")] = 0.01,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store made with other settings.")] = False,
+    num_gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(help="GPUs per backbone actor; default 1 when the cluster has GPUs, else 0."),
+    ] = None,
+    torch_threads: Annotated[
+        int, typer.Option(min=0, help="CPU threads per backbone worker; 0: cores / workers.")
+    ] = 0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster address ('auto' inside `ray job submit`); default: start Ray locally."
+        ),
+    ] = None,
+    max_failed_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Exit 1 when more than this fraction of images fail to decode (they are kept as invalid rows).",
+        ),
+    ] = 0.01,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace an existing store made with other settings."),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Images -> DINOv2 patch features (N, V, 256, C) float16 in a resumable Zarr store."""
@@ -91,7 +151,9 @@ def extract_features_cmd(
     except FlatDinoError as e:
         fail(str(e))
     if s.shards_run == 0:
-        typer.echo(f"{s.store}: complete already ({s.images} images, {s.failed} failed); nothing to do")
+        typer.echo(
+            f"{s.store}: complete already ({s.images} images, {s.failed} failed); nothing to do"
+        )
     else:
         typer.echo(
             f"{s.store}: wrote {s.images_run} images in {s.shards_run}/{s.shards_total} shards, "
@@ -103,8 +165,12 @@ def extract_features_cmd(
 
 @app.command("info")
 def info_cmd(
-    path: Annotated[Path, typer.Argument(help="A feature store (or, later, a latents store or run folder).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the full summary as JSON.")] = False,
+    path: Annotated[
+        Path, typer.Argument(help="A feature store (or, later, a latents store or run folder).")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the full summary as JSON.")
+    ] = False,
 ) -> None:
     """Shape, dtype, attrs, valid and done counts of a store, and whether it is complete."""
     from flatdino.pipeline.store import FeatureStore
@@ -118,11 +184,15 @@ def info_cmd(
         return
     attrs = summary.pop("attrs")
     for name, a in summary.pop("arrays").items():
-        typer.echo(f"{name:10s} {a['dtype']:8s} shape={tuple(a['shape'])} chunks={tuple(a['chunks'])}")
+        typer.echo(
+            f"{name:10s} {a['dtype']:8s} shape={tuple(a['shape'])} chunks={tuple(a['chunks'])}"
+        )
     for key, value in summary.items():
         typer.echo(f"{key}: {value}")
     fp = attrs.get("fingerprint", {})
-    typer.echo(f"backbone: {fp.get('backbone')} weights_sha256={str(fp.get('weights_sha256'))[:16]}…")
+    typer.echo(
+        f"backbone: {fp.get('backbone')} weights_sha256={str(fp.get('weights_sha256'))[:16]}…"
+    )
     typer.echo(f"input: {json.dumps(fp.get('input'))}")
     typer.echo(f"preprocessing: {json.dumps(fp.get('preprocessing'))}")
     typer.echo(f"created: {attrs.get('created')} flatdino {attrs.get('package_version')}")
@@ -141,7 +211,9 @@ def _planned(name: str, summary: str, issue: int) -> None:
         fail(f"`flatdino {name}` is not built yet (planned in issue #{issue}); nothing was run")
 
     command.__doc__ = f"(not built yet, issue #{issue}) {summary}"
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        command
+    )
 
 
 for _name, (_summary, _issue) in PLANNED.items():

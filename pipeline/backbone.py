@@ -109,7 +109,11 @@ def hf_to_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Published checkpoints name attention `attention.attention.{query,key,value}` and
     # `attention.output.dense`; transformers >= 5 names it `attention.{q,k,v,o}_proj`.
     v5 = any(".attention.q_proj." in k for k in sd)
-    qkv = ("q_proj", "k_proj", "v_proj") if v5 else ("attention.query", "attention.key", "attention.value")
+    qkv = (
+        ("q_proj", "k_proj", "v_proj")
+        if v5
+        else ("attention.query", "attention.key", "attention.value")
+    )
     proj = "o_proj" if v5 else "output.dense"
     for i in range(depth):
         hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."

@@ -88,7 +88,9 @@ class DecodedShard:
     errors: dict[int, str]  # image index -> "ExceptionType: message"
 
 
-def decode_shard(kind: str, root: str, paths: list[str], shard: Shard, recipe: ViewRecipe) -> DecodedShard:
+def decode_shard(
+    kind: str, root: str, paths: list[str], shard: Shard, recipe: ViewRecipe
+) -> DecodedShard:
     """Decode, crop and normalise images [shard.start, shard.stop); bad images become errors."""
     views, valid, errors = [], np.zeros(shard.stop - shard.start, dtype=bool), {}
     for offset, path in enumerate(paths):
@@ -115,7 +117,9 @@ class ShardEmbedder:
         torch.set_num_threads(threads)
         model, sha = load_backbone(cfg.backbone, cfg.weights)
         if sha != expected_sha:  # e.g. another file at the same path on another node
-            raise WeightsError(f"worker loaded weights with sha256 {sha[:12]}, driver {expected_sha[:12]}")
+            raise WeightsError(
+                f"worker loaded weights with sha256 {sha[:12]}, driver {expected_sha[:12]}"
+            )
         self.model = model.to(self.device)
         self.store = FeatureStore(cfg.out, mode="r+")
 
@@ -123,6 +127,8 @@ class ShardEmbedder:
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(n, V, 3, H, W) -> (n, V, P, C) float16, in batches of cfg.batch_size images."""
         n, v = pixels.shape[:2]
+        if not pixels.flags.writeable:  # Ray hands over read-only, zero-copy arrays
+            pixels = pixels.copy()
         flat = torch.from_numpy(pixels).reshape(n * v, *pixels.shape[2:])  # (n*V, 3, H, W)
         out = np.empty((n * v, self.model.num_patches, self.model.dim), np.float16)
         dtype = DTYPES[self.cfg.dtype]
@@ -153,7 +159,9 @@ def resolve_device(device: str) -> torch.device:
 # --------------------------------------------------------------------------- the two backends
 
 
-def _run_local(cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str) -> Iterator:
+def _run_local(
+    cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str
+) -> Iterator:
     embedder = ShardEmbedder(cfg, sha)
 
     def decode(shard: Shard) -> DecodedShard:
@@ -169,7 +177,9 @@ def _run_local(cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recip
             yield embedder(decoded)
 
 
-def _run_ray(cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str) -> Iterator:
+def _run_ray(
+    cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str
+) -> Iterator:
     import ray
 
     if not ray.is_initialized():
@@ -225,7 +235,9 @@ def fingerprint(cfg: ExtractConfig, source: ImageSource, recipe: ViewRecipe, sha
     return json.loads(json.dumps(fp))  # the form it takes after a round trip through zarr.json
 
 
-def open_or_create_store(cfg: ExtractConfig, source: ImageSource, fp: dict, dim: int, patches: int) -> FeatureStore:
+def open_or_create_store(
+    cfg: ExtractConfig, source: ImageSource, fp: dict, dim: int, patches: int
+) -> FeatureStore:
     """Resume a matching store, replace it with --overwrite, or create a fresh one."""
     out = Path(cfg.out)
     if out.is_dir() and not any(out.iterdir()):
@@ -307,7 +319,9 @@ def extract_features(cfg: ExtractConfig) -> ExtractSummary:
         log.warning("skipped %d files without an image extension", source.skipped_files)
     recipe = ViewRecipe(views=cfg.views, seed=cfg.view_seed)
     probe, sha = load_backbone(cfg.backbone, cfg.weights)  # identity and shape before any work
-    store = open_or_create_store(cfg, source, fingerprint(cfg, source, recipe, sha), probe.dim, probe.num_patches)
+    store = open_or_create_store(
+        cfg, source, fingerprint(cfg, source, recipe, sha), probe.dim, probe.num_patches
+    )
     del probe
     shards = store.shards()
     todo = [s for s, done in zip(shards, store.done_mask(), strict=True) if not done]
@@ -316,10 +330,15 @@ def extract_features(cfg: ExtractConfig) -> ExtractSummary:
         run = _run_ray if cfg.backend == "ray" else _run_local
         total = sum(s.stop - s.start for s in todo)
         start = time.perf_counter()
-        with tqdm(total=total, unit="img", desc="extract-features", disable=not cfg.progress) as bar:
+        with tqdm(
+            total=total, unit="img", desc="extract-features", disable=not cfg.progress
+        ) as bar:
             for _, n, errors in run(cfg, source, todo, recipe, sha):
                 summary.images_run += n
+                summary.failed += len(errors)
                 bar.update(n)
+                if errors:
+                    bar.set_postfix(failed=summary.failed)
         summary.seconds = time.perf_counter() - start
         summary.images_per_s = summary.images_run / max(summary.seconds, 1e-9)
     if not store.attrs.get("complete"):

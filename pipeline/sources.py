@@ -74,12 +74,16 @@ def open_source(data: str, split: str = "all") -> ImageSource:
                 "folders, a manifest with 'path' and 'label' columns, or --data digits"
             )
     if len(source) == 0:
-        raise InputError(f"input {data!r} holds no images (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(
+            f"input {data!r} holds no images (extensions: {' '.join(IMAGE_EXTENSIONS)})"
+        )
     return source
 
 
 def _folder_source(root: Path, split: str) -> ImageSource:
-    class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    class_dirs = sorted(
+        e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+    )
     if not class_dirs:
         raise InputError(
             f"directory {str(root)!r} has no class sub-folders; expected the ImageFolder layout "
@@ -97,7 +101,13 @@ def _folder_source(root: Path, split: str) -> ImageSource:
                 else:
                     skipped += 1
     return ImageSource(
-        "folder", str(root.resolve()), split, tuple(paths), tuple(labels), tuple(class_dirs), skipped
+        "folder",
+        str(root.resolve()),
+        split,
+        tuple(paths),
+        tuple(labels),
+        tuple(class_dirs),
+        skipped,
     )
 
 

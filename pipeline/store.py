@@ -166,7 +166,9 @@ def create_store(
     """Create an empty store (all shards pending) atomically: build beside `path`, then rename."""
     n, v, p, c = shape
     if shard_size % chunk_rows:
-        raise FlatDinoError(f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}")
+        raise FlatDinoError(
+            f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}"
+        )
     path = Path(path)
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -213,7 +215,9 @@ def check_fingerprint(store: FeatureStore, fingerprint: dict) -> None:
     old = store.attrs.get("fingerprint", {})
     diffs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
     if diffs:
-        detail = "; ".join(f"{k}: store has {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in diffs)
+        detail = "; ".join(
+            f"{k}: store has {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in diffs
+        )
         raise StoreMismatchError(
             f"store {str(store.path)!r} was made with other settings ({_shorten(detail)}); "
             "pass --overwrite to replace it, or choose another --out"
