@@ -184,8 +184,15 @@ def load_backbone(name: str, weights: str | None = None) -> tuple[DinoPatchFeatu
 
 
 def _from_hub(spec: BackboneSpec) -> VisionTransformer:
+    import logging
+
     import timm
 
+    logging.getLogger("flatdino").info(
+        "loading %s weights from the Hugging Face hub (cache or download); offline, this fails "
+        "after retries: pass --weights PATH or set HF_HUB_OFFLINE=1",
+        spec.timm_name,
+    )
     try:
         return timm.create_model(
             spec.timm_name, pretrained=True, img_size=spec.img_size, num_classes=0

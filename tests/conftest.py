@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny-backbone configs, a small image folder with every kind of bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# Before any import of huggingface_hub, which reads it once: tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from flatdino.pipeline.extract import ExtractConfig, extract_features
+
+
+def tiny_config(data: str, out: Path, **overrides) -> ExtractConfig:
+    """A fast CPU config: tiny backbone, local backend, small shards, no progress bar."""
+    base = ExtractConfig(
+        data=data, out=str(out), backbone="tiny", backend="local", batch_size=16,
+        shard_size=16, torch_threads=2, progress=False,
+    )  # fmt: skip
+    return dataclasses.replace(base, **overrides)
+
+
+def read_store(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a store, for bit-level comparisons."""
+    group = zarr.open_group(str(path), mode="r")
+    return {name: group[name][:] for name in ("features", "labels", "valid", "done")}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Bit-identical arrays and manifest (attrs hold a creation time and may differ)."""
+    import pyarrow.parquet as pq
+
+    left, right = read_store(a), read_store(b)
+    for name in left:
+        assert left[name].dtype == right[name].dtype, name
+        assert left[name].tobytes() == right[name].tobytes(), f"{name} differs"
+    assert pq.read_table(a / "manifest.parquet").equals(pq.read_table(b / "manifest.parquet"))
+
+
+@pytest.fixture(scope="session")
+def digits_val_store(tmp_path_factory) -> Path:
+    """The digits val split (359 images, 23 shards of 16) through the tiny backbone, locally."""
+    out = tmp_path_factory.mktemp("stores") / "digits-val.zarr"
+    extract_features(tiny_config("digits", out, split="val"))
+    return out
+
+
+def _png_bytes(img: Image.Image, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def messy_folder(tmp_path_factory) -> Path:
+    """An ImageFolder with real photos, every PIL mode, and broken files; returns its root."""
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("messy")
+    good, odd, empty = root / "a_good", root / "b_odd", root / "c_empty"
+    for d in (good, odd, empty):
+        d.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        Image.fromarray(getattr(data, name)()).save(good / f"{name}.jpg", quality=95)
+    rgb = Image.fromarray(data.astronaut())
+    camera = data.camera()  # (512, 512) uint8
+    rgb.convert("L").save(odd / "gray.png")
+    rgb.convert("CMYK").save(odd / "cmyk.jpg")
+    rgb.convert("RGBA").save(odd / "rgba.png")
+    Image.fromarray(camera.astype(np.uint16) * 257).save(odd / "sixteen_bit.png")
+    pal = rgb.convert("P", palette=Image.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal.save(odd / "palette.png", transparency=0)
+    rgb.convert("1").save(odd / "bilevel.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(odd / "tiny.png")
+    Image.new("RGB", (7000, 300), (10, 200, 10)).save(odd / "wide.png")
+    rgb.resize((3000, 3000)).save(odd / "huge.jpg", quality=80)
+    full = (good / "astronaut.jpg").read_bytes()
+    (odd / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (odd / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
+    (odd / "text.png").write_text("this is a text file with an image extension\n")
+    (odd / "notes.txt").write_text("skipped: no image extension\n")
+    (odd / ".DS_Store").write_bytes(b"\x00\x01")
+    return root
