@@ -218,3 +218,7 @@ def _planned(name: str, summary: str, issue: int) -> None:
 
 for _name, (_summary, _issue) in PLANNED.items():
     _planned(_name, _summary, _issue)
+
+
+if __name__ == "__main__":  # `python -m flatdino.cli.main`, as the tests run it in a subprocess
+    app()

@@ -170,8 +170,9 @@ def create_store(
             f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}"
         )
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a killed creation
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.create_group(str(tmp), zarr_format=3)
     group.create_array(
         "features", shape=shape, chunks=(chunk_rows, v, p, c), dtype="float16", fill_value=0,
