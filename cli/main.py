@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from flatdino.pipeline.backbone import BACKBONES
 from flatdino.pipeline.errors import FlatDinoError
 
@@ -157,7 +158,8 @@ def extract_features_cmd(
     else:
         typer.echo(
             f"{s.store}: wrote {s.images_run} images in {s.shards_run}/{s.shards_total} shards, "
-            f"{s.failed} failed, {s.seconds:.1f}s, {s.images_per_s:.1f} images/s"
+            f"{s.failed} failed, {s.seconds:.1f}s, {s.images_per_s:.1f} images/s "
+            f"({s.steady_images_per_s:.1f} after start-up)"
         )
     for line in s.failures:
         typer.echo(f"  failed: {line}")

@@ -71,7 +71,8 @@ class ExtractSummary:
     images_run: int = 0
     failed: int = 0
     seconds: float = 0.0
-    images_per_s: float = 0.0
+    images_per_s: float = 0.0  # over the whole run, start-up included
+    steady_images_per_s: float = 0.0  # after the first shard finished (start-up excluded)
     failures: list[str] = field(default_factory=list)
 
 
@@ -311,6 +312,33 @@ def validate(cfg: ExtractConfig) -> None:
             raise FlatDinoError(message)
 
 
+def _run_with_progress(
+    cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str,
+    summary: ExtractSummary,
+) -> None:  # fmt: skip
+    """Run the backend over `todo` with a progress bar, filling in the summary's counters."""
+    run = _run_ray if cfg.backend == "ray" else _run_local
+    total = sum(s.stop - s.start for s in todo)
+    start = time.perf_counter()
+    first_done, steady_images = None, 0
+    with tqdm(total=total, unit="img", desc="extract-features", disable=not cfg.progress) as bar:
+        for _, n, errors in run(cfg, source, todo, recipe, sha):
+            summary.images_run += n
+            summary.failed += len(errors)
+            bar.update(n)
+            if errors:
+                bar.set_postfix(failed=summary.failed)
+            if first_done is None:
+                first_done = time.perf_counter()  # start-up (Ray, model load) ends here
+            else:
+                steady_images += n
+    end = time.perf_counter()
+    summary.seconds = end - start
+    summary.images_per_s = summary.images_run / max(summary.seconds, 1e-9)
+    if steady_images:
+        summary.steady_images_per_s = steady_images / max(end - first_done, 1e-9)
+
+
 def extract_features(cfg: ExtractConfig) -> ExtractSummary:
     """Run (or resume) the extraction job of `cfg`; raises TooManyFailuresError after finishing."""
     validate(cfg)
@@ -327,20 +355,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractSummary:
     todo = [s for s, done in zip(shards, store.done_mask(), strict=True) if not done]
     summary = ExtractSummary(str(store.path), store.num_images, len(shards), len(todo))
     if todo:
-        run = _run_ray if cfg.backend == "ray" else _run_local
-        total = sum(s.stop - s.start for s in todo)
-        start = time.perf_counter()
-        with tqdm(
-            total=total, unit="img", desc="extract-features", disable=not cfg.progress
-        ) as bar:
-            for _, n, errors in run(cfg, source, todo, recipe, sha):
-                summary.images_run += n
-                summary.failed += len(errors)
-                bar.update(n)
-                if errors:
-                    bar.set_postfix(failed=summary.failed)
-        summary.seconds = time.perf_counter() - start
-        summary.images_per_s = summary.images_run / max(summary.seconds, 1e-9)
+        _run_with_progress(cfg, source, todo, recipe, sha, summary)
     if not store.attrs.get("complete"):
         store.finalize()
     errors = store.shard_errors()

@@ -135,7 +135,7 @@ def test_bf16_error_against_fp32(images):
 
 
 def test_tiny_is_seeded_and_keeps_the_dinov2_structure():
-    (a, sha_a), (b, sha_b) = load_backbone("tiny"), load_backbone("tiny")
+    (a, sha_a), (_, sha_b) = load_backbone("tiny"), load_backbone("tiny")
     assert sha_a == sha_b == state_sha256(a.vit)
     assert a.vit.num_prefix_tokens == 5 and a.vit.patch_embed.patch_size == (14, 14)
     assert a.num_patches == 256 and a.vit.no_embed_class

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import assert_same_store, read_store, tiny_config
 
+from conftest import assert_same_store, read_store, tiny_config
 from flatdino.pipeline.backbone import load_backbone
 from flatdino.pipeline.errors import StoreMismatchError, TooManyFailuresError
 from flatdino.pipeline.extract import extract_features
@@ -130,7 +130,9 @@ def test_bad_images_are_marked_invalid_and_never_stop_the_job(messy_folder, tmp_
     failed = {p for p, s in zip(manifest["path"], manifest["status"], strict=True) if s == "failed"}
     assert failed == {"b_odd/corrupt.jpg", "b_odd/text.png", "b_odd/truncated.jpg"}
     errors = dict(zip(manifest["path"], manifest["error"], strict=True))
-    assert errors["b_odd/truncated.jpg"].startswith("OSError") and errors["a_good/coffee.jpg"] is None
+    assert (
+        errors["b_odd/truncated.jpg"].startswith("OSError") and errors["a_good/coffee.jpg"] is None
+    )
     arrays = read_store(out)
     assert arrays["valid"].sum() == 13
     assert not arrays["features"][~arrays["valid"]].any()  # invalid rows stay zero

@@ -59,8 +59,16 @@ def test_digits_split_is_fixed_disjoint_and_complete():
         (lambda p: str(p), "no class sub-folders"),
         (lambda p: (p / "a").mkdir() or str(p), "holds no images"),
         (lambda p: (p / "x.csv").write_text("a") and str(p / "x.csv"), "not a .parquet"),
-        (lambda p: pq.write_table(pa.table({"file": ["a"]}), p / "m.parquet") or str(p / "m.parquet"), "lacks column"),
-        (lambda p: (p / "bad.parquet").write_text("nope") and str(p / "bad.parquet"), "cannot read"),
+        (
+            lambda p: (
+                pq.write_table(pa.table({"file": ["a"]}), p / "m.parquet") or str(p / "m.parquet")
+            ),
+            "lacks column",
+        ),
+        (
+            lambda p: (p / "bad.parquet").write_text("nope") and str(p / "bad.parquet"),
+            "cannot read",
+        ),
     ],
 )
 def test_bad_inputs_are_one_clear_error(make, match, tmp_path):

@@ -1,0 +1,38 @@
+# The README's commands live here so that the README, CI and newcomers never drift apart.
+#   make demo   set up .venv and run the main job on the built-in digits set
+#   make test   set up .venv, lint, run the default test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+DEMO   ?= demo-out
+
+.PHONY: setup demo test test-all lint bench clean
+
+$(BIN)/flatdino: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/flatdino
+
+demo: setup
+	$(BIN)/flatdino extract-features --data digits --split train --backbone tiny --out $(DEMO)/features-train.zarr
+	$(BIN)/flatdino extract-features --data digits --split val --backbone tiny --out $(DEMO)/features-val.zarr
+	$(BIN)/flatdino info $(DEMO)/features-val.zarr
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+test-all: lint
+	$(BIN)/pytest -m ''
+
+bench: setup
+	$(BIN)/python bench/extract.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

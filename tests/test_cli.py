@@ -1,0 +1,106 @@
+"""The console script: commands listed, exit codes, one-line errors, info, and the built wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flatdino.cli.main import app
+
+runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})  # wide: rich truncates option names
+MISSION = ("extract-features", "train-vae", "encode-latents", "train-dit", "sample")
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_lists_every_mission_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in (*MISSION, "info"):
+        assert name in result.output
+
+
+def test_extract_features_help_explains_every_option():
+    result = invoke("extract-features", "--help")
+    assert result.exit_code == 0
+    for option in ("--data", "--out", "--split", "--backbone", "--weights", "--views",
+                   "--batch-size", "--workers", "--num-gpus-per-worker", "--backend",
+                   "--ray-address", "--max-failed-fraction", "--overwrite", "--dtype"):  # fmt: skip
+        assert option in result.output
+
+
+@pytest.mark.parametrize("name", MISSION[1:])
+def test_later_stages_say_they_are_not_built(name):
+    result = invoke(name, "--features", "x")
+    assert result.exit_code == 1
+    assert "not built yet" in result.output and "issue #" in result.output
+
+
+def test_extract_then_info_then_rerun(tmp_path):
+    out = tmp_path / "d.zarr"
+    args = ("extract-features", "--data", "digits", "--split", "val", "--out", str(out),
+            "--backbone", "tiny", "--backend", "local", "--no-progress")  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "wrote 359 images in 6/6 shards, 0 failed" in result.output
+    info = invoke("info", str(out))
+    assert info.exit_code == 0
+    assert "features   float16  shape=(359, 2, 256, 64)" in info.output
+    assert "complete: True" in info.output and "valid: 359" in info.output
+    again = invoke(*args)
+    assert again.exit_code == 0 and "nothing to do" in again.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--data", "/no/such/dir"), "does not exist"),
+        (("--data", "digits", "--weights", "/no/such.pth"), "--weights"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_1(args, message, tmp_path):
+    result = invoke("extract-features", "--out", str(tmp_path / "o.zarr"), "--backbone", "tiny",
+                    "--backend", "local", *args)  # fmt: skip
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_too_many_failures_exit_1_naming_the_option(messy_folder, tmp_path):
+    result = invoke("extract-features", "--data", str(messy_folder), "--out", str(tmp_path / "m"),
+                    "--backbone", "tiny", "--backend", "local", "--no-progress")  # fmt: skip
+    assert result.exit_code == 1 and "--max-failed-fraction" in result.output
+
+
+def test_info_on_something_else_is_a_clear_error(tmp_path):
+    result = invoke("info", str(tmp_path))
+    assert result.exit_code == 1 and "not a Zarr store" in result.output
+
+
+def test_plain_wheel_install_exposes_only_the_flatdino_namespace(tmp_path):
+    """`pip install .` (not editable): the console script works and only `flatdino/` is installed."""
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+         "--target", str(target), str(root)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    top_level = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", "bin"))}
+    assert top_level == {"flatdino"}
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    probe = "import flatdino.pipeline, flatdino.cli, flatdino.trainers; print(flatdino.pipeline.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, check=True,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.stdout.startswith(str(target))
+    help_ = subprocess.run([str(target / "bin" / "flatdino"), "--help"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True)  # fmt: skip
+    assert help_.returncode == 0 and all(name in help_.stdout for name in MISSION)
