@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbone import BACKBONES, load_backbone
+from .backbone import BACKBONES, DinoPatchFeatures, load_backbone
 from .errors import FlatDinoError, StoreMismatchError, TooManyFailuresError, WeightsError
 from .preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
 from .sources import ImageSource, load_image, open_source
@@ -108,6 +108,25 @@ def decode_shard(
     return DecodedShard(shard, pixels, valid, errors)
 
 
+@torch.inference_mode()
+def embed_views(
+    model: DinoPatchFeatures, pixels: np.ndarray, batch_size: int, dtype: torch.dtype,
+    device: torch.device,
+) -> np.ndarray:  # fmt: skip
+    """(n, V, 3, H, W) normalised views -> (n, V, P, C) float16 features, `batch_size` at a time."""
+    n, v = pixels.shape[:2]
+    if not pixels.flags.writeable:  # Ray hands over read-only, zero-copy arrays
+        pixels = pixels.copy()
+    flat = torch.from_numpy(pixels).reshape(n * v, *pixels.shape[2:])  # (n*V, 3, H, W)
+    out = np.empty((n * v, model.num_patches, model.dim), np.float16)
+    for i in range(0, n * v, batch_size):
+        x = flat[i : i + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y = model(x)  # (b, P, C)
+        out[i : i + len(x)] = y.float().cpu().numpy().astype(np.float16)
+    return out.reshape(n, v, *out.shape[1:])  # (n, V, P, C)
+
+
 class ShardEmbedder:
     """Runs the backbone over decoded shards and writes them; loads the model once (a Ray actor)."""
 
@@ -124,29 +143,15 @@ class ShardEmbedder:
         self.model = model.to(self.device)
         self.store = FeatureStore(cfg.out, mode="r+")
 
-    @torch.inference_mode()
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, V, 3, H, W) -> (n, V, P, C) float16, in batches of cfg.batch_size images."""
-        n, v = pixels.shape[:2]
-        if not pixels.flags.writeable:  # Ray hands over read-only, zero-copy arrays
-            pixels = pixels.copy()
-        flat = torch.from_numpy(pixels).reshape(n * v, *pixels.shape[2:])  # (n*V, 3, H, W)
-        out = np.empty((n * v, self.model.num_patches, self.model.dim), np.float16)
-        dtype = DTYPES[self.cfg.dtype]
-        for i in range(0, n * v, self.cfg.batch_size):
-            x = flat[i : i + self.cfg.batch_size].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                y = self.model(x)  # (b, P, C)
-            out[i : i + len(x)] = y.float().cpu().numpy().astype(np.float16)
-        return out.reshape(n, v, *out.shape[1:])  # (n, V, P, C)
-
     def __call__(self, decoded: DecodedShard) -> tuple[int, int, dict[int, str]]:
         """Embed and write one shard; returns (shard index, images, errors)."""
         shard = decoded.shard
         n = shard.stop - shard.start
         feats = np.zeros((n, *self.store.features.shape[1:]), np.float16)
         if len(decoded.pixels):
-            feats[decoded.valid] = self.embed(decoded.pixels)
+            feats[decoded.valid] = embed_views(
+                self.model, decoded.pixels, self.cfg.batch_size, DTYPES[self.cfg.dtype], self.device
+            )
         self.store.write_shard(shard, feats, decoded.valid, decoded.errors)
         return shard.index, n, decoded.errors
 
