@@ -132,6 +132,14 @@ class ShardEmbedder:
 
     def __init__(self, cfg: ExtractConfig, expected_sha: str):
         self.cfg = cfg
+        self.setup_error: FlatDinoError | None = None
+        try:
+            self._setup(expected_sha)
+        except FlatDinoError as e:  # raised from __call__, where Ray keeps the exception object
+            self.setup_error = e
+
+    def _setup(self, expected_sha: str) -> None:
+        cfg = self.cfg
         self.device = resolve_device(cfg.device)
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
         torch.set_num_threads(threads)
@@ -145,6 +153,8 @@ class ShardEmbedder:
 
     def __call__(self, decoded: DecodedShard) -> tuple[int, int, dict[int, str]]:
         """Embed and write one shard; returns (shard index, images, errors)."""
+        if self.setup_error is not None:
+            raise self.setup_error
         shard = decoded.shard
         n = shard.stop - shard.start
         feats = np.zeros((n, *self.store.features.shape[1:]), np.float16)
@@ -157,9 +167,16 @@ class ShardEmbedder:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when visible, else cpu; a CUDA device that is not there is a user error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FlatDinoError(
+            f"--device {device} but this worker sees no CUDA device; use --device auto or cpu "
+            "(on Ray, give workers GPUs with --num-gpus-per-worker)"
+        )
+    return dev
 
 
 # --------------------------------------------------------------------------- the two backends
@@ -188,9 +205,9 @@ def _run_ray(
 ) -> Iterator:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.WARNING)  # fmt: skip
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.WARNING)
     gpus = cfg.num_gpus_per_worker
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -213,13 +230,28 @@ def _run_ray(
         while inflight:
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             actor = inflight.pop(ref)
-            result = ray.get(ref)
+            result = _get_unwrapped(ref)
             if queue:
                 submit(actor)
             yield result
     finally:
         for actor in actors:
             ray.kill(actor)
+        if started_here:
+            ray.shutdown()
+
+
+def _get_unwrapped(ref):
+    """ray.get, but a FlatDinoError raised in a worker surfaces as itself (one-line CLI error)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None)  # RayTaskError keeps the worker's exception
+        if isinstance(cause, FlatDinoError):
+            raise type(cause)(str(cause)) from None
+        raise
 
 
 # --------------------------------------------------------------------------- the job
@@ -323,10 +355,14 @@ def _run_with_progress(
 ) -> None:  # fmt: skip
     """Run the backend over `todo` with a progress bar, filling in the summary's counters."""
     run = _run_ray if cfg.backend == "ray" else _run_local
-    total = sum(s.stop - s.start for s in todo)
+    remaining = sum(s.stop - s.start for s in todo)
+    total = summary.images
     start = time.perf_counter()
     first_done, steady_images = None, 0
-    with tqdm(total=total, unit="img", desc="extract-features", disable=not cfg.progress) as bar:
+    with tqdm(
+        total=total, initial=total - remaining, unit="img", desc="extract-features",
+        disable=not cfg.progress,
+    ) as bar:  # fmt: skip
         for _, n, errors in run(cfg, source, todo, recipe, sha):
             summary.images_run += n
             summary.failed += len(errors)
@@ -350,6 +386,9 @@ def extract_features(cfg: ExtractConfig) -> ExtractSummary:
     source = open_source(cfg.data, cfg.split)
     if source.skipped_files:
         log.warning("skipped %d files without an image extension", source.skipped_files)
+    empty = sorted(set(source.class_names) - {source.class_names[i] for i in set(source.labels)})
+    if empty:
+        log.warning("%d classes have no images (labels kept): %s", len(empty), ", ".join(empty[:5]))
     recipe = ViewRecipe(views=cfg.views, seed=cfg.view_seed)
     probe, sha = load_backbone(cfg.backbone, cfg.weights)  # identity and shape before any work
     store = open_or_create_store(

@@ -5,7 +5,7 @@ Layout (FORMAT_VERSION 1), N images, V views, P patches, C channels:
     STORE/zarr.json                  attrs: format, fingerprint (backbone, weights sha256,
                                      preprocessing, input), class names, shard size, complete, ...
     STORE/features                   float16 (N, V, P, C), chunks (chunk_rows, V, P, C)
-    STORE/labels                     int32 (N,), chunks (shard_size,)
+    STORE/labels                     int32 (N,), written once at creation
     STORE/valid                      bool (N,), chunks (shard_size,): false for undecodable images
     STORE/done                       bool (S,), chunks (1,): shard s fully written
     STORE/_errors/shard-XXXXXX.json  per-shard decode errors, written before `done`
@@ -178,7 +178,9 @@ def create_store(
         "features", shape=shape, chunks=(chunk_rows, v, p, c), dtype="float16", fill_value=0,
         compressors=None,  # float16 activations barely compress; spend no CPU on it
     )  # fmt: skip
-    group.create_array("labels", shape=(n,), chunks=(shard_size,), dtype="int32", fill_value=-1)
+    # labels are written once, here, by one process: large chunks (few files) are safe
+    label_chunk = max(1, min(n, 1 << 16))
+    group.create_array("labels", shape=(n,), chunks=(label_chunk,), dtype="int32", fill_value=-1)
     group.create_array("valid", shape=(n,), chunks=(shard_size,), dtype="bool", fill_value=False)
     num_shards = len(shard_bounds(n, shard_size))
     group.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)

@@ -85,22 +85,45 @@ def test_info_on_something_else_is_a_clear_error(tmp_path):
     assert result.exit_code == 1 and "not a Zarr store" in result.output
 
 
-def test_plain_wheel_install_exposes_only_the_flatdino_namespace(tmp_path):
-    """`pip install .` (not editable): the console script works and only `flatdino/` is installed."""
+def test_plain_install_into_a_fresh_venv(tmp_path):
+    """`pip install .` (not editable) into a new venv: `flatdino --help` works and only the
+    `flatdino` namespace is installed. The dependencies (gigabytes) come from this venv by a plain
+    path entry, which does not run its .pth files, so the editable install here cannot leak in."""
+    import site
+    import sysconfig
+
     root = Path(__file__).resolve().parents[1]
-    target = tmp_path / "site"
+    fresh = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(fresh)], check=True)
+    fresh_site = Path(
+        subprocess.check_output(
+            [
+                fresh / "bin" / "python",
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('purelib'))",
+            ],
+            text=True,
+        ).strip()
+    )
+    deps = site.getsitepackages()[0] if site.getsitepackages() else sysconfig.get_path("purelib")
+    (fresh_site / "_flatdino_test_deps.pth").write_text(deps + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-         "--target", str(target), str(root)],
-        check=True, capture_output=True,
+        [fresh / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps",
+         "--no-build-isolation", "--no-index", str(root)],
+        check=True, capture_output=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": deps},  # build with this venv's setuptools and pip
     )  # fmt: skip
-    top_level = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", "bin"))}
-    assert top_level == {"flatdino"}
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    before = {"pip", "setuptools", "pkg_resources", "_distutils_hack", "_vendor"}
+    installed = {
+        p.name for p in fresh_site.iterdir() if not p.name.endswith((".dist-info", ".pth"))
+    }
+    assert installed - before == {"flatdino"}
+    assert {p.name for p in (fresh_site / "flatdino").iterdir()} >= {"pipeline", "trainers", "cli"}
     probe = "import flatdino.pipeline, flatdino.cli, flatdino.trainers; print(flatdino.pipeline.__file__)"
-    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, check=True,
+    out = subprocess.run([fresh / "bin" / "python", "-c", probe], cwd=tmp_path, check=True,
                          capture_output=True, text=True)  # fmt: skip
-    assert out.stdout.startswith(str(target))
-    help_ = subprocess.run([str(target / "bin" / "flatdino"), "--help"], env=env, cwd=tmp_path,
-                           capture_output=True, text=True)  # fmt: skip
-    assert help_.returncode == 0 and all(name in help_.stdout for name in MISSION)
+    assert out.stdout.startswith(str(fresh_site / "flatdino"))
+    help_ = subprocess.run([fresh / "bin" / "flatdino", "--help"], cwd=tmp_path,
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert help_.returncode == 0, help_.stderr
+    assert all(name in help_.stdout for name in MISSION)

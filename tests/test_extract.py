@@ -17,7 +17,7 @@ import torch
 
 from conftest import assert_same_store, read_store, tiny_config
 from flatdino.pipeline.backbone import load_backbone
-from flatdino.pipeline.errors import StoreMismatchError, TooManyFailuresError
+from flatdino.pipeline.errors import FlatDinoError, StoreMismatchError, TooManyFailuresError
 from flatdino.pipeline.extract import extract_features
 from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
 from flatdino.pipeline.sources import load_image, open_source
@@ -69,18 +69,28 @@ def test_overwrite_replaces_a_mismatched_store(tmp_path):
     assert read_store(out)["features"].shape == (359, 3, 256, 64)
 
 
-def test_ray_backend_is_bit_identical_to_local(digits_val_store, tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One small local Ray instance shared by the Ray tests of this module."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        out = tmp_path / "ray.zarr"
-        cfg = tiny_config("digits", out, split="val", backend="ray", workers=1)
-        summary = extract_features(cfg)
-    finally:
-        ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def test_ray_backend_is_bit_identical_to_local(local_ray, digits_val_store, tmp_path):
+    out = tmp_path / "ray.zarr"
+    summary = extract_features(tiny_config("digits", out, split="val", backend="ray"))
     assert summary.shards_run == 23 and summary.images_run == 359
     assert_same_store(out, digits_val_store)
+
+
+def test_a_worker_error_surfaces_as_one_clear_error(local_ray, tmp_path):
+    cfg = tiny_config("digits", tmp_path / "gpu.zarr", split="val", backend="ray", device="cuda")
+    with pytest.raises(FlatDinoError, match="no CUDA device") as info:
+        extract_features(cfg)
+    assert "Traceback" not in str(info.value) and len(str(info.value).splitlines()) == 1
 
 
 def _start_job(out: Path) -> subprocess.Popen:
