@@ -4,9 +4,9 @@ The job is a chain over shards (consecutive, chunk-aligned image ranges):
 
     decode_shard (CPU, plain function)  ->  ShardEmbedder (backbone, loaded once)  ->  store
 
-The local backend calls these in-process with one decode of look-ahead; the Ray backend runs
-`decode_shard` as CPU tasks and `ShardEmbedder` as a pool of actors (GPUs when asked). Both call the
-same functions on the same shards and batches, so they write identical bytes.
+`pipeline.engine.run_shards` calls these in-process (backend "local") or on Ray (`decode_shard` as
+CPU tasks, `ShardEmbedder` as a pool of actors, GPUs when asked). Both call the same functions on the
+same shards and batches, so they write identical bytes.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .backbone import BACKBONES, DinoPatchFeatures, load_backbone
+from .engine import Placement, ShardJob, run_shards
 from .errors import FlatDinoError, StoreMismatchError, TooManyFailuresError, WeightsError
 from .preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
 from .sources import ImageSource, load_image, open_source
@@ -135,7 +134,7 @@ class ShardEmbedder:
         self.setup_error: FlatDinoError | None = None
         try:
             self._setup(expected_sha)
-        except FlatDinoError as e:  # raised from __call__, where Ray keeps the exception object
+        except FlatDinoError as e:  # raised from __call__ (see engine._get_unwrapped)
             self.setup_error = e
 
     def _setup(self, expected_sha: str) -> None:
@@ -177,81 +176,6 @@ def resolve_device(device: str) -> torch.device:
             "(on Ray, give workers GPUs with --num-gpus-per-worker)"
         )
     return dev
-
-
-# --------------------------------------------------------------------------- the two backends
-
-
-def _run_local(
-    cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str
-) -> Iterator:
-    embedder = ShardEmbedder(cfg, sha)
-
-    def decode(shard: Shard) -> DecodedShard:
-        paths = list(source.paths[shard.start : shard.stop])
-        return decode_shard(source.kind, source.root, paths, shard, recipe)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:  # decode shard s+1 while s runs the backbone
-        pending = [pool.submit(decode, s) for s in todo[:2]]
-        for i in range(len(todo)):
-            decoded = pending.pop(0).result()
-            if i + 2 < len(todo):
-                pending.append(pool.submit(decode, todo[i + 2]))
-            yield embedder(decoded)
-
-
-def _run_ray(
-    cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str
-) -> Iterator:
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.WARNING)
-    gpus = cfg.num_gpus_per_worker
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    decode_task = ray.remote(num_cpus=1)(decode_shard)
-    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(ShardEmbedder)
-    actors = [actor_cls.remote(cfg, sha) for _ in range(cfg.workers)]
-    queue = list(reversed(todo))
-    inflight: dict = {}  # ObjectRef -> actor; two shards per actor: one decoding, one embedding
-
-    def submit(actor) -> None:
-        shard = queue.pop()
-        paths = list(source.paths[shard.start : shard.stop])
-        decoded = decode_task.remote(source.kind, source.root, paths, shard, recipe)
-        inflight[actor.__call__.remote(decoded)] = actor
-
-    for actor in actors * 2:
-        if queue:
-            submit(actor)
-    try:
-        while inflight:
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            actor = inflight.pop(ref)
-            result = _get_unwrapped(ref)
-            if queue:
-                submit(actor)
-            yield result
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started_here:
-            ray.shutdown()
-
-
-def _get_unwrapped(ref):
-    """ray.get, but a FlatDinoError raised in a worker surfaces as itself (one-line CLI error)."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None)  # RayTaskError keeps the worker's exception
-        if isinstance(cause, FlatDinoError):
-            raise type(cause)(str(cause)) from None
-        raise
 
 
 # --------------------------------------------------------------------------- the job
@@ -354,7 +278,19 @@ def _run_with_progress(
     summary: ExtractSummary,
 ) -> None:  # fmt: skip
     """Run the backend over `todo` with a progress bar, filling in the summary's counters."""
-    run = _run_ray if cfg.backend == "ray" else _run_local
+    job = ShardJob(
+        prepare=decode_shard,
+        prepare_args=lambda s: (
+            source.kind,
+            source.root,
+            list(source.paths[s.start : s.stop]),
+            s,
+            recipe,
+        ),
+        worker_cls=ShardEmbedder,
+        worker_args=(cfg, sha),
+    )
+    placement = Placement(cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address)
     remaining = sum(s.stop - s.start for s in todo)
     total = summary.images
     start = time.perf_counter()
@@ -363,7 +299,7 @@ def _run_with_progress(
         total=total, initial=total - remaining, unit="img", desc="extract-features",
         disable=not cfg.progress,
     ) as bar:  # fmt: skip
-        for _, n, errors in run(cfg, source, todo, recipe, sha):
+        for _, n, errors in run_shards(job, todo, placement):
             summary.images_run += n
             summary.failed += len(errors)
             bar.update(n)

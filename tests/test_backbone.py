@@ -161,3 +161,24 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
     save_file(other.state_dict(), tmp_path / "other.safetensors")
     with pytest.raises(WeightsError, match="--backbone"):
         load_backbone("tiny", str(tmp_path / "other.safetensors"))
+
+
+def test_parity_at_vitb_size(tmp_path):
+    """The real preset (768 wide, 12 layers, 12 heads) against transformers, random weights."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    vitb = BACKBONES["dinov2-vitb14-reg"]
+    cfg = Dinov2WithRegistersConfig(
+        hidden_size=vitb.embed_dim, num_hidden_layers=vitb.depth, num_attention_heads=vitb.num_heads,
+        intermediate_size=4 * vitb.embed_dim, num_register_tokens=4, patch_size=14, image_size=518,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(3)
+    hf = Dinov2WithRegistersModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_backbone("dinov2-vitb14-reg", str(tmp_path / "hf"))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = model(x)
+    assert ours.shape == (2, 256, 768)
+    assert rel_err(ours, hf_reference(hf, x)) < 1e-5

@@ -36,6 +36,46 @@ def test_extract_features_help_explains_every_option():
         assert option in result.output
 
 
+def test_extract_features_builds_the_config_from_options(monkeypatch, tmp_path):
+    import flatdino.pipeline.extract as extract
+
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        return extract.ExtractSummary(cfg.out, 10, 1, 1, images_run=10)
+
+    monkeypatch.setattr(extract, "extract_features", fake)
+    result = invoke("extract-features", "--data", "digits", "--out", str(tmp_path / "s"),
+                    "--split", "train", "--views", "4", "--batch-size", "8", "--workers", "3",
+                    "--num-gpus-per-worker", "0.5", "--backend", "local", "--ray-address", "auto",
+                    "--max-failed-fraction", "0.2", "--overwrite", "--dtype", "bf16",
+                    "--weights", "w.pth", "--seed", "7")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.data, cfg.out, cfg.split, cfg.views, cfg.batch_size) == (
+        "digits",
+        str(tmp_path / "s"),
+        "train",
+        4,
+        8,
+    )
+    assert (cfg.workers, cfg.num_gpus_per_worker, cfg.backend, cfg.ray_address) == (
+        3,
+        0.5,
+        "local",
+        "auto",
+    )
+    assert (cfg.max_failed_fraction, cfg.overwrite, cfg.dtype, cfg.weights, cfg.view_seed) == (
+        0.2,
+        True,
+        "bf16",
+        "w.pth",
+        7,
+    )
+    assert cfg.backbone == "dinov2-vitb14-reg" and cfg.progress
+
+
 @pytest.mark.parametrize("name", MISSION[1:])
 def test_later_stages_say_they_are_not_built(name):
     result = invoke(name, "--features", "x")

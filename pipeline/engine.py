@@ -1,0 +1,116 @@
+"""The shard engine shared by the pipeline's jobs (extract-features now, encode-latents next).
+
+A job is a list of shards and two plain pieces of Python:
+
+    prepare(*prepare_args(shard)) -> payload       CPU work (decode, read), a Ray task
+    worker = worker_cls(*worker_args)              loaded once (a model), a Ray actor
+    worker(payload) -> result                      GPU work + the shard's write
+
+`run_shards` calls them in-process (backend "local", one prepare of look-ahead on a thread) or on
+Ray (prepare as CPU tasks, a pool of actors with two shards in flight each), yielding results as
+shards finish. Both backends run the same functions on the same shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FlatDinoError
+from .store import Shard
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What to run for each shard; `prepare` and `worker_cls` must be importable (picklable)."""
+
+    prepare: Callable[..., Any]  # module-level function: prepare(*prepare_args(shard)) -> payload
+    prepare_args: Callable[[Shard], tuple]  # runs in the driver; keep its result small
+    worker_cls: type  # worker_cls(*worker_args)(payload) -> result
+    worker_args: tuple
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the workers run."""
+
+    backend: str = "ray"  # ray | local
+    workers: int = 1  # actors (Ray backend)
+    num_gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    ray_address: str | None = None  # None: start Ray locally; "auto" or ADDR: join a cluster
+
+
+def run_shards(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
+    """Run `job` over `todo`, yielding each shard's result as it finishes."""
+    run = _run_ray if placement.backend == "ray" else _run_local
+    yield from run(job, todo, placement)
+
+
+def _run_local(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
+    worker = job.worker_cls(*job.worker_args)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # prepare shard s+1 while s runs the worker
+        pending = [pool.submit(job.prepare, *job.prepare_args(s)) for s in todo[:2]]
+        for i in range(len(todo)):
+            payload = pending.pop(0).result()
+            if i + 2 < len(todo):
+                pending.append(pool.submit(job.prepare, *job.prepare_args(todo[i + 2])))
+            yield worker(payload)
+
+
+def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            address=placement.ray_address, include_dashboard=False, logging_level=logging.WARNING
+        )
+    gpus = placement.num_gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    prepare = ray.remote(num_cpus=1)(job.prepare)
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(job.worker_cls)
+    actors = [actor_cls.remote(*job.worker_args) for _ in range(placement.workers)]
+    queue = list(reversed(todo))
+    inflight: dict = {}  # ObjectRef -> actor; two shards per actor: one preparing, one running
+
+    def submit(actor) -> None:
+        payload = prepare.remote(*job.prepare_args(queue.pop()))
+        inflight[actor.__call__.remote(payload)] = actor
+
+    for actor in actors * 2:
+        if queue:
+            submit(actor)
+    try:
+        while inflight:
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            actor = inflight.pop(ref)
+            result = _get_unwrapped(ref)
+            if queue:
+                submit(actor)
+            yield result
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started_here:
+            ray.shutdown()
+
+
+def _get_unwrapped(ref):
+    """ray.get, but a FlatDinoError raised in a worker surfaces as itself (one-line CLI error).
+
+    Workers should raise setup errors from `__call__`, not `__init__`: Ray keeps the exception
+    object of a failed call (RayTaskError.cause) but only the text of a failed actor creation.
+    """
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, FlatDinoError):
+            raise type(cause)(str(cause)) from None
+        raise
