@@ -13,6 +13,7 @@ import typer
 
 from flatdino.pipeline.backbone import BACKBONES
 from flatdino.pipeline.errors import FlatDinoError
+from flatdino.trainers.vae import VAE_PRESETS
 
 app = typer.Typer(
     name="flatdino",
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 
 Backbone = Enum("Backbone", {k: k for k in BACKBONES}, type=str)  # choices from the registry
+VAEPreset = Enum("VAEPreset", {k: k for k in VAE_PRESETS}, type=str)
 
 
 class Split(str, Enum):
@@ -35,6 +37,11 @@ class Split(str, Enum):
 class Backend(str, Enum):
     ray = "ray"
     local = "local"
+
+
+class Recon(str, Enum):
+    mse = "mse"
+    huber = "huber"
 
 
 class Precision(str, Enum):
@@ -200,8 +207,125 @@ def info_cmd(
     typer.echo(f"created: {attrs.get('created')} flatdino {attrs.get('package_version')}")
 
 
+def _vae_presets_help() -> str:
+    from flatdino.trainers.vae import VAE_PRESETS, count_parameters
+
+    counts = (f"{n} ({count_parameters(c)['total'] / 1e6:.1f}M)" for n, c in VAE_PRESETS.items())
+    return "VAE preset, parameters at C=768: " + ", ".join(counts) + "."
+
+
+@app.command(
+    "train-vae",
+    help="Train the FlatDINO VAE on a cached feature store (run under torchrun for DDP).",
+)
+def train_vae_cmd(
+    ctx: typer.Context,
+    features: Annotated[Path, typer.Option(help="Train feature store (from extract-features).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run folder: config.json, log.txt, metrics.jsonl, checkpoints/, best/, pre-decay/."
+        ),
+    ],
+    val_features: Annotated[
+        Path | None, typer.Option(help="Validation feature store; its loss selects best/.")
+    ] = None,
+    preset: Annotated[VAEPreset, typer.Option(help=_vae_presets_help())] = VAEPreset(
+        "flatdino-32x128"
+    ),
+    tokens: Annotated[
+        int | None, typer.Option(min=1, help="Override T, the number of latent tokens.")
+    ] = None,
+    latent_dim: Annotated[
+        int | None, typer.Option(min=1, help="Override d, the channels per token.")
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Total optimiser steps (10% warmup, 10% decay unless set)."),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Total epochs; 50 -> 5/40/5 and 150 -> 5/123/22 warmup/stable/decay (paper Table 6).",
+        ),
+    ] = None,
+    warmup_steps: Annotated[int | None, typer.Option(min=0, help="Warmup length in steps.")] = None,
+    decay_steps: Annotated[
+        int | None, typer.Option(min=0, help="Cosine decay length in steps.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (paper: 512).")] = 512,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Per-device batch; smaller than batch/world means gradient accumulation."
+        ),
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (paper: 1e-4).")] = 1e-4,
+    beta: Annotated[
+        float | None, typer.Option(help="KL weight; default 1e-6 * 512 / (T * d) (paper Table 4).")
+    ] = None,
+    recon: Annotated[
+        str,
+        typer.Option(help="Reconstruction loss: mse (paper) or huber (delta 1, the public code)."),
+    ] = "mse",
+    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
+    num_workers: Annotated[int, typer.Option(min=0, help="Loader processes per rank.")] = 2,
+    eval_every: Annotated[int, typer.Option(min=1, help="Validate every N steps.")] = 500,
+    ckpt_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
+    log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 20,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")
+    ] = False,
+    resume_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue from this checkpoint, e.g. RUN/pre-decay with a longer --steps to extend a run."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
+    from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
+
+    try:
+        cfg = _config_with_overrides(TrainVAEConfig, config, given, ctx)
+        metrics = train_vae(cfg)
+    except FlatDinoError as e:
+        fail(str(e))
+    typer.echo(
+        f"{cfg.out}: done at step {metrics.get('step')}: "
+        + ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "val_mse", "val_rel_err")
+        )
+    )
+
+
+def _config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Context) -> object:
+    """cls(**saved config, **options the user typed): a saved config.json with CLI overrides."""
+    values = {
+        k: (str(v) if isinstance(v, Path) else getattr(v, "value", v)) for k, v in given.items()
+    }
+    if config is None:
+        return cls(**values)
+    try:
+        saved = json.loads(Path(config).read_text()).get("train", {})
+    except (OSError, ValueError) as e:
+        raise FlatDinoError(f"cannot read --config {str(config)!r}: {e}") from e
+    typed = {k: v for k, v in values.items()
+             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}  # fmt: skip
+    merged = {**values, **{k: v for k, v in saved.items() if k in values}, **typed}
+    if "betas" in saved:
+        merged["betas"] = tuple(saved["betas"])
+    return cls(**merged)
+
+
 PLANNED = {
-    "train-vae": ("Train the FlatDINO VAE on a feature store.", 3),
     "encode-latents": ("Encode a feature store into 32x128 latents with a trained VAE.", 4),
     "train-dit": ("Train the LightningDiT on cached latents.", 4),
     "sample": ("Generate latents -> features -> pixels with a trained DiT.", 5),

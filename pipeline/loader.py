@@ -1,0 +1,153 @@
+"""Chunk-shuffled batches from a feature store for the trainers; never reads one row at a time.
+
+Per epoch, from (seed, epoch) alone: a permutation of contiguous row blocks (aligned to the store's
+chunks), dealt round-robin to the ranks; each rank streams the valid rows of its blocks through a
+shuffle buffer (on indices, so a whole epoch's batches are known before any byte is read) and draws
+one stored view per image. Every valid image is seen exactly once per epoch; ranks are disjoint and
+run the same number of steps (a rank with fewer rows gets a shorter, possibly empty, last batch).
+
+Blocks are read by torch DataLoader workers that open the store lazily (spawn-safe: the dataset
+holds only a path and index arrays), in block order; the main process assembles batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How batches are drawn from a store."""
+
+    batch_size: int  # rows per batch on this rank
+    seed: int = 0  # epoch order = f(seed, epoch)
+    shuffle_buffer: int = 1024  # rows held for shuffling beyond the block order
+    num_workers: int = 2  # DataLoader processes reading blocks (0: in the main process)
+    rank: int = 0
+    world: int = 1
+
+
+@dataclass
+class EpochPlan:
+    """One rank's epoch, as indices: the blocks to read and the rows of each batch."""
+
+    batches: list[np.ndarray]  # row indices per step (same count on every rank)
+    views: np.ndarray  # (N,) the view drawn for each row this epoch
+    blocks: np.ndarray  # this rank's block order
+
+
+def plan_epoch(
+    valid: np.ndarray, num_views: int, block_rows: int, cfg: LoaderConfig, epoch: int
+) -> EpochPlan:
+    """The deterministic plan of `epoch` for `cfg.rank` (pure numpy, no I/O)."""
+    n = len(valid)
+    num_blocks = -(-n // block_rows)
+    order = np.random.default_rng([cfg.seed, epoch, 0]).permutation(num_blocks)
+    views = np.random.default_rng([cfg.seed, epoch, 1]).integers(0, num_views, n)
+    per_block = np.add.reduceat(valid.astype(np.int64), np.arange(0, n, block_rows)) if n else valid
+    rank_rows = [int(per_block[order[r :: cfg.world]].sum()) for r in range(cfg.world)]
+    steps = max(-(-rows // cfg.batch_size) for rows in rank_rows)
+    blocks = order[cfg.rank :: cfg.world]
+    stream = [
+        np.flatnonzero(valid[b * block_rows : (b + 1) * block_rows]) + b * block_rows
+        for b in blocks
+    ]
+    rows = _shuffle_buffer(np.concatenate(stream) if stream else np.zeros(0, np.int64), cfg.shuffle_buffer,
+                           np.random.default_rng([cfg.seed, epoch, 2, cfg.rank]))  # fmt: skip
+    batches = [rows[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps)]
+    return EpochPlan(batches, views, blocks)
+
+
+def _shuffle_buffer(stream: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A streaming shuffle buffer applied to indices: output[i] is drawn from a window of `size`."""
+    if size <= 1 or len(stream) <= 1:
+        return stream.copy()
+    out = np.empty_like(stream)
+    buf = list(stream[:size])
+    k = 0
+    for row in stream[size:]:
+        j = int(rng.integers(len(buf)))
+        out[k], buf[j] = buf[j], row
+        k += 1
+    out[k:] = np.asarray(buf, dtype=stream.dtype)[rng.permutation(len(buf))]
+    return out
+
+
+class _BlockReader(IterableDataset):
+    """Yields (rows, features[rows, view]) per block; worker w reads blocks w, w + W, ..."""
+
+    def __init__(
+        self, path: str, blocks: np.ndarray, block_rows: int, needed: np.ndarray, views: np.ndarray
+    ):
+        self.path, self.blocks, self.block_rows = path, blocks, block_rows
+        self.needed, self.views = needed, views  # needed: (N,) bool, rows still to deliver
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        features = zarr.open_array(f"{self.path}/features", mode="r")  # opened in the worker
+        for b in self.blocks[worker::workers]:
+            lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, features.shape[0])
+            rows = np.flatnonzero(self.needed[lo:hi]) + lo
+            if len(rows) == 0:
+                yield rows, None
+                continue
+            chunk = features[lo:hi]  # (k, V, P, C): whole chunks, one read
+            yield rows, torch.from_numpy(chunk[rows - lo, self.views[rows]])  # (m, P, C)
+
+
+class FeatureBatches:
+    """Batches of float16 features (B, P, C) and int64 labels from a feature store."""
+
+    def __init__(self, path: str, cfg: LoaderConfig):
+        self.path, self.cfg = str(path), cfg
+        group = zarr.open_group(self.path, mode="r")
+        self.valid = np.asarray(group["valid"][:], dtype=bool)
+        self.labels = np.asarray(group["labels"][:], dtype=np.int64)
+        self.num_views = int(group["features"].shape[1])
+        self.block_rows = int(group["features"].chunks[0])
+        self.sample_shape = tuple(group["features"].shape[2:])  # (P, C)
+        self.num_valid = int(self.valid.sum())
+
+    def steps_per_epoch(self) -> int:
+        return len(plan_epoch(self.valid, self.num_views, self.block_rows, self.cfg, 0).batches)
+
+    def epoch(
+        self, epoch: int, start_step: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        """Yield (features (B, P, C) float16, labels (B,), rows (B,)) for steps start_step.. of `epoch`."""
+        plan = plan_epoch(self.valid, self.num_views, self.block_rows, self.cfg, epoch)
+        batches = plan.batches[start_step:]
+        needed = np.zeros(len(self.valid), dtype=bool)
+        for rows in batches:
+            needed[rows] = True
+        blocks = np.array(
+            [
+                b
+                for b in plan.blocks
+                if needed[b * self.block_rows : (b + 1) * self.block_rows].any()
+            ],
+            dtype=np.int64,
+        )
+        reader = _BlockReader(self.path, blocks, self.block_rows, needed, plan.views)
+        workers = min(self.cfg.num_workers, len(blocks))
+        stream = iter(
+            DataLoader(reader, batch_size=None, num_workers=workers, persistent_workers=False)
+        )
+        pool: dict[int, torch.Tensor] = {}
+        for rows in batches:
+            while any(int(r) not in pool for r in rows):
+                got_rows, data = next(stream)
+                if data is not None:
+                    pool.update(zip(got_rows.tolist(), data, strict=True))
+            if len(rows):
+                x = torch.stack([pool.pop(int(r)) for r in rows])  # (B, P, C)
+            else:
+                x = torch.zeros(0, *self.sample_shape, dtype=torch.float16)  # empty tail batch
+            yield x, torch.from_numpy(self.labels[rows]), rows

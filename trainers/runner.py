@@ -1,0 +1,147 @@
+"""Trainer machinery shared by train-vae (and the later trainers): distributed set-up, the run
+folder (config.json, log.txt, metrics.jsonl), checkpoints in safetensors + trainer state, resume.
+
+Run folder:
+    RUN/config.json          the trainer config (with the model config inside)
+    RUN/log.txt              rank 0's log lines
+    RUN/metrics.jsonl        one JSON object per logged step (and per evaluation)
+    RUN/checkpoints/         latest: model.safetensors, config.json, trainer.pt (optimiser, step,
+                             RNG, data position)
+    RUN/best/                best validation loss so far (model + config)
+    RUN/pre-decay/           the state at the start of the LR decay, to extend a run later
+A checkpoint directory is written beside its final name and renamed over it, so a crash never
+leaves a half-written checkpoint and the last good one stays intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from flatdino.pipeline.errors import FlatDinoError
+
+log = logging.getLogger("flatdino.train")
+
+
+class NonFiniteLossError(FlatDinoError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job (single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, dev)
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= d.world
+    return value
+
+
+def setup_run_dir(out: Path, config: dict, d: Dist, resume: bool) -> None:
+    """Create the run folder and rank-0 logging to stdout and RUN/log.txt."""
+    if d.main:
+        if out.exists() and (out / "config.json").exists() and not resume:
+            raise FlatDinoError(
+                f"run folder {str(out)!r} holds a run already; pass --resume to continue it or "
+                "choose another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if d.main:
+        handlers.append(logging.FileHandler(out / "log.txt"))
+    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING, format="%(message)s",
+                        handlers=handlers, force=True)  # fmt: skip
+
+
+def append_metrics(out: Path, row: dict, d: Dist) -> None:
+    if d.main:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, model_config: dict, trainer_state: dict | None, d: Dist
+) -> None:
+    """Write model.safetensors + config.json (+ trainer.pt) to `path` atomically (rank 0)."""
+    if not d.main:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, tmp / "model.safetensors")
+    (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer.pt")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    unwrap(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+
+
+def load_trainer_state(path: Path) -> dict:
+    f = path / "trainer.pt"
+    if not f.exists():
+        raise FlatDinoError(
+            f"{str(path)!r} has no trainer.pt to resume from; start without --resume"
+        )
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,270 @@
+"""`flatdino train-vae`: the FlatDINO VAE on a cached feature store (single process or torchrun)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
+from flatdino.pipeline.store import FeatureStore
+
+from .optim import WSDSchedule, param_groups, set_lr, wsd_from_epochs
+from .runner import (
+    Dist,
+    NonFiniteLossError,
+    all_reduce_mean,
+    append_metrics,
+    load_trainer_state,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    setup_distributed,
+    setup_run_dir,
+)  # fmt: skip
+from .vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
+
+log = logging.getLogger("flatdino.train")
+
+
+@dataclass(frozen=True)
+class TrainVAEConfig:
+    """Everything `train_vae` needs; saved as RUN/config.json."""
+
+    features: str  # train feature store
+    out: str  # run folder
+    val_features: str | None = None  # validation store: selects best/
+    preset: str = "flatdino-32x128"  # key of trainers.vae.VAE_PRESETS
+    tokens: int | None = None  # override T of the preset
+    latent_dim: int | None = None  # override d of the preset
+    steps: int | None = None  # total optimiser steps (or use epochs)
+    epochs: int | None = None  # total epochs; phases follow the paper (50 -> 5/40/5)
+    warmup_steps: int | None = None  # default: 10% of the run (5 epochs with --epochs 50/150)
+    decay_steps: int | None = None  # default: 10% of the run (5 / 22 epochs with 50 / 150)
+    batch_size: int = 512  # global batch (all ranks, all accumulation steps)
+    micro_batch: int | None = None  # per-device batch; None: batch_size / world (no accumulation)
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.02  # on 2-D weights only
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max grad norm (0: off)
+    beta: float | None = None  # KL weight; None: 1e-6 * 512 / (T * d)
+    recon: str = "mse"  # mse (paper) | huber (the paper's public code)
+    seed: int = 0  # model init and data order
+    num_workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 1024
+    log_every: int = 20
+    eval_every: int = 500  # validation + best/ (when --val-features is given)
+    ckpt_every: int = 500  # checkpoints/ (and always at the end and at decay start)
+    device: str = "auto"
+    compile: bool = False  # torch.compile the model
+    resume: bool = False  # continue RUN/checkpoints (or --resume-from)
+    resume_from: str | None = None  # a checkpoint dir, e.g. RUN/pre-decay to extend a run
+    progress: bool = True
+
+
+def build_model_config(cfg: TrainVAEConfig, store: FeatureStore) -> VAEConfig:
+    """The preset with T, d overridden and P, C taken from the store."""
+    if cfg.preset not in VAE_PRESETS:
+        raise FlatDinoError(f"--preset must be one of {sorted(VAE_PRESETS)}; got {cfg.preset!r}")
+    _, _, p, c = store.features.shape
+    over = {k: v for k, v in {"tokens": cfg.tokens, "latent_dim": cfg.latent_dim}.items() if v}
+    return vae_preset(cfg.preset, in_dim=int(c), num_patches=int(p), **over)
+
+
+def check_store(store: FeatureStore, model_cfg: VAEConfig, what: str) -> None:
+    """Refuse a store whose (P, C) does not match the model, before any training."""
+    _, _, p, c = store.features.shape
+    if (p, c) != (model_cfg.num_patches, model_cfg.in_dim):
+        raise FlatDinoError(
+            f"{what} {str(store.path)!r} holds (P, C) = ({p}, {c}) features but the model expects "
+            f"({model_cfg.num_patches}, {model_cfg.in_dim}); use a store from the same backbone"
+        )
+    if not store.attrs.get("complete"):
+        raise FlatDinoError(
+            f"{what} {str(store.path)!r} is incomplete; finish extract-features first"
+        )
+
+
+def make_schedule(cfg: TrainVAEConfig, steps_per_epoch: int) -> WSDSchedule:
+    if cfg.epochs is not None:
+        w = None if cfg.warmup_steps is None else cfg.warmup_steps // steps_per_epoch
+        d = None if cfg.decay_steps is None else cfg.decay_steps // steps_per_epoch
+        return wsd_from_epochs(cfg.epochs, steps_per_epoch, cfg.lr, w, d)
+    total = cfg.steps or 0
+    warm = total // 10 if cfg.warmup_steps is None else cfg.warmup_steps
+    decay = total // 10 if cfg.decay_steps is None else cfg.decay_steps
+    return WSDSchedule(peak=cfg.lr, warmup=warm, stable=max(0, total - warm - decay), decay=decay)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str, float]:
+    """Mean reconstruction loss and relative error ‖x̂−x‖/‖x‖ on view 0 of a store, with z = mu."""
+    was_training = model.training
+    model.eval()
+    group = FeatureStore(path).group
+    valid = np.asarray(group["valid"][:], dtype=bool)
+    rows = np.flatnonzero(valid)[d.rank :: d.world]
+    sums = torch.zeros(3, dtype=torch.float64)  # squared error, squared norm, element count
+    for i in range(0, len(rows), batch):
+        lo, hi = rows[i], rows[min(i + batch, len(rows)) - 1] + 1
+        block = group["features"][lo:hi, 0]  # one contiguous read, view 0
+        x = torch.from_numpy(block[rows[i : i + batch] - lo]).to(d.device).float()  # (B, P, C)
+        x_hat, _, _ = model(x, sample=False)
+        sums += torch.tensor([(x_hat - x).pow(2).sum().item(), x.pow(2).sum().item(), x.numel()],
+                             dtype=torch.float64)  # fmt: skip
+    if d.world > 1:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    return {"val_mse": (sums[0] / sums[2]).item(), "val_rel_err": (sums[0] / sums[1]).sqrt().item()}
+
+
+def train_vae(cfg: TrainVAEConfig) -> dict:
+    """Train (or resume) a VAE as `cfg` says; returns the final metrics."""
+    d = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    store = FeatureStore(cfg.features)
+    model_cfg = build_model_config(cfg, store)
+    check_store(store, model_cfg, "--features")
+    if cfg.val_features:
+        check_store(FeatureStore(cfg.val_features), model_cfg, "--val-features")
+    if cfg.steps is None and cfg.epochs is None:
+        raise FlatDinoError("give the run length with --steps N or --epochs E")
+    setup_run_dir(
+        out,
+        {"train": asdict(cfg), "model": model_cfg.to_dict()},
+        d,
+        cfg.resume or bool(cfg.resume_from),
+    )
+    micro = cfg.micro_batch or cfg.batch_size // d.world
+    accum = cfg.batch_size // (micro * d.world)
+    if accum < 1 or micro * d.world * accum != cfg.batch_size:
+        raise FlatDinoError(
+            f"--batch-size {cfg.batch_size} must equal micro batch {micro} x {d.world} ranks x k"
+        )
+    torch.manual_seed(cfg.seed)
+    model = FlatDinoVAE(model_cfg).to(d.device)
+    loader = FeatureBatches(
+        cfg.features,
+        LoaderConfig(micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world),
+    )
+    steps_per_epoch = max(1, loader.steps_per_epoch() // accum)
+    schedule = make_schedule(cfg, steps_per_epoch)
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=False
+    )
+    beta = cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
+    state = {"step": 0, "micro_step": 0, "epoch": 0, "best": float("inf")}
+    resume_dir = Path(cfg.resume_from) if cfg.resume_from else out / "checkpoints"
+    if cfg.resume or cfg.resume_from:
+        if resume_dir.exists():
+            load_weights(resume_dir, model)
+            saved = load_trainer_state(resume_dir)
+            opt.load_state_dict(saved["optimizer"])
+            set_rng_state(saved["rng"])
+            state.update(saved["state"])
+            log.info("resumed from %s at step %d", resume_dir, state["step"])
+        elif cfg.resume_from:
+            raise FlatDinoError(f"--resume-from {cfg.resume_from!r} does not exist")
+    net = DDP(model) if d.world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
+             cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
+             model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, accum)  # fmt: skip
+    return _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum, state)
+
+
+def _save(path: Path, model, model_cfg: VAEConfig, opt, state: dict, d: Dist) -> None:
+    trainer = {"optimizer": opt.state_dict(), "rng": rng_state(), "state": dict(state)}
+    save_checkpoint(path, model, model_cfg.to_dict(), trainer, d)
+
+
+def _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum, state) -> dict:
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+    )
+    bar = tqdm(total=schedule.total, initial=state["step"], unit="step", desc="train-vae",
+               disable=not (cfg.progress and d.main))  # fmt: skip
+    metrics: dict = {}
+    tic, seen = time.perf_counter(), 0
+    while state["step"] < schedule.total:
+        batches = loader.epoch(state["epoch"], start_step=state["micro_step"])
+        for x, _, _ in batches:
+            x = x.to(d.device, non_blocking=True).float()  # (B, P, C)
+            sync = (state["micro_step"] + 1) % accum == 0
+            ctx = net.no_sync() if (d.world > 1 and not sync) else nullcontext()
+            with ctx, autocast:
+                x_hat, mu, logvar = net(x)
+                parts = vae_loss(
+                    x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=loader.cfg.batch_size
+                )
+                (parts["loss"] / accum).backward()
+            state["micro_step"] += 1
+            seen += len(x)
+            if not sync:
+                continue
+            loss = all_reduce_mean(parts["loss"].detach(), d)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {state['step']}; the last good checkpoint in "
+                    f"{out / 'checkpoints'} is intact (try a lower --lr or --grad-clip)"
+                )
+            lr = schedule(state["step"])
+            set_lr(opt, lr)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip or float("inf")
+            )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            bar.update(1)
+            step = state["step"]
+            if step % cfg.log_every == 0 or step == schedule.total:
+                rate = seen * d.world / (time.perf_counter() - tic)
+                metrics = {"step": step, "epoch": state["epoch"], "loss": loss.item(),
+                           "recon": parts["recon"].item(), "kl": parts["kl"].item(), "lr": lr,
+                           "grad_norm": grad_norm.item(), "samples_per_s": rate}  # fmt: skip
+                append_metrics(out, metrics, d)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                log.info(
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in metrics.items()
+                    )
+                )
+                tic, seen = time.perf_counter(), 0
+            if step == schedule.decay_start and schedule.decay:
+                _save(out / "pre-decay", model, model_cfg, opt, state, d)
+            if cfg.val_features and (step % cfg.eval_every == 0 or step == schedule.total):
+                val = evaluate(model, cfg.val_features, d, loader.cfg.batch_size)
+                append_metrics(out, {"step": step, **val}, d)
+                log.info(
+                    "step=%d val_mse=%.4g val_rel_err=%.4g",
+                    step,
+                    val["val_mse"],
+                    val["val_rel_err"],
+                )
+                metrics.update(val)
+                if val["val_mse"] < state["best"]:
+                    state["best"] = val["val_mse"]
+                    save_checkpoint(out / "best", model, model_cfg.to_dict(), None, d)
+            if step % cfg.ckpt_every == 0 or step == schedule.total:
+                _save(out / "checkpoints", model, model_cfg, opt, state, d)
+            if step >= schedule.total:
+                break
+        else:
+            state["epoch"] += 1
+            state["micro_step"] = 0
+    bar.close()
+    if d.main:
+        (out / "final.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
