@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO   ?= demo-out
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-slow test-all lint bench clean
 
 $(BIN)/flatdino: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,11 +28,15 @@ lint: setup
 test: lint
 	$(BIN)/pytest
 
+test-slow: setup
+	$(BIN)/pytest -m slow
+
 test-all: lint
 	$(BIN)/pytest -m ''
 
 bench: setup
 	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/vae_loader.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -137,9 +137,10 @@ class FeatureBatches:
         )
         reader = _BlockReader(self.path, blocks, self.block_rows, needed, plan.views)
         workers = min(self.cfg.num_workers, len(blocks))
-        stream = iter(
-            DataLoader(reader, batch_size=None, num_workers=workers, persistent_workers=False)
-        )
+        # Own generator: a DataLoader iterator draws a seed, which must not advance the global RNG
+        # (the trainer's sampling noise), or resuming mid-epoch would not be exact.
+        generator = torch.Generator().manual_seed(0)
+        stream = iter(DataLoader(reader, batch_size=None, num_workers=workers, generator=generator))
         pool: dict[int, torch.Tensor] = {}
         for rows in batches:
             while any(int(r) not in pool for r in rows):

@@ -14,6 +14,7 @@ from flatdino.cli.main import app
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})  # wide: rich truncates option names
 MISSION = ("extract-features", "train-vae", "encode-latents", "train-dit", "sample")
+PLANNED = ("encode-latents", "train-dit", "sample")
 
 
 def invoke(*args: str):
@@ -76,7 +77,7 @@ def test_extract_features_builds_the_config_from_options(monkeypatch, tmp_path):
     assert cfg.backbone == "dinov2-vitb14-reg" and cfg.progress
 
 
-@pytest.mark.parametrize("name", MISSION[1:])
+@pytest.mark.parametrize("name", PLANNED)
 def test_later_stages_say_they_are_not_built(name):
     result = invoke(name, "--features", "x")
     assert result.exit_code == 1
@@ -167,3 +168,36 @@ def test_plain_install_into_a_fresh_venv(tmp_path):
                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
     assert help_.returncode == 0, help_.stderr
     assert all(name in help_.stdout for name in MISSION)
+
+
+def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    args = ("train-vae", "--features", str(digits_val_store), "--out", str(run), "--preset", "tiny",
+            "--steps", "2", "--batch-size", "8", "--num-workers", "0", "--log-every", "1",
+            "--lr", "3e-4", "--no-progress")  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "done at step 2" in result.output and (run / "checkpoints" / "model.safetensors").exists()
+    )
+    import flatdino.trainers.train_vae as tv
+
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        return {"step": 0}
+
+    monkeypatch.setattr(tv, "train_vae", fake)
+    again = invoke("train-vae", "--config", str(run / "config.json"), "--features",
+                   str(digits_val_store), "--out", str(tmp_path / "other"), "--steps", "5")  # fmt: skip
+    assert again.exit_code == 0, again.output
+    cfg = seen["cfg"]
+    assert (cfg.preset, cfg.lr, cfg.batch_size, cfg.num_workers) == ("tiny", 3e-4, 8, 0)  # saved
+    assert (cfg.steps, cfg.out) == (5, str(tmp_path / "other"))  # typed on the command line
+
+
+def test_train_vae_without_a_length_is_a_clear_error(digits_val_store, tmp_path):
+    result = invoke("train-vae", "--features", str(digits_val_store), "--out", str(tmp_path / "r"),
+                    "--preset", "tiny")  # fmt: skip
+    assert result.exit_code == 1 and "--steps N or --epochs E" in result.output

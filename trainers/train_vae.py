@@ -69,6 +69,7 @@ class TrainVAEConfig:
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue RUN/checkpoints (or --resume-from)
     resume_from: str | None = None  # a checkpoint dir, e.g. RUN/pre-decay to extend a run
+    stop_after: int | None = None  # end this invocation (with a checkpoint) after N more steps
     progress: bool = True
 
 
@@ -167,6 +168,12 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     resume_dir = Path(cfg.resume_from) if cfg.resume_from else out / "checkpoints"
     if cfg.resume or cfg.resume_from:
         if resume_dir.exists():
+            saved_cfg = json.loads((resume_dir / "config.json").read_text())
+            if saved_cfg != model_cfg.to_dict():
+                raise FlatDinoError(
+                    f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "
+                    f"this store and preset {model_cfg.to_dict()}; resume with the same store and preset"
+                )
             load_weights(resume_dir, model)
             saved = load_trainer_state(resume_dir)
             opt.load_state_dict(saved["optimizer"])
@@ -196,7 +203,12 @@ def _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum
                disable=not (cfg.progress and d.main))  # fmt: skip
     metrics: dict = {}
     tic, seen = time.perf_counter(), 0
-    while state["step"] < schedule.total:
+    end = (
+        schedule.total
+        if cfg.stop_after is None
+        else min(schedule.total, state["step"] + cfg.stop_after)
+    )
+    while state["step"] < end:
         batches = loader.epoch(state["epoch"], start_step=state["micro_step"])
         for x, _, _ in batches:
             x = x.to(d.device, non_blocking=True).float()  # (B, P, C)
@@ -257,9 +269,9 @@ def _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum
                 if val["val_mse"] < state["best"]:
                     state["best"] = val["val_mse"]
                     save_checkpoint(out / "best", model, model_cfg.to_dict(), None, d)
-            if step % cfg.ckpt_every == 0 or step == schedule.total:
+            if step % cfg.ckpt_every == 0 or step == end:
                 _save(out / "checkpoints", model, model_cfg, opt, state, d)
-            if step >= schedule.total:
+            if step >= end:
                 break
         else:
             state["epoch"] += 1

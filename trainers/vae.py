@@ -155,6 +155,11 @@ class FlatDinoVAE(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        # Unit-scale latent path: mu ~ O(1) and the decoder sees the latents at the scale of its
+        # sin-cos queries; with 0.02-scale projections the decoder ignores the latents and
+        # predicts the mean (DESIGN.md, known facts).
+        nn.init.xavier_uniform_(self.encoder.to_moments.weight)
+        nn.init.xavier_uniform_(self.decoder.latent_in.weight)
         trunc_normal_(self.decoder.latent_pos, std=0.02)
         # logvar half of the moments: start with small posterior variance (exp(-5) ≈ 0.007)
         nn.init.constant_(self.encoder.to_moments.bias[self.cfg.latent_dim :], self.cfg.logvar_init)
@@ -198,13 +203,19 @@ def vae_loss(
     return {"loss": rec + beta * kl, "recon": rec, "kl": kl}
 
 
-def count_parameters(cfg: VAEConfig) -> dict[str, int]:
-    """Parameter counts of a preset, built on the meta device (no memory, no init)."""
+def build_on_meta(cfg: VAEConfig) -> FlatDinoVAE:
+    """The model on the meta device: shapes and parameter counts without memory or init."""
     with torch.device("meta"):
         model = FlatDinoVAE.__new__(FlatDinoVAE)
         nn.Module.__init__(model)
         model.cfg = cfg
         model.encoder, model.decoder = FlatEncoder(cfg), FlatDecoder(cfg)
+    return model
+
+
+def count_parameters(cfg: VAEConfig) -> dict[str, int]:
+    """Parameter counts of a preset (built on the meta device)."""
+    model = build_on_meta(cfg)
     enc = sum(p.numel() for p in model.encoder.parameters())
     dec = sum(p.numel() for p in model.decoder.parameters())
     return {"encoder": enc, "decoder": dec, "total": enc + dec}

@@ -1,0 +1,159 @@
+"""train-vae end to end on CPU: run folder, exact resume, DDP, refusals, non-finite stop, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.extract import extract_features
+from flatdino.pipeline.store import create_store
+from flatdino.trainers import train_vae as tv
+from flatdino.trainers.runner import NonFiniteLossError
+from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
+
+
+def small(store: Path, out: Path, **kw) -> TrainVAEConfig:
+    base = TrainVAEConfig(
+        features=str(store), out=str(out), preset="tiny", steps=6, batch_size=16, lr=1e-3,
+        num_workers=0, log_every=1, ckpt_every=3, progress=False, shuffle_buffer=16,
+    )  # fmt: skip
+    return dataclasses.replace(base, **kw)
+
+
+def weights(run: Path, sub: str = "checkpoints") -> dict[str, torch.Tensor]:
+    return load_file(str(run / sub / "model.safetensors"))
+
+
+def test_run_folder_and_metrics(digits_val_store, tmp_path):
+    run = tmp_path / "run"
+    train_vae(small(digits_val_store, run, val_features=str(digits_val_store), eval_every=3, steps=6,
+                    warmup_steps=2, decay_steps=2))  # fmt: skip
+    for name in ("config.json", "log.txt", "metrics.jsonl", "checkpoints", "best", "pre-decay"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "recon", "kl", "lr", "grad_norm", "samples_per_s"} <= set(steps[0])
+    assert [r["step"] for r in rows if "val_mse" in r] == [3, 6]
+    assert steps[0]["lr"] == pytest.approx(1e-6) and steps[-1]["lr"] < 1e-3  # warmup, decay
+    assert torch.load(run / "pre-decay" / "trainer.pt", weights_only=True)["state"]["step"] == 4
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["in_dim"] == 64 and saved["train"]["preset"] == "tiny"
+
+
+def test_resume_is_bit_identical(digits_val_store, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_vae(
+        small(digits_val_store, straight, steps=30, ckpt_every=100)
+    )  # crosses an epoch (23 steps)
+    train_vae(small(digits_val_store, split, steps=30, ckpt_every=100, stop_after=25))
+    assert (
+        torch.load(split / "checkpoints" / "trainer.pt", weights_only=True)["state"]["step"] == 25
+    )
+    train_vae(small(digits_val_store, split, steps=30, ckpt_every=100, resume=True))
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(straight / "checkpoints" / "trainer.pt", weights_only=True)["optimizer"]
+    opt_b = torch.load(split / "checkpoints" / "trainer.pt", weights_only=True)["optimizer"]
+    assert all(
+        torch.equal(opt_a["state"][i]["exp_avg"], opt_b["state"][i]["exp_avg"])
+        for i in opt_a["state"]
+    )
+
+
+def test_existing_run_needs_resume(digits_val_store, tmp_path):
+    train_vae(small(digits_val_store, tmp_path / "r", steps=1))
+    with pytest.raises(FlatDinoError, match="--resume"):
+        train_vae(small(digits_val_store, tmp_path / "r", steps=1))
+
+
+def _fake_store(path: Path, channels: int) -> Path:
+    store = create_store(path, shape=(4, 1, 256, channels), labels=np.zeros(4, np.int32),
+                         paths=[str(i) for i in range(4)], class_names=["a"], shard_size=8,
+                         chunk_rows=8, attrs={"fingerprint": {}})  # fmt: skip
+    store.write_shard(
+        store.shards()[0], np.ones((4, 1, 256, channels), np.float16), np.ones(4, bool), {}
+    )
+    store.finalize()
+    return path
+
+
+def test_mismatched_stores_are_refused_before_training(digits_val_store, tmp_path):
+    other = _fake_store(tmp_path / "c32.zarr", 32)
+    with pytest.raises(
+        FlatDinoError, match=r"\(256, 32\) features but the model expects \(256, 64\)"
+    ):
+        train_vae(small(digits_val_store, tmp_path / "r1", val_features=str(other)))
+    assert not (tmp_path / "r1").exists()
+    train_vae(small(digits_val_store, tmp_path / "r2", steps=1))
+    with pytest.raises(FlatDinoError, match="does not match"):
+        train_vae(small(other, tmp_path / "r2", steps=2, resume=True))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
+    digits_val_store, tmp_path, monkeypatch
+):
+    real, calls = tv.vae_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] > 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(tv, "vae_loss", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="step 3.*intact"):
+        train_vae(small(digits_val_store, run, steps=6, ckpt_every=3))
+    assert torch.load(run / "checkpoints" / "trainer.pt", weights_only=True)["state"]["step"] == 3
+    assert all(torch.isfinite(t).all() for t in weights(run).values())
+
+
+def test_two_process_ddp_on_cpu(digits_val_store, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "flatdino.cli.main", "train-vae", "--features", str(digits_val_store),
+           "--val-features", str(digits_val_store), "--out", str(run), "--preset", "tiny",
+           "--steps", "4", "--batch-size", "16", "--num-workers", "0", "--log-every", "1",
+           "--eval-every", "4", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # rank 0 writes, once per step
+    assert np.isfinite([r["loss"] for r in rows if "loss" in r]).all()
+    assert (run / "best" / "model.safetensors").exists()
+    assert result.stdout.count("step=4 epoch=") == 1  # rank-0 logging only
+
+
+@pytest.fixture(scope="module")
+def digits_train_store(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "digits-train.zarr"
+    extract_features(tiny_config("digits", out, split="train", shard_size=64, batch_size=64))
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_vae_learns_digits_features(digits_train_store, digits_val_store, tmp_path):
+    """Validation relative error well below the predict-the-train-mean baseline within minutes."""
+    train = zarr.open_group(str(digits_train_store))["features"][:, 0].astype(np.float32)
+    val = zarr.open_group(str(digits_val_store))["features"][:, 0].astype(np.float32)
+    baseline = float(np.sqrt(((val - train.mean(0)) ** 2).sum() / (val**2).sum()))
+    cfg = small(digits_train_store, tmp_path / "learn", val_features=str(digits_val_store),
+                steps=300, batch_size=64, eval_every=100, ckpt_every=300, log_every=50)  # fmt: skip
+    metrics = train_vae(cfg)
+    print(f"val relative error {metrics['val_rel_err']:.3f} vs mean predictor {baseline:.3f}")
+    assert metrics["val_rel_err"] < 0.85 * baseline
