@@ -174,15 +174,17 @@ def extract_features_cmd(
 
 @app.command("info")
 def info_cmd(
-    path: Annotated[
-        Path, typer.Argument(help="A feature store (or, later, a latents store or run folder).")
-    ],
+    path: Annotated[Path, typer.Argument(help="A feature store or a train-vae run folder.")],
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the full summary as JSON.")
     ] = False,
 ) -> None:
-    """Shape, dtype, attrs, valid and done counts of a store, and whether it is complete."""
+    """A store: shape, dtype, attrs, valid and done counts, completeness. A run: model, progress."""
     from flatdino.pipeline.store import FeatureStore
+
+    if (path / "config.json").exists() and not (path / "zarr.json").exists():
+        _run_info(path, as_json)
+        return
 
     try:
         summary = FeatureStore(path).summary()
@@ -323,6 +325,25 @@ def _config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Con
     if "betas" in saved:
         merged["betas"] = tuple(saved["betas"])
     return cls(**merged)
+
+
+def _run_info(run: Path, as_json: bool) -> None:
+    """Model config and parameter count, last metrics and checkpoints of a run folder."""
+    from flatdino.trainers.vae import VAEConfig, count_parameters
+
+    config = json.loads((run / "config.json").read_text())
+    model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)
+    summary = {"path": str(run), "model": model,
+               "parameters": count_parameters(VAEConfig(**model)),
+               "checkpoints": sorted(p.name for p in run.iterdir() if (p / "model.safetensors").exists())}  # fmt: skip
+    if (run / "metrics.jsonl").exists():
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        summary["last_metrics"] = json.loads(lines[-1]) if lines else None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        typer.echo(f"{key}: {value}")
 
 
 PLANNED = {

@@ -180,6 +180,8 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
     assert (
         "done at step 2" in result.output and (run / "checkpoints" / "model.safetensors").exists()
     )
+    info = invoke("info", str(run))
+    assert info.exit_code == 0 and "'total': 312544" in info.output and "'step': 2" in info.output
     import flatdino.trainers.train_vae as tv
 
     seen = {}
