@@ -156,4 +156,4 @@ def test_tiny_vae_learns_digits_features(digits_train_store, digits_val_store, t
                 steps=300, batch_size=64, eval_every=100, ckpt_every=300, log_every=50)  # fmt: skip
     metrics = train_vae(cfg)
     print(f"val relative error {metrics['val_rel_err']:.3f} vs mean predictor {baseline:.3f}")
-    assert metrics["val_rel_err"] < 0.85 * baseline
+    assert metrics["val_rel_err"] < 0.75 * baseline
