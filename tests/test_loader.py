@@ -88,3 +88,19 @@ def test_resume_mid_epoch_yields_the_remaining_batches(digits_val_store):
     tail = [(x, rows) for x, _, rows in loader.epoch(2, start_step=3)]
     assert [r.tolist() for _, r in tail] == [r.tolist() for r in full[3:]]
     assert tail[0][0].dtype.is_floating_point and tail[0][0].shape[1:] == (256, 64)
+
+
+def test_block_reader_pickles_without_the_store(digits_val_store):
+    """Spawn-safe: the dataset sent to worker processes holds a path and indices, no open store."""
+    import pickle
+
+    from flatdino.pipeline.loader import _BlockReader
+
+    n = 359
+    reader = _BlockReader(
+        str(digits_val_store), np.arange(45), 8, np.ones(n, bool), np.zeros(n, np.int64)
+    )
+    clone = pickle.loads(pickle.dumps(reader))
+    rows, data = next(iter(clone))
+    assert rows.tolist() == list(range(8)) and tuple(data.shape) == (8, 256, 64)
+    assert len(pickle.dumps(reader)) < 20_000

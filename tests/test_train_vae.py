@@ -157,3 +157,12 @@ def test_tiny_vae_learns_digits_features(digits_train_store, digits_val_store, t
     metrics = train_vae(cfg)
     print(f"val relative error {metrics['val_rel_err']:.3f} vs mean predictor {baseline:.3f}")
     assert metrics["val_rel_err"] < 0.75 * baseline
+
+
+def test_gradient_accumulation_matches_the_full_batch(digits_val_store, tmp_path):
+    full = small(digits_val_store, tmp_path / "full", steps=3, batch_size=16, lr=1e-3)
+    accum = dataclasses.replace(full, out=str(tmp_path / "accum"), micro_batch=8)  # 2 x 8 rows
+    train_vae(full)
+    train_vae(accum)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "accum")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
