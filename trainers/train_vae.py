@@ -129,65 +129,48 @@ def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str
     return {"val_mse": (sums[0] / sums[2]).item(), "val_rel_err": (sums[0] / sums[1]).sqrt().item()}
 
 
-def train_vae(cfg: TrainVAEConfig) -> dict:
-    """Train (or resume) a VAE as `cfg` says; returns the final metrics."""
-    d = setup_distributed(cfg.device)
-    out = Path(cfg.out)
-    store = FeatureStore(cfg.features)
-    model_cfg = build_model_config(cfg, store)
-    check_store(store, model_cfg, "--features")
-    if cfg.val_features:
-        check_store(FeatureStore(cfg.val_features), model_cfg, "--val-features")
-    if cfg.steps is None and cfg.epochs is None:
-        raise FlatDinoError("give the run length with --steps N or --epochs E")
-    setup_run_dir(
-        out,
-        {"train": asdict(cfg), "model": model_cfg.to_dict()},
-        d,
-        cfg.resume or bool(cfg.resume_from),
-    )
-    micro = cfg.micro_batch or cfg.batch_size // d.world
-    accum = cfg.batch_size // (micro * d.world)
-    if accum < 1 or micro * d.world * accum != cfg.batch_size:
-        raise FlatDinoError(
-            f"--batch-size {cfg.batch_size} must equal micro batch {micro} x {d.world} ranks x k"
-        )
-    torch.manual_seed(cfg.seed)
-    model = FlatDinoVAE(model_cfg).to(d.device)
-    loader = FeatureBatches(
-        cfg.features,
-        LoaderConfig(micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world),
-    )
-    steps_per_epoch = max(1, loader.steps_per_epoch() // accum)
-    schedule = make_schedule(cfg, steps_per_epoch)
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=False
-    )
-    beta = cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
-    state = {"step": 0, "micro_step": 0, "epoch": 0, "best": float("inf")}
+def _resume(cfg: TrainVAEConfig, out: Path, model, model_cfg: VAEConfig, opt, state: dict) -> None:
+    """Load weights, optimiser, RNG and position from RUN/checkpoints or --resume-from."""
     resume_dir = Path(cfg.resume_from) if cfg.resume_from else out / "checkpoints"
-    if cfg.resume or cfg.resume_from:
-        if resume_dir.exists():
-            saved_cfg = json.loads((resume_dir / "config.json").read_text())
-            if saved_cfg != model_cfg.to_dict():
-                raise FlatDinoError(
-                    f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "
-                    f"this store and preset {model_cfg.to_dict()}; resume with the same store and preset"
-                )
-            load_weights(resume_dir, model)
-            saved = load_trainer_state(resume_dir)
-            opt.load_state_dict(saved["optimizer"])
-            set_rng_state(saved["rng"])
-            state.update(saved["state"])
-            log.info("resumed from %s at step %d", resume_dir, state["step"])
-        elif cfg.resume_from:
+    if not resume_dir.exists():
+        if cfg.resume_from:
             raise FlatDinoError(f"--resume-from {cfg.resume_from!r} does not exist")
-    net = DDP(model) if d.world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
-    log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
-             cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
-             model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, accum)  # fmt: skip
-    return _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum, state)
+        return  # --resume on a run that never reached a checkpoint: start from scratch
+    saved_cfg = json.loads((resume_dir / "config.json").read_text())
+    if saved_cfg != model_cfg.to_dict():
+        raise FlatDinoError(
+            f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "
+            f"this store and preset {model_cfg.to_dict()}; resume with the same store and preset"
+        )
+    load_weights(resume_dir, model)
+    saved = load_trainer_state(resume_dir)
+    opt.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+    state.update(saved["state"])
+    log.info("resumed from %s at step %d", resume_dir, state["step"])
+
+
+def _log_step(out: Path, d: Dist, metrics: dict, bar: tqdm) -> None:
+    append_metrics(out, metrics, d)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+    log.info(
+        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    )
+
+
+def _validate(
+    cfg: TrainVAEConfig, out: Path, d: Dist, model, model_cfg: VAEConfig, state: dict, batch: int
+) -> dict:
+    """Validation metrics; saves best/ when the validation MSE improves."""
+    val = evaluate(model, cfg.val_features, d, batch)
+    append_metrics(out, {"step": state["step"], **val}, d)
+    log.info(
+        "step=%d val_mse=%.4g val_rel_err=%.4g", state["step"], val["val_mse"], val["val_rel_err"]
+    )
+    if val["val_mse"] < state["best"]:
+        state["best"] = val["val_mse"]
+        save_checkpoint(out / "best", model, model_cfg.to_dict(), None, d)
+    return val
 
 
 def _save(path: Path, model, model_cfg: VAEConfig, opt, state: dict, d: Dist) -> None:
@@ -245,30 +228,14 @@ def _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum
                 metrics = {"step": step, "epoch": state["epoch"], "loss": loss.item(),
                            "recon": parts["recon"].item(), "kl": parts["kl"].item(), "lr": lr,
                            "grad_norm": grad_norm.item(), "samples_per_s": rate}  # fmt: skip
-                append_metrics(out, metrics, d)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                log.info(
-                    " ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in metrics.items()
-                    )
-                )
+                _log_step(out, d, metrics, bar)
                 tic, seen = time.perf_counter(), 0
             if step == schedule.decay_start and schedule.decay:
                 _save(out / "pre-decay", model, model_cfg, opt, state, d)
             if cfg.val_features and (step % cfg.eval_every == 0 or step == schedule.total):
-                val = evaluate(model, cfg.val_features, d, loader.cfg.batch_size)
-                append_metrics(out, {"step": step, **val}, d)
-                log.info(
-                    "step=%d val_mse=%.4g val_rel_err=%.4g",
-                    step,
-                    val["val_mse"],
-                    val["val_rel_err"],
+                metrics.update(
+                    _validate(cfg, out, d, model, model_cfg, state, loader.cfg.batch_size)
                 )
-                metrics.update(val)
-                if val["val_mse"] < state["best"]:
-                    state["best"] = val["val_mse"]
-                    save_checkpoint(out / "best", model, model_cfg.to_dict(), None, d)
             if step % cfg.ckpt_every == 0 or step == end:
                 _save(out / "checkpoints", model, model_cfg, opt, state, d)
             if step >= end:
@@ -280,3 +247,49 @@ def _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum
     if d.main:
         (out / "final.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def train_vae(cfg: TrainVAEConfig) -> dict:
+    """Train (or resume) a VAE as `cfg` says; returns the final metrics."""
+    d = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    store = FeatureStore(cfg.features)
+    model_cfg = build_model_config(cfg, store)
+    check_store(store, model_cfg, "--features")
+    if cfg.val_features:
+        check_store(FeatureStore(cfg.val_features), model_cfg, "--val-features")
+    if cfg.steps is None and cfg.epochs is None:
+        raise FlatDinoError("give the run length with --steps N or --epochs E")
+    setup_run_dir(
+        out,
+        {"train": asdict(cfg), "model": model_cfg.to_dict()},
+        d,
+        cfg.resume or bool(cfg.resume_from),
+    )
+    micro = cfg.micro_batch or cfg.batch_size // d.world
+    accum = cfg.batch_size // (micro * d.world)
+    if accum < 1 or micro * d.world * accum != cfg.batch_size:
+        raise FlatDinoError(
+            f"--batch-size {cfg.batch_size} must equal micro batch {micro} x {d.world} ranks x k"
+        )
+    torch.manual_seed(cfg.seed)
+    model = FlatDinoVAE(model_cfg).to(d.device)
+    loader = FeatureBatches(
+        cfg.features,
+        LoaderConfig(micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world),
+    )
+    steps_per_epoch = max(1, loader.steps_per_epoch() // accum)
+    schedule = make_schedule(cfg, steps_per_epoch)
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=False
+    )
+    beta = cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
+    state = {"step": 0, "micro_step": 0, "epoch": 0, "best": float("inf")}
+    if cfg.resume or cfg.resume_from:
+        _resume(cfg, out, model, model_cfg, opt, state)
+    net = DDP(model) if d.world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
+             cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
+             model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, accum)  # fmt: skip
+    return _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum, state)
