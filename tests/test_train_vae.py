@@ -166,3 +166,17 @@ def test_gradient_accumulation_matches_the_full_batch(digits_val_store, tmp_path
     train_vae(accum)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "accum")
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_a_finished_run_is_extended_from_pre_decay(digits_val_store, tmp_path):
+    run = tmp_path / "wsd"
+    train_vae(small(digits_val_store, run, steps=10, warmup_steps=2, decay_steps=2, log_every=1))
+    assert torch.load(run / "pre-decay" / "trainer.pt", weights_only=True)["state"]["step"] == 8
+    longer = small(digits_val_store, run, steps=14, warmup_steps=2, decay_steps=2, log_every=1,
+                   resume_from=str(run / "pre-decay"))  # fmt: skip
+    train_vae(longer)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    extended = [r for r in rows if r["step"] > 8][-6:]
+    assert [r["step"] for r in extended] == [9, 10, 11, 12, 13, 14]
+    assert [r["lr"] for r in extended[:3]] == [1e-3, 1e-3, 1e-3]  # the stable phase goes on
+    assert extended[-1]["lr"] < 1e-3  # then the new decay
