@@ -209,6 +209,74 @@ def info_cmd(
     typer.echo(f"created: {attrs.get('created')} flatdino {attrs.get('package_version')}")
 
 
+class LatentDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+@app.command("encode-latents")
+def encode_latents_cmd(
+    features: Annotated[
+        Path, typer.Option(help="Feature store to encode (from extract-features).")
+    ],
+    vae: Annotated[
+        Path,
+        typer.Option(
+            help="train-vae run folder (uses best/, else checkpoints/) or a checkpoint folder."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Latents store directory to create or resume (Zarr v3).")
+    ],
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Encoder batch size (images x views).")
+    ] = 256,
+    dtype: Annotated[
+        LatentDtype, typer.Option(help="Stored dtype of mu (and logvar).")
+    ] = LatentDtype.float32,
+    save_logvar: Annotated[bool, typer.Option("--save-logvar", help="Also store logvar.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    backend: Annotated[
+        Backend, typer.Option(help="ray: CPU read tasks + encoder actors; local: one process.")
+    ] = Backend.ray,
+    workers: Annotated[int, typer.Option(min=1, help="Encoder actors (Ray backend).")] = 1,
+    num_gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(help="GPUs per encoder actor; default 1 when the cluster has GPUs."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: start Ray locally.")
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing store made with another VAE or settings."
+        ),
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Feature store -> FlatDINO latents (N, V, T, d) with per-(token, dim) statistics, resumable."""
+    from flatdino.pipeline.latents import EncodeConfig, encode_latents
+
+    setup_logging()
+    cfg = EncodeConfig(
+        features=str(features), vae=str(vae), out=str(out), batch_size=batch_size,
+        dtype=dtype.value, save_logvar=save_logvar, device=device, backend=backend.value,
+        workers=workers, num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
+        overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+    try:
+        s = encode_latents(cfg)
+    except FlatDinoError as e:
+        fail(str(e))
+    if s["shards_run"] == 0:
+        typer.echo(f"{s['store']}: complete already ({s['images']} images); nothing to do")
+    else:
+        typer.echo(
+            f"{s['store']}: encoded {s['images_run']} images in {s['shards_run']} shards, {s['seconds']:.1f}s"
+        )
+
+
 def _vae_presets_help() -> str:
     from flatdino.trainers.vae import VAE_PRESETS, count_parameters
 
@@ -347,7 +415,6 @@ def _run_info(run: Path, as_json: bool) -> None:
 
 
 PLANNED = {
-    "encode-latents": ("Encode a feature store into 32x128 latents with a trained VAE.", 4),
     "train-dit": ("Train the LightningDiT on cached latents.", 4),
     "sample": ("Generate latents -> features -> pixels with a trained DiT.", 5),
 }

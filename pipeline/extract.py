@@ -215,7 +215,7 @@ def open_or_create_store(
                 ) from None
             store = None
         if store is not None and not cfg.overwrite:
-            check_fingerprint(store, fp)
+            check_fingerprint(store.path, store.attrs.get("fingerprint", {}), fp)
             return store
         _remove(out)
     return create_store(

@@ -213,16 +213,17 @@ def create_store(
     return FeatureStore(path, mode="r+")
 
 
-def check_fingerprint(store: FeatureStore, fingerprint: dict) -> None:
+def check_fingerprint(path: Path, recorded: dict, fingerprint: dict) -> None:
     """Refuse to resume a store whose recorded fingerprint differs from the one asked for now."""
-    old = store.attrs.get("fingerprint", {})
-    diffs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+    diffs = [
+        k for k in sorted(set(recorded) | set(fingerprint)) if recorded.get(k) != fingerprint.get(k)
+    ]
     if diffs:
         detail = "; ".join(
-            f"{k}: store has {old.get(k)!r}, now {fingerprint.get(k)!r}" for k in diffs
+            f"{k}: store has {recorded.get(k)!r}, now {fingerprint.get(k)!r}" for k in diffs
         )
         raise StoreMismatchError(
-            f"store {str(store.path)!r} was made with other settings ({_shorten(detail)}); "
+            f"store {str(path)!r} was made with other settings ({_shorten(detail)}); "
             "pass --overwrite to replace it, or choose another --out"
         )
 

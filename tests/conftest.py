@@ -91,3 +91,27 @@ def messy_folder(tmp_path_factory) -> Path:
     (odd / "notes.txt").write_text("skipped: no image extension\n")
     (odd / ".DS_Store").write_bytes(b"\x00\x01")
     return root
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One small local Ray instance shared by the Ray tests."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def fake_feature_store(path: Path, channels: int, n: int = 4) -> Path:
+    """A complete feature store of ones with C = `channels` (to test shape refusals)."""
+    from flatdino.pipeline.store import create_store
+
+    store = create_store(path, shape=(n, 1, 256, channels), labels=np.zeros(n, np.int32),
+                         paths=[str(i) for i in range(n)], class_names=["a"], shard_size=8,
+                         chunk_rows=8, attrs={"fingerprint": {}})  # fmt: skip
+    store.write_shard(
+        store.shards()[0], np.ones((n, 1, 256, channels), np.float16), np.ones(n, bool), {}
+    )
+    store.finalize()
+    return path

@@ -14,7 +14,7 @@ from flatdino.cli.main import app
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})  # wide: rich truncates option names
 MISSION = ("extract-features", "train-vae", "encode-latents", "train-dit", "sample")
-PLANNED = ("encode-latents", "train-dit", "sample")
+PLANNED = ("train-dit", "sample")
 
 
 def invoke(*args: str):
@@ -182,6 +182,34 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
     )
     info = invoke("info", str(run))
     assert info.exit_code == 0 and "'total': 312544" in info.output and "'step': 2" in info.output
+    lat = tmp_path / "lat.zarr"
+    enc = invoke(
+        "encode-latents",
+        "--features",
+        str(digits_val_store),
+        "--vae",
+        str(run),
+        "--out",
+        str(lat),
+        "--backend",
+        "local",
+        "--no-progress",
+        "--dtype",
+        "float16",
+    )
+    assert enc.exit_code == 0 and "encoded 359 images in 23 shards" in enc.output, enc.output
+    bad = invoke(
+        "encode-latents",
+        "--features",
+        str(digits_val_store),
+        "--vae",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "x.zarr"),
+        "--backend",
+        "local",
+    )
+    assert bad.exit_code == 1 and "no VAE checkpoint" in bad.output
     import flatdino.trainers.train_vae as tv
 
     seen = {}

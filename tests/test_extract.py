@@ -69,16 +69,6 @@ def test_overwrite_replaces_a_mismatched_store(tmp_path):
     assert read_store(out)["features"].shape == (359, 3, 256, 64)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One small local Ray instance shared by the Ray tests of this module."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def test_ray_backend_is_bit_identical_to_local(local_ray, digits_val_store, tmp_path):
     out = tmp_path / "ray.zarr"
     summary = extract_features(tiny_config("digits", out, split="val", backend="ray"))

@@ -15,10 +15,9 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import fake_feature_store, tiny_config
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.extract import extract_features
-from flatdino.pipeline.store import create_store
 from flatdino.trainers import train_vae as tv
 from flatdino.trainers.runner import NonFiniteLossError
 from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
@@ -79,19 +78,8 @@ def test_existing_run_needs_resume(digits_val_store, tmp_path):
         train_vae(small(digits_val_store, tmp_path / "r", steps=1))
 
 
-def _fake_store(path: Path, channels: int) -> Path:
-    store = create_store(path, shape=(4, 1, 256, channels), labels=np.zeros(4, np.int32),
-                         paths=[str(i) for i in range(4)], class_names=["a"], shard_size=8,
-                         chunk_rows=8, attrs={"fingerprint": {}})  # fmt: skip
-    store.write_shard(
-        store.shards()[0], np.ones((4, 1, 256, channels), np.float16), np.ones(4, bool), {}
-    )
-    store.finalize()
-    return path
-
-
 def test_mismatched_stores_are_refused_before_training(digits_val_store, tmp_path):
-    other = _fake_store(tmp_path / "c32.zarr", 32)
+    other = fake_feature_store(tmp_path / "c32.zarr", 32)
     with pytest.raises(
         FlatDinoError, match=r"\(256, 32\) features but the model expects \(256, 64\)"
     ):
