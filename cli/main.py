@@ -49,6 +49,30 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+# Options shared by the Ray jobs (extract-features, encode-latents) and the trainers: one help text.
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto (cuda when visible, else cpu), cpu, cuda or cuda:N.")
+]
+BackendOpt = Annotated[
+    Backend,
+    typer.Option(
+        help="ray: CPU tasks read/decode shards, actors run the model; local: one process, no Ray."
+    ),
+]
+WorkersOpt = Annotated[int, typer.Option(min=1, help="Model actors (Ray backend).")]
+GpusOpt = Annotated[
+    float | None,
+    typer.Option(help="GPUs per actor; default 1 when the Ray cluster has GPUs, else 0."),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray cluster address ('auto' inside `ray job submit`); default: start Ray locally."
+    ),
+]
+ProgressOpt = Annotated[bool, typer.Option(help="Show the progress bar.")]
+
+
 def fail(message: str) -> None:
     """Print one red line to stderr and exit 1 (user errors never show a traceback)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -109,25 +133,14 @@ def extract_features_cmd(
             help="Backbone compute precision; bf16 for GPUs (features are stored as float16 either way)."
         ),
     ] = Precision.fp32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    backend: Annotated[
-        Backend,
-        typer.Option(help="ray: CPU decode tasks + backbone actors; local: one process, no Ray."),
-    ] = Backend.ray,
-    workers: Annotated[int, typer.Option(min=1, help="Backbone actors (Ray backend).")] = 1,
-    num_gpus_per_worker: Annotated[
-        float | None,
-        typer.Option(help="GPUs per backbone actor; default 1 when the cluster has GPUs, else 0."),
-    ] = None,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = Backend.ray,
+    workers: WorkersOpt = 1,
+    num_gpus_per_worker: GpusOpt = None,
     torch_threads: Annotated[
         int, typer.Option(min=0, help="CPU threads per backbone worker; 0: cores / workers.")
     ] = 0,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            help="Ray cluster address ('auto' inside `ray job submit`); default: start Ray locally."
-        ),
-    ] = None,
+    ray_address: RayAddressOpt = None,
     max_failed_fraction: Annotated[
         float,
         typer.Option(
@@ -140,7 +153,7 @@ def extract_features_cmd(
         bool,
         typer.Option("--overwrite", help="Replace an existing store made with other settings."),
     ] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Images -> DINOv2 patch features (N, V, 256, C) float16 in a resumable Zarr store."""
     from flatdino.pipeline.extract import ExtractConfig, extract_features
@@ -235,25 +248,18 @@ def encode_latents_cmd(
         LatentDtype, typer.Option(help="Stored dtype of mu (and logvar).")
     ] = LatentDtype.float32,
     save_logvar: Annotated[bool, typer.Option("--save-logvar", help="Also store logvar.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    backend: Annotated[
-        Backend, typer.Option(help="ray: CPU read tasks + encoder actors; local: one process.")
-    ] = Backend.ray,
-    workers: Annotated[int, typer.Option(min=1, help="Encoder actors (Ray backend).")] = 1,
-    num_gpus_per_worker: Annotated[
-        float | None,
-        typer.Option(help="GPUs per encoder actor; default 1 when the cluster has GPUs."),
-    ] = None,
-    ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster address; default: start Ray locally.")
-    ] = None,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = Backend.ray,
+    workers: WorkersOpt = 1,
+    num_gpus_per_worker: GpusOpt = None,
+    ray_address: RayAddressOpt = None,
     overwrite: Annotated[
         bool,
         typer.Option(
             "--overwrite", help="Replace an existing store made with another VAE or settings."
         ),
     ] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Feature store -> FlatDINO latents (N, V, T, d) with per-(token, dim) statistics, resumable."""
     from flatdino.pipeline.latents import EncodeConfig, encode_latents
@@ -344,7 +350,7 @@ def train_vae_cmd(
     eval_every: Annotated[int, typer.Option(min=1, help="Validate every N steps.")] = 500,
     ckpt_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
     log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 20,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")
@@ -358,7 +364,7 @@ def train_vae_cmd(
     config: Annotated[
         Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
     from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
