@@ -148,8 +148,9 @@ def _create(
     """An empty latents store, built beside --out and renamed into place."""
     n, v = features.features.shape[:2]
     out = Path(cfg.out)
+    for stale in out.parent.glob(f".{out.name}.creating-*"):  # left by a killed creation
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.create_group(str(tmp), zarr_format=3)
     size = features.shard_size
     for name in ("mu", "logvar") if cfg.save_logvar else ("mu",):
@@ -196,9 +197,11 @@ def _open_or_create(
     cfg: EncodeConfig, features: FeatureStore, t: int, d: int, fp: dict, ckpt: Path
 ) -> zarr.Group:
     out = Path(cfg.out)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory made by the user: create the store in its place
     if out.exists() and not cfg.overwrite:
-        group = zarr.open_group(str(out), mode="r+")
-        if group.attrs.get("kind") != KIND:
+        group = zarr.open_group(str(out), mode="r+") if (out / "zarr.json").exists() else None
+        if group is None or group.attrs.get("kind") != KIND:
             raise StoreMismatchError(
                 f"--out {cfg.out!r} exists and is not a latents store; pass --overwrite or choose another --out"
             )

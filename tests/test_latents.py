@@ -84,12 +84,16 @@ def test_rerun_does_nothing_and_another_vae_is_refused(
         encode_latents(cfg(digits_val_store, other, latents, save_logvar=True))
 
 
-def test_a_vae_for_other_features_is_refused(vae_run, tmp_path):
+def test_a_vae_for_other_features_is_refused(vae_run, digits_val_store, tmp_path):
     store = fake_feature_store(tmp_path / "c32.zarr", 32)
     with pytest.raises(FlatDinoError, match=r"expects \(P, C\) = \(256, 64\).*\(256, 32\)"):
         encode_latents(cfg(store, vae_run, tmp_path / "l.zarr"))
     with pytest.raises(FlatDinoError, match="no VAE checkpoint"):
         encode_latents(cfg(store, tmp_path, tmp_path / "l.zarr"))
+    (tmp_path / "not-a-store").mkdir()
+    (tmp_path / "not-a-store" / "file.txt").write_text("x")
+    with pytest.raises(StoreMismatchError, match="not a latents store"):
+        encode_latents(cfg(digits_val_store, vae_run, tmp_path / "not-a-store"))
 
 
 def test_ray_is_bit_identical_to_local(local_ray, latents, digits_val_store, vae_run, tmp_path):
