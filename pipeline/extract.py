@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,17 +208,14 @@ def open_or_create_store(
     if out.exists():
         try:
             store = FeatureStore(out, mode="r+")
-        except FlatDinoError:
-            if not cfg.overwrite:
-                raise StoreMismatchError(
-                    f"--out {cfg.out!r} exists and is not a flatdino feature store; "
-                    "pass --overwrite to replace it, or choose another --out"
-                ) from None
-            store = None
-        if store is not None and not cfg.overwrite:
+        except FlatDinoError:  # never delete something that is not ours, even with --overwrite
+            raise StoreMismatchError(
+                f"--out {cfg.out!r} exists and is not a flatdino feature store; choose another --out"
+            ) from None
+        if not cfg.overwrite:
             check_fingerprint(store.path, store.attrs.get("fingerprint", {}), fp)
             return store
-        _remove(out)
+        shutil.rmtree(out)
     return create_store(
         out,
         shape=(len(source), cfg.views, patches, dim),
@@ -236,15 +234,6 @@ def open_or_create_store(
             "package_version": package_version(),
         },
     )
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 def package_version() -> str:

@@ -199,15 +199,15 @@ def _open_or_create(
     out = Path(cfg.out)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty directory made by the user: create the store in its place
-    if out.exists() and not cfg.overwrite:
-        group = zarr.open_group(str(out), mode="r+") if (out / "zarr.json").exists() else None
-        if group is None or group.attrs.get("kind") != KIND:
-            raise StoreMismatchError(
-                f"--out {cfg.out!r} exists and is not a latents store; pass --overwrite or choose another --out"
-            )
-        check_fingerprint(out, dict(group.attrs).get("fingerprint", {}), fp)
-        return group
     if out.exists():
+        group = zarr.open_group(str(out), mode="r+") if (out / "zarr.json").exists() else None
+        if group is None or group.attrs.get("kind") != KIND:  # never deleted, even with --overwrite
+            raise StoreMismatchError(
+                f"--out {cfg.out!r} exists and is not a latents store; choose another --out"
+            )
+        if not cfg.overwrite:
+            check_fingerprint(out, dict(group.attrs).get("fingerprint", {}), fp)
+            return group
         shutil.rmtree(out)
     _create(cfg, features, t, d, fp, ckpt)
     return zarr.open_group(str(out), mode="r+")

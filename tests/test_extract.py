@@ -148,3 +148,12 @@ def test_too_many_failures_raise_after_the_store_is_complete(messy_folder, tmp_p
     assert store.attrs["complete"] and store.done_mask().all()
     with pytest.raises(TooManyFailuresError):  # a rerun reports the same, runs nothing
         extract_features(tiny_config(str(messy_folder), out))
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_store(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("do not delete")
+    with pytest.raises(StoreMismatchError, match="not a flatdino feature store"):
+        extract_features(tiny_config("digits", precious, split="val", overwrite=True))
+    assert (precious / "thesis.txt").read_text() == "do not delete"
