@@ -43,6 +43,26 @@ class Placement:
     ray_address: str | None = None  # None: start Ray locally; "auto" or ADDR: join a cluster
 
 
+class _Worker:
+    """Builds `cls(*args)`; a FlatDinoError in the constructor is raised from the first call.
+
+    Ray keeps the exception object of a failed call (RayTaskError.cause) but only the text of a
+    failed actor creation, so workers' set-up errors must surface from a call to stay one line.
+    """
+
+    def __init__(self, cls: type, args: tuple):
+        self.error: FlatDinoError | None = None
+        try:
+            self.worker = cls(*args)
+        except FlatDinoError as e:
+            self.error = e
+
+    def __call__(self, payload: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.worker(payload)
+
+
 def run_shards(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
     """Run `job` over `todo`, yielding each shard's result as it finishes."""
     run = _run_ray if placement.backend == "ray" else _run_local
@@ -50,7 +70,7 @@ def run_shards(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterat
 
 
 def _run_local(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
-    worker = job.worker_cls(*job.worker_args)
+    worker = _Worker(job.worker_cls, job.worker_args)
     with ThreadPoolExecutor(max_workers=1) as pool:  # prepare shard s+1 while s runs the worker
         pending = [pool.submit(job.prepare, *job.prepare_args(s)) for s in todo[:2]]
         for i in range(len(todo)):
@@ -72,8 +92,8 @@ def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     prepare = ray.remote(num_cpus=1)(job.prepare)
-    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(job.worker_cls)
-    actors = [actor_cls.remote(*job.worker_args) for _ in range(placement.workers)]
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(_Worker)
+    actors = [actor_cls.remote(job.worker_cls, job.worker_args) for _ in range(placement.workers)]
     queue = list(reversed(todo))
     inflight: dict = {}  # ObjectRef -> actor; two shards per actor: one preparing, one running
 
@@ -100,11 +120,7 @@ def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator
 
 
 def _get_unwrapped(ref):
-    """ray.get, but a FlatDinoError raised in a worker surfaces as itself (one-line CLI error).
-
-    Workers should raise setup errors from `__call__`, not `__init__`: Ray keeps the exception
-    object of a failed call (RayTaskError.cause) but only the text of a failed actor creation.
-    """
+    """ray.get, but a FlatDinoError raised in a worker surfaces as itself (one-line CLI error)."""
     import ray
 
     try:

@@ -132,14 +132,6 @@ class ShardEmbedder:
 
     def __init__(self, cfg: ExtractConfig, expected_sha: str):
         self.cfg = cfg
-        self.setup_error: FlatDinoError | None = None
-        try:
-            self._setup(expected_sha)
-        except FlatDinoError as e:  # raised from __call__ (see engine._get_unwrapped)
-            self.setup_error = e
-
-    def _setup(self, expected_sha: str) -> None:
-        cfg = self.cfg
         self.device = resolve_device(cfg.device)
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
         torch.set_num_threads(threads)
@@ -153,8 +145,6 @@ class ShardEmbedder:
 
     def __call__(self, decoded: DecodedShard) -> tuple[int, int, dict[int, str]]:
         """Embed and write one shard; returns (shard index, images, errors)."""
-        if self.setup_error is not None:
-            raise self.setup_error
         shard = decoded.shard
         n = shard.stop - shard.start
         feats = np.zeros((n, *self.store.features.shape[1:]), np.float16)

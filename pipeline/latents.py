@@ -77,8 +77,12 @@ def load_vae(ckpt: Path):
 
     model = FlatDinoVAE(VAEConfig(**json.loads((ckpt / "config.json").read_text())))
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
-    sha = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
-    return model.eval().requires_grad_(False), sha
+    return model.eval().requires_grad_(False), vae_sha256(ckpt)
+
+
+def vae_sha256(ckpt: Path) -> str:
+    """sha256 of a checkpoint's model.safetensors: the VAE's identity in latents stores."""
+    return hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
 
 
 def read_shard(features: str, shard: Shard) -> tuple[Shard, np.ndarray, np.ndarray]:
@@ -93,21 +97,16 @@ class ShardEncoder:
     """Encodes shards with the VAE encoder and writes them (a Ray actor, or in-process)."""
 
     def __init__(self, cfg: EncodeConfig, ckpt: str, expected_sha: str):
-        self.cfg, self.setup_error = cfg, None
-        try:
-            self.device = resolve_device(cfg.device)
-            model, sha = load_vae(Path(ckpt))
-            if sha != expected_sha:
-                raise FlatDinoError(f"worker loaded VAE {sha[:12]}, driver {expected_sha[:12]}")
-            self.model = model.to(self.device)
-            self.group = zarr.open_group(cfg.out, mode="r+")
-        except FlatDinoError as e:  # raised from __call__ (see engine._get_unwrapped)
-            self.setup_error = e
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        model, sha = load_vae(Path(ckpt))
+        if sha != expected_sha:
+            raise FlatDinoError(f"worker loaded VAE {sha[:12]}, driver {expected_sha[:12]}")
+        self.model = model.to(self.device)
+        self.group = zarr.open_group(cfg.out, mode="r+")
 
     @torch.inference_mode()
     def __call__(self, payload: tuple[Shard, np.ndarray, np.ndarray]) -> tuple[int, int, dict]:
-        if self.setup_error is not None:
-            raise self.setup_error
         shard, feats, valid = payload
         n, v = feats.shape[:2]
         t, d = self.model.cfg.tokens, self.model.cfg.latent_dim
@@ -230,7 +229,7 @@ def encode_latents(cfg: EncodeConfig) -> dict:
             f"VAE {str(ckpt)!r} expects (P, C) = ({vae_cfg['num_patches']}, {vae_cfg['in_dim']}) "
             f"but --features holds ({p}, {c}); use the VAE trained on this backbone's features"
         )
-    sha = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+    sha = vae_sha256(ckpt)
     fp = _fingerprint(cfg, features, vae_cfg, sha)
     group = _open_or_create(cfg, features, vae_cfg["tokens"], vae_cfg["latent_dim"], fp, ckpt)
     shards = features.shards()
