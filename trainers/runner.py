@@ -99,18 +99,30 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+
+
 def save_checkpoint(
-    path: Path, model: nn.Module, model_config: dict, trainer_state: dict | None, d: Dist
-) -> None:
-    """Write model.safetensors + config.json (+ trainer.pt) to `path` atomically (rank 0)."""
+    path: Path, model: nn.Module, model_config: dict, trainer_state: dict | None, d: Dist,
+    extra_weights: dict[str, nn.Module] | None = None, extra_json: dict[str, dict] | None = None,
+) -> None:  # fmt: skip
+    """Write model.safetensors + config.json (+ trainer.pt) to `path` atomically (rank 0).
+
+    `extra_weights` {"ema": module} adds ema.safetensors; `extra_json` {"flow": {...}} adds
+    flow.json: what a loader needs beyond the architecture.
+    """
     if not d.main:
         return
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
+    save_file(_cpu_state(model), tmp / "model.safetensors")
+    for name, module in (extra_weights or {}).items():
+        save_file(_cpu_state(module), tmp / f"{name}.safetensors")
     (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
+    for name, values in (extra_json or {}).items():
+        (tmp / f"{name}.json").write_text(json.dumps(values, indent=2))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer.pt")
     old = path.with_name(f".{path.name}.old")
@@ -121,8 +133,8 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    unwrap(model).load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+def load_weights(path: Path, model: nn.Module, name: str = "model") -> None:
+    unwrap(model).load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -145,3 +157,33 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_run(
+    resume_from: str | None, out: Path, model: nn.Module, model_config: dict,
+    opt: torch.optim.Optimizer, state: dict, extra_weights: dict[str, nn.Module] | None = None,
+) -> None:  # fmt: skip
+    """Load weights (+ extras such as the EMA), optimiser, RNG and loop position.
+
+    From `resume_from` when given (e.g. RUN/pre-decay, to extend a run), else RUN/checkpoints; a
+    run that never reached a checkpoint starts from scratch.
+    """
+    resume_dir = Path(resume_from) if resume_from else out / "checkpoints"
+    if not resume_dir.exists():
+        if resume_from:
+            raise FlatDinoError(f"--resume-from {resume_from!r} does not exist")
+        return
+    saved_cfg = json.loads((resume_dir / "config.json").read_text())
+    if saved_cfg != model_config:
+        raise FlatDinoError(
+            f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "
+            f"this store and preset {model_config}; resume with the same store and preset"
+        )
+    load_weights(resume_dir, model)
+    for name, module in (extra_weights or {}).items():
+        load_weights(resume_dir, module, name)
+    saved = load_trainer_state(resume_dir)
+    opt.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+    state.update(saved["state"])
+    log.info("resumed from %s at step %d", resume_dir, state["step"])

@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
 from flatdino.pipeline.store import FeatureStore
 
-from .optim import WSDSchedule, param_groups, set_lr, wsd_from_epochs
+from .loop import LoopConfig, LoopHooks, train_loop
+from .optim import WSDSchedule, param_groups, wsd_from_epochs
 from .runner import (
     Dist,
-    NonFiniteLossError,
-    all_reduce_mean,
     append_metrics,
-    load_trainer_state,
-    load_weights,
+    resume_run,
     rng_state,
     save_checkpoint,
-    set_rng_state,
     setup_distributed,
     setup_run_dir,
 )  # fmt: skip
@@ -129,35 +122,6 @@ def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str
     return {"val_mse": (sums[0] / sums[2]).item(), "val_rel_err": (sums[0] / sums[1]).sqrt().item()}
 
 
-def _resume(cfg: TrainVAEConfig, out: Path, model, model_cfg: VAEConfig, opt, state: dict) -> None:
-    """Load weights, optimiser, RNG and position from RUN/checkpoints or --resume-from."""
-    resume_dir = Path(cfg.resume_from) if cfg.resume_from else out / "checkpoints"
-    if not resume_dir.exists():
-        if cfg.resume_from:
-            raise FlatDinoError(f"--resume-from {cfg.resume_from!r} does not exist")
-        return  # --resume on a run that never reached a checkpoint: start from scratch
-    saved_cfg = json.loads((resume_dir / "config.json").read_text())
-    if saved_cfg != model_cfg.to_dict():
-        raise FlatDinoError(
-            f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "
-            f"this store and preset {model_cfg.to_dict()}; resume with the same store and preset"
-        )
-    load_weights(resume_dir, model)
-    saved = load_trainer_state(resume_dir)
-    opt.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"])
-    state.update(saved["state"])
-    log.info("resumed from %s at step %d", resume_dir, state["step"])
-
-
-def _log_step(out: Path, d: Dist, metrics: dict, bar: tqdm) -> None:
-    append_metrics(out, metrics, d)
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-    log.info(
-        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-    )
-
-
 def _validate(
     cfg: TrainVAEConfig, out: Path, d: Dist, model, model_cfg: VAEConfig, state: dict, batch: int
 ) -> dict:
@@ -176,77 +140,6 @@ def _validate(
 def _save(path: Path, model, model_cfg: VAEConfig, opt, state: dict, d: Dist) -> None:
     trainer = {"optimizer": opt.state_dict(), "rng": rng_state(), "state": dict(state)}
     save_checkpoint(path, model, model_cfg.to_dict(), trainer, d)
-
-
-def _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum, state) -> dict:
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
-    )
-    bar = tqdm(total=schedule.total, initial=state["step"], unit="step", desc="train-vae",
-               disable=not (cfg.progress and d.main))  # fmt: skip
-    metrics: dict = {}
-    tic, seen = time.perf_counter(), 0
-    end = (
-        schedule.total
-        if cfg.stop_after is None
-        else min(schedule.total, state["step"] + cfg.stop_after)
-    )
-    while state["step"] < end:
-        batches = loader.epoch(state["epoch"], start_step=state["micro_step"])
-        for x, _, _ in batches:
-            x = x.to(d.device, non_blocking=True).float()  # (B, P, C)
-            sync = (state["micro_step"] + 1) % accum == 0
-            ctx = net.no_sync() if (d.world > 1 and not sync) else nullcontext()
-            with ctx, autocast:
-                x_hat, mu, logvar = net(x)
-                parts = vae_loss(
-                    x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=loader.cfg.batch_size
-                )
-                (parts["loss"] / accum).backward()
-            state["micro_step"] += 1
-            seen += len(x)
-            if not sync:
-                continue
-            loss = all_reduce_mean(parts["loss"].detach(), d)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {state['step']}; the last good checkpoint in "
-                    f"{out / 'checkpoints'} is intact (try a lower --lr or --grad-clip)"
-                )
-            lr = schedule(state["step"])
-            set_lr(opt, lr)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip or float("inf")
-            )
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state["step"] += 1
-            bar.update(1)
-            step = state["step"]
-            if step % cfg.log_every == 0 or step == schedule.total:
-                rate = seen * d.world / (time.perf_counter() - tic)
-                metrics = {"step": step, "epoch": state["epoch"], "loss": loss.item(),
-                           "recon": parts["recon"].item(), "kl": parts["kl"].item(), "lr": lr,
-                           "grad_norm": grad_norm.item(), "samples_per_s": rate}  # fmt: skip
-                _log_step(out, d, metrics, bar)
-                tic, seen = time.perf_counter(), 0
-            if step == schedule.decay_start and schedule.decay:
-                _save(out / "pre-decay", model, model_cfg, opt, state, d)
-            if cfg.val_features and (step % cfg.eval_every == 0 or step == schedule.total):
-                metrics.update(
-                    _validate(cfg, out, d, model, model_cfg, state, loader.cfg.batch_size)
-                )
-            if step % cfg.ckpt_every == 0 or step == end:
-                _save(out / "checkpoints", model, model_cfg, opt, state, d)
-            if step >= end:
-                break
-        else:
-            state["epoch"] += 1
-            state["micro_step"] = 0
-    bar.close()
-    if d.main:
-        (out / "final.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
 
 
 def train_vae(cfg: TrainVAEConfig) -> dict:
@@ -286,10 +179,32 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     beta = cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
     state = {"step": 0, "micro_step": 0, "epoch": 0, "best": float("inf")}
     if cfg.resume or cfg.resume_from:
-        _resume(cfg, out, model, model_cfg, opt, state)
+        resume_run(cfg.resume_from, out, model, model_cfg.to_dict(), opt, state)
     net = DDP(model) if d.world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
              cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
              model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, accum)  # fmt: skip
-    return _loop(cfg, d, out, net, model, model_cfg, loader, opt, schedule, beta, accum, state)
+
+    def loss(net, batch) -> tuple[dict, int]:
+        x = batch[0].to(d.device, non_blocking=True).float()  # (B, P, C)
+        x_hat, mu, logvar = net(x)
+        return vae_loss(x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=micro), len(x)
+
+    def after_step(step: int) -> dict:
+        if step == schedule.decay_start and schedule.decay:
+            _save(out / "pre-decay", model, model_cfg, opt, state, d)
+        if cfg.val_features and (step % cfg.eval_every == 0 or step == schedule.total):
+            return _validate(cfg, out, d, model, model_cfg, state, micro)
+        return {}
+
+    hooks = LoopHooks(
+        batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
+        loss=loss,
+        lr=schedule,
+        save=lambda path: _save(path, model, model_cfg, opt, state, d),
+        after_step=after_step,
+    )
+    lc = LoopConfig("train-vae", schedule.total, accum, cfg.grad_clip, cfg.log_every,
+                    cfg.ckpt_every, cfg.stop_after, cfg.progress)  # fmt: skip
+    return train_loop(lc, d, out, net, opt, hooks, state)

@@ -1,0 +1,138 @@
+"""The optimisation loop shared by train-vae and train-dit.
+
+One implementation of what every trainer does the same way: gradient accumulation (with DDP's
+`no_sync` on the micro steps that do not update), bf16 autocast on CUDA (a no-op on CPU), the
+non-finite stop, gradient clipping, the learning-rate schedule, step logging to metrics.jsonl and
+log.txt, periodic checkpoints, `--stop-after`, and an exact resume position (epoch, micro step).
+What differs between trainers comes in through `LoopHooks`: the batches, the loss, what happens
+after an update (EMA), what happens after a step (validation, extra checkpoints) and how a
+checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .optim import set_lr
+from .runner import Dist, NonFiniteLossError, all_reduce_mean, append_metrics
+
+log = logging.getLogger("flatdino.train")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How long the loop runs and how often it reports and saves."""
+
+    name: str  # progress-bar label, e.g. "train-dit"
+    total: int  # optimiser steps of the whole run
+    accum: int = 1  # micro batches per optimiser step
+    grad_clip: float = 1.0  # max grad norm (0: off)
+    log_every: int = 20
+    ckpt_every: int = 500  # RUN/checkpoints (always also at the end of an invocation)
+    stop_after: int | None = None  # end this invocation after N more steps
+    progress: bool = True
+
+
+@dataclass
+class LoopHooks:
+    """The trainer-specific parts of the loop."""
+
+    batches: Callable[[int, int], Iterable[Any]]  # (epoch, first micro step) -> micro batches
+    loss: Callable[[nn.Module, Any], tuple[dict[str, torch.Tensor], int]]  # -> ({"loss", ...}, B)
+    lr: Callable[[int], float]  # learning rate of optimiser step i (0-based)
+    save: Callable[[Path], None]  # write a resumable checkpoint (weights, optimiser, state) there
+    after_update: Callable[[], None] = lambda: None  # e.g. the EMA update
+    after_step: Callable[[int], dict] = field(default=lambda step: {})  # -> extra metrics
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; nothing on CPU (fp32 there)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _log_step(out: Path, d: Dist, metrics: dict, bar: tqdm) -> None:
+    append_metrics(out, metrics, d)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+    log.info(
+        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    )
+
+
+def _micro_step(net: nn.Module, batch, hooks: LoopHooks, lc: LoopConfig, d: Dist, sync: bool):
+    ctx = net.no_sync() if (d.world > 1 and not sync) else nullcontext()
+    with ctx, autocast_for(d.device):
+        parts, n = hooks.loss(net, batch)
+        (parts["loss"] / lc.accum).backward()
+    return parts, n
+
+
+def train_loop(
+    lc: LoopConfig, d: Dist, out: Path, net: nn.Module, opt: torch.optim.Optimizer,
+    hooks: LoopHooks, state: dict,
+) -> dict:  # fmt: skip
+    """Run optimiser steps from state["step"] to the end (or --stop-after); returns the last metrics.
+
+    `state` holds step, epoch and micro_step (the position inside the epoch) and is updated in
+    place, so a checkpoint of it resumes exactly where this invocation stopped.
+    """
+    params = [p for g in opt.param_groups for p in g["params"]]
+    end = lc.total if lc.stop_after is None else min(lc.total, state["step"] + lc.stop_after)
+    bar = tqdm(total=lc.total, initial=state["step"], unit="step", desc=lc.name,
+               disable=not (lc.progress and d.main))  # fmt: skip
+    metrics: dict = {}
+    tic, seen = time.perf_counter(), 0
+    while state["step"] < end:
+        for batch in hooks.batches(state["epoch"], state["micro_step"]):
+            sync = (state["micro_step"] + 1) % lc.accum == 0
+            parts, n = _micro_step(net, batch, hooks, lc, d, sync)
+            state["micro_step"] += 1
+            seen += n
+            if not sync:
+                continue
+            loss = all_reduce_mean(parts["loss"].detach(), d)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {state['step']}; the last good checkpoint in "
+                    f"{out / 'checkpoints'} is intact (try a lower --lr or --grad-clip)"
+                )
+            lr = hooks.lr(state["step"])
+            set_lr(opt, lr)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, lc.grad_clip or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            hooks.after_update()
+            state["step"] += 1
+            bar.update(1)
+            step = state["step"]
+            if step % lc.log_every == 0 or step == lc.total:
+                rate = seen * d.world / (time.perf_counter() - tic)
+                metrics = {"step": step, "epoch": state["epoch"], "loss": loss.item(),
+                           **{k: v.item() for k, v in parts.items() if k != "loss"}, "lr": lr,
+                           "grad_norm": grad_norm.item(), "samples_per_s": rate}  # fmt: skip
+                _log_step(out, d, metrics, bar)
+                tic, seen = time.perf_counter(), 0
+            metrics.update(hooks.after_step(step))
+            if step % lc.ckpt_every == 0 or step == end:
+                hooks.save(out / "checkpoints")
+            if step >= end:
+                break
+        else:
+            state["epoch"] += 1
+            state["micro_step"] = 0
+    bar.close()
+    if d.main:
+        (out / "final.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
