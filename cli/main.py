@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +11,19 @@ import typer
 
 from flatdino.pipeline.backbone import BACKBONES
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.trainers.vae import VAE_PRESETS
+
+from .options import (
+    Backend,
+    BackendOpt,
+    DeviceOpt,
+    GpusOpt,
+    ProgressOpt,
+    RayAddressOpt,
+    WorkersOpt,
+    fail,
+    setup_logging,
+)
+from .train import run_info, train_dit_cmd, train_vae_cmd
 
 app = typer.Typer(
     name="flatdino",
@@ -25,7 +35,6 @@ app = typer.Typer(
 )
 
 Backbone = Enum("Backbone", {k: k for k in BACKBONES}, type=str)  # choices from the registry
-VAEPreset = Enum("VAEPreset", {k: k for k in VAE_PRESETS}, type=str)
 
 
 class Split(str, Enum):
@@ -34,53 +43,9 @@ class Split(str, Enum):
     val = "val"
 
 
-class Backend(str, Enum):
-    ray = "ray"
-    local = "local"
-
-
-class Recon(str, Enum):
-    mse = "mse"
-    huber = "huber"
-
-
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
-
-
-# Options shared by the Ray jobs (extract-features, encode-latents) and the trainers: one help text.
-DeviceOpt = Annotated[
-    str, typer.Option(help="auto (cuda when visible, else cpu), cpu, cuda or cuda:N.")
-]
-BackendOpt = Annotated[
-    Backend,
-    typer.Option(
-        help="ray: CPU tasks read/decode shards, actors run the model; local: one process, no Ray."
-    ),
-]
-WorkersOpt = Annotated[int, typer.Option(min=1, help="Model actors (Ray backend).")]
-GpusOpt = Annotated[
-    float | None,
-    typer.Option(help="GPUs per actor; default 1 when the Ray cluster has GPUs, else 0."),
-]
-RayAddressOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Ray cluster address ('auto' inside `ray job submit`); default: start Ray locally."
-    ),
-]
-ProgressOpt = Annotated[bool, typer.Option(help="Show the progress bar.")]
-
-
-def fail(message: str) -> None:
-    """Print one red line to stderr and exit 1 (user errors never show a traceback)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
 
 
 @app.command("extract-features")
@@ -196,7 +161,7 @@ def info_cmd(
     from flatdino.pipeline.store import FeatureStore
 
     if (path / "config.json").exists() and not (path / "zarr.json").exists():
-        _run_info(path, as_json)
+        run_info(path, as_json)
         return
 
     try:
@@ -283,145 +248,16 @@ def encode_latents_cmd(
         )
 
 
-def _vae_presets_help() -> str:
-    from flatdino.trainers.vae import VAE_PRESETS, count_parameters
-
-    counts = (f"{n} ({count_parameters(c)['total'] / 1e6:.1f}M)" for n, c in VAE_PRESETS.items())
-    return "VAE preset, parameters at C=768: " + ", ".join(counts) + "."
-
-
-@app.command(
+app.command(
     "train-vae",
     help="Train the FlatDINO VAE on a cached feature store (run under torchrun for DDP).",
-)
-def train_vae_cmd(
-    ctx: typer.Context,
-    features: Annotated[Path, typer.Option(help="Train feature store (from extract-features).")],
-    out: Annotated[
-        Path,
-        typer.Option(
-            help="Run folder: config.json, log.txt, metrics.jsonl, checkpoints/, best/, pre-decay/."
-        ),
-    ],
-    val_features: Annotated[
-        Path | None, typer.Option(help="Validation feature store; its loss selects best/.")
-    ] = None,
-    preset: Annotated[VAEPreset, typer.Option(help=_vae_presets_help())] = VAEPreset(
-        "flatdino-32x128"
-    ),
-    tokens: Annotated[
-        int | None, typer.Option(min=1, help="Override T, the number of latent tokens.")
-    ] = None,
-    latent_dim: Annotated[
-        int | None, typer.Option(min=1, help="Override d, the channels per token.")
-    ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(min=1, help="Total optimiser steps (10% warmup, 10% decay unless set)."),
-    ] = None,
-    epochs: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Total epochs; 50 -> 5/40/5 and 150 -> 5/123/22 warmup/stable/decay (paper Table 6).",
-        ),
-    ] = None,
-    warmup_steps: Annotated[int | None, typer.Option(min=0, help="Warmup length in steps.")] = None,
-    decay_steps: Annotated[
-        int | None, typer.Option(min=0, help="Cosine decay length in steps.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (paper: 512).")] = 512,
-    micro_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Per-device batch; smaller than batch/world means gradient accumulation."
-        ),
-    ] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (paper: 1e-4).")] = 1e-4,
-    beta: Annotated[
-        float | None, typer.Option(help="KL weight; default 1e-6 * 512 / (T * d) (paper Table 4).")
-    ] = None,
-    recon: Annotated[
-        str,
-        typer.Option(help="Reconstruction loss: mse (paper) or huber (delta 1, the public code)."),
-    ] = "mse",
-    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
-    num_workers: Annotated[int, typer.Option(min=0, help="Loader processes per rank.")] = 2,
-    eval_every: Annotated[int, typer.Option(min=1, help="Validate every N steps.")] = 500,
-    ckpt_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 20,
-    device: DeviceOpt = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")
-    ] = False,
-    resume_from: Annotated[
-        Path | None,
-        typer.Option(
-            help="Continue from this checkpoint, e.g. RUN/pre-decay with a longer --steps to extend a run."
-        ),
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
-    ] = None,
-    progress: ProgressOpt = True,
-) -> None:
-    given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
-    from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
-
-    try:
-        cfg = _config_with_overrides(TrainVAEConfig, config, given, ctx)
-        metrics = train_vae(cfg)
-    except FlatDinoError as e:
-        fail(str(e))
-    typer.echo(
-        f"{cfg.out}: done at step {metrics.get('step')}: "
-        + ", ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "val_mse", "val_rel_err")
-        )
-    )
-
-
-def _config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Context) -> object:
-    """cls(**saved config, **options the user typed): a saved config.json with CLI overrides."""
-    values = {
-        k: (str(v) if isinstance(v, Path) else getattr(v, "value", v)) for k, v in given.items()
-    }
-    if config is None:
-        return cls(**values)
-    try:
-        saved = json.loads(Path(config).read_text()).get("train", {})
-    except (OSError, ValueError) as e:
-        raise FlatDinoError(f"cannot read --config {str(config)!r}: {e}") from e
-    typed = {k: v for k, v in values.items()
-             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}  # fmt: skip
-    merged = {**values, **{k: v for k, v in saved.items() if k in values}, **typed}
-    if "betas" in saved:
-        merged["betas"] = tuple(saved["betas"])
-    return cls(**merged)
-
-
-def _run_info(run: Path, as_json: bool) -> None:
-    """Model config and parameter count, last metrics and checkpoints of a run folder."""
-    from flatdino.trainers.vae import VAEConfig, count_parameters
-
-    config = json.loads((run / "config.json").read_text())
-    model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)
-    summary = {"path": str(run), "model": model,
-               "parameters": count_parameters(VAEConfig(**model)),
-               "checkpoints": sorted(p.name for p in run.iterdir() if (p / "model.safetensors").exists())}  # fmt: skip
-    if (run / "metrics.jsonl").exists():
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        summary["last_metrics"] = json.loads(lines[-1]) if lines else None
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
-    for key, value in summary.items():
-        typer.echo(f"{key}: {value}")
-
+)(train_vae_cmd)
+app.command(
+    "train-dit",
+    help="Train the LightningDiT on a cached latents store (run under torchrun for DDP).",
+)(train_dit_cmd)
 
 PLANNED = {
-    "train-dit": ("Train the LightningDiT on cached latents.", 4),
     "sample": ("Generate latents -> features -> pixels with a trained DiT.", 5),
 }
 

@@ -1,4 +1,6 @@
-"""Chunk-shuffled batches from a feature store for the trainers; never reads one row at a time.
+"""Batches for the trainers: chunk-shuffled features (train-vae) and in-memory latents (train-dit).
+
+Features are read in whole chunks, never one row at a time.
 
 Per epoch, from (seed, epoch) alone: a permutation of contiguous row blocks (aligned to the store's
 chunks), dealt round-robin to the ranks; each rank streams the valid rows of its blocks through a
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -152,3 +155,47 @@ class FeatureBatches:
             else:
                 x = torch.zeros(0, *self.sample_shape, dtype=torch.float16)  # empty tail batch
             yield x, torch.from_numpy(self.labels[rows]), rows
+
+
+class LatentBatches:
+    """Batches of latents (B, T, d) float32 and int64 labels, from a latents store held in memory.
+
+    Latents are small (ImageNet: ~10-21 GB for two views), so each rank reads its share once: the
+    valid rows, dealt round-robin (row i of the valid list goes to rank i mod world, the tail that
+    does not divide evenly is left out so every rank runs the same number of steps), with every
+    stored view. Per epoch, from (seed, epoch, rank) alone: a permutation of the rank's rows and one
+    random view per row; the last partial batch is dropped (a different remainder each epoch).
+    """
+
+    def __init__(self, path: str, cfg: LoaderConfig, progress: bool = False):
+        self.cfg = cfg
+        group = zarr.open_group(str(path), mode="r")
+        mu = group["mu"]
+        valid = np.flatnonzero(np.asarray(group["valid"][:], dtype=bool))
+        per_rank = len(valid) // cfg.world
+        rows = valid[cfg.rank :: cfg.world][:per_rank]
+        self.labels = np.asarray(group["labels"][:], dtype=np.int64)[rows]
+        self.latents = np.empty((len(rows), *mu.shape[1:]), dtype=mu.dtype)  # (n, V, T, d)
+        block = int(mu.chunks[0])
+        at = 0
+        for lo in tqdm(range(0, mu.shape[0], block), desc="load latents", unit="chunk",
+                       disable=not progress):  # fmt: skip
+            mine = rows[(rows >= lo) & (rows < lo + block)]
+            if len(mine):
+                self.latents[at : at + len(mine)] = mu[lo : lo + block][mine - lo]  # whole chunk
+                at += len(mine)
+        self.num_views = int(mu.shape[1])
+
+    def steps_per_epoch(self) -> int:
+        return len(self.latents) // self.cfg.batch_size
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (latents (B, T, d) float32, labels (B,)) for steps start_step.. of `epoch`."""
+        rng = np.random.default_rng([self.cfg.seed, epoch, self.cfg.rank])
+        order = rng.permutation(len(self.latents))
+        views = rng.integers(0, self.num_views, len(self.latents))
+        b = self.cfg.batch_size
+        for i in range(start_step, self.steps_per_epoch()):
+            idx = order[i * b : (i + 1) * b]
+            x = torch.from_numpy(self.latents[idx, views[idx]]).float()  # (B, T, d)
+            yield x, torch.from_numpy(self.labels[idx])

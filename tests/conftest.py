@@ -115,3 +115,27 @@ def fake_feature_store(path: Path, channels: int, n: int = 4) -> Path:
     )
     store.finalize()
     return path
+
+
+def fake_latents_store(
+    path: Path, mu: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None,
+    shard_size: int = 16, class_names: list[str] | None = None, fingerprint: dict | None = None,
+) -> Path:  # fmt: skip
+    """A complete latents store (encode-latents' layout) holding the given mu (N, V, T, d)."""
+    n, v, t, d = mu.shape
+    valid = np.ones(n, bool) if valid is None else valid
+    group = zarr.create_group(str(path), zarr_format=3)
+    group.create_array("mu", shape=mu.shape, chunks=(shard_size, v, t, d), dtype=mu.dtype)
+    group["mu"][:] = mu
+    for name, value in (("labels", labels.astype(np.int32)), ("valid", valid)):
+        group.create_array(name, shape=(n,), dtype=value.dtype)
+        group[name][:] = value
+    kept = mu[valid].astype(np.float64)
+    for name, value in (("mu_mean", kept.mean((0, 1))), ("mu_std", kept.std((0, 1)))):
+        group.create_array(name, shape=(t, d), dtype="float32")
+        group[name][:] = value.astype(np.float32)
+    classes = class_names or [str(c) for c in range(int(labels.max()) + 1)]
+    group.attrs.update({"kind": "flatdino.latents", "complete": True, "shard_size": shard_size,
+                        "class_names": classes, "fingerprint": fingerprint or {"vae_sha256": "x"},
+                        "vae_checkpoint": "/nowhere/vae"})  # fmt: skip
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -71,3 +72,26 @@ def euler_sample(
             v = model(x, tb, y)
         x = x + dt * v
     return x
+
+
+class LatentNorm(nn.Module):
+    """Per-(token, dim) standardisation of latents (x - mean) / std, and its inverse for sampling.
+
+    Saved with every DiT checkpoint (latent_stats.safetensors); mean 0 and std 1 when the run
+    trained on raw latents, so the sampler can always call `denormalize`.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float().clone())  # (T, d)
+        self.register_buffer("std", std.float().clamp_min(1e-6))  # (T, d)
+
+    @classmethod
+    def identity(cls, tokens: int, dim: int) -> LatentNorm:
+        return cls(torch.zeros(tokens, dim), torch.ones(tokens, dim))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean

@@ -1,0 +1,72 @@
+"""Option types and helpers shared by the commands: one help text per option, one error path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flatdino.pipeline.errors import FlatDinoError
+
+
+class Backend(str, Enum):
+    ray = "ray"
+    local = "local"
+
+
+# Options shared by the Ray jobs (extract-features, encode-latents) and the trainers: one help text.
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto (cuda when visible, else cpu), cpu, cuda or cuda:N.")
+]
+BackendOpt = Annotated[
+    Backend,
+    typer.Option(
+        help="ray: CPU tasks read/decode shards, actors run the model; local: one process, no Ray."
+    ),
+]
+WorkersOpt = Annotated[int, typer.Option(min=1, help="Model actors (Ray backend).")]
+GpusOpt = Annotated[
+    float | None,
+    typer.Option(help="GPUs per actor; default 1 when the Ray cluster has GPUs, else 0."),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray cluster address ('auto' inside `ray job submit`); default: start Ray locally."
+    ),
+]
+ProgressOpt = Annotated[bool, typer.Option(help="Show the progress bar.")]
+
+
+def fail(message: str) -> None:
+    """Print one red line to stderr and exit 1 (user errors never show a traceback)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+
+
+def config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Context) -> object:
+    """cls(**saved config, **options the user typed): a saved config.json with CLI overrides."""
+    values = {
+        k: (str(v) if isinstance(v, Path) else getattr(v, "value", v)) for k, v in given.items()
+    }
+    if config is None:
+        return cls(**values)
+    try:
+        saved = json.loads(Path(config).read_text()).get("train", {})
+    except (OSError, ValueError) as e:
+        raise FlatDinoError(f"cannot read --config {str(config)!r}: {e}") from e
+    typed = {k: v for k, v in values.items()
+             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}  # fmt: skip
+    merged = {**values, **{k: v for k, v in saved.items() if k in values}, **typed}
+    if "betas" in saved:
+        merged["betas"] = tuple(saved["betas"])
+    return cls(**merged)

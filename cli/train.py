@@ -1,0 +1,231 @@
+"""The trainer commands: train-vae and train-dit (run them under torchrun for DDP)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flatdino.pipeline.errors import FlatDinoError
+from flatdino.trainers.dit import DIT_PRESETS
+from flatdino.trainers.vae import VAE_PRESETS
+
+from .options import DeviceOpt, ProgressOpt, config_with_overrides, fail
+
+VAEPreset = Enum("VAEPreset", {k: k for k in VAE_PRESETS}, type=str)  # choices from the registry
+DiTPreset = Enum("DiTPreset", {k: k for k in DIT_PRESETS}, type=str)
+
+
+class Recon(str, Enum):
+    mse = "mse"
+    huber = "huber"
+
+
+def _vae_presets_help() -> str:
+    from flatdino.trainers.vae import VAE_PRESETS, count_parameters
+
+    counts = (f"{n} ({count_parameters(c)['total'] / 1e6:.1f}M)" for n, c in VAE_PRESETS.items())
+    return "VAE preset, parameters at C=768: " + ", ".join(counts) + "."
+
+
+def train_vae_cmd(
+    ctx: typer.Context,
+    features: Annotated[Path, typer.Option(help="Train feature store (from extract-features).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run folder: config.json, log.txt, metrics.jsonl, checkpoints/, best/, pre-decay/."
+        ),
+    ],
+    val_features: Annotated[
+        Path | None, typer.Option(help="Validation feature store; its loss selects best/.")
+    ] = None,
+    preset: Annotated[VAEPreset, typer.Option(help=_vae_presets_help())] = VAEPreset(
+        "flatdino-32x128"
+    ),
+    tokens: Annotated[
+        int | None, typer.Option(min=1, help="Override T, the number of latent tokens.")
+    ] = None,
+    latent_dim: Annotated[
+        int | None, typer.Option(min=1, help="Override d, the channels per token.")
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Total optimiser steps (10% warmup, 10% decay unless set)."),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Total epochs; 50 -> 5/40/5 and 150 -> 5/123/22 warmup/stable/decay (paper Table 6).",
+        ),
+    ] = None,
+    warmup_steps: Annotated[int | None, typer.Option(min=0, help="Warmup length in steps.")] = None,
+    decay_steps: Annotated[
+        int | None, typer.Option(min=0, help="Cosine decay length in steps.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (paper: 512).")] = 512,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Per-device batch; smaller than batch/world means gradient accumulation."
+        ),
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (paper: 1e-4).")] = 1e-4,
+    beta: Annotated[
+        float | None, typer.Option(help="KL weight; default 1e-6 * 512 / (T * d) (paper Table 4).")
+    ] = None,
+    recon: Annotated[
+        Recon,
+        typer.Option(help="Reconstruction loss: mse (paper) or huber (delta 1, the public code)."),
+    ] = Recon.mse,
+    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
+    num_workers: Annotated[int, typer.Option(min=0, help="Loader processes per rank.")] = 2,
+    eval_every: Annotated[int, typer.Option(min=1, help="Validate every N steps.")] = 500,
+    ckpt_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
+    log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 20,
+    device: DeviceOpt = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")
+    ] = False,
+    resume_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue from this checkpoint, e.g. RUN/pre-decay with a longer --steps to extend a run."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
+    ] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
+    from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
+
+    try:
+        cfg = config_with_overrides(TrainVAEConfig, config, given, ctx)
+        metrics = train_vae(cfg)
+    except FlatDinoError as e:
+        fail(str(e))
+    typer.echo(
+        f"{cfg.out}: done at step {metrics.get('step')}: "
+        + ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "val_mse", "val_rel_err")
+        )
+    )
+
+
+def _dit_presets_help() -> str:
+    from flatdino.trainers.dit import count_dit_parameters
+
+    counts = (f"{n} ({count_dit_parameters(c) / 1e6:.1f}M)" for n, c in DIT_PRESETS.items())
+    return ("LightningDiT preset, parameters on 32x128 latents: " + ", ".join(counts)
+            + ". T, d and the class count are read from --latents.")  # fmt: skip
+
+
+class TimeDist(str, Enum):
+    uniform = "uniform"
+    logit_normal = "logit-normal"
+
+
+def train_dit_cmd(
+    ctx: typer.Context,
+    latents: Annotated[Path, typer.Option(help="Latents store (from encode-latents).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run folder: config.json, log.txt, metrics.jsonl, checkpoints/ (model, EMA, latent stats, flow.json)."
+        ),
+    ],
+    preset: Annotated[DiTPreset, typer.Option(help=_dit_presets_help())] = DiTPreset("dit-xl"),
+    steps: Annotated[int | None, typer.Option(min=1, help="Total optimiser steps.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Total epochs over the valid images (or --steps).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (paper: 1024).")] = 1024,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Per-device batch; smaller than batch/world means gradient accumulation."
+        ),
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Constant learning rate (paper: 2e-4).")] = 2e-4,
+    warmup_steps: Annotated[
+        int, typer.Option(min=0, help="Linear warmup from 1e-6 over N steps (0: none).")
+    ] = 0,
+    weight_decay: Annotated[
+        float, typer.Option(min=0.0, help="AdamW weight decay on 2-D weights.")
+    ] = 0.0,
+    grad_clip: Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")] = 1.0,
+    ema_decay: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="EMA decay of the weights (kept in fp32).")
+    ] = 0.9995,
+    kappa: Annotated[
+        float, typer.Option(min=1.0, help="Time shift t' = t/(k-(k-1)t); 1 is no shift.")
+    ] = 3.0,
+    time_dist: Annotated[
+        TimeDist, typer.Option(help="Distribution of t before the shift.")
+    ] = TimeDist.uniform,
+    class_dropout: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Probability a label becomes the null class (CFG)."),
+    ] = 0.1,
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize", help="Standardise latents per (token, dim) with the store's statistics."
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
+    ckpt_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 5000,
+    log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 100,
+    device: DeviceOpt = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")
+    ] = False,
+    stop_after: Annotated[
+        int | None,
+        typer.Option(min=1, help="End this invocation after N more steps, with a checkpoint."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
+    ] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
+    from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
+
+    try:
+        cfg = config_with_overrides(TrainDiTConfig, config, given, ctx)
+        metrics = train_dit(cfg)
+    except FlatDinoError as e:
+        fail(str(e))
+    typer.echo(f"{cfg.out}: done at step {metrics.get('step')}, loss={metrics.get('loss', 0):.4g}")
+
+
+def run_info(run: Path, as_json: bool) -> None:
+    """Model config and parameter count, last metrics and checkpoints of a run folder."""
+    from flatdino.trainers.dit import DiTConfig, count_dit_parameters
+    from flatdino.trainers.vae import VAEConfig, count_parameters
+
+    config = json.loads((run / "config.json").read_text())
+    model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)
+    is_dit = "latents" in config.get("train", {}) or (run / "flow.json").exists()
+    params = (
+        count_dit_parameters(DiTConfig(**model)) if is_dit else count_parameters(VAEConfig(**model))
+    )
+    summary = {"path": str(run), "kind": "dit" if is_dit else "vae", "model": model, "parameters": params,
+               "checkpoints": sorted(p.name for p in run.iterdir() if (p / "model.safetensors").exists())}  # fmt: skip
+    if (run / "metrics.jsonl").exists():
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        summary["last_metrics"] = json.loads(lines[-1]) if lines else None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        typer.echo(f"{key}: {value}")
