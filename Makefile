@@ -19,7 +19,13 @@ setup: $(BIN)/flatdino
 demo: setup
 	$(BIN)/flatdino extract-features --data digits --split train --backbone tiny --out $(DEMO)/features-train.zarr
 	$(BIN)/flatdino extract-features --data digits --split val --backbone tiny --out $(DEMO)/features-val.zarr
-	$(BIN)/flatdino info $(DEMO)/features-val.zarr
+	$(BIN)/flatdino train-vae --features $(DEMO)/features-train.zarr --val-features $(DEMO)/features-val.zarr \
+		--out $(DEMO)/runs/vae --preset tiny --steps 300 --batch-size 64 --lr 1e-3 --num-workers 0 --resume
+	$(BIN)/flatdino encode-latents --features $(DEMO)/features-train.zarr --vae $(DEMO)/runs/vae \
+		--out $(DEMO)/latents-train.zarr --backend local
+	$(BIN)/flatdino train-dit --latents $(DEMO)/latents-train.zarr --out $(DEMO)/runs/dit --preset tiny \
+		--steps 2000 --batch-size 64 --lr 1e-3 --ema-decay 0.995 --log-every 200 --resume
+	$(BIN)/flatdino info $(DEMO)/runs/dit
 
 lint: setup
 	$(BIN)/ruff check .
@@ -37,6 +43,7 @@ test-all: lint
 bench: setup
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/vae_loader.py
+	$(BIN)/python bench/dit_cost.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -152,20 +152,25 @@ def extract_features_cmd(
 
 @app.command("info")
 def info_cmd(
-    path: Annotated[Path, typer.Argument(help="A feature store or a train-vae run folder.")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="A feature or latents store, or a train-vae / train-dit run folder."),
+    ],
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the full summary as JSON.")
     ] = False,
 ) -> None:
     """A store: shape, dtype, attrs, valid and done counts, completeness. A run: model, progress."""
-    from flatdino.pipeline.store import FeatureStore
+    from flatdino.pipeline.latents import KIND as LATENTS
+    from flatdino.pipeline.latents import latents_summary
+    from flatdino.pipeline.store import FeatureStore, store_kind
 
     if (path / "config.json").exists() and not (path / "zarr.json").exists():
         run_info(path, as_json)
         return
-
     try:
-        summary = FeatureStore(path).summary()
+        latents = store_kind(path) == LATENTS
+        summary = latents_summary(path) if latents else FeatureStore(path).summary()
     except FlatDinoError as e:
         fail(str(e))
     if as_json:
@@ -179,11 +184,15 @@ def info_cmd(
     for key, value in summary.items():
         typer.echo(f"{key}: {value}")
     fp = attrs.get("fingerprint", {})
-    typer.echo(
-        f"backbone: {fp.get('backbone')} weights_sha256={str(fp.get('weights_sha256'))[:16]}…"
-    )
-    typer.echo(f"input: {json.dumps(fp.get('input'))}")
-    typer.echo(f"preprocessing: {json.dumps(fp.get('preprocessing'))}")
+    if latents:
+        typer.echo(f"vae: {attrs.get('vae_checkpoint')} sha256={str(fp.get('vae_sha256'))[:16]}…")
+        typer.echo(f"features: {attrs.get('features_store')}")
+    else:
+        typer.echo(
+            f"backbone: {fp.get('backbone')} weights_sha256={str(fp.get('weights_sha256'))[:16]}…"
+        )
+        typer.echo(f"input: {json.dumps(fp.get('input'))}")
+        typer.echo(f"preprocessing: {json.dumps(fp.get('preprocessing'))}")
     typer.echo(f"created: {attrs.get('created')} flatdino {attrs.get('package_version')}")
 
 

@@ -212,6 +212,23 @@ def _open_or_create(
     return zarr.open_group(str(out), mode="r+")
 
 
+def latents_summary(path: str | Path) -> dict:
+    """What `flatdino info` prints for a latents store (the layout of FeatureStore.summary)."""
+    group = zarr.open_group(str(path), mode="r")
+    names = [
+        n for n in ("mu", "logvar", "labels", "valid", "done", "mu_mean", "mu_std") if n in group
+    ]
+    arrays = {n: {"shape": list(group[n].shape), "dtype": str(group[n].dtype),
+                  "chunks": list(group[n].chunks)} for n in names}  # fmt: skip
+    done = np.asarray(group["done"][:], dtype=bool)
+    return {
+        "path": str(path), "arrays": arrays, "images": int(group["mu"].shape[0]),
+        "valid": int(np.asarray(group["valid"][:], dtype=bool).sum()),
+        "shards_done": f"{int(done.sum())}/{len(done)}", "complete": bool(group.attrs.get("complete")),
+        "attrs": dict(group.attrs),
+    }  # fmt: skip
+
+
 def encode_latents(cfg: EncodeConfig) -> dict:
     """Encode (or finish encoding) `cfg.features` into `cfg.out`; returns a summary."""
     if cfg.dtype not in ("float32", "float16"):

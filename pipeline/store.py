@@ -69,6 +69,13 @@ def _write_parquet_atomic(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
+def store_kind(path: str | Path) -> str | None:
+    """The `kind` attr of a flatdino Zarr store (feature or latents store); None if not a store."""
+    if not (Path(path) / "zarr.json").exists():
+        return None
+    return zarr.open_group(str(path), mode="r").attrs.get("kind")
+
+
 class FeatureStore:
     """Read and write access to one feature store directory."""
 

@@ -198,6 +198,11 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
         "float16",
     )
     assert enc.exit_code == 0 and "encoded 359 images in 23 shards" in enc.output, enc.output
+    lat_info = invoke("info", str(lat))
+    assert (
+        lat_info.exit_code == 0 and "mu         float16  shape=(359, 2, 8, 16)" in lat_info.output
+    )
+    assert "shards_done: 23/23" in lat_info.output and f"vae: {run.resolve()}" in lat_info.output
     dit = invoke("train-dit", "--latents", str(lat), "--out", str(tmp_path / "dit"), "--preset", "tiny",
                  "--steps", "2", "--batch-size", "16", "--device", "cpu", "--no-progress")  # fmt: skip
     assert dit.exit_code == 0 and "done at step 2" in dit.output, dit.output

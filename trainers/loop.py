@@ -90,6 +90,9 @@ def train_loop(
     """
     params = [p for g in opt.param_groups for p in g["params"]]
     end = lc.total if lc.stop_after is None else min(lc.total, state["step"] + lc.stop_after)
+    if state["step"] >= end:  # e.g. --resume of a finished run: keep its final.json as it is
+        log.info("%s: at step %d of %d already; nothing to do", lc.name, state["step"], lc.total)
+        return {"step": state["step"]}
     bar = tqdm(total=lc.total, initial=state["step"], unit="step", desc=lc.name,
                disable=not (lc.progress and d.main))  # fmt: skip
     metrics: dict = {}

@@ -23,7 +23,9 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.latents import KIND as LATENTS
 from flatdino.pipeline.loader import LatentBatches, LoaderConfig
+from flatdino.pipeline.store import store_kind
 
 from .dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
 from .flow import LatentNorm, flow_loss
@@ -67,18 +69,14 @@ class TrainDiTConfig:
 
 def open_latents(path: str) -> zarr.Group:
     """A complete latents store, or a one-line error that says what to run."""
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+    kind = store_kind(path)
+    if kind != LATENTS:
+        found = "no Zarr store there" if kind is None else f"kind {kind!r}"
         raise FlatDinoError(
-            f"--latents {path!r} is not a latents store (no Zarr store there); "
-            "pass the --out of `flatdino encode-latents`"
-        ) from e
-    if group.attrs.get("kind") != "flatdino.latents":
-        raise FlatDinoError(
-            f"--latents {path!r} is not a latents store (kind {group.attrs.get('kind')!r}); "
+            f"--latents {path!r} is not a latents store ({found}); "
             "pass the --out of `flatdino encode-latents`"
         )
+    group = zarr.open_group(str(path), mode="r")
     if not group.attrs.get("complete"):
         raise FlatDinoError(f"--latents {path!r} is incomplete; finish encode-latents first")
     return group
