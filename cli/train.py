@@ -24,6 +24,16 @@ class Recon(str, Enum):
     huber = "huber"
 
 
+def _report(out: str, metrics: dict) -> None:
+    """The command's last line: where the run stopped and its last losses."""
+    shown = {k: v for k, v in metrics.items() if k in ("loss", "val_mse", "val_rel_err")}
+    if not shown:
+        typer.echo(f"{out}: at step {metrics.get('step')} already; nothing to do")
+        return
+    values = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
+    typer.echo(f"{out}: done at step {metrics.get('step')}: {values}")
+
+
 def _vae_presets_help() -> str:
     from flatdino.trainers.vae import VAE_PRESETS, count_parameters
 
@@ -111,12 +121,7 @@ def train_vae_cmd(
         metrics = train_vae(cfg)
     except FlatDinoError as e:
         fail(str(e))
-    typer.echo(
-        f"{cfg.out}: done at step {metrics.get('step')}: "
-        + ", ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "val_mse", "val_rel_err")
-        )
-    )
+    _report(cfg.out, metrics)
 
 
 def _dit_presets_help() -> str:
@@ -205,7 +210,7 @@ def train_dit_cmd(
         metrics = train_dit(cfg)
     except FlatDinoError as e:
         fail(str(e))
-    typer.echo(f"{cfg.out}: done at step {metrics.get('step')}, loss={metrics.get('loss', 0):.4g}")
+    _report(cfg.out, metrics)
 
 
 def run_info(run: Path, as_json: bool) -> None:

@@ -206,6 +206,9 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
     dit = invoke("train-dit", "--latents", str(lat), "--out", str(tmp_path / "dit"), "--preset", "tiny",
                  "--steps", "2", "--batch-size", "16", "--device", "cpu", "--no-progress")  # fmt: skip
     assert dit.exit_code == 0 and "done at step 2" in dit.output, dit.output
+    again = invoke("train-dit", "--latents", str(lat), "--out", str(tmp_path / "dit"), "--preset", "tiny",
+                   "--steps", "2", "--batch-size", "16", "--device", "cpu", "--no-progress", "--resume")  # fmt: skip
+    assert again.exit_code == 0 and "at step 2 already; nothing to do" in again.output
     info = invoke("info", str(tmp_path / "dit"))
     assert info.exit_code == 0 and "kind: dit" in info.output and "'latent_dim': 16" in info.output
     bad = invoke(
