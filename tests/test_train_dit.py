@@ -208,6 +208,8 @@ def test_two_process_ddp_on_cpu(store, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0 only: no duplicated lines
     assert rows[0]["samples_per_s"] > 0
     assert all(torch.isfinite(t).all() for t in weights(run).values())
+    rngs = torch.load(run / "checkpoints" / "trainer.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # own noise
 
 
 def _sample_stats(model: torch.nn.Module, norm: LatentNorm, per_class: int = 200):

@@ -146,14 +146,30 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def rng_state() -> dict:
+def seed_ranks(seed: int, d: Dist) -> None:
+    """After the model is built (identically) on every rank: one random stream per rank, so ranks
+    draw different noise, times and dropout (as DiT's train.py: seed · world + rank)."""
+    torch.manual_seed(seed * d.world + d.rank)
+
+
+def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def trainer_state(opt: torch.optim.Optimizer, state: dict, d: Dist) -> dict:
+    """trainer.pt: optimiser, loop position and every rank's RNG state (a collective under DDP)."""
+    rngs = [_rng_state()]
+    if d.world > 1:
+        rngs = [None] * d.world
+        dist.all_gather_object(rngs, _rng_state())
+    return {"optimizer": opt.state_dict(), "rng": rngs, "state": dict(state)}
+
+
+def _set_rng_state(rngs: list[dict], d: Dist) -> None:
+    state = rngs[d.rank % len(rngs)]
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -161,7 +177,8 @@ def set_rng_state(state: dict) -> None:
 
 def resume_run(
     resume_from: str | None, out: Path, model: nn.Module, model_config: dict,
-    opt: torch.optim.Optimizer, state: dict, extra_weights: dict[str, nn.Module] | None = None,
+    opt: torch.optim.Optimizer, state: dict, d: Dist,
+    extra_weights: dict[str, nn.Module] | None = None,
 ) -> None:  # fmt: skip
     """Load weights (+ extras such as the EMA), optimiser, RNG and loop position.
 
@@ -184,6 +201,6 @@ def resume_run(
         load_weights(resume_dir, module, name)
     saved = load_trainer_state(resume_dir)
     opt.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"])
+    _set_rng_state(saved["rng"], d)
     state.update(saved["state"])
     log.info("resumed from %s at step %d", resume_dir, state["step"])

@@ -31,7 +31,15 @@ from .dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
 from .flow import LatentNorm, flow_loss
 from .loop import LoopConfig, LoopHooks, train_loop
 from .optim import WSDSchedule, param_groups
-from .runner import Dist, resume_run, rng_state, save_checkpoint, setup_distributed, setup_run_dir
+from .runner import (
+    Dist,
+    resume_run,
+    save_checkpoint,
+    seed_ranks,
+    setup_distributed,
+    setup_run_dir,
+    trainer_state,
+)  # fmt: skip
 
 log = logging.getLogger("flatdino.train")
 
@@ -133,6 +141,21 @@ def _batching(cfg: TrainDiTConfig, d: Dist) -> tuple[int, int]:
     return micro, accum
 
 
+def _schedule(
+    cfg: TrainDiTConfig, loader: LatentBatches, accum: int, d: Dist
+) -> tuple[int, WSDSchedule]:
+    """(optimiser steps per epoch, the LR schedule): constant after an optional linear warmup."""
+    steps_per_epoch = loader.steps_per_epoch() // accum
+    if steps_per_epoch < 1:
+        raise FlatDinoError(
+            f"--batch-size {cfg.batch_size} is larger than the {len(loader.latents) * d.world} "
+            f"valid images of --latents {cfg.latents!r}; choose a smaller --batch-size"
+        )
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_steps, total)
+    return steps_per_epoch, WSDSchedule(peak=cfg.lr, warmup=warmup, stable=total - warmup)
+
+
 def train_dit(cfg: TrainDiTConfig) -> dict:
     """Train (or resume) a DiT on a latents store as `cfg` says; returns the final metrics."""
     d = setup_distributed(cfg.device)
@@ -150,29 +173,21 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
     setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
     loader = LatentBatches(cfg.latents, LoaderConfig(micro, cfg.seed, 0, 0, d.rank, d.world),
                            progress=cfg.progress and d.main)  # fmt: skip
-    steps_per_epoch = loader.steps_per_epoch() // accum
-    if steps_per_epoch < 1:
-        raise FlatDinoError(
-            f"--batch-size {cfg.batch_size} is larger than the {len(loader.latents) * d.world} "
-            f"valid images of --latents {cfg.latents!r}; choose a smaller --batch-size"
-        )
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-    warmup = min(cfg.warmup_steps, total)
-    schedule = WSDSchedule(peak=cfg.lr, warmup=warmup, stable=total - warmup)  # constant after
-
+    steps_per_epoch, schedule = _schedule(cfg, loader, accum, d)
     torch.manual_seed(cfg.seed)
     model = LightningDiT(model_cfg).to(d.device)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, dtype=torch.float32)
     norm = latent_norm(cfg, group, model_cfg).to(d.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     state = {"step": 0, "micro_step": 0, "epoch": 0}
+    seed_ranks(cfg.seed, d)
     if cfg.resume:
-        resume_run(None, out, model, model_cfg.to_dict(), opt, state, {"ema": ema.module})
+        resume_run(None, out, model, model_cfg.to_dict(), opt, state, d, {"ema": ema.module})
     net = DDP(model) if d.world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     log.info("model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
              cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
-             model_cfg.latent_dim, model_cfg.num_classes, total, steps_per_epoch, accum)  # fmt: skip
+             model_cfg.latent_dim, model_cfg.num_classes, schedule.total, steps_per_epoch, accum)  # fmt: skip
 
     def loss(net, batch) -> tuple[dict, int]:
         x, y = (t.to(d.device, non_blocking=True) for t in batch)  # (B, T, d), (B,)
@@ -182,8 +197,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
         return {"loss": value}, len(x)
 
     def save(path: Path) -> None:
-        trainer = {"optimizer": opt.state_dict(), "rng": rng_state(), "state": dict(state)}
-        save_checkpoint(path, model, model_cfg.to_dict(), trainer, d,
+        save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d), d,
                         {"ema": ema.module, "latent_stats": norm}, {"flow": flow})  # fmt: skip
 
     def batches(epoch: int, start: int):
@@ -197,6 +211,6 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
         save=save,
         after_update=lambda: ema.update(model),
     )
-    lc = LoopConfig("train-dit", total, accum, cfg.grad_clip, cfg.log_every, cfg.ckpt_every,
+    lc = LoopConfig("train-dit", schedule.total, accum, cfg.grad_clip, cfg.log_every, cfg.ckpt_every,
                     cfg.stop_after, cfg.progress)  # fmt: skip
     return train_loop(lc, d, out, net, opt, hooks, state)

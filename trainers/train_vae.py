@@ -20,10 +20,11 @@ from .runner import (
     Dist,
     append_metrics,
     resume_run,
-    rng_state,
     save_checkpoint,
+    seed_ranks,
     setup_distributed,
     setup_run_dir,
+    trainer_state,
 )  # fmt: skip
 from .vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
 
@@ -138,8 +139,7 @@ def _validate(
 
 
 def _save(path: Path, model, model_cfg: VAEConfig, opt, state: dict, d: Dist) -> None:
-    trainer = {"optimizer": opt.state_dict(), "rng": rng_state(), "state": dict(state)}
-    save_checkpoint(path, model, model_cfg.to_dict(), trainer, d)
+    save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d), d)
 
 
 def train_vae(cfg: TrainVAEConfig) -> dict:
@@ -178,8 +178,9 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     )
     beta = cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
     state = {"step": 0, "micro_step": 0, "epoch": 0, "best": float("inf")}
+    seed_ranks(cfg.seed, d)
     if cfg.resume or cfg.resume_from:
-        resume_run(cfg.resume_from, out, model, model_cfg.to_dict(), opt, state)
+        resume_run(cfg.resume_from, out, model, model_cfg.to_dict(), opt, state, d)
     net = DDP(model) if d.world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
