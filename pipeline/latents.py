@@ -31,6 +31,7 @@ import zarr
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from .checkpoints import resolve_checkpoint
 from .engine import Placement, ShardJob, run_shards
 from .errors import FlatDinoError, StoreMismatchError
 from .extract import package_version, resolve_device
@@ -60,15 +61,8 @@ class EncodeConfig:
 
 
 def resolve_vae(path: str) -> Path:
-    """A checkpoint folder (model.safetensors + config.json): given, or RUN/best, or RUN/checkpoints."""
-    p = Path(path)
-    for candidate in (p, p / "best", p / "checkpoints"):
-        if (candidate / "model.safetensors").exists() and (candidate / "config.json").exists():
-            return candidate
-    raise FlatDinoError(
-        f"--vae {path!r} holds no VAE checkpoint (model.safetensors + config.json, or a run folder "
-        "with best/ or checkpoints/); pass the --out of `flatdino train-vae`"
-    )
+    """The VAE checkpoint folder of --vae: given, or RUN/best, or RUN/checkpoints."""
+    return resolve_checkpoint(path, "--vae", "train-vae")
 
 
 def load_vae(ckpt: Path):

@@ -34,6 +34,7 @@ class LoaderConfig:
     num_workers: int = 2  # DataLoader processes reading blocks (0: in the main process)
     rank: int = 0
     world: int = 1
+    views: int | None = None  # draw among the first N stored views only (None: all of them)
 
 
 @dataclass
@@ -113,13 +114,18 @@ class FeatureBatches:
         group = zarr.open_group(self.path, mode="r")
         self.valid = np.asarray(group["valid"][:], dtype=bool)
         self.labels = np.asarray(group["labels"][:], dtype=np.int64)
-        self.num_views = int(group["features"].shape[1])
+        stored = int(group["features"].shape[1])
+        self.num_views = min(stored, cfg.views) if cfg.views else stored
         self.block_rows = int(group["features"].chunks[0])
         self.sample_shape = tuple(group["features"].shape[2:])  # (P, C)
         self.num_valid = int(self.valid.sum())
 
     def steps_per_epoch(self) -> int:
         return len(plan_epoch(self.valid, self.num_views, self.block_rows, self.cfg, 0).batches)
+
+    def views(self, epoch: int) -> np.ndarray:
+        """(N,) the stored view each row is drawn with in `epoch` (what `epoch()` yields)."""
+        return plan_epoch(self.valid, self.num_views, self.block_rows, self.cfg, epoch).views
 
     def epoch(
         self, epoch: int, start_step: int = 0

@@ -102,3 +102,19 @@ def make_views(crop: np.ndarray, index: int, recipe: ViewRecipe) -> torch.Tensor
     mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
     std = torch.tensor(recipe.std).view(1, 3, 1, 1)
     return (out - mean) / std
+
+
+def view_pixels(crop: np.ndarray, index: int, view: int, recipe: ViewRecipe) -> np.ndarray:
+    """The pixels of stored view `view` at crop resolution: (256, 256, 3) uint8, the region and flip
+    that `make_views` fed the backbone (the pixel decoder's target for that view's features)."""
+    if view == 0:
+        return crop
+    if view == 1:
+        return crop[:, ::-1].copy()
+    rng = np.random.default_rng([recipe.seed, index, view])  # the same draws as make_views
+    top, left, h, w = _random_crop_box(rng, recipe.crop_size, recipe)
+    patch = torch.from_numpy(crop[top : top + h, left : left + w]).permute(2, 0, 1)[None].float()
+    size = (recipe.crop_size, recipe.crop_size)
+    out = F.interpolate(patch, size=size, mode="bicubic", align_corners=False, antialias=True)
+    out = out.flip(-1) if rng.random() < 0.5 else out
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

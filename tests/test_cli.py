@@ -222,7 +222,7 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
         "--backend",
         "local",
     )
-    assert bad.exit_code == 1 and "no VAE checkpoint" in bad.output
+    assert bad.exit_code == 1 and "--vae" in bad.output and "holds no checkpoint" in bad.output
     import flatdino.trainers.train_vae as tv
 
     seen = {}

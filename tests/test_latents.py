@@ -88,7 +88,7 @@ def test_a_vae_for_other_features_is_refused(vae_run, digits_val_store, tmp_path
     store = fake_feature_store(tmp_path / "c32.zarr", 32)
     with pytest.raises(FlatDinoError, match=r"expects \(P, C\) = \(256, 64\).*\(256, 32\)"):
         encode_latents(cfg(store, vae_run, tmp_path / "l.zarr"))
-    with pytest.raises(FlatDinoError, match="no VAE checkpoint"):
+    with pytest.raises(FlatDinoError, match="--vae .* holds no checkpoint"):
         encode_latents(cfg(store, tmp_path, tmp_path / "l.zarr"))
     (tmp_path / "not-a-store").mkdir()
     (tmp_path / "not-a-store" / "file.txt").write_text("x")

@@ -72,6 +72,19 @@ def wsd_from_epochs(
     )  # fmt: skip
 
 
+def make_schedule(cfg, steps_per_epoch: int) -> WSDSchedule:
+    """The WSD schedule of a trainer config with steps/epochs, lr, warmup_steps and decay_steps:
+    the paper's epoch phases with --epochs, else 10% warmup and 10% decay unless given."""
+    if cfg.epochs is not None:
+        w = None if cfg.warmup_steps is None else cfg.warmup_steps // steps_per_epoch
+        d = None if cfg.decay_steps is None else cfg.decay_steps // steps_per_epoch
+        return wsd_from_epochs(cfg.epochs, steps_per_epoch, cfg.lr, w, d)
+    total = cfg.steps or 0
+    warm = total // 10 if cfg.warmup_steps is None else cfg.warmup_steps
+    decay = total // 10 if cfg.decay_steps is None else cfg.decay_steps
+    return WSDSchedule(peak=cfg.lr, warmup=warm, stable=max(0, total - warm - decay), decay=decay)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

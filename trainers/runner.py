@@ -64,6 +64,18 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, dev)
 
 
+def split_batch(batch_size: int, micro_batch: int | None, d: Dist) -> tuple[int, int]:
+    """(per-device micro batch, accumulation steps) that make up the global --batch-size."""
+    micro = micro_batch or batch_size // d.world
+    accum = batch_size // max(1, micro * d.world)
+    if accum < 1 or micro * d.world * accum != batch_size:
+        raise FlatDinoError(
+            f"--batch-size {batch_size} must equal micro batch {micro} x {d.world} ranks x k; "
+            "change --batch-size or --micro-batch"
+        )
+    return micro, accum
+
+
 def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         value = value.clone()

@@ -38,6 +38,7 @@ from .runner import (
     seed_ranks,
     setup_distributed,
     setup_run_dir,
+    split_batch,
     trainer_state,
 )  # fmt: skip
 
@@ -130,17 +131,6 @@ def _check_resume(out: Path, flow: dict) -> None:
                 )
 
 
-def _batching(cfg: TrainDiTConfig, d: Dist) -> tuple[int, int]:
-    """(micro batch per device, accumulation steps) for the global --batch-size."""
-    micro = cfg.micro_batch or cfg.batch_size // d.world
-    accum = cfg.batch_size // max(1, micro * d.world)
-    if accum < 1 or micro * d.world * accum != cfg.batch_size:
-        raise FlatDinoError(
-            f"--batch-size {cfg.batch_size} must equal micro batch {micro} x {d.world} ranks x k"
-        )
-    return micro, accum
-
-
 def _schedule(
     cfg: TrainDiTConfig, loader: LatentBatches, accum: int, d: Dist
 ) -> tuple[int, WSDSchedule]:
@@ -166,7 +156,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
     if cfg.time_dist not in ("uniform", "logit-normal"):
         raise FlatDinoError(f"--time-dist must be uniform or logit-normal; got {cfg.time_dist!r}")
-    micro, accum = _batching(cfg, d)
+    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
     flow = flow_record(cfg, group)
     if cfg.resume:
         _check_resume(out, flow)

@@ -15,7 +15,7 @@ from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
 from flatdino.pipeline.store import FeatureStore
 
 from .loop import LoopConfig, LoopHooks, train_loop
-from .optim import WSDSchedule, param_groups, wsd_from_epochs
+from .optim import make_schedule, param_groups
 from .runner import (
     Dist,
     append_metrics,
@@ -24,6 +24,7 @@ from .runner import (
     seed_ranks,
     setup_distributed,
     setup_run_dir,
+    split_batch,
     trainer_state,
 )  # fmt: skip
 from .vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
@@ -90,17 +91,6 @@ def check_store(store: FeatureStore, model_cfg: VAEConfig, what: str) -> None:
         )
 
 
-def make_schedule(cfg: TrainVAEConfig, steps_per_epoch: int) -> WSDSchedule:
-    if cfg.epochs is not None:
-        w = None if cfg.warmup_steps is None else cfg.warmup_steps // steps_per_epoch
-        d = None if cfg.decay_steps is None else cfg.decay_steps // steps_per_epoch
-        return wsd_from_epochs(cfg.epochs, steps_per_epoch, cfg.lr, w, d)
-    total = cfg.steps or 0
-    warm = total // 10 if cfg.warmup_steps is None else cfg.warmup_steps
-    decay = total // 10 if cfg.decay_steps is None else cfg.decay_steps
-    return WSDSchedule(peak=cfg.lr, warmup=warm, stable=max(0, total - warm - decay), decay=decay)
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str, float]:
     """Mean reconstruction loss and relative error ‖x̂−x‖/‖x‖ on view 0 of a store, with z = mu."""
@@ -159,12 +149,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         d,
         cfg.resume or bool(cfg.resume_from),
     )
-    micro = cfg.micro_batch or cfg.batch_size // d.world
-    accum = cfg.batch_size // (micro * d.world)
-    if accum < 1 or micro * d.world * accum != cfg.batch_size:
-        raise FlatDinoError(
-            f"--batch-size {cfg.batch_size} must equal micro batch {micro} x {d.world} ranks x k"
-        )
+    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
     torch.manual_seed(cfg.seed)
     model = FlatDinoVAE(model_cfg).to(d.device)
     loader = FeatureBatches(

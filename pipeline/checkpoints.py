@@ -1,0 +1,77 @@
+"""Finding and loading checkpoints for the downstream stages: run folders, checkpoint folders and
+the published RAE decoder file. Models are rebuilt from the config.json saved beside their weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import FlatDinoError, WeightsError
+
+
+def resolve_checkpoint(path: str, option: str, command: str) -> Path:
+    """A checkpoint folder (model.safetensors + config.json): `path`, or RUN/best, RUN/checkpoints."""
+    p = Path(path)
+    for candidate in (p, p / "best", p / "checkpoints"):
+        if (candidate / "model.safetensors").exists() and (candidate / "config.json").exists():
+            return candidate
+    raise FlatDinoError(
+        f"{option} {path!r} holds no checkpoint (model.safetensors + config.json, or a run folder "
+        f"with best/ or checkpoints/); pass the --out of `flatdino {command}`"
+    )
+
+
+def _rae_preset(state: dict[str, torch.Tensor], source: str):
+    """The preset whose shapes match a foreign RAE decoder state dict (heads are not in weights)."""
+    from flatdino.trainers.pixel_decoder import PIXEL_DECODER_PRESETS, pixel_decoder_preset
+
+    try:
+        dim, in_dim = state["decoder_embed.weight"].shape
+        depth = len({k.split(".")[1] for k in state if k.startswith("decoder_layers.")})
+        mlp = state["decoder_layers.0.intermediate.dense.weight"].shape[0]
+        num_patches = state["decoder_pos_embed"].shape[1] - 1
+    except (KeyError, IndexError) as e:
+        raise WeightsError(
+            f"{source} is not an RAE decoder state dict (missing {e}); pass RAE's "
+            "decoders/dinov2/wReg_base/ViTXL_n08/model.pt or a train-decoder run folder"
+        ) from e
+    for name, cfg in PIXEL_DECODER_PRESETS.items():
+        if (cfg.dim, cfg.depth, cfg.mlp_dim) == (dim, depth, mlp):
+            return pixel_decoder_preset(name, in_dim=int(in_dim), num_patches=int(num_patches))
+    raise WeightsError(
+        f"{source} holds a decoder of width {dim}, depth {depth}, MLP {mlp}, which matches no preset "
+        f"of {sorted(PIXEL_DECODER_PRESETS)}"
+    )
+
+
+def load_pixel_decoder(path: str):
+    """A pixel decoder from a train-decoder run/checkpoint folder or an RAE `model.pt` file.
+
+    RAE's file is a flat decoder state dict; it is read with weights_only=True and loaded with
+    strict key matching, so a renamed or missing tensor is an error, never silently skipped.
+    Returns (model in eval mode, its config).
+    """
+    from flatdino.trainers.pixel_decoder import PixelDecoder, PixelDecoderConfig
+
+    p = Path(path)
+    if p.is_file():
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "ema" in state and "decoder_embed.weight" not in state:
+            state = state["ema"]  # an RAE training checkpoint rather than the extracted decoder
+        cfg = _rae_preset(state, f"--decoder {path!r}")
+    else:
+        ckpt = resolve_checkpoint(path, "--decoder", "train-decoder")
+        cfg = PixelDecoderConfig(**json.loads((ckpt / "config.json").read_text()))
+        state = load_file(str(ckpt / "model.safetensors"))
+    model = PixelDecoder(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(
+            f"--decoder {path!r} does not match the decoder architecture: {e}"
+        ) from e
+    return model.eval().requires_grad_(False), cfg
