@@ -23,7 +23,8 @@ from .options import (
     fail,
     setup_logging,
 )
-from .train import run_info, train_dit_cmd, train_vae_cmd
+from .sample import sample_cmd
+from .train import run_info, train_decoder_cmd, train_dit_cmd, train_vae_cmd
 
 app = typer.Typer(
     name="flatdino",
@@ -266,23 +267,11 @@ app.command(
     help="Train the LightningDiT on a cached latents store (run under torchrun for DDP).",
 )(train_dit_cmd)
 
-PLANNED = {
-    "sample": ("Generate latents -> features -> pixels with a trained DiT.", 5),
-}
-
-
-def _planned(name: str, summary: str, issue: int) -> None:
-    def command(ctx: typer.Context) -> None:
-        fail(f"`flatdino {name}` is not built yet (planned in issue #{issue}); nothing was run")
-
-    command.__doc__ = f"(not built yet, issue #{issue}) {summary}"
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        command
-    )
-
-
-for _name, (_summary, _issue) in PLANNED.items():
-    _planned(_name, _summary, _issue)
+app.command(
+    "train-decoder",
+    help="Train a pixel decoder from cached DINOv2 features to their images (RAE architecture).",
+)(train_decoder_cmd)
+app.command("sample")(sample_cmd)
 
 
 if __name__ == "__main__":  # `python -m flatdino.cli.main`, as the tests run it in a subprocess

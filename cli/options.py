@@ -70,3 +70,25 @@ def config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Cont
     if "betas" in saved:
         merged["betas"] = tuple(saved["betas"])
     return cls(**merged)
+
+
+# Options shared by the trainers (train-vae, train-dit, train-decoder).
+MicroBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="Per-device batch; smaller than batch/world means gradient accumulation."
+    ),
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the model init and the data order.")]
+LogEveryOpt = Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")]
+CkptEveryOpt = Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")]
+GradClipOpt = Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")]
+StopAfterOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="End this invocation after N more steps, with a checkpoint."),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
+]

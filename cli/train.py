@@ -11,9 +11,24 @@ import typer
 
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.trainers.dit import DIT_PRESETS
+from flatdino.trainers.pixel_decoder import PIXEL_DECODER_PRESETS
 from flatdino.trainers.vae import VAE_PRESETS
 
-from .options import DeviceOpt, ProgressOpt, config_with_overrides, fail
+from .options import (
+    CkptEveryOpt,
+    CompileOpt,
+    ConfigOpt,
+    DeviceOpt,
+    GradClipOpt,
+    LogEveryOpt,
+    MicroBatchOpt,
+    ProgressOpt,
+    ResumeOpt,
+    SeedOpt,
+    StopAfterOpt,
+    config_with_overrides,
+    fail,
+)
 
 VAEPreset = Enum("VAEPreset", {k: k for k in VAE_PRESETS}, type=str)  # choices from the registry
 DiTPreset = Enum("DiTPreset", {k: k for k in DIT_PRESETS}, type=str)
@@ -78,12 +93,7 @@ def train_vae_cmd(
         int | None, typer.Option(min=0, help="Cosine decay length in steps.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (paper: 512).")] = 512,
-    micro_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Per-device batch; smaller than batch/world means gradient accumulation."
-        ),
-    ] = None,
+    micro_batch: MicroBatchOpt = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (paper: 1e-4).")] = 1e-4,
     beta: Annotated[
         float | None, typer.Option(help="KL weight; default 1e-6 * 512 / (T * d) (paper Table 4).")
@@ -92,25 +102,22 @@ def train_vae_cmd(
         Recon,
         typer.Option(help="Reconstruction loss: mse (paper) or huber (delta 1, the public code)."),
     ] = Recon.mse,
-    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
+    seed: SeedOpt = 0,
     num_workers: Annotated[int, typer.Option(min=0, help="Loader processes per rank.")] = 2,
     eval_every: Annotated[int, typer.Option(min=1, help="Validate every N steps.")] = 500,
-    ckpt_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 20,
+    ckpt_every: CkptEveryOpt = 500,
+    log_every: LogEveryOpt = 20,
     device: DeviceOpt = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")
-    ] = False,
+    compile: CompileOpt = False,
+    resume: ResumeOpt = False,
+    stop_after: StopAfterOpt = None,
     resume_from: Annotated[
         Path | None,
         typer.Option(
             help="Continue from this checkpoint, e.g. RUN/pre-decay with a longer --steps to extend a run."
         ),
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
-    ] = None,
+    config: ConfigOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
@@ -152,12 +159,7 @@ def train_dit_cmd(
         int | None, typer.Option(min=1, help="Total epochs over the valid images (or --steps).")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (paper: 1024).")] = 1024,
-    micro_batch: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Per-device batch; smaller than batch/world means gradient accumulation."
-        ),
-    ] = None,
+    micro_batch: MicroBatchOpt = None,
     lr: Annotated[float, typer.Option(help="Constant learning rate (paper: 2e-4).")] = 2e-4,
     warmup_steps: Annotated[
         int, typer.Option(min=0, help="Linear warmup from 1e-6 over N steps (0: none).")
@@ -165,7 +167,7 @@ def train_dit_cmd(
     weight_decay: Annotated[
         float, typer.Option(min=0.0, help="AdamW weight decay on 2-D weights.")
     ] = 0.0,
-    grad_clip: Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")] = 1.0,
+    grad_clip: GradClipOpt = 1.0,
     ema_decay: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="EMA decay of the weights (kept in fp32).")
     ] = 0.9995,
@@ -185,21 +187,14 @@ def train_dit_cmd(
             "--normalize", help="Standardise latents per (token, dim) with the store's statistics."
         ),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the model init and the data order.")] = 0,
-    ckpt_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 5000,
-    log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 100,
+    seed: SeedOpt = 0,
+    ckpt_every: CkptEveryOpt = 5000,
+    log_every: LogEveryOpt = 100,
     device: DeviceOpt = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")
-    ] = False,
-    stop_after: Annotated[
-        int | None,
-        typer.Option(min=1, help="End this invocation after N more steps, with a checkpoint."),
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
-    ] = None,
+    compile: CompileOpt = False,
+    resume: ResumeOpt = False,
+    stop_after: StopAfterOpt = None,
+    config: ConfigOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
@@ -213,18 +208,94 @@ def train_dit_cmd(
     _report(cfg.out, metrics)
 
 
+def _decoder_presets_help() -> str:
+    from flatdino.trainers.pixel_decoder import (
+        PIXEL_DECODER_PRESETS,
+        count_pixel_decoder_parameters,
+    )
+
+    counts = (
+        f"{n} ({count_pixel_decoder_parameters(c) / 1e6:.1f}M)"
+        for n, c in PIXEL_DECODER_PRESETS.items()
+    )
+    return (
+        "Pixel decoder preset (RAE's ViT decoders; rae-vitxl is the published one): "
+        + ", ".join(counts)
+        + "."
+    )
+
+
+DecoderPreset = Enum("DecoderPreset", {k: k for k in PIXEL_DECODER_PRESETS}, type=str)
+
+
+def train_decoder_cmd(
+    ctx: typer.Context,
+    features: Annotated[
+        Path, typer.Option(help="Feature store; the images are read back through its manifest.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Run folder: config.json, log.txt, metrics.jsonl, checkpoints/.")
+    ],
+    preset: Annotated[DecoderPreset, typer.Option(help=_decoder_presets_help())] = DecoderPreset(
+        "rae-vitxl"
+    ),
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Total optimiser steps (10% warmup, 10% cosine decay)."),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Total epochs (or --steps).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size.")] = 256,
+    micro_batch: MicroBatchOpt = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    noise_tau: Annotated[
+        float, typer.Option(min=0.0, help="Feature noise sigma ~ U(0, tau) per sample (RAE: 0.8).")
+    ] = 0.8,
+    l1_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the L1 pixel loss.")] = 1.0,
+    mse_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the MSE pixel loss.")] = 1.0,
+    grad_clip: GradClipOpt = 1.0,
+    seed: SeedOpt = 0,
+    num_workers: Annotated[int, typer.Option(min=0, help="Feature loader processes per rank.")] = 2,
+    image_threads: Annotated[int, typer.Option(min=1, help="Threads decoding target images.")] = 4,
+    ckpt_every: CkptEveryOpt = 500,
+    log_every: LogEveryOpt = 20,
+    device: DeviceOpt = "auto",
+    compile: CompileOpt = False,
+    resume: ResumeOpt = False,
+    stop_after: StopAfterOpt = None,
+    config: ConfigOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
+    from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
+
+    try:
+        cfg = config_with_overrides(TrainDecoderConfig, config, given, ctx)
+        metrics = train_decoder(cfg)
+    except FlatDinoError as e:
+        fail(str(e))
+    _report(cfg.out, metrics)
+
+
+def _run_kind(run: Path, config: dict, model: dict) -> str:
+    """dit, decoder or vae: which trainer wrote this run or checkpoint folder."""
+    if "latents" in config.get("train", {}) or (run / "flow.json").exists():
+        return "dit"
+    return "decoder" if "patch_size" in model else "vae"
+
+
 def run_info(run: Path, as_json: bool) -> None:
     """Model config and parameter count, last metrics and checkpoints of a run folder."""
     from flatdino.trainers.dit import DiTConfig, count_dit_parameters
+    from flatdino.trainers.pixel_decoder import PixelDecoderConfig, count_pixel_decoder_parameters
     from flatdino.trainers.vae import VAEConfig, count_parameters
 
     config = json.loads((run / "config.json").read_text())
     model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)
-    is_dit = "latents" in config.get("train", {}) or (run / "flow.json").exists()
-    params = (
-        count_dit_parameters(DiTConfig(**model)) if is_dit else count_parameters(VAEConfig(**model))
-    )
-    summary = {"path": str(run), "kind": "dit" if is_dit else "vae", "model": model, "parameters": params,
+    kind = _run_kind(run, config, model)
+    params = {"dit": lambda: count_dit_parameters(DiTConfig(**model)),
+              "decoder": lambda: count_pixel_decoder_parameters(PixelDecoderConfig(**model)),
+              "vae": lambda: count_parameters(VAEConfig(**model))}[kind]()  # fmt: skip
+    summary = {"path": str(run), "kind": kind, "model": model, "parameters": params,
                "checkpoints": sorted(p.name for p in run.iterdir() if (p / "model.safetensors").exists())}  # fmt: skip
     if (run / "metrics.jsonl").exists():
         lines = (run / "metrics.jsonl").read_text().splitlines()

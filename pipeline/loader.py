@@ -167,10 +167,11 @@ class LatentBatches:
     """Batches of latents (B, T, d) float32 and int64 labels, from a latents store held in memory.
 
     Latents are small (ImageNet: ~10-21 GB for two views), so each rank reads its share once: the
-    valid rows, dealt round-robin (row i of the valid list goes to rank i mod world, the tail that
-    does not divide evenly is left out so every rank runs the same number of steps), with every
-    stored view. Per epoch, from (seed, epoch, rank) alone: a permutation of the rank's rows and one
-    random view per row; the last partial batch is dropped (a different remainder each epoch).
+    valid rows, dealt round-robin (row i of the valid list goes to rank i mod world), with every
+    stored view. The share is fixed for the run; the up to world-1 rows that do not divide evenly
+    are left out, so every rank runs the same number of steps. Per epoch, from (seed, epoch, rank)
+    alone: a permutation of the rank's rows and one random view per row; the last partial batch
+    is dropped (different rows each epoch).
     """
 
     def __init__(self, path: str, cfg: LoaderConfig, progress: bool = False):

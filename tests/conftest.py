@@ -139,3 +139,12 @@ def fake_latents_store(
                         "class_names": classes, "fingerprint": fingerprint or {"vae_sha256": "x"},
                         "vae_checkpoint": "/nowhere/vae"})  # fmt: skip
     return path
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now (for torchrun's rendezvous in the DDP tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
-from conftest import fake_latents_store
+from conftest import fake_latents_store, free_port
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.loader import LatentBatches, LoaderConfig
 from flatdino.trainers.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
@@ -197,7 +197,7 @@ def test_refusals(store, tmp_path):
 
 def test_two_process_ddp_on_cpu(store, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
            "-m", "flatdino.cli.main", "train-dit", "--latents", str(store), "--out", str(run),
            "--preset", "tiny", "--steps", "4", "--batch-size", "16", "--log-every", "1",
            "--device", "cpu", "--no-progress"]  # fmt: skip
@@ -223,11 +223,14 @@ def _sample_stats(model: torch.nn.Module, norm: LatentNorm, per_class: int = 200
 
 
 @pytest.mark.slow
-def test_tiny_dit_learns_the_class_distributions(tmp_path):
+def test_tiny_dit_learns_the_class_distributions(tmp_path, request):
     """3,000 steps (~1 min on 2 cores): sampled per-class means within 0.08 RMS of the true means
     (the untrained model, v = 0, is off by ~1) and spreads within 0.08 of the true ones (untrained: 0.5-0.8 off)."""
     mu, labels, _ = class_gaussians(256)
     store = fake_latents_store(tmp_path / "lat.zarr", mu, labels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest and immune to other load
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     run = tmp_path / "run"
     train_dit(small(store, run, steps=3000, batch_size=64, ema_decay=0.995, log_every=500,
                     ckpt_every=10_000))  # fmt: skip

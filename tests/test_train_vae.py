@@ -15,7 +15,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from conftest import fake_feature_store, tiny_config
+from conftest import fake_feature_store, free_port, tiny_config
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.extract import extract_features
 from flatdino.trainers import train_vae as tv
@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
 
 def test_two_process_ddp_on_cpu(digits_val_store, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
            "-m", "flatdino.cli.main", "train-vae", "--features", str(digits_val_store),
            "--val-features", str(digits_val_store), "--out", str(run), "--preset", "tiny",
            "--steps", "4", "--batch-size", "16", "--num-workers", "0", "--log-every", "1",

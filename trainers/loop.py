@@ -96,31 +96,32 @@ def train_loop(
     bar = tqdm(total=lc.total, initial=state["step"], unit="step", desc=lc.name,
                disable=not (lc.progress and d.main))  # fmt: skip
     metrics: dict = {}
-    tic, seen = time.perf_counter(), 0
+    tic, seen, summed = time.perf_counter(), 0, 0.0
     while state["step"] < end:
         for batch in hooks.batches(state["epoch"], state["micro_step"]):
             sync = (state["micro_step"] + 1) % lc.accum == 0
             parts, n = _micro_step(net, batch, hooks, lc, d, sync)
             state["micro_step"] += 1
             seen += n
+            summed = summed + parts["loss"].detach()  # every micro batch, so a NaN in any is seen
             if not sync:
                 continue
-            loss = all_reduce_mean(parts["loss"].detach(), d)
-            if not torch.isfinite(loss):
+            loss, summed = all_reduce_mean(summed / lc.accum, d), 0.0
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, lc.grad_clip or float("inf"))
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 raise NonFiniteLossError(
-                    f"non-finite loss at step {state['step']}; the last good checkpoint in "
-                    f"{out / 'checkpoints'} is intact (try a lower --lr or --grad-clip)"
+                    f"non-finite loss or gradient at step {state['step']}; the last good checkpoint "
+                    f"in {out / 'checkpoints'} is intact (try a lower --lr or --grad-clip)"
                 )
             lr = hooks.lr(state["step"])
             set_lr(opt, lr)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, lc.grad_clip or float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
             hooks.after_update()
             state["step"] += 1
             bar.update(1)
             step = state["step"]
-            if step % lc.log_every == 0 or step == lc.total:
+            if step % lc.log_every == 0 or step in (lc.total, end):
                 rate = seen * d.world / (time.perf_counter() - tic)
                 metrics = {"step": step, "epoch": state["epoch"], "loss": loss.item(),
                            **{k: v.item() for k, v in parts.items() if k != "loss"}, "lr": lr,

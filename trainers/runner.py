@@ -171,17 +171,23 @@ def _rng_state() -> dict:
     return state
 
 
-def trainer_state(opt: torch.optim.Optimizer, state: dict, d: Dist) -> dict:
-    """trainer.pt: optimiser, loop position and every rank's RNG state (a collective under DDP)."""
+def run_setup(batch_size: int, micro: int, seed: int, d: Dist) -> dict:
+    """What a saved loop position depends on; resume refuses a different one."""
+    return {"batch_size": batch_size, "micro_batch": micro, "world": d.world, "seed": seed}
+
+
+def trainer_state(opt: torch.optim.Optimizer, state: dict, d: Dist, setup: dict) -> dict:
+    """trainer.pt: optimiser, loop position, every rank's RNG state (a collective under DDP), and
+    the `setup` (batch sizes, ranks, seed) the position only has a meaning for."""
     rngs = [_rng_state()]
     if d.world > 1:
         rngs = [None] * d.world
         dist.all_gather_object(rngs, _rng_state())
-    return {"optimizer": opt.state_dict(), "rng": rngs, "state": dict(state)}
+    return {"optimizer": opt.state_dict(), "rng": rngs, "state": dict(state), "setup": setup}
 
 
-def _set_rng_state(rngs: list[dict], d: Dist) -> None:
-    state = rngs[d.rank % len(rngs)]
+def _set_rng_state(rngs: list[dict] | dict, d: Dist) -> None:
+    state = rngs if isinstance(rngs, dict) else rngs[d.rank]  # dict: a single-process checkpoint
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -189,15 +195,19 @@ def _set_rng_state(rngs: list[dict], d: Dist) -> None:
 
 def resume_run(
     resume_from: str | None, out: Path, model: nn.Module, model_config: dict,
-    opt: torch.optim.Optimizer, state: dict, d: Dist,
+    opt: torch.optim.Optimizer, state: dict, d: Dist, setup: dict,
     extra_weights: dict[str, nn.Module] | None = None,
 ) -> None:  # fmt: skip
     """Load weights (+ extras such as the EMA), optimiser, RNG and loop position.
 
-    From `resume_from` when given (e.g. RUN/pre-decay, to extend a run), else RUN/checkpoints; a
-    run that never reached a checkpoint starts from scratch.
+    From `resume_from` when given (e.g. RUN/pre-decay, to extend a run), else RUN/checkpoints (or
+    the previous one, kept as .checkpoints.old while a save was swapping it in); a run that never
+    reached a checkpoint starts from scratch. A different `setup` (batch sizes, ranks, seed) is
+    refused: the saved data position means nothing under another one.
     """
     resume_dir = Path(resume_from) if resume_from else out / "checkpoints"
+    if not resume_dir.exists() and not resume_from and (out / ".checkpoints.old").exists():
+        resume_dir = out / ".checkpoints.old"  # killed between the two renames of a save
     if not resume_dir.exists():
         if resume_from:
             raise FlatDinoError(f"--resume-from {resume_from!r} does not exist")
@@ -208,10 +218,19 @@ def resume_run(
             f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "
             f"this store and preset {model_config}; resume with the same store and preset"
         )
+    saved = load_trainer_state(resume_dir)
+    changed = {
+        k: (v, setup.get(k)) for k, v in saved.get("setup", setup).items() if setup.get(k) != v
+    }
+    if changed:
+        what = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items())
+        raise FlatDinoError(
+            f"checkpoint {str(resume_dir)!r} was trained with {what}; resume with the same "
+            "--batch-size, --micro-batch, --seed and number of ranks"
+        )
     load_weights(resume_dir, model)
     for name, module in (extra_weights or {}).items():
         load_weights(resume_dir, module, name)
-    saved = load_trainer_state(resume_dir)
     opt.load_state_dict(saved["optimizer"])
     _set_rng_state(saved["rng"], d)
     state.update(saved["state"])

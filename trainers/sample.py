@@ -63,7 +63,8 @@ def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict, LatentNor
     if not (ckpt / "flow.json").exists():
         raise FlatDinoError(f"--dit {path!r} is not a train-dit checkpoint (no flow.json)")
     model = LightningDiT(DiTConfig(**json.loads((ckpt / "config.json").read_text())))
-    model.load_state_dict(load_file(str(ckpt / ("ema" if ema else "model") + ".safetensors")))
+    weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
+    model.load_state_dict(load_file(str(weights)), strict=True)
     stats = load_file(str(ckpt / "latent_stats.safetensors"))
     norm = LatentNorm(stats["mean"], stats["std"])
     flow = json.loads((ckpt / "flow.json").read_text())

@@ -34,6 +34,7 @@ from .optim import WSDSchedule, param_groups
 from .runner import (
     Dist,
     resume_run,
+    run_setup,
     save_checkpoint,
     seed_ranks,
     setup_distributed,
@@ -170,9 +171,10 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
     norm = latent_norm(cfg, group, model_cfg).to(d.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     state = {"step": 0, "micro_step": 0, "epoch": 0}
+    setup = run_setup(cfg.batch_size, micro, cfg.seed, d)
     seed_ranks(cfg.seed, d)
     if cfg.resume:
-        resume_run(None, out, model, model_cfg.to_dict(), opt, state, d, {"ema": ema.module})
+        resume_run(None, out, model, model_cfg.to_dict(), opt, state, d, setup, {"ema": ema.module})
     net = DDP(model) if d.world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     log.info("model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
@@ -187,7 +189,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
         return {"loss": value}, len(x)
 
     def save(path: Path) -> None:
-        save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d), d,
+        save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d, setup), d,
                         {"ema": ema.module, "latent_stats": norm}, {"flow": flow})  # fmt: skip
 
     def batches(epoch: int, start: int):

@@ -20,6 +20,7 @@ from .runner import (
     Dist,
     append_metrics,
     resume_run,
+    run_setup,
     save_checkpoint,
     seed_ranks,
     setup_distributed,
@@ -128,8 +129,8 @@ def _validate(
     return val
 
 
-def _save(path: Path, model, model_cfg: VAEConfig, opt, state: dict, d: Dist) -> None:
-    save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d), d)
+def _save(path: Path, model, model_cfg: VAEConfig, opt, state: dict, d: Dist, setup: dict) -> None:
+    save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d, setup), d)
 
 
 def train_vae(cfg: TrainVAEConfig) -> dict:
@@ -163,9 +164,10 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     )
     beta = cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
     state = {"step": 0, "micro_step": 0, "epoch": 0, "best": float("inf")}
+    setup = run_setup(cfg.batch_size, micro, cfg.seed, d)
     seed_ranks(cfg.seed, d)
     if cfg.resume or cfg.resume_from:
-        resume_run(cfg.resume_from, out, model, model_cfg.to_dict(), opt, state, d)
+        resume_run(cfg.resume_from, out, model, model_cfg.to_dict(), opt, state, d, setup)
     net = DDP(model) if d.world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
@@ -179,7 +181,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
 
     def after_step(step: int) -> dict:
         if step == schedule.decay_start and schedule.decay:
-            _save(out / "pre-decay", model, model_cfg, opt, state, d)
+            _save(out / "pre-decay", model, model_cfg, opt, state, d, setup)
         if cfg.val_features and (step % cfg.eval_every == 0 or step == schedule.total):
             return _validate(cfg, out, d, model, model_cfg, state, micro)
         return {}
@@ -188,7 +190,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
         loss=loss,
         lr=schedule,
-        save=lambda path: _save(path, model, model_cfg, opt, state, d),
+        save=lambda path: _save(path, model, model_cfg, opt, state, d, setup),
         after_step=after_step,
     )
     lc = LoopConfig("train-vae", schedule.total, accum, cfg.grad_clip, cfg.log_every,

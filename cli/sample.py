@@ -1,0 +1,101 @@
+"""The `flatdino sample` command: a trained DiT -> images (or latents and features)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flatdino.pipeline.errors import FlatDinoError
+
+from .options import DeviceOpt, ProgressOpt, fail
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"expected two numbers like 0.225,1.0; got {text!r}") from e
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise typer.BadParameter(f"expected 0 <= low <= high <= 1; got {text!r}")
+    return lo, hi
+
+
+def sample_cmd(
+    dit: Annotated[
+        Path, typer.Option(help="train-dit run folder (uses checkpoints/) or a checkpoint folder.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Output folder: grid.png, images/, samples.npz, sample.json (+ latents.npy, features.npy)."
+        ),
+    ],
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated class indices (e.g. 207,360) or 'all'; default: all classes, cycled to --n."
+        ),
+    ] = None,
+    per_class: Annotated[int, typer.Option(min=1, help="Samples per class.")] = 1,
+    n: Annotated[
+        int | None,
+        typer.Option(min=1, help="Total samples, cycling through the classes (class-balanced)."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the noise; a seed gives the same images at any batch size.")
+    ] = 0,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Euler steps on the model's time-shifted grid.")
+    ] = 50,
+    cfg: Annotated[
+        float,
+        typer.Option(
+            min=1.0, help="Guidance weight w: v_u + w (v_c - v_u); 1 runs one pass (no guidance)."
+        ),
+    ] = 4.5,
+    cfg_interval: Annotated[
+        str, typer.Option(help="Apply guidance only while t (0 noise, 1 data) is in LOW,HIGH.")
+    ] = "0.225,1.0",
+    ema: Annotated[bool, typer.Option(help="Use the EMA weights (--no-ema: the raw ones).")] = True,
+    decoder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Pixel decoder: RAE's model.pt (ViTXL_n08) or a train-decoder run folder. Without it: latents and features only."
+        ),
+    ] = None,
+    vae: Annotated[
+        Path | None,
+        typer.Option(
+            help="VAE checkpoint; default: the one the DiT's latents were encoded with (checked by sha256)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples generated at once.")] = 64,
+    save_features: Annotated[
+        bool, typer.Option("--save-features", help="Also write latents.npy and features.npy.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    progress: ProgressOpt = True,
+) -> None:
+    """Generate latents with a trained DiT and decode them to DINOv2 features and images."""
+    from flatdino.trainers.sample import SampleConfig, sample
+
+    try:
+        config = SampleConfig(
+            dit=str(dit), out=str(out), classes=classes, per_class=per_class, n=n, seed=seed,
+            steps=steps, cfg=cfg, cfg_interval=_interval(cfg_interval), ema=ema,
+            decoder=str(decoder) if decoder else None, vae=str(vae) if vae else None,
+            batch_size=batch_size, save_features=save_features, device=device, progress=progress,
+        )  # fmt: skip
+        s = sample(config)
+    except FlatDinoError as e:
+        fail(str(e))
+    typer.echo(
+        f"{s['out']}: {s['samples']} samples in {s['seconds']:.1f}s; wrote {', '.join(s['written'])}"
+    )
+    if not s["images"]:
+        typer.echo(
+            "no --decoder: wrote latents and features only; pass --decoder with RAE's "
+            "decoders/dinov2/wReg_base/ViTXL_n08/model.pt or a `flatdino train-decoder` run to get images"
+        )

@@ -1,0 +1,77 @@
+"""The shared training loop and runner: non-finite stops, final metrics, refused resumes, and a
+checkpoint swap interrupted by a kill."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatdino.pipeline.errors import FlatDinoError
+from flatdino.trainers.loop import LoopConfig, LoopHooks, train_loop
+from flatdino.trainers.runner import (
+    Dist,
+    NonFiniteLossError,
+    resume_run,
+    run_setup,
+    save_checkpoint,
+    trainer_state,
+)  # fmt: skip
+
+D = Dist()
+
+
+def toy(out: Path, losses: list[float] | None = None, **loop):
+    """A 2-parameter model whose k-th micro-batch loss is multiplied by losses[k] (NaN to poison)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"step": 0, "micro_step": 0, "epoch": 0}
+    calls = {"n": 0}
+    setup = run_setup(4, 2, 0, D)
+
+    def loss(net, batch):
+        scale = losses[calls["n"]] if losses and calls["n"] < len(losses) else 1.0
+        calls["n"] += 1
+        return {"loss": net(batch).pow(2).mean() * scale}, len(batch)
+
+    def save(path):
+        save_checkpoint(path, model, {"toy": 1}, trainer_state(opt, state, D, setup), D)
+
+    hooks = LoopHooks(batches=lambda e, s: [torch.ones(2, 2)] * (4 - s), loss=loss, lr=lambda i: 0.1,
+                      save=save)  # fmt: skip
+    cfg = LoopConfig(
+        "toy", **{"total": 6, "log_every": 100, "ckpt_every": 2, "progress": False, **loop}
+    )
+    out.mkdir(exist_ok=True)
+    return model, opt, state, setup, lambda: train_loop(cfg, D, out, model, opt, hooks, state)
+
+
+def test_nan_in_an_early_micro_batch_stops_before_the_update(tmp_path):
+    model, _, _, _, run = toy(tmp_path, losses=[1, 1, 1, 1, float("nan"), 1], accum=2)
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        run()  # micro batch 5 is the first of step 3's two
+    saved = torch.load(tmp_path / "checkpoints" / "trainer.pt", weights_only=True)["state"]
+    assert saved["step"] == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_stop_after_writes_the_last_steps_metrics(tmp_path):
+    _, _, _, _, run = toy(tmp_path, stop_after=3)
+    metrics = run()
+    assert metrics["step"] == 3 and "loss" in metrics  # logged although 3 % log_every != 0
+    assert json.loads((tmp_path / "final.json").read_text())["step"] == 3
+
+
+def test_resume_refuses_another_setup_and_survives_an_interrupted_swap(tmp_path):
+    model, opt, _, setup, run = toy(tmp_path, stop_after=3)
+    run()
+    state = {"step": 0, "micro_step": 0, "epoch": 0}
+    with pytest.raises(FlatDinoError, match="batch_size 4 \\(now 8\\)"):
+        resume_run(None, tmp_path, model, {"toy": 1}, opt, state, D, {**setup, "batch_size": 8})
+    # killed between the two renames of a save: checkpoints/ is gone, .checkpoints.old is not
+    shutil.move(tmp_path / "checkpoints", tmp_path / ".checkpoints.old")
+    resume_run(None, tmp_path, model, {"toy": 1}, opt, state, D, setup)
+    assert state["step"] == 3

@@ -1,0 +1,128 @@
+"""The sampler: Euler and CFG on analytic fields, the κ time grid, seeds, the npz layout, refusals,
+and one end-to-end run of all five commands on the digits that ends in PNGs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from flatdino.cli.main import app
+from flatdino.pipeline.errors import FlatDinoError
+from flatdino.trainers.flow import euler_sample, shift_time
+from flatdino.trainers.sample import SampleConfig, class_labels, sample
+
+runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
+
+
+def test_euler_is_exact_on_a_constant_field_and_walks_the_kappa_grid():
+    seen = []
+
+    def const(x, t, y):
+        seen.append(t[0].item())
+        return torch.full_like(x, 0.7)
+
+    x0 = torch.randn(2, 4, 3)
+    out = euler_sample(const, x0, torch.zeros(2, dtype=torch.long), steps=10, kappa=3.0, cfg=1.0)
+    torch.testing.assert_close(out, x0 + 0.7)  # the shifted steps still sum to 1
+    grid = shift_time(torch.linspace(0, 1, 11), 3.0)
+    np.testing.assert_allclose(seen, grid[:-1].numpy(), rtol=1e-6)
+    assert seen[5] == pytest.approx(0.25)  # t = 0.5 on the uniform grid is 0.25 with κ = 3
+
+
+def test_guidance_only_inside_the_interval():
+    def model(x, t, y):  # conditional velocity 1, unconditional 0
+        return (y != 10).float().view(-1, 1, 1).expand_as(x).clone()
+
+    y, steps, w, lo = torch.zeros(1, dtype=torch.long), 20, 4.5, 0.5
+    out = euler_sample(model, torch.zeros(1, 1, 1), y, steps, 3.0, w, (lo, 1.0), null_class=10)
+    grid = shift_time(torch.linspace(0, 1, steps + 1), 3.0)
+    dt, t = grid.diff(), grid[:-1]
+    expected = (dt * torch.where(t >= lo, torch.tensor(w), torch.tensor(1.0))).sum()
+    torch.testing.assert_close(out.flatten()[0], expected)  # outside: the conditional velocity
+
+
+def test_class_labels():
+    cfg = SampleConfig(dit="", out="", classes="3,1", per_class=2)
+    assert class_labels(cfg, 10).tolist() == [3, 3, 1, 1]
+    assert class_labels(dataclasses.replace(cfg, classes=None, n=5), 3).tolist() == [0, 1, 2, 0, 1]
+    assert class_labels(dataclasses.replace(cfg, classes="all", per_class=1), 3).tolist() == [
+        0,
+        1,
+        2,
+    ]
+    with pytest.raises(FlatDinoError, match="classes 0..9"):
+        class_labels(dataclasses.replace(cfg, classes="12"), 10)
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> Path:
+    """All five commands' inputs, built through the CLI on the digits with tiny presets."""
+    root = tmp_path_factory.mktemp("chain")
+    feats, vae, lat = root / "features.zarr", root / "vae", root / "latents.zarr"
+    invoke("extract-features", "--data", "digits", "--split", "val", "--backbone", "tiny", "--out", feats,
+           "--backend", "local", "--no-progress")  # fmt: skip
+    invoke("train-vae", "--features", feats, "--out", vae, "--preset", "tiny", "--steps", "5",
+           "--batch-size", "32", "--num-workers", "0", "--no-progress")  # fmt: skip
+    invoke("encode-latents", "--features", feats, "--vae", vae, "--out", lat, "--backend", "local",
+           "--no-progress")  # fmt: skip
+    invoke("train-dit", "--latents", lat, "--out", root / "dit", "--preset", "tiny", "--steps", "5",
+           "--batch-size", "32", "--device", "cpu", "--no-progress")  # fmt: skip
+    invoke("train-decoder", "--features", feats, "--out", root / "decoder", "--preset", "tiny",
+           "--steps", "3", "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--no-progress")  # fmt: skip
+    return root
+
+
+def test_all_five_commands_end_in_pngs(chain, tmp_path):
+    out = tmp_path / "samples"
+    result = invoke("sample", "--dit", chain / "dit", "--out", out, "--classes", "2,7", "--per-class", "3",
+                    "--decoder", chain / "decoder", "--steps", "4", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert "6 samples" in result.output
+    npz = np.load(out / "samples.npz")
+    assert npz["arr_0"].shape == (6, 256, 256, 3) and npz["arr_0"].dtype == np.uint8
+    assert npz["labels"].tolist() == [2, 2, 2, 7, 7, 7]
+    assert len(list((out / "images").glob("*.png"))) == 6
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "00003_c7.png")), npz["arr_0"][3])
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (64 + 3 * 256, 2 * 256)  # a label margin, rows = classes
+    info = runner.invoke(app, ["info", str(chain / "decoder")])
+    assert info.exit_code == 0 and "kind: decoder" in info.output
+
+
+def test_seeds_reproduce_at_any_batch_size_and_no_decoder_writes_features(chain, tmp_path):
+    base = SampleConfig(dit=str(chain / "dit"), out=str(tmp_path / "a"), n=5, steps=3, batch_size=5,
+                        device="cpu", progress=False, cfg=2.0)  # fmt: skip
+    summary = sample(base)
+    assert not summary["images"] and summary["written"] == ["latents.npy", "features.npy"]
+    sample(dataclasses.replace(base, out=str(tmp_path / "b"), batch_size=2))
+    sample(dataclasses.replace(base, out=str(tmp_path / "c"), seed=1))
+    a, b, c = (np.load(tmp_path / k / "latents.npy") for k in "abc")
+    assert a.shape == (5, 8, 16) and np.allclose(a, b, atol=1e-6) and not np.allclose(a, c)
+    feats = np.load(tmp_path / "a" / "features.npy")
+    assert feats.shape == (5, 256, 64) and feats.dtype == np.float16
+    result = runner.invoke(app, ["sample", "--dit", str(chain / "dit"), "--out", str(tmp_path / "d"),
+                                 "--n", "2", "--steps", "2", "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0 and "pass --decoder" in result.output
+
+
+def test_sample_refuses_a_wrong_vae_and_a_missing_dit(chain, tmp_path):
+    other = tmp_path / "vae2"
+    invoke("train-vae", "--features", chain / "features.zarr", "--out", other, "--preset", "tiny",
+           "--steps", "1", "--batch-size", "32", "--num-workers", "0", "--seed", "5", "--no-progress")  # fmt: skip
+    cfg = SampleConfig(dit=str(chain / "dit"), out=str(tmp_path / "s"), n=1, steps=1, vae=str(other),
+                       device="cpu", progress=False)  # fmt: skip
+    with pytest.raises(FlatDinoError, match="not the one the DiT's latents were encoded with"):
+        sample(cfg)
+    with pytest.raises(FlatDinoError, match="--dit .* holds no checkpoint"):
+        sample(dataclasses.replace(cfg, dit=str(tmp_path), vae=None))
