@@ -25,7 +25,10 @@ demo: setup
 		--out $(DEMO)/latents-train.zarr --backend local
 	$(BIN)/flatdino train-dit --latents $(DEMO)/latents-train.zarr --out $(DEMO)/runs/dit --preset tiny \
 		--steps 2000 --batch-size 64 --lr 1e-3 --ema-decay 0.995 --log-every 200 --resume
-	$(BIN)/flatdino info $(DEMO)/runs/dit
+	$(BIN)/flatdino train-decoder --features $(DEMO)/features-train.zarr --out $(DEMO)/runs/decoder --preset tiny \
+		--steps 300 --batch-size 32 --lr 1e-3 --noise-tau 0 --num-workers 0 --log-every 50 --resume
+	$(BIN)/flatdino sample --dit $(DEMO)/runs/dit --decoder $(DEMO)/runs/decoder --out $(DEMO)/samples \
+		--classes all --per-class 8
 
 lint: setup
 	$(BIN)/ruff check .
@@ -44,6 +47,7 @@ bench: setup
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/vae_loader.py
 	$(BIN)/python bench/dit_cost.py
+	$(BIN)/python bench/sample.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
