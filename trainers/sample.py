@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,9 +172,13 @@ def write_outputs(
     written = []
     if "images" in result:
         images = result["images"]
-        (out / "images").mkdir(exist_ok=True)
+        tmp = out / ".images.tmp"  # written aside, then swapped in: no stale PNGs of an older run
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         for i, (img, c) in enumerate(zip(images, labels, strict=True)):
-            Image.fromarray(img).save(out / "images" / f"{i:05d}_c{c}.png")
+            Image.fromarray(img).save(tmp / f"{i:05d}_c{c}.png")
+        shutil.rmtree(out / "images", ignore_errors=True)
+        os.replace(tmp, out / "images")
         _save_atomic(out / "samples.npz", lambda p: np.savez(p, arr_0=images, labels=labels))
         grid = make_grid(images, labels, names, by_class=cfg.classes is not None)
         _save_atomic(out / "grid.png", grid.save)
@@ -211,6 +216,7 @@ def sample(cfg: SampleConfig) -> dict:
     written = write_outputs(cfg, result, labels, flow.get("class_names"))
     record = {"config": asdict(cfg), "dit_checkpoint": str(ckpt.resolve()), "flow": flow,
               "samples": len(labels), "seconds": seconds}  # fmt: skip
-    (Path(cfg.out) / "sample.json").write_text(json.dumps(record, indent=2, default=str))
+    _save_atomic(Path(cfg.out) / "sample.json",
+                 lambda p: p.write_text(json.dumps(record, indent=2, default=str)))  # fmt: skip
     return {"out": cfg.out, "samples": len(labels), "seconds": seconds, "written": written,
             "images": "images" in result}  # fmt: skip
