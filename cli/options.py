@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -66,7 +67,8 @@ def config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Cont
         raise FlatDinoError(f"cannot read --config {str(config)!r}: {e}") from e
     typed = {k: v for k, v in values.items()
              if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}  # fmt: skip
-    merged = {**values, **{k: v for k, v in saved.items() if k in values}, **typed}
+    fields = {f.name for f in dataclasses.fields(cls)}  # saved fields without an option kept too
+    merged = {**values, **{k: v for k, v in saved.items() if k in fields}, **typed}
     if "betas" in saved:
         merged["betas"] = tuple(saved["betas"])
     return cls(**merged)

@@ -41,7 +41,10 @@ def sample_cmd(
     per_class: Annotated[int, typer.Option(min=1, help="Samples per class.")] = 1,
     n: Annotated[
         int | None,
-        typer.Option(min=1, help="Total samples, cycling through the classes (class-balanced)."),
+        typer.Option(
+            min=1,
+            help="Total samples, cycling through the classes (class-balanced); overrides --per-class.",
+        ),
     ] = None,
     seed: Annotated[
         int, typer.Option(help="Seed of the noise; a seed gives the same images at any batch size.")

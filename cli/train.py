@@ -247,6 +247,15 @@ def train_decoder_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size.")] = 256,
     micro_batch: MicroBatchOpt = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    warmup_steps: Annotated[
+        int | None, typer.Option(min=0, help="Warmup from 1e-6, in steps (default 10%).")
+    ] = None,
+    decay_steps: Annotated[
+        int | None, typer.Option(min=0, help="Cosine decay to 1e-8, in steps (default 10%).")
+    ] = None,
+    weight_decay: Annotated[
+        float, typer.Option(min=0.0, help="AdamW weight decay on 2-D weights.")
+    ] = 0.0,
     noise_tau: Annotated[
         float, typer.Option(min=0.0, help="Feature noise sigma ~ U(0, tau) per sample (RAE: 0.8).")
     ] = 0.8,

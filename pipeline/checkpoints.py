@@ -59,13 +59,24 @@ def load_pixel_decoder(path: str):
 
     p = Path(path)
     if p.is_file():
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "ema" in state and "decoder_embed.weight" not in state:
-            state = state["ema"]  # an RAE training checkpoint rather than the extracted decoder
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, or one that needs unpickling code
+            raise WeightsError(f"--decoder {path!r} is not a readable state dict: {e}") from e
+        if not isinstance(state, dict):
+            raise WeightsError(
+                f"--decoder {path!r} holds a {type(state).__name__}, not a state dict"
+            )
         cfg = _rae_preset(state, f"--decoder {path!r}")
     else:
         ckpt = resolve_checkpoint(path, "--decoder", "train-decoder")
-        cfg = PixelDecoderConfig(**json.loads((ckpt / "config.json").read_text()))
+        try:
+            cfg = PixelDecoderConfig(**json.loads((ckpt / "config.json").read_text()))
+        except TypeError as e:
+            raise WeightsError(
+                f"--decoder {path!r} is not a pixel decoder checkpoint ({e}); pass the --out of "
+                "`flatdino train-decoder` or RAE's model.pt"
+            ) from e
         state = load_file(str(ckpt / "model.safetensors"))
     model = PixelDecoder(cfg)
     try:

@@ -34,7 +34,6 @@ class LoaderConfig:
     num_workers: int = 2  # DataLoader processes reading blocks (0: in the main process)
     rank: int = 0
     world: int = 1
-    views: int | None = None  # draw among the first N stored views only (None: all of them)
 
 
 @dataclass
@@ -114,8 +113,7 @@ class FeatureBatches:
         group = zarr.open_group(self.path, mode="r")
         self.valid = np.asarray(group["valid"][:], dtype=bool)
         self.labels = np.asarray(group["labels"][:], dtype=np.int64)
-        stored = int(group["features"].shape[1])
-        self.num_views = min(stored, cfg.views) if cfg.views else stored
+        self.num_views = int(group["features"].shape[1])
         self.block_rows = int(group["features"].chunks[0])
         self.sample_shape = tuple(group["features"].shape[2:])  # (P, C)
         self.num_valid = int(self.valid.sum())

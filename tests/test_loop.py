@@ -75,3 +75,18 @@ def test_resume_refuses_another_setup_and_survives_an_interrupted_swap(tmp_path)
     shutil.move(tmp_path / "checkpoints", tmp_path / ".checkpoints.old")
     resume_run(None, tmp_path, model, {"toy": 1}, opt, state, D, setup)
     assert state["step"] == 3
+
+
+def test_micro_batches_short_of_a_step_at_epoch_end_are_dropped(tmp_path):
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    state = {"step": 0, "micro_step": 0, "epoch": 0}
+    hooks = LoopHooks(
+        batches=lambda e, s: [torch.ones(1, 1)] * (3 - s),  # 3 micro batches per epoch
+        loss=lambda net, x: ({"loss": net(x).mean()}, 1),  # d loss / d w = 1 per micro batch
+        lr=lambda i: 1.0, save=lambda path: None,
+    )  # fmt: skip
+    cfg = LoopConfig("toy", total=3, accum=2, grad_clip=0, ckpt_every=100, progress=False)
+    train_loop(cfg, D, tmp_path, model, opt, hooks, state)
+    assert model.weight.item() == -3.0  # three steps of mean gradient 1; a carried-over half: -3.5

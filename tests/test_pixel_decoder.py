@@ -164,3 +164,12 @@ def test_train_decoder_learns_the_digits(digits_val_store, tmp_path):
     assert metrics["step"] == 40 and mse < 0.5 * baseline, (mse, baseline)
     with pytest.raises(FlatDinoError, match="extension points"):
         train_decoder(dataclasses.replace(cfg, out=str(tmp_path / "x"), perceptual_weight=0.1))
+
+
+def test_unreadable_decoder_files_are_one_line_errors(tmp_path):
+    (tmp_path / "notes.pt").write_text("not a torch file")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(WeightsError, match="not a readable state dict"):
+        load_pixel_decoder(str(tmp_path / "notes.pt"))
+    with pytest.raises(WeightsError, match="holds a list"):
+        load_pixel_decoder(str(tmp_path / "list.pt"))

@@ -98,6 +98,15 @@ def test_all_five_commands_end_in_pngs(chain, tmp_path):
     assert grid.size == (64 + 3 * 256, 2 * 256)  # a label margin, rows = classes
     info = runner.invoke(app, ["info", str(chain / "decoder")])
     assert info.exit_code == 0 and "kind: decoder" in info.output
+    invoke("sample", "--dit", chain / "dit", "--out", out, "--n", "2", "--steps", "2", "--device", "cpu",
+           "--no-progress")  # fmt: skip  # the same --out again, without a decoder
+    assert sorted(p.name for p in out.iterdir()) == ["features.npy", "latents.npy", "sample.json"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    refused = runner.invoke(app, ["sample", "--dit", str(chain / "dit"), "--out", str(tmp_path / "mine"),
+                                  "--n", "1", "--steps", "1", "--device", "cpu"])  # fmt: skip
+    assert refused.exit_code == 1 and "not a sample run" in refused.output
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep me"
 
 
 def test_seeds_reproduce_at_any_batch_size_and_no_decoder_writes_features(chain, tmp_path):
@@ -126,3 +135,26 @@ def test_sample_refuses_a_wrong_vae_and_a_missing_dit(chain, tmp_path):
         sample(cfg)
     with pytest.raises(FlatDinoError, match="--dit .* holds no checkpoint"):
         sample(dataclasses.replace(cfg, dit=str(tmp_path), vae=None))
+
+
+def test_latents_are_denormalised_before_the_vae(tmp_path):
+    from flatdino.trainers.dit import LightningDiT, dit_preset
+    from flatdino.trainers.flow import LatentNorm
+    from flatdino.trainers.sample import generate
+
+    dit = LightningDiT(dit_preset("tiny", tokens=4, latent_dim=3))  # untrained: v = 0, so x1 = x0
+    norm = LatentNorm(torch.full((4, 3), 5.0), torch.full((4, 3), 2.0))
+    seen = []
+
+    class StubVAE:
+        def decode(self, z):
+            seen.append(z.clone())
+            return torch.zeros(len(z), 256, 8)
+
+    cfg = SampleConfig(dit="", out="", n=3, steps=2, cfg=1.0, batch_size=2, progress=False)
+    arrays = generate(
+        cfg, dit, norm, StubVAE(), None, np.zeros(3, np.int64), 3.0, torch.device("cpu"), tmp_path
+    )
+    noise = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.cat(seen), noise * 2.0 + 5.0)
+    np.testing.assert_allclose(arrays["latents"], (noise * 2.0 + 5.0).numpy(), rtol=1e-6)

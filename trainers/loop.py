@@ -133,7 +133,10 @@ def train_loop(
                 hooks.save(out / "checkpoints")
             if step >= end:
                 break
-        else:
+        else:  # the epoch ended; micro batches short of a whole step are dropped, not carried over
+            if state["micro_step"] % lc.accum:
+                opt.zero_grad(set_to_none=True)
+                summed = 0.0
             state["epoch"] += 1
             state["micro_step"] = 0
     bar.close()

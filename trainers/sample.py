@@ -4,11 +4,14 @@ Everything the model needs is read from its checkpoint: the architecture (config
 latent normalisation and the VAE the latents came from (flow.json, latent_stats.safetensors). The
 noise of all N samples is drawn at once from one seeded generator, so a seed gives the same images
 whatever the batch size. Outputs in --out:
-    grid.png          every sample, one row per class (labelled) when classes are given
+    grid.png          up to 32 classes x 16 samples, one labelled row per class when classes are
+                      given (else the first 64 samples)
     images/NNNNN_cK.png   one PNG per sample
     samples.npz       arr_0: uint8 (N, H, W, 3) and labels (N,): the ADM / OpenAI FID evaluator's layout
     latents.npy, features.npy   (N, T, d) float32 and (N, P, C) float16, with --save-features or
                       without a pixel decoder
+Everything is built in a folder beside --out, streamed batch by batch (memory stays flat for a
+50K-sample FID run), and swapped in at the end: no half-written or stale outputs.
     sample.json       the config and the identities of the checkpoints used
 """
 
@@ -102,6 +105,8 @@ def _load_vae(cfg: SampleConfig, flow: dict):
         model, sha = load_vae(resolve_vae(path))
     except FlatDinoError as e:
         raise FlatDinoError(f"{e} (the VAE the DiT's latents came from; pass --vae)") from e
+    except (TypeError, KeyError, RuntimeError) as e:  # another model's checkpoint
+        raise FlatDinoError(f"--vae {path!r} is not a FlatDINO VAE checkpoint: {e}") from e
     expected = (flow.get("latents_fingerprint") or {}).get("vae_sha256")
     if expected and sha != expected:
         raise FlatDinoError(
@@ -113,12 +118,14 @@ def _load_vae(cfg: SampleConfig, flow: dict):
 
 @torch.no_grad()
 def generate(
-    cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kappa: float, device
-) -> dict:
-    """Latents (N, T, d), features (N, P, C) and, with a decoder, uint8 images (N, H, W, 3)."""
+    cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kappa: float, device, tmp: Path
+) -> dict[str, np.ndarray]:
+    """Generate batch by batch into `tmp`: PNGs, and .npy memory maps of the latents (N, T, d),
+    features (N, P, C) float16 (when kept) and images (N, H, W, 3) uint8, so memory stays flat."""
     T, d = dit.cfg.tokens, dit.cfg.latent_dim
     noise = torch.randn(len(labels), T, d, generator=torch.Generator().manual_seed(cfg.seed))
-    out: dict[str, list] = {"latents": [], "features": [], "images": []}
+    keep_features = cfg.save_features or decoder is None
+    arrays: dict[str, np.ndarray] = {}
     for i in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", unit="batch",
                   disable=not cfg.progress):  # fmt: skip
         x0 = noise[i : i + cfg.batch_size].to(device)
@@ -126,68 +133,110 @@ def generate(
         x1 = euler_sample(dit, x0, y, cfg.steps, kappa, cfg.cfg, cfg.cfg_interval, dit.null_class)
         z = norm.denormalize(x1)  # (B, T, d) in the VAE's latent space
         feats = vae.decode(z)  # (B, P, C)
-        out["latents"].append(z.float().cpu())
-        out["features"].append(feats.half().cpu())
+        batch = {"latents": z.float().cpu().numpy()}
+        if keep_features:
+            batch["features"] = feats.half().cpu().numpy()
         if decoder is not None:
             img = decoder(feats.float()).clamp(0, 1)  # (B, 3, H, W)
-            out["images"].append((img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    return {k: torch.cat(v).numpy() for k, v in out.items() if v}
+            batch["images"] = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            for k, pixels in enumerate(batch["images"]):
+                Image.fromarray(pixels).save(tmp / "images" / f"{i + k:05d}_c{labels[i + k]}.png")
+        for name, value in batch.items():
+            if name not in arrays:
+                shape = (len(labels), *value.shape[1:])
+                arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+",
+                                                         dtype=value.dtype, shape=shape)  # fmt: skip
+            arrays[name][i : i + len(value)] = value
+    return arrays
 
 
-def make_grid(
-    images: np.ndarray, labels: np.ndarray, names: list[str] | None, by_class: bool
-) -> Image.Image:
-    """One row per class (labelled on the left) when `by_class`, else a near-square grid."""
-    n, h, w, _ = images.shape
+def grid_indices(labels: np.ndarray, by_class: bool, per_row: int = 16, rows: int = 32) -> list:
+    """The samples grid.png shows: the first `rows` classes with up to `per_row` samples each, or
+    the first 64 samples in near-square rows; a 50K-sample run still gets a small grid."""
     if by_class:
-        rows = [np.flatnonzero(labels == c) for c in dict.fromkeys(labels.tolist())]
-    else:
-        cols = int(np.ceil(np.sqrt(n)))
-        rows = [np.arange(i, min(i + cols, n)) for i in range(0, n, cols)]
+        classes = list(dict.fromkeys(labels.tolist()))[:rows]
+        return [np.flatnonzero(labels == c)[:per_row] for c in classes]
+    n = min(len(labels), 64)
+    cols = int(np.ceil(np.sqrt(n)))
+    return [np.arange(i, min(i + cols, n)) for i in range(0, n, cols)]
+
+
+def make_grid(images: np.ndarray, labels: np.ndarray, rows: list, names: list[str] | None,
+              by_class: bool) -> Image.Image:  # fmt: skip
+    """The chosen samples in rows; each class row labelled on the left when `by_class`."""
+    h, w = images.shape[1:3]
     margin = 64 if by_class else 0
-    cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (margin + cols * w, len(rows) * h), (255, 255, 255))
+    grid = Image.new("RGB", (margin + max(len(r) for r in rows) * w, len(rows) * h), "white")
     draw = ImageDraw.Draw(grid)
     for r, idx in enumerate(rows):
         if by_class:
             c = int(labels[idx[0]])
             draw.text((4, r * h + h // 2 - 6), names[c] if names else str(c), fill=(0, 0, 0))
         for k, i in enumerate(idx):
-            grid.paste(Image.fromarray(images[i]), (margin + k * w, r * h))
+            grid.paste(Image.fromarray(np.asarray(images[i])), (margin + k * w, r * h))
     return grid
 
 
-def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+def _open_out(out: Path) -> Path:
+    """A fresh folder beside --out to build the outputs in (swapped in by `_swap_in`)."""
+    if out.exists() and not out.is_dir():
+        raise FlatDinoError(f"--out {str(out)!r} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "sample.json").exists():
+        raise FlatDinoError(
+            f"--out {str(out)!r} holds files that are not a sample run; choose another --out"
+        )
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    (tmp / "images").mkdir(parents=True)
+    return tmp
 
 
-def write_outputs(
-    cfg: SampleConfig, result: dict, labels: np.ndarray, names: list[str] | None
-) -> list[str]:
-    """Write the files of the module docstring; returns their names."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace --out (a previous sample run, if any) by the finished folder: no stale files."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_outputs(cfg: SampleConfig, tmp: Path, arrays: dict, labels: np.ndarray,
+                  names: list[str] | None) -> list[str]:  # fmt: skip
+    """samples.npz and grid.png from the image map; drop the maps that are not outputs."""
     written = []
-    if "images" in result:
-        images = result["images"]
-        tmp = out / ".images.tmp"  # written aside, then swapped in: no stale PNGs of an older run
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for i, (img, c) in enumerate(zip(images, labels, strict=True)):
-            Image.fromarray(img).save(tmp / f"{i:05d}_c{c}.png")
-        shutil.rmtree(out / "images", ignore_errors=True)
-        os.replace(tmp, out / "images")
-        _save_atomic(out / "samples.npz", lambda p: np.savez(p, arr_0=images, labels=labels))
-        grid = make_grid(images, labels, names, by_class=cfg.classes is not None)
-        _save_atomic(out / "grid.png", grid.save)
-        written += ["grid.png", f"images/ ({len(images)} PNGs)", "samples.npz"]
-    if cfg.save_features or "images" not in result:
-        _save_atomic(out / "latents.npy", lambda p: np.save(p, result["latents"]))
-        _save_atomic(out / "features.npy", lambda p: np.save(p, result["features"]))
+    if "images" in arrays:
+        images = arrays.pop("images")
+        np.savez(tmp / "samples.npz", arr_0=images, labels=labels)  # streamed from the map
+        by_class = cfg.classes is not None
+        grid = make_grid(images, labels, grid_indices(labels, by_class), names, by_class)
+        grid.save(tmp / "grid.png")
+        del images
+        (tmp / "images.npy").unlink()
+        written += ["grid.png", f"images/ ({len(labels)} PNGs)", "samples.npz"]
+    else:
+        (tmp / "images").rmdir()
+    if "features" in arrays:
         written += ["latents.npy", "features.npy"]
+    else:
+        (tmp / "latents.npy").unlink()
+    arrays.clear()
     return written
+
+
+def _check_pair(decoder, vae, flow: dict, cfg: SampleConfig) -> None:
+    if decoder is not None and (decoder.cfg.num_patches, decoder.cfg.in_dim) != (
+        vae.cfg.num_patches, vae.cfg.in_dim):  # fmt: skip
+        raise FlatDinoError(
+            f"--decoder expects ({decoder.cfg.num_patches}, {decoder.cfg.in_dim}) features but the "
+            f"VAE produces ({vae.cfg.num_patches}, {vae.cfg.in_dim}); use a decoder for this backbone"
+        )
+    if cfg.cfg != 1.0 and not flow.get("class_dropout"):
+        raise FlatDinoError(
+            "the DiT was trained without class dropout, so its null class never learned; "
+            "sample with --cfg 1"
+        )
 
 
 def sample(cfg: SampleConfig) -> dict:
@@ -199,24 +248,19 @@ def sample(cfg: SampleConfig) -> dict:
     labels = class_labels(cfg, dit.cfg.num_classes)
     vae = _load_vae(cfg, flow)
     decoder = load_pixel_decoder(cfg.decoder)[0] if cfg.decoder else None
-    if decoder is not None and (decoder.cfg.num_patches, decoder.cfg.in_dim) != (
-        vae.cfg.num_patches,
-        vae.cfg.in_dim,
-    ):
-        raise FlatDinoError(
-            f"--decoder expects ({decoder.cfg.num_patches}, {decoder.cfg.in_dim}) features but the VAE "
-            f"produces ({vae.cfg.num_patches}, {vae.cfg.in_dim}); use a decoder for this backbone"
-        )
+    _check_pair(decoder, vae, flow, cfg)
     for m in (dit, norm, vae, decoder):
         if m is not None:
             m.to(device)
+    out = Path(cfg.out)
+    tmp = _open_out(out)
     tic = time.perf_counter()
-    result = generate(cfg, dit, norm, vae, decoder, labels, float(flow["kappa"]), device)
+    arrays = generate(cfg, dit, norm, vae, decoder, labels, float(flow["kappa"]), device, tmp)
     seconds = time.perf_counter() - tic
-    written = write_outputs(cfg, result, labels, flow.get("class_names"))
+    written = write_outputs(cfg, tmp, arrays, labels, flow.get("class_names"))
     record = {"config": asdict(cfg), "dit_checkpoint": str(ckpt.resolve()), "flow": flow,
               "samples": len(labels), "seconds": seconds}  # fmt: skip
-    _save_atomic(Path(cfg.out) / "sample.json",
-                 lambda p: p.write_text(json.dumps(record, indent=2, default=str)))  # fmt: skip
+    (tmp / "sample.json").write_text(json.dumps(record, indent=2, default=str))
+    _swap_in(tmp, out)
     return {"out": cfg.out, "samples": len(labels), "seconds": seconds, "written": written,
-            "images": "images" in result}  # fmt: skip
+            "images": decoder is not None}  # fmt: skip

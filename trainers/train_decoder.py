@@ -92,7 +92,8 @@ def decoder_loss(
     diff = pred.float() - target.float()
     l1 = diff.abs().flatten(1).mean(1).sum() / n
     mse = diff.pow(2).flatten(1).mean(1).sum() / n
-    return {"loss": cfg.l1_weight * l1 + cfg.mse_weight * mse, "l1": l1, "mse": mse}
+    psnr = -10 * torch.log10(mse.detach().clamp_min(1e-10))  # of the batch, for the logs
+    return {"loss": cfg.l1_weight * l1 + cfg.mse_weight * mse, "l1": l1, "mse": mse, "psnr": psnr}
 
 
 def add_feature_noise(x: torch.Tensor, tau: float) -> torch.Tensor:
@@ -113,6 +114,17 @@ class TargetImages:
                                     for k, v in fp.get("preprocessing", {}).items()})  # fmt: skip
         self.paths = store.manifest().column("path").to_pylist()
         self.pool = ThreadPoolExecutor(max(1, threads))
+        first = (
+            int(np.flatnonzero(store.group["valid"][:])[0]) if store.attrs.get("num_valid") else 0
+        )
+        try:
+            self.one(first, 0)
+        except Exception as e:  # moved or deleted source images: say so before any training
+            raise FlatDinoError(
+                f"cannot read the images of --features {str(store.path)!r} back (first: "
+                f"{self.paths[first]!r} under {self.root!r}: {e}); train-decoder needs the images "
+                "at the paths extract-features read them from"
+            ) from e
 
     def one(self, row: int, view: int) -> np.ndarray:
         with load_image(self.kind, self.root, self.paths[row]) as img:
@@ -141,7 +153,8 @@ def _check(cfg: TrainDecoderConfig, store: FeatureStore) -> None:
     if cfg.perceptual_weight or cfg.adversarial_weight:
         raise FlatDinoError(
             "perceptual and adversarial terms are extension points without weights here "
-            "(LPIPS / a DINO discriminator); leave --perceptual-weight and --adversarial-weight at 0"
+            "(LPIPS / a DINO discriminator); set perceptual_weight and adversarial_weight to 0 "
+            "in the --config file"
         )
 
 
@@ -153,11 +166,11 @@ def train_decoder(cfg: TrainDecoderConfig) -> dict:
     _check(cfg, store)
     _, _, p, c = store.features.shape
     model_cfg = pixel_decoder_preset(cfg.preset, in_dim=int(c), num_patches=int(p))
-    setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
     micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
+    targets = TargetImages(store, cfg.image_threads)  # checks that the images can be read back
+    setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
     loader = FeatureBatches(cfg.features, LoaderConfig(micro, cfg.seed, 1024, cfg.num_workers,
                                                        d.rank, d.world))  # fmt: skip
-    targets = TargetImages(store, cfg.image_threads)
     schedule = make_schedule(cfg, max(1, loader.steps_per_epoch() // accum))
     torch.manual_seed(cfg.seed)
     model = PixelDecoder(model_cfg).to(d.device)

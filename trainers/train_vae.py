@@ -144,13 +144,13 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         check_store(FeatureStore(cfg.val_features), model_cfg, "--val-features")
     if cfg.steps is None and cfg.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
+    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)  # before the run folder exists
     setup_run_dir(
         out,
         {"train": asdict(cfg), "model": model_cfg.to_dict()},
         d,
         cfg.resume or bool(cfg.resume_from),
     )
-    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
     torch.manual_seed(cfg.seed)
     model = FlatDinoVAE(model_cfg).to(d.device)
     loader = FeatureBatches(
