@@ -90,3 +90,12 @@ def test_micro_batches_short_of_a_step_at_epoch_end_are_dropped(tmp_path):
     cfg = LoopConfig("toy", total=3, accum=2, grad_clip=0, ckpt_every=100, progress=False)
     train_loop(cfg, D, tmp_path, model, opt, hooks, state)
     assert model.weight.item() == -3.0  # three steps of mean gradient 1; a carried-over half: -3.5
+
+
+def test_an_epoch_without_batches_is_an_error_not_a_hang(tmp_path):
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = LoopHooks(batches=lambda e, s: [], loss=None, lr=lambda i: 0.1, save=lambda p: None)
+    cfg = LoopConfig("toy", total=2, progress=False)
+    with pytest.raises(FlatDinoError, match="no batch"):
+        train_loop(cfg, D, tmp_path, model, opt, hooks, {"step": 0, "micro_step": 0, "epoch": 0})

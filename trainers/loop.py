@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from flatdino.pipeline.errors import FlatDinoError
+
 from .optim import set_lr
 from .runner import Dist, NonFiniteLossError, all_reduce_mean, append_metrics
 
@@ -98,6 +100,7 @@ def train_loop(
     metrics: dict = {}
     tic, seen, summed = time.perf_counter(), 0, 0.0
     while state["step"] < end:
+        first_micro = state["micro_step"]
         for batch in hooks.batches(state["epoch"], state["micro_step"]):
             sync = (state["micro_step"] + 1) % lc.accum == 0
             parts, n = _micro_step(net, batch, hooks, lc, d, sync)
@@ -134,6 +137,11 @@ def train_loop(
             if step >= end:
                 break
         else:  # the epoch ended; micro batches short of a whole step are dropped, not carried over
+            if first_micro == state["micro_step"] == 0:
+                raise FlatDinoError(
+                    f"{lc.name}: an epoch holds no batch (no valid rows, or --batch-size larger "
+                    "than the data); check the store with `flatdino info`"
+                )
             if state["micro_step"] % lc.accum:
                 opt.zero_grad(set_to_none=True)
                 summed = 0.0

@@ -64,6 +64,14 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, dev)
 
 
+def wrap_model(model: nn.Module, d: Dist, compile: bool) -> nn.Module:
+    """The module the loop calls: DDP across ranks, then torch.compile when asked."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = DDP(model) if d.world > 1 else model
+    return torch.compile(net) if compile else net
+
+
 def split_batch(batch_size: int, micro_batch: int | None, d: Dist) -> tuple[int, int]:
     """(per-device micro batch, accumulation steps) that make up the global --batch-size."""
     micro = micro_batch or batch_size // d.world

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
@@ -41,6 +40,7 @@ from .runner import (
     setup_run_dir,
     split_batch,
     trainer_state,
+    wrap_model,
 )  # fmt: skip
 
 log = logging.getLogger("flatdino.train")
@@ -180,8 +180,7 @@ def train_decoder(cfg: TrainDecoderConfig) -> dict:
     seed_ranks(cfg.seed, d)
     if cfg.resume:
         resume_run(None, out, model, model_cfg.to_dict(), opt, state, d, setup)
-    net = DDP(model) if d.world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
+    net = wrap_model(model, d, cfg.compile)
     log.info("pixel decoder %s: %.2fM parameters, %d steps, accum %d", cfg.preset,
              sum(q.numel() for q in model.parameters()) / 1e6, schedule.total, accum)  # fmt: skip
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import zarr
 from timm.utils import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.latents import KIND as LATENTS
@@ -41,6 +40,7 @@ from .runner import (
     setup_run_dir,
     split_batch,
     trainer_state,
+    wrap_model,
 )  # fmt: skip
 
 log = logging.getLogger("flatdino.train")
@@ -175,8 +175,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
     seed_ranks(cfg.seed, d)
     if cfg.resume:
         resume_run(None, out, model, model_cfg.to_dict(), opt, state, d, setup, {"ema": ema.module})
-    net = DDP(model) if d.world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
+    net = wrap_model(model, d, cfg.compile)
     log.info("model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
              cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
              model_cfg.latent_dim, model_cfg.num_classes, schedule.total, steps_per_epoch, accum)  # fmt: skip

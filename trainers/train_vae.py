@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
@@ -27,6 +26,7 @@ from .runner import (
     setup_run_dir,
     split_batch,
     trainer_state,
+    wrap_model,
 )  # fmt: skip
 from .vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
 
@@ -168,8 +168,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     seed_ranks(cfg.seed, d)
     if cfg.resume or cfg.resume_from:
         resume_run(cfg.resume_from, out, model, model_cfg.to_dict(), opt, state, d, setup)
-    net = DDP(model) if d.world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
+    net = wrap_model(model, d, cfg.compile)
     log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
              cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
              model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, accum)  # fmt: skip
