@@ -274,5 +274,32 @@ app.command(
 app.command("sample")(sample_cmd)
 
 
+@app.command("flops")
+def flops_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print both tables as JSON.")] = False,
+) -> None:
+    """The paper's FLOP accounting (Appendix H, Tables 7-9) beside this project's modules, counted."""
+    from dataclasses import asdict
+
+    from flatdino.trainers.flops import paper_table, project_table
+
+    paper, ours = paper_table(), project_table()
+    if as_json:
+        typer.echo(json.dumps({"paper": [asdict(r) for r in paper], "project": ours}, indent=2))
+        return
+    typer.echo("Paper, Appendix H formula: GFLOPs per sample, one multiply-add = one FLOP")
+    typer.echo(f"  {'model':10s} {'latent':9s} {'S':>4s} {'forward':>8s} {'train':>8s} "
+               f"{'encoding':>9s} {'total':>8s} {'reduction':>9s}")  # fmt: skip
+    for r in paper:
+        red = f"{r.reduction:8.1f}x" if r.reduction else ""
+        typer.echo(f"  {r.model:10s} {r.latent:9s} {r.seq:4d} {r.forward:8.1f} {r.train:8.1f} "
+                   f"{r.encoding:9.1f} {r.total:8.1f} {red:>9s}")  # fmt: skip
+    typer.echo("This project's modules, forward multiply-adds counted by torch.utils.flop_counter")
+    for r in ours:
+        seq = f"S={r['seq']}" if r["seq"] else ""
+        typer.echo(f"  {r['module']:17s} {r['latent']:9s} {seq:6s} {r['params_M']:8.1f}M params "
+                   f"{r['forward_G']:8.1f} GFLOPs")  # fmt: skip
+
+
 if __name__ == "__main__":  # `python -m flatdino.cli.main`, as the tests run it in a subprocess
     app()

@@ -1,0 +1,61 @@
+"""`flatdino flops`: the Appendix H formula reproduces the paper's Tables 7-9; the counter sees
+this project's modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flatdino.cli.main import app
+from flatdino.trainers.flops import count_forward_flops, layer_flops, paper_table
+
+# (model, latent): (forward, train, encoding, total) in GFLOPs, Tables 7-9 of the paper.
+PAPER = {
+    ("DiT-L", "RAE"): (80.5, 241.5, 23.4, 264.9), ("DiT-L", "FlatDINO"): (9.7, 29.1, 49.4, 78.5),
+    ("DiT-XL", "RAE"): (118.4, 355.2, 23.4, 378.6), ("DiT-XL", "FlatDINO"): (14.3, 42.9, 49.4, 92.3),
+    ("DiT-DH-XL", "RAE"): (144.7, 434.1, 23.4, 457.5), ("DiT-DH-XL", "FlatDINO"): (17.5, 52.5, 49.4, 101.9),
+}  # fmt: skip
+REDUCTION = {"DiT-L": 3.4, "DiT-XL": 4.1, "DiT-DH-XL": 4.5}
+
+
+def test_formula_reproduces_tables_7_to_9():
+    rows = paper_table()
+    assert {(r.model, r.latent) for r in rows} == set(PAPER)
+    for r in rows:
+        # the paper rounds (and truncates 17.56 to 17.5), so compare to 0.5%
+        for ours, theirs in zip((r.forward, r.train, r.encoding, r.total), PAPER[r.model, r.latent], strict=True):  # fmt: skip
+            assert ours == pytest.approx(theirs, rel=5e-3), (r.model, r.latent, ours, theirs)
+        if r.latent == "FlatDINO":
+            assert round(r.reduction, 1) == REDUCTION[r.model]
+    lin, att = layer_flops(256, 1152)
+    assert (round(lin / 1e9, 2), round(att / 1e9, 2)) == (4.08, 0.15)  # Table 7, DiT-XL on RAE
+
+
+def test_counter_agrees_with_the_formula_on_a_plain_layer():
+    """A bare attention + SwiGLU layer counted by torch equals 12SD^2 + 2S^2D."""
+    from timm.layers import SwiGLU
+
+    S, D = 32, 96
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(D, 3 * D), torch.nn.Linear(D, D)
+            self.mlp = SwiGLU(D, 8 * D // 3)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(1, S, 3, 4, D // 4).permute(2, 0, 3, 1, 4)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            x = x + self.proj(a.transpose(1, 2).reshape(1, S, D))
+            return x + self.mlp(x)
+
+    with torch.device("meta"):  # as project_table counts (CPU's fused SDPA kernel is not counted)
+        assert count_forward_flops(Layer(), torch.empty(1, S, D)) == sum(layer_flops(S, D))
+
+
+def test_flops_command_prints_both_tables():
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["flops"])
+    assert result.exit_code == 0, result.output
+    assert "DiT-XL     FlatDINO    32     14.3" in result.output and "4.1x" in result.output
+    assert "dit-xl" in result.output and "675.1M params" in result.output
