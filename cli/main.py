@@ -12,6 +12,7 @@ import typer
 from flatdino.pipeline.backbone import BACKBONES
 from flatdino.pipeline.errors import FlatDinoError
 
+from .evals import eval_app
 from .options import (
     Backend,
     BackendOpt,
@@ -272,6 +273,7 @@ app.command(
     help="Train a pixel decoder from cached DINOv2 features to their images (RAE architecture).",
 )(train_decoder_cmd)
 app.command("sample")(sample_cmd)
+app.add_typer(eval_app, name="eval")
 
 
 @app.command("flops")

@@ -1,0 +1,54 @@
+"""The `flatdino eval …` commands: measurements on stores and runs, as JSON and a short table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flatdino.pipeline.errors import FlatDinoError
+
+from .options import fail
+
+eval_app = typer.Typer(
+    help="Evaluation and analysis: each command prints a table and can write a JSON result.",
+    no_args_is_help=True,
+)
+
+
+@eval_app.command("knn")
+def knn_cmd(
+    train: Annotated[
+        list[Path],
+        typer.Option(help="Train store (features or latents); repeat to evaluate several pairs."),
+    ],
+    val: Annotated[
+        list[Path], typer.Option(help="Validation store, paired in order with --train.")
+    ],
+    k: Annotated[int, typer.Option(min=1, help="Neighbours that vote (DINO: 20).")] = 20,
+    temperature: Annotated[
+        float, typer.Option(min=1e-6, help="Votes weigh exp(similarity / T) (DINO: 0.07).")
+    ] = 0.07,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the results to this JSON file.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda for the similarity search.")] = "cpu",
+) -> None:
+    """Weighted k-NN top-1/top-5 on mean-pooled, L2-normalised view-0 vectors of each store pair."""
+    from flatdino.trainers.eval_knn import knn_eval
+
+    if len(train) != len(val):
+        fail(f"give one --val per --train; got {len(train)} --train and {len(val)} --val")
+    try:
+        results = knn_eval(
+            [(str(a), str(b)) for a, b in zip(train, val, strict=True)], k, temperature, device
+        )
+    except FlatDinoError as e:
+        fail(str(e))
+    for r in results:
+        typer.echo(f"{r['kind']:18s} dim {r['dim']:5d}  top-1 {100 * r['top1']:6.2f}%  "
+                   f"top-5 {100 * r['top5']:6.2f}%  ({r['n_train']} train, {r['n_val']} val)  {r['train']}")  # fmt: skip
+    if out:
+        out.write_text(json.dumps(results, indent=2))
