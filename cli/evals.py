@@ -52,3 +52,33 @@ def knn_cmd(
                    f"top-5 {100 * r['top5']:6.2f}%  ({r['n_train']} train, {r['n_val']} val)  {r['train']}")  # fmt: skip
     if out:
         out.write_text(json.dumps(results, indent=2))
+
+
+@eval_app.command("redundancy")
+def redundancy_cmd(
+    features: Annotated[
+        Path, typer.Option(help="Feature store (its images are re-read for the pixel side).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for redundancy.json and redundancy.png.")],
+    images: Annotated[int, typer.Option(min=1, help="Valid images used (the first N).")] = 256,
+    fraction: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="Variance fraction the PCA must explain.")
+    ] = 0.95,
+) -> None:
+    """PCA dims of DINOv2 patch features vs raw pixel patches, and similarity vs patch distance."""
+    from flatdino.trainers.eval_redundancy import plot_redundancy, redundancy
+
+    try:
+        result = redundancy(str(features), images, fraction)
+    except FlatDinoError as e:
+        fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "redundancy.json").write_text(json.dumps(result, indent=2))
+    plot_redundancy(result, str(out / "redundancy.png"))
+    typer.echo(f"PCA components for {fraction:.0%} of the variance ({result['images']} images): "
+               f"DINOv2 patches {result['feature_pca_dims']}/{result['feature_dims']}, "
+               f"pixel patches {result['pixel_pca_dims']}/{result['pixel_dims']}")  # fmt: skip
+    near = dict(zip(result["distance"], result["cosine_similarity"], strict=True))
+    typer.echo("mean cosine similarity by patch distance: "
+               + ", ".join(f"{d}: {near[d]:.3f}" for d in list(near)[:6]))  # fmt: skip
+    typer.echo(f"wrote {out / 'redundancy.json'} and {out / 'redundancy.png'}")

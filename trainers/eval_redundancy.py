@@ -1,0 +1,114 @@
+"""`flatdino eval redundancy`: how redundant DINOv2 patch features are (paper §4.2, Table 3, Fig. 5).
+
+Two measurements on the first `images` valid images of a feature store (view 0):
+- PCA: the number of principal components that hold 95% of the variance of the patch features
+  (C dims per patch) against that of the raw pixel patches they came from (14×14×3 = 588 dims of
+  the 224×224 backbone input, re-read through the store's manifest);
+- spatial redundancy: the mean cosine similarity between two patch features of the same image
+  against the distance between the patches on the 16×16 grid (in patch units, rounded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, to_rgb
+from flatdino.pipeline.sources import load_image
+from flatdino.pipeline.store import FeatureStore
+
+
+def pca_dims(x: np.ndarray, fraction: float = 0.95) -> int:
+    """Components needed to explain `fraction` of the variance of the rows of x (n, D)."""
+    x = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    x = x - x.mean(0)
+    var = torch.linalg.svdvals(x) ** 2  # the PCA spectrum, largest first
+    explained = torch.cumsum(var, 0) / var.sum()
+    return (
+        int(torch.searchsorted(explained, torch.tensor(fraction, dtype=explained.dtype)).item()) + 1
+    )
+
+
+def similarity_by_distance(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, mean cosine similarity at each) over images of patch features (n, P, C)."""
+    n, p, _ = features.shape
+    side = math.isqrt(p)
+    ys, xs = np.divmod(np.arange(p), side)
+    dist = np.rint(np.hypot(ys[:, None] - ys[None], xs[:, None] - xs[None])).astype(
+        np.int64
+    )  # (P, P)
+    f = F.normalize(torch.from_numpy(features.astype(np.float32)), dim=-1)
+    sim = (f @ f.transpose(1, 2)).mean(0).numpy()  # (P, P), averaged over images
+    bins = np.unique(dist)
+    return bins, np.array([sim[dist == b].mean() for b in bins])
+
+
+def pixel_patches(store: FeatureStore, rows: np.ndarray, patch: int = 14) -> np.ndarray:
+    """(len(rows)·P, patch·patch·3) raw pixels in [0, 1] of the backbone input (view 0)."""
+    fp = store.attrs.get("fingerprint", {})
+    kind, root = fp.get("input", {}).get("kind"), store.attrs.get("input_root", "")
+    recipe = ViewRecipe(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in fp.get("preprocessing", {}).items()})  # fmt: skip
+    paths = store.manifest().column("path").to_pylist()
+    out = []
+    for r in rows:
+        try:
+            with load_image(kind, root, paths[r]) as img:
+                crop = adm_center_crop(to_rgb(img), recipe.crop_size)
+        except Exception as e:
+            raise FlatDinoError(
+                f"cannot read image {paths[r]!r} of {str(store.path)!r} back: {e}"
+            ) from e
+        x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255  # (1, 3, 256, 256)
+        size = (recipe.input_size, recipe.input_size)
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        out.append(F.unfold(x, patch, stride=patch)[0].T.numpy())  # (P, 3·patch·patch)
+    return np.concatenate(out)
+
+
+def redundancy(features: str, images: int = 256, fraction: float = 0.95) -> dict:
+    """Both measurements on the first `images` valid images of a feature store."""
+    store = FeatureStore(features)
+    rows = np.flatnonzero(np.asarray(store.group["valid"][:], dtype=bool))[:images]
+    if len(rows) == 0:
+        raise FlatDinoError(f"--features {features!r} holds no valid image")
+    feats = store.features.get_orthogonal_selection((rows, 0)).astype(np.float32)  # (n, P, C)
+    pixels = pixel_patches(store, rows)
+    distances, similarity = similarity_by_distance(feats)
+    return {
+        "features": features, "images": int(len(rows)), "fraction": fraction,
+        "feature_dims": int(feats.shape[-1]), "feature_pca_dims": pca_dims(feats.reshape(-1, feats.shape[-1]), fraction),
+        "pixel_dims": int(pixels.shape[1]), "pixel_pca_dims": pca_dims(pixels, fraction),
+        "distance": distances.tolist(), "cosine_similarity": similarity.tolist(),
+    }  # fmt: skip
+
+
+def plot_redundancy(result: dict, path: str) -> None:
+    """Left: PCA dims for the variance fraction; right: similarity against patch distance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = [
+        f"DINOv2 patches\n({result['feature_dims']} dims)",
+        f"pixel patches\n({result['pixel_dims']} dims)",
+    ]
+    a.bar(
+        names,
+        [result["feature_pca_dims"], result["pixel_pca_dims"]],
+        color=["tab:blue", "tab:gray"],
+    )
+    a.set_ylabel(f"PCA components for {result['fraction']:.0%} variance")
+    b.plot(result["distance"], result["cosine_similarity"], marker="o")
+    b.set_xlabel("distance between patches (patch units)")
+    b.set_ylabel("mean cosine similarity")
+    fig.suptitle(f"{result['images']} images of {result['features']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
