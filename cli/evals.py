@@ -113,3 +113,36 @@ def ablate_cmd(
     typer.echo(f"{heat.shape[0]} tokens x {heat.shape[1]} patches; mean change per token "
                f"{heat.mean():.4f} (min {heat.mean(1).min():.4f}, max {heat.mean(1).max():.4f}); "
                f"wrote {out / 'ablation.png'}")  # fmt: skip
+
+
+@eval_app.command("noise")
+def noise_cmd(
+    features: Annotated[Path, typer.Option(help="Feature store (view 0 of its valid images).")],
+    vae: Annotated[Path, typer.Option(help="train-vae run folder or checkpoint folder.")],
+    out: Annotated[Path, typer.Option(help="Folder for noise.json and noise.png.")],
+    decoder: Annotated[
+        Path | None,
+        typer.Option(help="Pixel decoder (RAE model.pt or train-decoder run): adds PSNR."),
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, help="Valid images used (the first N).")] = 64,
+    steps: Annotated[int, typer.Option(min=2, help="Noise levels on [0, 1].")] = 11,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Gaussian noise on the latents vs on the DINOv2 features: feature error (and PSNR) vs sigma."""
+    from flatdino.trainers.eval_noise import noise_eval, plot_noise
+
+    try:
+        result = noise_eval(
+            str(features), str(vae), str(decoder) if decoder else None, images, steps, device
+        )
+    except FlatDinoError as e:
+        fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "noise.json").write_text(json.dumps(result, indent=2))
+    plot_noise(result, str(out / "noise.png"))
+    typer.echo(f"  {'sigma':>5s}  {'latents':>8s}  {'features':>8s}   relative feature error")
+    for s, a, b in zip(
+        result["sigma"], result["latent_rel_err"], result["feature_rel_err"], strict=True
+    ):
+        typer.echo(f"  {s:5.2f}  {a:8.4f}  {b:8.4f}")
+    typer.echo(f"wrote {out / 'noise.json'} and {out / 'noise.png'}")
