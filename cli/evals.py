@@ -146,3 +146,49 @@ def noise_cmd(
     ):
         typer.echo(f"  {s:5.2f}  {a:8.4f}  {b:8.4f}")
     typer.echo(f"wrote {out / 'noise.json'} and {out / 'noise.png'}")
+
+
+bench_app = typer.Typer(
+    help="Benchmarks that print ratios measured side by side.", no_args_is_help=True
+)
+
+
+@bench_app.command("throughput")
+def throughput_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for throughput.csv and throughput.png.")],
+    preset: Annotated[
+        str, typer.Option(help="DiT preset (same model on both latent shapes).")
+    ] = "dit-xl",
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,2,4,8,16",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32, or bf16 autocast (GPUs).")] = "fp32",
+    seconds: Annotated[
+        float, typer.Option(min=0.0, help="Timing per point, after a warm-up.")
+    ] = 2.0,
+) -> None:
+    """DiT forward passes per second against batch size, 32 vs 256 tokens (Figures 15-17)."""
+    import csv
+
+    from flatdino.trainers.dit import DIT_PRESETS
+    from flatdino.trainers.throughput import plot_throughput, throughput
+
+    if preset not in DIT_PRESETS or dtype not in ("fp32", "bf16"):
+        fail(f"--preset must be one of {sorted(DIT_PRESETS)} and --dtype fp32 or bf16")
+    try:
+        sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        fail(f"--batches must be integers like 1,2,4; got {batches!r}")
+    rows = throughput(preset, sizes, device, dtype, seconds)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "throughput.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_throughput(rows, str(out / "throughput.png"))
+    by = {(r["latent"], r["batch"]): r["samples_per_s"] for r in rows}
+    for b in sizes:
+        flat, rae = by["FlatDINO", b], by["RAE", b]
+        typer.echo(
+            f"  batch {b:4d}: 32 tokens {flat:10.2f}/s  256 tokens {rae:10.2f}/s  ratio {flat / rae:5.2f}x"
+        )
+    typer.echo(f"wrote {out / 'throughput.csv'} and {out / 'throughput.png'}")

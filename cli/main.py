@@ -12,7 +12,7 @@ import typer
 from flatdino.pipeline.backbone import BACKBONES
 from flatdino.pipeline.errors import FlatDinoError
 
-from .evals import eval_app
+from .evals import bench_app, eval_app
 from .options import (
     Backend,
     BackendOpt,
@@ -274,6 +274,7 @@ app.command(
 )(train_decoder_cmd)
 app.command("sample")(sample_cmd)
 app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
 
 
 @app.command("flops")
