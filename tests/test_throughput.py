@@ -13,7 +13,7 @@ def test_throughput_writes_csv_and_plot(tmp_path):
     result = CliRunner().invoke(app, ["bench", "throughput", "--preset", "tiny", "--batches", "1,2",
                                       "--seconds", "0", "--out", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader(open(tmp_path / "throughput.csv")))
+    rows = list(csv.DictReader((tmp_path / "throughput.csv").read_text().splitlines()))
     assert [(r["latent"], r["tokens"], r["batch"]) for r in rows] == [
         ("FlatDINO", "32", "1"), ("FlatDINO", "32", "2"), ("RAE", "256", "1"), ("RAE", "256", "2")]  # fmt: skip
     assert all(float(r["samples_per_s"]) > 0 for r in rows)
