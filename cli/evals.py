@@ -192,3 +192,81 @@ def throughput_cmd(
             f"  batch {b:4d}: 32 tokens {flat:10.2f}/s  256 tokens {rae:10.2f}/s  ratio {flat / rae:5.2f}x"
         )
     typer.echo(f"wrote {out / 'throughput.csv'} and {out / 'throughput.png'}")
+
+
+@eval_app.command("fid")
+def fid_cmd(
+    real: Annotated[
+        Path,
+        typer.Option(
+            help="Reference set: image folder, samples.npz, feature store, features.npy or stats .npz."
+        ),
+    ],
+    fake: Annotated[
+        Path,
+        typer.Option(
+            help="Set to compare (e.g. the samples.npz of `flatdino sample`), same kinds."
+        ),
+    ],
+    space: Annotated[
+        str,
+        typer.Option(
+            help="inception (standard FID) or dinov2 (FD-DINOv2, the pipeline's backbone)."
+        ),
+    ] = "inception",
+    backbone: Annotated[
+        str, typer.Option(help="Backbone for images in the dinov2 space (as extract-features).")
+    ] = "dinov2-vitb14-reg",
+    weights: Annotated[
+        Path | None, typer.Option(help="Local backbone weights (as extract-features --weights).")
+    ] = None,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)."
+        ),
+    ] = None,
+    save_stats: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the reference set's mu and sigma to this .npz, to reuse as --real."
+        ),
+    ] = None,
+    precision_recall: Annotated[
+        bool,
+        typer.Option(
+            "--precision-recall",
+            help="Also k-NN precision and recall (k=3; needs vectors, not stats).",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the result to this JSON file.")
+    ] = None,
+) -> None:
+    """Fréchet distance (and precision/recall) between a reference set and another set."""
+    from flatdino.trainers import eval_fid
+
+    if space not in ("inception", "dinov2"):
+        fail(f"--space must be inception or dinov2; got {space!r}")
+    try:
+        options = dict(space=space, backbone=backbone, weights=str(weights) if weights else None,
+                       inception_weights=str(inception_weights) if inception_weights else None)  # fmt: skip
+        real_x, real_stats = eval_fid.load_set(str(real), **options)
+        fake_x, fake_stats = eval_fid.load_set(str(fake), **options)
+        result = {"real": str(real), "fake": str(fake), "space": space,
+                  "fd": eval_fid.frechet_distance(real_stats, fake_stats)}  # fmt: skip
+        if precision_recall:
+            if real_x is None or fake_x is None:
+                raise FlatDinoError(
+                    "--precision-recall needs both sets as samples, not saved statistics"
+                )
+            result.update(eval_fid.precision_recall(real_x, fake_x))
+    except FlatDinoError as e:
+        fail(str(e))
+    if save_stats:
+        np.savez(save_stats, mu=real_stats[0], sigma=real_stats[1])
+    typer.echo(
+        "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    )
+    if out:
+        out.write_text(json.dumps(result, indent=2))
