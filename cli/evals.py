@@ -270,3 +270,49 @@ def fid_cmd(
     )
     if out:
         out.write_text(json.dumps(result, indent=2))
+
+
+@eval_app.command("rfid")
+def rfid_cmd(
+    features: Annotated[
+        Path, typer.Option(help="Validation feature store (its images are re-read).")
+    ],
+    vae: Annotated[Path, typer.Option(help="train-vae run folder or checkpoint folder.")],
+    decoder: Annotated[
+        Path, typer.Option(help="Pixel decoder: RAE's model.pt or a train-decoder run.")
+    ],
+    space: Annotated[str, typer.Option(help="inception or dinov2 (see `eval fid`).")] = "inception",
+    backbone: Annotated[
+        str, typer.Option(help="Backbone of the dinov2 space.")
+    ] = "dinov2-vitb14-reg",
+    weights: Annotated[Path | None, typer.Option(help="Local backbone weights.")] = None,
+    inception_weights: Annotated[
+        Path | None, typer.Option(help="Local FID Inception weights file.")
+    ] = None,
+    images: Annotated[int, typer.Option(min=2, help="Valid images used (the first N).")] = 1000,
+    device: Annotated[str, typer.Option(help="cpu or cuda for the VAE and the decoder.")] = "cpu",
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the result to this JSON file.")
+    ] = None,
+) -> None:
+    """rFID: images vs decoder(VAE(features)), and vs decoder(features) to isolate the VAE's cost."""
+    from flatdino.trainers import eval_fid
+
+    try:
+        sets = eval_fid.reconstructions(
+            str(features), str(vae), str(decoder), images, device=device
+        )
+        stats = {name: eval_fid.statistics(eval_fid.image_vectors(
+                     x, space, backbone, str(weights) if weights else None,
+                     str(inception_weights) if inception_weights else None)) for name, x in sets.items()}  # fmt: skip
+    except FlatDinoError as e:
+        fail(str(e))
+    result = {"space": space, "images": int(len(sets["images"])),
+              "rfid": eval_fid.frechet_distance(stats["images"], stats["vae_decoder"]),
+              "rfid_decoder_only": eval_fid.frechet_distance(stats["images"], stats["decoder"]),
+              "fd_vae_vs_decoder_only": eval_fid.frechet_distance(stats["decoder"], stats["vae_decoder"])}  # fmt: skip
+    typer.echo(
+        "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    )
+    if out:
+        out.write_text(json.dumps(result, indent=2))

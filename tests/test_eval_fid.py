@@ -76,3 +76,21 @@ def test_command_on_stores_and_saved_statistics(digits_val_store, tmp_path):
                                 str(digits_val_store), "--space", "dinov2"])  # fmt: skip
     assert again.exit_code == 0 and "fd=" in again.output
     assert abs(float(again.output.split("fd=")[1].split()[0])) < 1e-4
+
+
+def test_rfid_command_separates_the_vaes_cost(digits_val_store, tmp_path):
+    from flatdino.trainers.pixel_decoder import PixelDecoder, pixel_decoder_preset
+    from flatdino.trainers.runner import Dist, save_checkpoint
+    from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
+
+    train_vae(TrainVAEConfig(features=str(digits_val_store), out=str(tmp_path / "vae"), preset="tiny",
+                             steps=2, batch_size=16, num_workers=0, progress=False))  # fmt: skip
+    cfg = pixel_decoder_preset("tiny", in_dim=64)
+    save_checkpoint(tmp_path / "dec", PixelDecoder(cfg), cfg.to_dict(), None, Dist())
+    result = CliRunner().invoke(app, ["eval", "rfid", "--features", str(digits_val_store), "--vae", str(tmp_path / "vae"),
+                                      "--decoder", str(tmp_path / "dec"), "--space", "dinov2", "--backbone", "tiny",
+                                      "--images", "12", "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["images"] == 12 and all(np.isfinite(r[k]) and r[k] >= -1e-6 for k in
+                                     ("rfid", "rfid_decoder_only", "fd_vae_vs_decoder_only"))  # fmt: skip

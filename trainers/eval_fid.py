@@ -159,3 +159,30 @@ def load_set(path: str, space: str, backbone: str = "dinov2-vitb14-reg", weights
             f"{path!r} holds {len(vectors)} sample(s); a Fréchet distance needs at least 2"
         )
     return vectors, statistics(vectors)
+
+
+@torch.no_grad()
+def reconstructions(features: str, vae_path: str, decoder_path: str, images: int = 1000,
+                    batch: int = 32, device: str = "cpu") -> dict[str, np.ndarray]:  # fmt: skip
+    """uint8 (N, H, W, 3) sets for rFID on view 0 of a store's first `images` valid images: the
+    true crops, the pixel decoder on the features, and the decoder on the VAE's reconstruction."""
+    from flatdino.pipeline.checkpoints import load_pixel_decoder
+    from flatdino.pipeline.latents import load_vae, resolve_vae
+    from flatdino.pipeline.store import FeatureStore
+
+    from .train_decoder import TargetImages
+
+    store = FeatureStore(features)
+    vae = load_vae(resolve_vae(vae_path))[0].to(device)
+    decoder = load_pixel_decoder(decoder_path)[0].to(device)
+    rows = np.flatnonzero(np.asarray(store.group["valid"][:], dtype=bool))[:images]
+    targets = TargetImages(store, 4)
+    to_uint8 = lambda x: (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
+    sets: dict[str, list] = {"images": [], "decoder": [], "vae_decoder": []}
+    for i in range(0, len(rows), batch):
+        r = rows[i : i + batch]
+        x = torch.from_numpy(store.features.get_orthogonal_selection((r, 0))).float().to(device)
+        sets["images"].append(to_uint8(targets.batch(r, np.zeros(len(r), int))))
+        sets["decoder"].append(to_uint8(decoder(x)))
+        sets["vae_decoder"].append(to_uint8(decoder(vae.decode(vae.encode(x)[0]))))
+    return {k: np.concatenate(v) for k, v in sets.items()}
