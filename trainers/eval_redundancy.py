@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, to_rgb
-from flatdino.pipeline.sources import load_image
 from flatdino.pipeline.store import FeatureStore
 
 
@@ -49,25 +47,13 @@ def similarity_by_distance(features: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def pixel_patches(store: FeatureStore, rows: np.ndarray, patch: int = 14) -> np.ndarray:
     """(len(rows)·P, patch·patch·3) raw pixels in [0, 1] of the backbone input (view 0)."""
-    fp = store.attrs.get("fingerprint", {})
-    kind, root = fp.get("input", {}).get("kind"), store.attrs.get("input_root", "")
-    recipe = ViewRecipe(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in fp.get("preprocessing", {}).items()})  # fmt: skip
-    paths = store.manifest().column("path").to_pylist()
-    out = []
-    for r in rows:
-        try:
-            with load_image(kind, root, paths[r]) as img:
-                crop = adm_center_crop(to_rgb(img), recipe.crop_size)
-        except Exception as e:
-            raise FlatDinoError(
-                f"cannot read image {paths[r]!r} of {str(store.path)!r} back: {e}"
-            ) from e
-        x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255  # (1, 3, 256, 256)
-        size = (recipe.input_size, recipe.input_size)
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        out.append(F.unfold(x, patch, stride=patch)[0].T.numpy())  # (P, 3·patch·patch)
-    return np.concatenate(out)
+    from .train_decoder import TargetImages
+
+    targets = TargetImages(store, threads=4)  # view 0 at crop size, re-read through the manifest
+    size = (targets.recipe.input_size, targets.recipe.input_size)
+    crops = targets.batch(rows, np.zeros(len(rows), int))  # (n, 3, 256, 256)
+    x = F.interpolate(crops, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return F.unfold(x, patch, stride=patch).transpose(1, 2).reshape(-1, 3 * patch * patch).numpy()
 
 
 def redundancy(features: str, images: int = 256, fraction: float = 0.95) -> dict:
