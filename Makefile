@@ -17,18 +17,7 @@ $(BIN)/flatdino: pyproject.toml
 setup: $(BIN)/flatdino
 
 demo: setup
-	$(BIN)/flatdino extract-features --data digits --split train --backbone tiny --out $(DEMO)/features-train.zarr
-	$(BIN)/flatdino extract-features --data digits --split val --backbone tiny --out $(DEMO)/features-val.zarr
-	$(BIN)/flatdino train-vae --features $(DEMO)/features-train.zarr --val-features $(DEMO)/features-val.zarr \
-		--out $(DEMO)/runs/vae --preset tiny --steps 300 --batch-size 64 --lr 1e-3 --num-workers 0 --resume
-	$(BIN)/flatdino encode-latents --features $(DEMO)/features-train.zarr --vae $(DEMO)/runs/vae \
-		--out $(DEMO)/latents-train.zarr --backend local
-	$(BIN)/flatdino train-dit --latents $(DEMO)/latents-train.zarr --out $(DEMO)/runs/dit --preset tiny \
-		--steps 2000 --batch-size 64 --lr 1e-3 --ema-decay 0.995 --log-every 200 --resume
-	$(BIN)/flatdino train-decoder --features $(DEMO)/features-train.zarr --out $(DEMO)/runs/decoder --preset tiny \
-		--steps 300 --batch-size 32 --lr 1e-3 --noise-tau 0 --num-workers 0 --log-every 50 --resume
-	$(BIN)/flatdino sample --dit $(DEMO)/runs/dit --decoder $(DEMO)/runs/decoder --out $(DEMO)/samples \
-		--classes all --per-class 8
+	$(BIN)/flatdino demo --out $(DEMO)
 
 lint: setup
 	$(BIN)/ruff check .

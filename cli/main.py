@@ -12,6 +12,7 @@ import typer
 from flatdino.pipeline.backbone import BACKBONES
 from flatdino.pipeline.errors import FlatDinoError
 
+from .demo import demo_cmd
 from .evals import bench_app, eval_app
 from .options import (
     Backend,
@@ -274,6 +275,7 @@ app.command(
 )(train_decoder_cmd)
 app.command("sample")(sample_cmd)
 app.add_typer(eval_app, name="eval")
+app.command("demo")(demo_cmd)
 app.add_typer(bench_app, name="bench")
 
 

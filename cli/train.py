@@ -187,6 +187,13 @@ def train_dit_cmd(
             "--normalize", help="Standardise latents per (token, dim) with the store's statistics."
         ),
     ] = False,
+    views: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Train on the first K stored views only (1: view 0, no flips); default: all stored views.",
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     ckpt_every: CkptEveryOpt = 5000,
     log_every: LogEveryOpt = 100,

@@ -23,6 +23,8 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class LoaderConfig:
@@ -172,24 +174,35 @@ class LatentBatches:
     is dropped (different rows each epoch).
     """
 
-    def __init__(self, path: str, cfg: LoaderConfig, progress: bool = False):
+    def __init__(
+        self, path: str, cfg: LoaderConfig, progress: bool = False, views: int | None = None
+    ):
+        """`views`: train on the first K stored views only (None: all of them)."""
         self.cfg = cfg
         group = zarr.open_group(str(path), mode="r")
         mu = group["mu"]
+        stored = int(mu.shape[1])
+        if views is not None and not 1 <= views <= stored:
+            raise InputError(
+                f"--views must be 1..{stored} (the views in {str(path)!r}); got {views}"
+            )
+        self.num_views = stored if views is None else views
         valid = np.flatnonzero(np.asarray(group["valid"][:], dtype=bool))
         per_rank = len(valid) // cfg.world
         rows = valid[cfg.rank :: cfg.world][:per_rank]
         self.labels = np.asarray(group["labels"][:], dtype=np.int64)[rows]
-        self.latents = np.empty((len(rows), *mu.shape[1:]), dtype=mu.dtype)  # (n, V, T, d)
+        self.latents = np.empty(
+            (len(rows), self.num_views, *mu.shape[2:]), dtype=mu.dtype
+        )  # (n, V, T, d)
         block = int(mu.chunks[0])
         at = 0
         for lo in tqdm(range(0, mu.shape[0], block), desc="load latents", unit="chunk",
                        disable=not progress):  # fmt: skip
             mine = rows[(rows >= lo) & (rows < lo + block)]
             if len(mine):
-                self.latents[at : at + len(mine)] = mu[lo : lo + block][mine - lo]  # whole chunk
+                chunk = mu[lo : lo + block]  # whole chunk
+                self.latents[at : at + len(mine)] = chunk[mine - lo, : self.num_views]
                 at += len(mine)
-        self.num_views = int(mu.shape[1])
 
     def steps_per_epoch(self) -> int:
         return len(self.latents) // self.cfg.batch_size

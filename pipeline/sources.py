@@ -143,13 +143,25 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return digits.images, digits.target
 
 
-def _digits_source(split: str) -> ImageSource:
-    _, target = _digits_arrays()
-    n = len(target)
+def _digits_rows(split: str) -> np.ndarray:
+    """Indices of one split of scikit-learn's digits: a fixed, seeded 80/20 split."""
+    n = len(_digits_arrays()[1])
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(n)
     n_train = int(round(DIGITS_TRAIN_FRACTION * n))
     rows = {"all": np.arange(n), "train": np.sort(order[:n_train]), "val": np.sort(order[n_train:])}
-    idx = rows[split]
+    return rows[split]
+
+
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 64) pixel values 0..16 and (N,) labels of one digits split, as scikit-learn ships them."""
+    images, target = _digits_arrays()
+    idx = _digits_rows(split)
+    return images[idx].reshape(len(idx), 64), target[idx]
+
+
+def _digits_source(split: str) -> ImageSource:
+    _, target = _digits_arrays()
+    idx = _digits_rows(split)
     return ImageSource(
         "digits",
         "",

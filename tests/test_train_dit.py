@@ -86,6 +86,26 @@ def test_latent_loader_partitions_valid_rows_and_draws_views(store):
     assert not torch.equal(full[0], next(loader.epoch(3))[0])  # a new order each epoch
 
 
+def test_views_1_trains_on_view_0_only_and_a_bad_count_is_refused(store, tmp_path):
+    import zarr
+
+    mu = zarr.open_group(str(store), mode="r")["mu"][:]
+    loader = LatentBatches(str(store), LoaderConfig(8, seed=1), views=1)
+    for x, _ in loader.epoch(0):
+        for xi in x.numpy():  # every sample is view 0 of some row, never the flip
+            assert (mu[:, 0] == xi).all(axis=(1, 2)).any() and not (mu[:, 1] == xi).all(
+                axis=(1, 2)
+            ).any()
+    with pytest.raises(FlatDinoError, match="--views must be 1..2"):
+        LatentBatches(str(store), LoaderConfig(8, seed=1), views=3)
+    with pytest.raises(FlatDinoError, match="--views must be 1..2"):
+        train_dit(small(store, tmp_path / "run", views=3))
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+    train_dit(small(store, tmp_path / "run", views=1, steps=2))
+    with pytest.raises(FlatDinoError, match="views = 1"):  # resuming with other views is refused
+        train_dit(small(store, tmp_path / "run", steps=4, resume=True))
+
+
 def test_interpolation_target_and_null_class():
     """x_t = (1 - t)·x0 + t·x1 with t shifted by κ, target x1 - x0, dropped labels -> null."""
     x1, y = torch.randn(64, T, D), torch.randint(0, 4, (64,))

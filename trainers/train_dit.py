@@ -67,6 +67,7 @@ class TrainDiTConfig:
     time_dist: str = "uniform"  # uniform | logit-normal
     class_dropout: float = 0.1  # labels replaced by the null class, for CFG
     normalize: bool = False  # standardise latents per (token, dim) with the store's mu_mean/mu_std
+    views: int | None = None  # train on the first K stored views (1: view 0 only); None: all
     seed: int = 0  # model init and data order
     log_every: int = 100
     ckpt_every: int = 5000  # checkpoints/ (and always at the end of an invocation)
@@ -107,7 +108,7 @@ def flow_record(cfg: TrainDiTConfig, group: zarr.Group) -> dict:
     attrs = group.attrs
     return {
         "kappa": cfg.kappa, "time_dist": cfg.time_dist, "class_dropout": cfg.class_dropout,
-        "normalize": cfg.normalize, "latents": str(Path(cfg.latents).resolve()),
+        "normalize": cfg.normalize, "views": cfg.views, "latents": str(Path(cfg.latents).resolve()),
         "latents_fingerprint": attrs.get("fingerprint"), "vae_checkpoint": attrs.get("vae_checkpoint"),
         "class_names": attrs.get("class_names"),
     }  # fmt: skip
@@ -124,7 +125,7 @@ def _check_resume(out: Path, flow: dict) -> None:
     saved = out / "checkpoints" / "flow.json"
     if saved.exists():
         old = json.loads(saved.read_text())
-        for key in ("latents_fingerprint", "normalize", "kappa", "time_dist"):
+        for key in ("latents_fingerprint", "normalize", "kappa", "time_dist", "views"):
             if old.get(key) != flow[key]:
                 raise FlatDinoError(
                     f"run {str(out)!r} was trained with {key} = {old.get(key)!r}, this invocation "
@@ -161,9 +162,9 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
     flow = flow_record(cfg, group)
     if cfg.resume:
         _check_resume(out, flow)
-    setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
     loader = LatentBatches(cfg.latents, LoaderConfig(micro, cfg.seed, 0, 0, d.rank, d.world),
-                           progress=cfg.progress and d.main)  # fmt: skip
+                           progress=cfg.progress and d.main, views=cfg.views)  # fmt: skip
+    setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
     steps_per_epoch, schedule = _schedule(cfg, loader, accum, d)
     torch.manual_seed(cfg.seed)
     model = LightningDiT(model_cfg).to(d.device)
