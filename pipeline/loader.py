@@ -163,6 +163,13 @@ class FeatureBatches:
             yield x, torch.from_numpy(self.labels[rows]), rows
 
 
+def check_views(views: int | None, stored: int, path: str) -> int:
+    """How many stored views to train on: `views` (checked), or all `stored` ones for None."""
+    if views is not None and not 1 <= views <= stored:
+        raise InputError(f"--views must be 1..{stored} (the views in {str(path)!r}); got {views}")
+    return stored if views is None else views
+
+
 class LatentBatches:
     """Batches of latents (B, T, d) float32 and int64 labels, from a latents store held in memory.
 
@@ -181,12 +188,7 @@ class LatentBatches:
         self.cfg = cfg
         group = zarr.open_group(str(path), mode="r")
         mu = group["mu"]
-        stored = int(mu.shape[1])
-        if views is not None and not 1 <= views <= stored:
-            raise InputError(
-                f"--views must be 1..{stored} (the views in {str(path)!r}); got {views}"
-            )
-        self.num_views = stored if views is None else views
+        self.num_views = check_views(views, int(mu.shape[1]), path)
         valid = np.flatnonzero(np.asarray(group["valid"][:], dtype=bool))
         per_rank = len(valid) // cfg.world
         rows = valid[cfg.rank :: cfg.world][:per_rank]

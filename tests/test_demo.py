@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -13,7 +14,15 @@ from typer.testing import CliRunner
 from flatdino.cli.main import app
 from flatdino.pipeline.errors import InputError
 from flatdino.pipeline.sources import digits_split
-from flatdino.trainers.demo import DemoConfig, Stage, digit_judge, judge, run_demo, run_stages
+from flatdino.trainers.demo import (
+    DemoConfig,
+    Stage,
+    _prepare,
+    digit_judge,
+    judge,
+    run_demo,
+    run_stages,
+)
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
@@ -56,6 +65,29 @@ def test_fresh_starts_a_demo_folder_over(tmp_path):
     (out / "features-train.zarr").mkdir()
     state = run_stages(DemoConfig(out=str(out), fresh=True), [], echo=lambda _: None)
     assert state["stages"] == {} and not (out / "features-train.zarr").exists()
+
+
+def test_the_state_file_exists_before_any_stage_writes(tmp_path):
+    """A SIGKILL inside the first stage leaves a folder the next run (or --fresh) accepts."""
+    out = tmp_path / "demo"
+    cfg = DemoConfig(out=str(out))
+    assert _prepare(cfg) == {"recipe": cfg.recipe(), "stages": {}}
+    assert json.loads((out / "demo-state.json").read_text())["stages"] == {}
+    (out / "features-train.zarr").mkdir()  # what a stage killed before its first record leaves
+    assert run_stages(cfg, [], echo=lambda _: None)["stages"] == {}
+    run_stages(dataclasses.replace(cfg, fresh=True), [], echo=lambda _: None)
+    assert not (out / "features-train.zarr").exists()
+
+
+def test_bad_out_and_a_broken_state_file_are_one_line_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        run_stages(DemoConfig(out=str(tmp_path / "file")), [])
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "demo-state.json").write_text("{half")
+    with pytest.raises(InputError, match="unreadable.*--fresh"):
+        run_stages(DemoConfig(out=str(tmp_path / "demo")), [])
+    assert run_stages(DemoConfig(out=str(tmp_path / "demo"), fresh=True), [])["stages"] == {}
 
 
 def test_changed_settings_need_fresh(tmp_path):

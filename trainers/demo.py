@@ -259,18 +259,29 @@ def _prepare(cfg: DemoConfig) -> dict:
     """Open or start OUT/demo-state.json; --fresh deletes OUT, but only a demo's own folder."""
     out = Path(cfg.out)
     state_path = out / STATE
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {cfg.out!r} is a file; pass a folder for the demo")
     if out.exists() and not state_path.exists() and any(out.iterdir()):
         raise InputError(
-            f"{cfg.out!r} exists and is not a demo folder (no {STATE}); pass an empty or new --out"
+            f"{cfg.out!r} exists and is not a demo folder (no {STATE}); delete it or pass an "
+            "empty or new --out"
         )
     if cfg.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not state_path.exists():
-        return {"recipe": cfg.recipe(), "stages": {}}
-    state = json.loads(state_path.read_text())
-    if state.get("recipe") != cfg.recipe():
-        changed = sorted(k for k, v in cfg.recipe().items() if state.get("recipe", {}).get(k) != v)
+        state = {"recipe": cfg.recipe(), "stages": {}}
+        _save_state(out, state)  # before any stage writes: a kill leaves a folder --fresh accepts
+        return state
+    try:
+        state = json.loads(state_path.read_text())
+        recipe, _ = state["recipe"], state["stages"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"{str(state_path)!r} is unreadable ({e}); pass --fresh to start over"
+        ) from e
+    if recipe != cfg.recipe():
+        changed = sorted(k for k, v in cfg.recipe().items() if recipe.get(k) != v)
         raise InputError(
             f"{cfg.out!r} was made with other demo settings ({', '.join(changed)}); pass --fresh "
             "to start over, or another --out"
@@ -278,10 +289,14 @@ def _prepare(cfg: DemoConfig) -> dict:
     return state
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # a kill never leaves half a file
+
+
 def _save_state(out: Path, state: dict) -> None:
-    tmp = out / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(out / STATE)  # atomic: a kill never leaves half a state file
+    _write_atomic(out / STATE, json.dumps(state, indent=2))
 
 
 def run_stages(cfg: DemoConfig, stages: list[Stage], echo: Callable[[str], None] = print) -> dict:
@@ -289,13 +304,14 @@ def run_stages(cfg: DemoConfig, stages: list[Stage], echo: Callable[[str], None]
     out = Path(cfg.out)
     state = _prepare(cfg)
     for i, stage in enumerate(stages, 1):
-        rec = state["stages"].setdefault(stage.name, {"done": False, "seconds": 0.0})
+        rec = state["stages"].setdefault(stage.name, {"done": False, "seconds": 0.0, "attempts": 0})
         if rec["done"]:
             echo(
                 f"[{i}/{len(stages)}] {stage.name}: done in an earlier run ({rec['seconds']:.0f}s); skipped"
             )
             continue
         echo(f"[{i}/{len(stages)}] {stage.name}: {stage.what}")
+        rec["attempts"] = rec.get("attempts", 0) + 1
         start = time.perf_counter()
         try:
             result = stage.run()
@@ -314,15 +330,15 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
     state = run_stages(cfg, Demo(cfg).stages(), echo)
     report = build_report(cfg, state)
     out = Path(cfg.out)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render_report(report))
+    _write_atomic(out / "report.json", json.dumps(report, indent=2))
+    _write_atomic(out / "report.md", render_report(report))
     return report
 
 
 def build_report(cfg: DemoConfig, state: dict) -> dict:
     stages = {}
     for name, rec in state["stages"].items():
-        row = {"seconds": round(rec["seconds"], 1)}
+        row = {"seconds": round(rec["seconds"], 1), "attempts": rec.get("attempts", 1)}
         if rec.get("items"):
             row.update(items=rec["items"], unit=rec["unit"],
                        per_second=round(rec["items"] / max(rec["seconds"], 1e-9), 1))  # fmt: skip
@@ -365,6 +381,8 @@ def render_report(r: dict) -> str:
             if "items" in s
             else ""
         )
+        if s["attempts"] > 1:  # the time of every attempt, redone steps and start-ups included
+            rate += f" (resumed: {s['attempts']} attempts)"
         lines.append(f"| {name} | {s['seconds']:.1f} | {rate} |")
     lines += [
         "",
@@ -379,8 +397,9 @@ def render_report(r: dict) -> str:
         )
     fd = r["fd_dinov2_space"]
     lines += [
-        f"- Fréchet distance of mean-pooled backbone features: generated vs val "
-        f"**{fd['generated_vs_val']:.4f}** (train vs val, the floor: {fd['train_vs_val']:.4f})",
+        f"- Fréchet distance of mean-pooled backbone features: generated (the VAE decoder's "
+        f"output) vs val **{fd['generated_vs_val']:.4f}** (train vs val, the floor: "
+        f"{fd['train_vs_val']:.4f})",
         f"- **Generated digits recognised as the requested class: {g['accuracy']:.1%}** of {g['n']}",
         "  (judge: logistic regression on the real train digits' 8×8 pixels; samples are greyed and",
         f"  box-averaged to 8×8); the same noise without guidance (CFG 1): {g['accuracy_without_cfg']:.1%}",

@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.latents import KIND as LATENTS
-from flatdino.pipeline.loader import LatentBatches, LoaderConfig
+from flatdino.pipeline.loader import LatentBatches, LoaderConfig, check_views
 from flatdino.pipeline.store import store_kind
 
 from .dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
@@ -108,7 +108,8 @@ def flow_record(cfg: TrainDiTConfig, group: zarr.Group) -> dict:
     attrs = group.attrs
     return {
         "kappa": cfg.kappa, "time_dist": cfg.time_dist, "class_dropout": cfg.class_dropout,
-        "normalize": cfg.normalize, "views": cfg.views, "latents": str(Path(cfg.latents).resolve()),
+        "normalize": cfg.normalize, "views": check_views(cfg.views, group["mu"].shape[1], cfg.latents),
+        "latents": str(Path(cfg.latents).resolve()),
         "latents_fingerprint": attrs.get("fingerprint"), "vae_checkpoint": attrs.get("vae_checkpoint"),
         "class_names": attrs.get("class_names"),
     }  # fmt: skip
@@ -126,7 +127,7 @@ def _check_resume(out: Path, flow: dict) -> None:
     if saved.exists():
         old = json.loads(saved.read_text())
         for key in ("latents_fingerprint", "normalize", "kappa", "time_dist", "views"):
-            if old.get(key) != flow[key]:
+            if key in old and old[key] != flow[key]:  # runs from before --views have no "views"
                 raise FlatDinoError(
                     f"run {str(out)!r} was trained with {key} = {old.get(key)!r}, this invocation "
                     f"has {flow[key]!r}; resume with the same --latents and flow options"
@@ -162,9 +163,9 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
     flow = flow_record(cfg, group)
     if cfg.resume:
         _check_resume(out, flow)
+    setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
     loader = LatentBatches(cfg.latents, LoaderConfig(micro, cfg.seed, 0, 0, d.rank, d.world),
                            progress=cfg.progress and d.main, views=cfg.views)  # fmt: skip
-    setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
     steps_per_epoch, schedule = _schedule(cfg, loader, accum, d)
     torch.manual_seed(cfg.seed)
     model = LightningDiT(model_cfg).to(d.device)
