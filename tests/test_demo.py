@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -171,6 +174,35 @@ def test_an_interrupted_stage_is_resumed_and_keeps_its_time(tmp_path):
     assert "done in an earlier run" in lines[0]
     assert all(state["stages"][k]["done"] for k in "abc")
     assert state["stages"]["b"]["seconds"] >= 0.05  # the interrupted attempt's time is kept
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ctrl_c_in_training_then_rerun_continues_from_the_checkpoint(tmp_path):
+    """The real thing, in a subprocess: SIGINT during train-vae after its first checkpoint, then
+    the same command finishes the demo, resuming the VAE from step 100 (not from 0)."""
+    out = tmp_path / "demo-out"
+    steps = dict(REDUCED, vae_steps=300)
+    cmd = [sys.executable, "-m", "flatdino.cli.main", "demo", "--out", str(out), "--no-progress",
+           *[f"--{k.replace('_', '-')}={v}" for k, v in steps.items()]]  # fmt: skip
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = out / "runs" / "vae" / "checkpoints" / "trainer.pt"
+    deadline = time.monotonic() + 600
+    while not ckpt.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), first.communicate()[0]
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=120) != 0
+    state = json.loads((out / "demo-state.json").read_text())
+    assert state["stages"]["extract-val"]["done"] and not state["stages"]["train-vae"]["done"]
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "extract-train: done in an earlier run" in second.stdout
+    assert "resumed from" in (out / "runs" / "vae" / "log.txt").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["train-vae"]["attempts"] == 2
+    assert "resumed: 2 attempts" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
