@@ -158,7 +158,7 @@ class Demo:
             latents=self.p("latents-train.zarr"), out=self.p("runs/dit"), preset="tiny",
             steps=self.cfg.dit_steps, batch_size=batch, lr=1e-3, ema_decay=0.995, normalize=True,
             # View 1 is the horizontal flip: fine for ImageNet, but a mirrored 5 is no 5. Trained
-            # on both views, 79% of the generated digits were recognised (3, 5, 6, 7 the worst);
+            # on both views, 79–83% of the generated digits were recognised (5, 6 the worst);
             # on view 0 alone, 100%. The VAE still learns from both views.
             views=1,
             log_every=200, ckpt_every=500, device=self.cfg.device, resume=True,
