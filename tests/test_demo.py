@@ -185,14 +185,20 @@ def test_ctrl_c_in_training_then_rerun_continues_from_the_checkpoint(tmp_path):
     steps = dict(REDUCED, vae_steps=300)
     cmd = [sys.executable, "-m", "flatdino.cli.main", "demo", "--out", str(out), "--no-progress",
            *[f"--{k.replace('_', '-')}={v}" for k, v in steps.items()]]  # fmt: skip
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckpt = out / "runs" / "vae" / "checkpoints" / "trainer.pt"
-    deadline = time.monotonic() + 600
-    while not ckpt.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ckpt.exists(), first.communicate()[0]
-    first.send_signal(signal.SIGINT)
-    assert first.wait(timeout=120) != 0
+    log = tmp_path / "first.log"
+    # A job started in the background by a non-interactive shell (as CI may be) inherits an ignored
+    # SIGINT, and Python then never raises KeyboardInterrupt: give the child the default, as a
+    # terminal would.
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    with log.open("w") as sink:
+        first = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=restore)
+        ckpt = out / "runs" / "vae" / "checkpoints" / "trainer.pt"
+        deadline = time.monotonic() + 600
+        while not ckpt.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ckpt.exists(), log.read_text()
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) != 0, log.read_text()
     state = json.loads((out / "demo-state.json").read_text())
     assert state["stages"]["extract-val"]["done"] and not state["stages"]["train-vae"]["done"]
 
