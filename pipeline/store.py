@@ -57,7 +57,8 @@ def shard_bounds(num_images: int, shard_size: int) -> list[Shard]:
     ]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside `path`, then rename into place: a kill never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -113,7 +114,7 @@ class FeatureStore:
         self.group["features"][shard.start : shard.stop] = features
         self.group["valid"][shard.start : shard.stop] = valid
         body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
-        _write_atomic(self.path / ERRORS_DIR / f"shard-{shard.index:06d}.json", body.encode())
+        write_atomic(self.path / ERRORS_DIR / f"shard-{shard.index:06d}.json", body.encode())
         self.group["done"][shard.index] = True
 
     def shard_errors(self) -> dict[int, str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from flatdino.pipeline.errors import InputError
+from flatdino.pipeline.store import write_atomic
 
 STATE = "demo-state.json"
 
@@ -132,13 +133,13 @@ class Demo:
         from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
         batch = 32
-        m = train_vae(TrainVAEConfig(
+        train_vae(TrainVAEConfig(
             features=self.p("features-train.zarr"), val_features=self.p("features-val.zarr"),
             out=self.p("runs/vae"), preset="tiny", steps=self.cfg.vae_steps, batch_size=batch,
             lr=1e-3, num_workers=0, log_every=50, eval_every=10**9, ckpt_every=100,
             device=self.cfg.device, resume=True, progress=self.cfg.progress,
         ))  # fmt: skip
-        return {"items": self.cfg.vae_steps * batch, "unit": "samples", "final_loss": m.get("loss")}
+        return {"items": self.cfg.vae_steps * batch, "unit": "samples"}
 
     def _encode(self, split: str) -> dict:
         from flatdino.pipeline.latents import EncodeConfig, encode_latents
@@ -154,7 +155,7 @@ class Demo:
         from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
         batch = 64
-        m = train_dit(TrainDiTConfig(
+        train_dit(TrainDiTConfig(
             latents=self.p("latents-train.zarr"), out=self.p("runs/dit"), preset="tiny",
             steps=self.cfg.dit_steps, batch_size=batch, lr=1e-3, ema_decay=0.995, normalize=True,
             # View 1 is the horizontal flip: fine for ImageNet, but a mirrored 5 is no 5. Trained
@@ -164,20 +165,19 @@ class Demo:
             log_every=200, ckpt_every=500, device=self.cfg.device, resume=True,
             progress=self.cfg.progress,
         ))  # fmt: skip
-        return {"items": self.cfg.dit_steps * batch, "unit": "samples", "final_loss": m.get("loss")}
+        return {"items": self.cfg.dit_steps * batch, "unit": "samples"}
 
     def _train_decoder(self) -> dict:
         from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
 
         batch = 32
-        m = train_decoder(TrainDecoderConfig(
+        train_decoder(TrainDecoderConfig(
             features=self.p("features-train.zarr"), out=self.p("runs/decoder"), preset="tiny",
             steps=self.cfg.decoder_steps, batch_size=batch, lr=1e-3, noise_tau=0.0, num_workers=0,
             log_every=50, ckpt_every=100, device=self.cfg.device, resume=True,
             progress=self.cfg.progress,
         ))  # fmt: skip
-        return {"items": self.cfg.decoder_steps * batch, "unit": "samples",
-                "final_psnr": m.get("psnr")}  # fmt: skip
+        return {"items": self.cfg.decoder_steps * batch, "unit": "samples"}
 
     def _sample(self) -> dict:
         samples = self._sample_into("samples", cfg=self.cfg.cfg, save_features=True)
@@ -275,7 +275,9 @@ def _prepare(cfg: DemoConfig) -> dict:
         return state
     try:
         state = json.loads(state_path.read_text())
-        recipe, _ = state["recipe"], state["stages"]
+        recipe = state["recipe"]
+        if not isinstance(state["stages"], dict):
+            raise TypeError("'stages' is not a mapping")
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(
             f"{str(state_path)!r} is unreadable ({e}); pass --fresh to start over"
@@ -289,14 +291,8 @@ def _prepare(cfg: DemoConfig) -> dict:
     return state
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # a kill never leaves half a file
-
-
 def _save_state(out: Path, state: dict) -> None:
-    _write_atomic(out / STATE, json.dumps(state, indent=2))
+    write_atomic(out / STATE, json.dumps(state, indent=2).encode())
 
 
 def run_stages(cfg: DemoConfig, stages: list[Stage], echo: Callable[[str], None] = print) -> dict:
@@ -330,8 +326,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
     state = run_stages(cfg, Demo(cfg).stages(), echo)
     report = build_report(cfg, state)
     out = Path(cfg.out)
-    _write_atomic(out / "report.json", json.dumps(report, indent=2))
-    _write_atomic(out / "report.md", render_report(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
+    write_atomic(out / "report.md", render_report(report).encode())
     return report
 
 
