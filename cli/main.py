@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from enum import Enum
 from pathlib import Path
@@ -306,5 +307,22 @@ def flops_cmd(
                    f"{r['forward_G']:8.1f} GFLOPs")  # fmt: skip
 
 
+def main() -> None:
+    """The console script: the typer app, with a full disk reported in one line, not a traceback.
+
+    Stores are written shard by shard and checkpoints and reports by rename, so the work finished
+    before the disk filled up is kept."""
+    try:
+        app()
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        typer.secho(f"error: no space left on the device{where}; free some space or write to a "
+                    "larger disk, then run again (stores continue from their finished shards, "
+                    "trainers with --resume)", fg=typer.colors.RED, err=True)  # fmt: skip
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":  # `python -m flatdino.cli.main`, as the tests run it in a subprocess
-    app()
+    main()

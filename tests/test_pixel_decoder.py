@@ -126,6 +126,7 @@ def test_rae_file_loads_strictly_and_a_renamed_key_is_refused(tmp_path):
     assert torch.equal(
         model.decoder_pos_embed, state["decoder_pos_embed"]
     )  # loaded, not recomputed
+    (tmp_path / "vitb.pt").unlink()  # 350 MB: keep the suite's disk use small
     state["decoder_layers.0.attention.attention.q.weight"] = state.pop("decoder_layers.0.attention.attention.query.weight")  # fmt: skip
     torch.save(state, tmp_path / "renamed.pt")
     with pytest.raises(WeightsError, match="does not match"):

@@ -4,6 +4,8 @@ and one end-to-end run of all five commands on the digits that ends in PNGs."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from flatdino.cli.main import app
+from flatdino.cli.main import app, main
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.trainers.flow import euler_sample, shift_time
-from flatdino.trainers.sample import SampleConfig, class_labels, sample
+from flatdino.trainers.sample import NpyWriter, SampleConfig, class_labels, sample
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
@@ -155,6 +157,53 @@ def test_latents_are_denormalised_before_the_vae(tmp_path):
     arrays = generate(
         cfg, dit, norm, StubVAE(), None, np.zeros(3, np.int64), 3.0, torch.device("cpu"), tmp_path
     )
+    assert arrays == ["latents", "features"]
     noise = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(torch.cat(seen), noise * 2.0 + 5.0)
-    np.testing.assert_allclose(arrays["latents"], (noise * 2.0 + 5.0).numpy(), rtol=1e-6)
+    latents = np.load(tmp_path / "latents.npy")  # written in two batches of 2 + 1
+    np.testing.assert_allclose(latents, (noise * 2.0 + 5.0).numpy(), rtol=1e-6)
+    assert np.load(tmp_path / "features.npy").shape == (3, 256, 8)
+
+
+def test_a_full_disk_is_an_error_not_a_crash():
+    """Sequential writes: /dev/full gives OSError(ENOSPC), where a written memory map gets SIGBUS
+    and kills the process (the CI failure this replaced)."""
+    writer = NpyWriter(Path("/dev/full"), np.dtype(np.uint8), (1 << 20,))
+    with pytest.raises(OSError) as caught:
+        try:
+            writer.write(np.zeros(1 << 20, np.uint8))
+        finally:
+            writer.close()
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_sampling_checks_free_space_first_and_a_full_disk_leaves_nothing(
+    chain, tmp_path, monkeypatch, capsys
+):
+    import flatdino.trainers.sample as sampling
+
+    out = tmp_path / "samples"
+    args = ["flatdino", "sample", "--dit", str(chain / "dit"), "--out", str(out), "--n", "64",
+            "--decoder", str(chain / "decoder"), "--steps", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+    free = shutil.disk_usage(tmp_path)._replace(free=10 * 2**20)
+    with monkeypatch.context() as m:
+        m.setattr(sampling.shutil, "disk_usage", lambda path: free)
+        m.setattr("sys.argv", args)
+        with pytest.raises(SystemExit) as exited:
+            main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "needs about 0.04 GiB" in err and "0.01 GiB is free" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no --out, no temporary folder
+
+    def full(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    with monkeypatch.context() as m:
+        m.setattr(sampling.NpyWriter, "write", full)
+        m.setattr("sys.argv", args)
+        with pytest.raises(SystemExit) as exited:
+            main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert "no space left on the device writing" in err and "latents.npy" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -10,8 +10,9 @@ whatever the batch size. Outputs in --out:
     samples.npz       arr_0: uint8 (N, H, W, 3) and labels (N,): the ADM / OpenAI FID evaluator's layout
     latents.npy, features.npy   (N, T, d) float32 and (N, P, C) float16, with --save-features or
                       without a pixel decoder
-Everything is built in a folder beside --out, streamed batch by batch (memory stays flat for a
-50K-sample FID run), and swapped in at the end: no half-written or stale outputs.
+Everything is built in a folder beside --out, appended batch by batch (memory stays flat for a
+50K-sample FID run), and swapped in at the end: no half-written or stale outputs. The disk's free
+space is checked first; a failed or interrupted run deletes that folder.
     sample.json       the config and the identities of the checkpoints used
 """
 
@@ -116,38 +117,87 @@ def _load_vae(cfg: SampleConfig, flow: dict):
     return model
 
 
+class NpyWriter:
+    """An .npy file written front to back, batch by batch, its header stating the final shape.
+
+    Plain sequential writes, not a memory map: a full disk then raises OSError (ENOSPC) where a
+    written memory map would kill the process with SIGBUS."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close(), once per batch loop)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": tuple(shape)}  # fmt: skip
+        np.lib.format.write_array_header_2_0(self._file, header)
+
+    def write(self, rows: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(rows).tobytes())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def bytes_needed(n: int, dit, vae, decoder, keep_features: bool) -> int:
+    """About how many bytes a run of `n` samples writes beside --out (arrays, PNGs, npz)."""
+    per_sample = dit.cfg.tokens * dit.cfg.latent_dim * 4  # latents.npy, float32
+    if keep_features:
+        per_sample += vae.cfg.num_patches * vae.cfg.in_dim * 2  # features.npy, float16
+    if decoder is not None:
+        # images.npy, then samples.npz beside it, and PNGs at most the raw size
+        per_sample += 3 * decoder.cfg.image_size**2 * decoder.cfg.channels
+    return n * per_sample
+
+
+def check_free_space(folder: Path, needed: int, out: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise FlatDinoError(
+            f"sampling needs about {needed / 2**30:.2f} GiB beside --out {out!r} but only "
+            f"{free / 2**30:.2f} GiB is free there; free some space, sample fewer (--n / "
+            "--per-class), or choose an --out on a larger disk"
+        )
+
+
 @torch.no_grad()
 def generate(
     cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kappa: float, device, tmp: Path
-) -> dict[str, np.ndarray]:
-    """Generate batch by batch into `tmp`: PNGs, and .npy memory maps of the latents (N, T, d),
-    features (N, P, C) float16 (when kept) and images (N, H, W, 3) uint8, so memory stays flat."""
+) -> list[str]:
+    """Generate batch by batch into `tmp`: PNGs, and .npy files of the latents (N, T, d),
+    features (N, P, C) float16 (when kept) and images (N, H, W, 3) uint8, so memory stays flat.
+    Returns the names of the .npy files written."""
     T, d = dit.cfg.tokens, dit.cfg.latent_dim
     noise = torch.randn(len(labels), T, d, generator=torch.Generator().manual_seed(cfg.seed))
     keep_features = cfg.save_features or decoder is None
-    arrays: dict[str, np.ndarray] = {}
-    for i in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", unit="batch",
-                  disable=not cfg.progress):  # fmt: skip
-        x0 = noise[i : i + cfg.batch_size].to(device)
-        y = torch.from_numpy(labels[i : i + cfg.batch_size]).to(device)
-        x1 = euler_sample(dit, x0, y, cfg.steps, kappa, cfg.cfg, cfg.cfg_interval, dit.null_class)
-        z = norm.denormalize(x1)  # (B, T, d) in the VAE's latent space
-        feats = vae.decode(z)  # (B, P, C)
-        batch = {"latents": z.float().cpu().numpy()}
-        if keep_features:
-            batch["features"] = feats.half().cpu().numpy()
-        if decoder is not None:
-            img = decoder(feats.float()).clamp(0, 1)  # (B, 3, H, W)
-            batch["images"] = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            for k, pixels in enumerate(batch["images"]):
-                Image.fromarray(pixels).save(tmp / "images" / f"{i + k:05d}_c{labels[i + k]}.png")
-        for name, value in batch.items():
-            if name not in arrays:
-                shape = (len(labels), *value.shape[1:])
-                arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+",
-                                                         dtype=value.dtype, shape=shape)  # fmt: skip
-            arrays[name][i : i + len(value)] = value
-    return arrays
+    writers: dict[str, NpyWriter] = {}
+    try:
+        for i in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", unit="batch",
+                      disable=not cfg.progress):  # fmt: skip
+            x0 = noise[i : i + cfg.batch_size].to(device)
+            y = torch.from_numpy(labels[i : i + cfg.batch_size]).to(device)
+            x1 = euler_sample(dit, x0, y, cfg.steps, kappa, cfg.cfg, cfg.cfg_interval,
+                              dit.null_class)  # fmt: skip
+            z = norm.denormalize(x1)  # (B, T, d) in the VAE's latent space
+            feats = vae.decode(z)  # (B, P, C)
+            batch = {"latents": z.float().cpu().numpy()}
+            if keep_features:
+                batch["features"] = feats.half().cpu().numpy()
+            if decoder is not None:
+                img = decoder(feats.float()).clamp(0, 1)  # (B, 3, H, W)
+                pixels = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                batch["images"] = pixels
+                for k, image in enumerate(pixels):
+                    Image.fromarray(image).save(
+                        tmp / "images" / f"{i + k:05d}_c{labels[i + k]}.png"
+                    )
+            for name, value in batch.items():
+                if name not in writers:
+                    shape = (len(labels), *value.shape[1:])
+                    writers[name] = NpyWriter(tmp / f"{name}.npy", value.dtype, shape)
+                writers[name].write(value)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return list(writers)
 
 
 def grid_indices(labels: np.ndarray, by_class: bool, per_row: int = 16, rows: int = 32) -> list:
@@ -202,12 +252,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_outputs(cfg: SampleConfig, tmp: Path, arrays: dict, labels: np.ndarray,
+def write_outputs(cfg: SampleConfig, tmp: Path, arrays: list[str], labels: np.ndarray,
                   names: list[str] | None) -> list[str]:  # fmt: skip
-    """samples.npz and grid.png from the image map; drop the maps that are not outputs."""
+    """samples.npz and grid.png from images.npy; drop the arrays that are not outputs."""
     written = []
     if "images" in arrays:
-        images = arrays.pop("images")
+        images = np.load(tmp / "images.npy", mmap_mode="r")  # read-only map: memory stays flat
         np.savez(tmp / "samples.npz", arr_0=images, labels=labels)  # streamed from the map
         by_class = cfg.classes is not None
         grid = make_grid(images, labels, grid_indices(labels, by_class), names, by_class)
@@ -221,7 +271,6 @@ def write_outputs(cfg: SampleConfig, tmp: Path, arrays: dict, labels: np.ndarray
         written += ["latents.npy", "features.npy"]
     else:
         (tmp / "latents.npy").unlink()
-    arrays.clear()
     return written
 
 
@@ -253,14 +302,20 @@ def sample(cfg: SampleConfig) -> dict:
         if m is not None:
             m.to(device)
     out = Path(cfg.out)
+    keep_features = cfg.save_features or decoder is None
     tmp = _open_out(out)
-    tic = time.perf_counter()
-    arrays = generate(cfg, dit, norm, vae, decoder, labels, float(flow["kappa"]), device, tmp)
-    seconds = time.perf_counter() - tic
-    written = write_outputs(cfg, tmp, arrays, labels, flow.get("class_names"))
-    record = {"config": asdict(cfg), "dit_checkpoint": str(ckpt.resolve()), "flow": flow,
-              "samples": len(labels), "seconds": seconds}  # fmt: skip
-    (tmp / "sample.json").write_text(json.dumps(record, indent=2, default=str))
+    try:  # a failed or interrupted run leaves nothing behind to fill the disk
+        check_free_space(tmp, bytes_needed(len(labels), dit, vae, decoder, keep_features), cfg.out)
+        tic = time.perf_counter()
+        arrays = generate(cfg, dit, norm, vae, decoder, labels, float(flow["kappa"]), device, tmp)
+        seconds = time.perf_counter() - tic
+        written = write_outputs(cfg, tmp, arrays, labels, flow.get("class_names"))
+        record = {"config": asdict(cfg), "dit_checkpoint": str(ckpt.resolve()), "flow": flow,
+                  "samples": len(labels), "seconds": seconds}  # fmt: skip
+        (tmp / "sample.json").write_text(json.dumps(record, indent=2, default=str))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _swap_in(tmp, out)
     return {"out": cfg.out, "samples": len(labels), "seconds": seconds, "written": written,
             "images": decoder is not None}  # fmt: skip
