@@ -22,8 +22,11 @@ import json
 import os
 import shutil
 import time
+import zipfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -118,33 +121,29 @@ def _load_vae(cfg: SampleConfig, flow: dict):
 
 
 class NpyWriter:
-    """An .npy file written front to back, batch by batch, its header stating the final shape.
+    """An .npy file written front to back into `file`, batch by batch, its header stating the
+    final shape. Plain sequential writes, not a memory map: a full disk raises OSError (ENOSPC)
+    where a written memory map would kill the process with SIGBUS."""
 
-    Plain sequential writes, not a memory map: a full disk then raises OSError (ENOSPC) where a
-    written memory map would kill the process with SIGBUS."""
-
-    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
-        self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 (closed by close(), once per batch loop)
+    def __init__(self, file: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]):
+        self.file = file
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
                   "shape": tuple(shape)}  # fmt: skip
-        np.lib.format.write_array_header_2_0(self._file, header)
+        np.lib.format.write_array_header_2_0(file, header)
 
     def write(self, rows: np.ndarray) -> None:
-        self._file.write(np.ascontiguousarray(rows).tobytes())
-
-    def close(self) -> None:
-        self._file.close()
+        self.file.write(np.ascontiguousarray(rows).tobytes())
 
 
 def bytes_needed(n: int, dit, vae, decoder, keep_features: bool) -> int:
-    """About how many bytes a run of `n` samples writes beside --out (arrays, PNGs, npz)."""
-    per_sample = dit.cfg.tokens * dit.cfg.latent_dim * 4  # latents.npy, float32
-    if keep_features:
-        per_sample += vae.cfg.num_patches * vae.cfg.in_dim * 2  # features.npy, float16
-    if decoder is not None:
-        # images.npy, then samples.npz beside it, and PNGs at most the raw size
-        per_sample += 3 * decoder.cfg.image_size**2 * decoder.cfg.channels
+    """At most how many bytes a run of `n` samples writes beside --out."""
+    per_sample = 0
+    if keep_features:  # latents.npy float32, features.npy float16
+        per_sample += (
+            dit.cfg.tokens * dit.cfg.latent_dim * 4 + vae.cfg.num_patches * vae.cfg.in_dim * 2
+        )
+    if decoder is not None:  # samples.npz, and PNGs at most the raw size
+        per_sample += 2 * decoder.cfg.image_size**2 * decoder.cfg.channels
     return n * per_sample
 
 
@@ -152,24 +151,38 @@ def check_free_space(folder: Path, needed: int, out: str) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise FlatDinoError(
-            f"sampling needs about {needed / 2**30:.2f} GiB beside --out {out!r} but only "
+            f"sampling needs up to {needed / 2**30:.2f} GiB beside --out {out!r} but only "
             f"{free / 2**30:.2f} GiB is free there; free some space, sample fewer (--n / "
             "--per-class), or choose an --out on a larger disk"
         )
 
 
 @torch.no_grad()
-def generate(
-    cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kappa: float, device, tmp: Path
-) -> list[str]:
-    """Generate batch by batch into `tmp`: PNGs, and .npy files of the latents (N, T, d),
-    features (N, P, C) float16 (when kept) and images (N, H, W, 3) uint8, so memory stays flat.
-    Returns the names of the .npy files written."""
+def generate(cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kappa: float, device,
+             tmp: Path, shown: frozenset[int] = frozenset()) -> dict[int, np.ndarray]:  # fmt: skip
+    """Generate batch by batch into `tmp`, so memory stays flat: PNGs and samples.npz (images
+    (N, H, W, 3) uint8 + labels) with a decoder; latents.npy (N, T, d) float32 and features.npy
+    (N, P, C) float16 with --save-features or without one. Returns the images numbered in `shown`
+    (the ones grid.png shows)."""
     T, d = dit.cfg.tokens, dit.cfg.latent_dim
     noise = torch.randn(len(labels), T, d, generator=torch.Generator().manual_seed(cfg.seed))
     keep_features = cfg.save_features or decoder is None
-    writers: dict[str, NpyWriter] = {}
-    try:
+    kept: dict[int, np.ndarray] = {}
+    with ExitStack() as files:
+        writers: dict[str, NpyWriter] = {}
+
+        def write(name: str, value: np.ndarray) -> None:  # each file opened at the first batch
+            if name not in writers:
+                if name == "images":  # samples.npz: an uncompressed zip of .npy files
+                    npz = files.enter_context(zipfile.ZipFile(tmp / "samples.npz", "w"))
+                    with npz.open("labels.npy", "w") as f:
+                        np.lib.format.write_array(f, labels)
+                    file = files.enter_context(npz.open("arr_0.npy", "w", force_zip64=True))
+                else:
+                    file = files.enter_context(open(tmp / f"{name}.npy", "wb"))
+                writers[name] = NpyWriter(file, value.dtype, (len(labels), *value.shape[1:]))
+            writers[name].write(value)
+
         for i in tqdm(range(0, len(labels), cfg.batch_size), desc="sample", unit="batch",
                       disable=not cfg.progress):  # fmt: skip
             x0 = noise[i : i + cfg.batch_size].to(device)
@@ -178,26 +191,18 @@ def generate(
                               dit.null_class)  # fmt: skip
             z = norm.denormalize(x1)  # (B, T, d) in the VAE's latent space
             feats = vae.decode(z)  # (B, P, C)
-            batch = {"latents": z.float().cpu().numpy()}
             if keep_features:
-                batch["features"] = feats.half().cpu().numpy()
+                write("latents", z.float().cpu().numpy())
+                write("features", feats.half().cpu().numpy())
             if decoder is not None:
                 img = decoder(feats.float()).clamp(0, 1)  # (B, 3, H, W)
                 pixels = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                batch["images"] = pixels
-                for k, image in enumerate(pixels):
-                    Image.fromarray(image).save(
-                        tmp / "images" / f"{i + k:05d}_c{labels[i + k]}.png"
-                    )
-            for name, value in batch.items():
-                if name not in writers:
-                    shape = (len(labels), *value.shape[1:])
-                    writers[name] = NpyWriter(tmp / f"{name}.npy", value.dtype, shape)
-                writers[name].write(value)
-    finally:
-        for writer in writers.values():
-            writer.close()
-    return list(writers)
+                write("images", pixels)
+                for k, image in enumerate(pixels, start=i):
+                    Image.fromarray(image).save(tmp / "images" / f"{k:05d}_c{labels[k]}.png")
+                    if k in shown:
+                        kept[k] = image
+    return kept
 
 
 def grid_indices(labels: np.ndarray, by_class: bool, per_row: int = 16, rows: int = 32) -> list:
@@ -211,10 +216,11 @@ def grid_indices(labels: np.ndarray, by_class: bool, per_row: int = 16, rows: in
     return [np.arange(i, min(i + cols, n)) for i in range(0, n, cols)]
 
 
-def make_grid(images: np.ndarray, labels: np.ndarray, rows: list, names: list[str] | None,
+def make_grid(images, labels: np.ndarray, rows: list, names: list[str] | None,
               by_class: bool) -> Image.Image:  # fmt: skip
-    """The chosen samples in rows; each class row labelled on the left when `by_class`."""
-    h, w = images.shape[1:3]
+    """The chosen samples in rows (`images[i]`: sample i, H x W x 3); each class row labelled on
+    the left when `by_class`."""
+    h, w = np.asarray(images[rows[0][0]]).shape[:2]
     margin = 64 if by_class else 0
     grid = Image.new("RGB", (margin + max(len(r) for r in rows) * w, len(rows) * h), "white")
     draw = ImageDraw.Draw(grid)
@@ -252,28 +258,6 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_outputs(cfg: SampleConfig, tmp: Path, arrays: list[str], labels: np.ndarray,
-                  names: list[str] | None) -> list[str]:  # fmt: skip
-    """samples.npz and grid.png from images.npy; drop the arrays that are not outputs."""
-    written = []
-    if "images" in arrays:
-        images = np.load(tmp / "images.npy", mmap_mode="r")  # read-only map: memory stays flat
-        np.savez(tmp / "samples.npz", arr_0=images, labels=labels)  # streamed from the map
-        by_class = cfg.classes is not None
-        grid = make_grid(images, labels, grid_indices(labels, by_class), names, by_class)
-        grid.save(tmp / "grid.png")
-        del images
-        (tmp / "images.npy").unlink()
-        written += ["grid.png", f"images/ ({len(labels)} PNGs)", "samples.npz"]
-    else:
-        (tmp / "images").rmdir()
-    if "features" in arrays:
-        written += ["latents.npy", "features.npy"]
-    else:
-        (tmp / "latents.npy").unlink()
-    return written
-
-
 def _check_pair(decoder, vae, flow: dict, cfg: SampleConfig) -> None:
     if decoder is not None and (decoder.cfg.num_patches, decoder.cfg.in_dim) != (
         vae.cfg.num_patches, vae.cfg.in_dim):  # fmt: skip
@@ -307,9 +291,19 @@ def sample(cfg: SampleConfig) -> dict:
     try:  # a failed or interrupted run leaves nothing behind to fill the disk
         check_free_space(tmp, bytes_needed(len(labels), dit, vae, decoder, keep_features), cfg.out)
         tic = time.perf_counter()
-        arrays = generate(cfg, dit, norm, vae, decoder, labels, float(flow["kappa"]), device, tmp)
+        by_class = cfg.classes is not None
+        rows = grid_indices(labels, by_class)
+        shown = frozenset(int(i) for row in rows for i in row)
+        kappa = float(flow["kappa"])
+        images = generate(cfg, dit, norm, vae, decoder, labels, kappa, device, tmp, shown)
         seconds = time.perf_counter() - tic
-        written = write_outputs(cfg, tmp, arrays, labels, flow.get("class_names"))
+        written = ["latents.npy", "features.npy"] if keep_features else []
+        if decoder is None:
+            (tmp / "images").rmdir()
+        else:
+            grid = make_grid(images, labels, rows, flow.get("class_names"), by_class)
+            grid.save(tmp / "grid.png")
+            written = ["grid.png", f"images/ ({len(labels)} PNGs)", "samples.npz", *written]
         record = {"config": asdict(cfg), "dit_checkpoint": str(ckpt.resolve()), "flow": flow,
                   "samples": len(labels), "seconds": seconds}  # fmt: skip
         (tmp / "sample.json").write_text(json.dumps(record, indent=2, default=str))
