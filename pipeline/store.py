@@ -126,6 +126,10 @@ class FeatureStore:
     def manifest(self) -> pa.Table:
         return pq.read_table(self.path / MANIFEST)
 
+    def valid_rows(self, limit: int | None = None) -> np.ndarray:
+        """Indices of the rows that hold features (failed images excluded), the first `limit`."""
+        return np.flatnonzero(np.asarray(self.group["valid"][:], dtype=bool))[:limit]
+
     def finalize(self) -> None:
         """Once every shard is done: statuses and errors into the manifest, `complete` into attrs."""
         assert self.done_mask().all(), "finalize before every shard is done"

@@ -145,6 +145,9 @@ def test_bad_images_are_marked_invalid_and_never_stop_the_job(messy_folder, tmp_
     assert not arrays["features"][~arrays["valid"]].any()  # invalid rows stay zero
     ok = arrays["features"][arrays["valid"]].astype(np.float32)
     assert np.isfinite(ok).all() and (np.abs(ok).reshape(13, -1).max(1) > 0).all()
+    rows = FeatureStore(out).valid_rows()
+    assert rows.tolist() == np.flatnonzero(arrays["valid"]).tolist() and len(rows) == 13
+    assert FeatureStore(out).valid_rows(5).tolist() == rows[:5].tolist()
 
 
 def test_too_many_failures_raise_after_the_store_is_complete(messy_folder, tmp_path):

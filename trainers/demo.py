@@ -248,8 +248,8 @@ def load_store_labels(path: str) -> np.ndarray:
     """Labels of a store's valid rows, in row order (the order `reconstructions` reads them)."""
     from flatdino.pipeline.store import FeatureStore
 
-    group = FeatureStore(path).group
-    return np.asarray(group["labels"][:])[np.asarray(group["valid"][:], dtype=bool)]
+    store = FeatureStore(path)
+    return np.asarray(store.group["labels"][:])[store.valid_rows()]
 
 
 # ---------------------------------------------------------------- driver and report

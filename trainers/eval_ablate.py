@@ -53,7 +53,7 @@ def ablate(features: str, vae_path: str, images: int = 256, batch_size: int = 32
             f"store holds ({p}, {c}); use the VAE trained on this backbone's features"
         )
     vae = vae.to(device)
-    rows = np.flatnonzero(np.asarray(store.group["valid"][:], dtype=bool))[:images]
+    rows = store.valid_rows(images)
 
     def batches():
         for i in range(0, len(rows), batch_size):

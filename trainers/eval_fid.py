@@ -175,7 +175,7 @@ def reconstructions(features: str, vae_path: str, decoder_path: str, images: int
     store = FeatureStore(features)
     vae = load_vae(resolve_vae(vae_path))[0].to(device)
     decoder = load_pixel_decoder(decoder_path)[0].to(device)
-    rows = np.flatnonzero(np.asarray(store.group["valid"][:], dtype=bool))[:images]
+    rows = store.valid_rows(images)
     targets = TargetImages(store, 4)
     to_uint8 = lambda x: (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
     sets: dict[str, list] = {"images": [], "decoder": [], "vae_decoder": []}

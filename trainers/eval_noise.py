@@ -54,7 +54,7 @@ def noise_eval(features: str, vae_path: str, decoder_path: str | None = None, im
 
     store = FeatureStore(features)
     vae = load_vae(resolve_vae(vae_path))[0].to(device)
-    rows = np.flatnonzero(np.asarray(store.group["valid"][:], dtype=bool))[:images]
+    rows = store.valid_rows(images)
     x = torch.from_numpy(store.features.get_orthogonal_selection((rows, 0))).float().to(device)
     decoder = target = None
     if decoder_path:

@@ -59,7 +59,7 @@ def pixel_patches(store: FeatureStore, rows: np.ndarray, patch: int = 14) -> np.
 def redundancy(features: str, images: int = 256, fraction: float = 0.95) -> dict:
     """Both measurements on the first `images` valid images of a feature store."""
     store = FeatureStore(features)
-    rows = np.flatnonzero(np.asarray(store.group["valid"][:], dtype=bool))[:images]
+    rows = store.valid_rows(images)
     if len(rows) == 0:
         raise FlatDinoError(f"--features {features!r} holds no valid image")
     feats = store.features.get_orthogonal_selection((rows, 0)).astype(np.float32)  # (n, P, C)
