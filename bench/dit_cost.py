@@ -30,11 +30,11 @@ from contextlib import nullcontext
 
 import torch
 
-from flatdino.pipeline.backbone import BACKBONES, DinoPatchFeatures, build_vit
-from flatdino.trainers.dit import LightningDiT, dit_preset
-from flatdino.trainers.flow import flow_loss
+from flatdino.models.dinov2 import BACKBONES, DinoPatchFeatures, build_vit
+from flatdino.models.dit import LightningDiT, dit_preset
+from flatdino.models.flow import flow_loss
+from flatdino.models.vae import FlatDinoVAE, vae_preset
 from flatdino.trainers.optim import param_groups
-from flatdino.trainers.vae import FlatDinoVAE, vae_preset
 
 
 def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:

@@ -18,8 +18,8 @@ from contextlib import nullcontext
 
 import torch
 
-from flatdino.trainers.dit import LightningDiT, dit_preset
-from flatdino.trainers.flow import euler_sample
+from flatdino.models.dit import LightningDiT, dit_preset
+from flatdino.models.flow import euler_sample
 
 
 def samples_per_s(model, tokens: int, dim: int, batch: int, steps: int, device, autocast) -> float:

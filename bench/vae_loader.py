@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import zarr
 
+from flatdino.models.vae import FlatDinoVAE, kl_weight, vae_loss, vae_preset
+from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
-from flatdino.pipeline.store import create_store
 from flatdino.trainers.optim import param_groups
-from flatdino.trainers.vae import FlatDinoVAE, kl_weight, vae_loss, vae_preset
 
 
 def make_store(path: Path, n: int) -> Path:
-    store = create_store(path, shape=(n, 2, 256, 768), labels=np.zeros(n, np.int32),
+    store = FeatureStore.create(path, shape=(n, 2, 256, 768), labels=np.zeros(n, np.int32),
                          paths=[str(i) for i in range(n)], class_names=["x"], shard_size=64,
                          chunk_rows=8, attrs={"fingerprint": {}})  # fmt: skip
     rng = np.random.default_rng(0)

@@ -1,1 +1,1 @@
-"""The `flatdino` console script: thin typer commands that build a config and call one function."""
+"""The `flatdino` console script and the demo driver: thin typer commands that build a config and call one function."""

@@ -9,7 +9,7 @@ import typer
 
 from flatdino.pipeline.errors import FlatDinoError
 
-from .options import Backend, BackendOpt, DeviceOpt, ProgressOpt, fail, setup_logging
+from .options import Backend, BackendOpt, DeviceOpt, ProgressOpt, fail
 
 
 def demo_cmd(
@@ -48,9 +48,8 @@ def demo_cmd(
 
     extract-features (train, val) -> train-vae -> encode-latents -> train-dit -> train-decoder -> sample -> evaluations. Re-running reuses the finished stages and resumes an interrupted one; changing a step count needs --fresh.
     """
-    from flatdino.trainers.demo import DemoConfig, run_demo
+    from flatdino.cli.demo_run import DemoConfig, run_demo
 
-    setup_logging()
     config = DemoConfig(
         out=str(out), fresh=fresh, vae_steps=vae_steps, dit_steps=dit_steps,
         decoder_steps=decoder_steps, per_class=per_class, sample_steps=sample_steps, cfg=cfg,

@@ -38,7 +38,7 @@ def knn_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda for the similarity search.")] = "cpu",
 ) -> None:
     """Weighted k-NN top-1/top-5 on mean-pooled, L2-normalised view-0 vectors of each store pair."""
-    from flatdino.trainers.eval_knn import knn_eval
+    from flatdino.eval.knn import knn_eval
 
     if len(train) != len(val):
         fail(f"give one --val per --train; got {len(train)} --train and {len(val)} --val")
@@ -67,7 +67,7 @@ def redundancy_cmd(
     ] = 0.95,
 ) -> None:
     """PCA dims of DINOv2 patch features vs raw pixel patches, and similarity vs patch distance."""
-    from flatdino.trainers.eval_redundancy import plot_redundancy, redundancy
+    from flatdino.eval.redundancy import plot_redundancy, redundancy
 
     try:
         result = redundancy(str(features), images, fraction)
@@ -97,7 +97,7 @@ def ablate_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Zero one latent token at a time: the L2 change of every reconstructed patch, per token."""
-    from flatdino.trainers.eval_ablate import ablate, plot_ablation
+    from flatdino.eval.ablate import ablate, plot_ablation
 
     try:
         heat = ablate(str(features), str(vae), images, batch_size, device)
@@ -129,7 +129,7 @@ def noise_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Gaussian noise on the latents vs on the DINOv2 features: feature error (and PSNR) vs sigma."""
-    from flatdino.trainers.eval_noise import noise_eval, plot_noise
+    from flatdino.eval.noise import noise_eval, plot_noise
 
     try:
         result = noise_eval(
@@ -169,8 +169,8 @@ def throughput_cmd(
     """DiT forward passes per second against batch size, 32 vs 256 tokens (Figures 15-17)."""
     import csv
 
-    from flatdino.trainers.dit import DIT_PRESETS
-    from flatdino.trainers.throughput import plot_throughput, throughput
+    from flatdino.eval.throughput import plot_throughput, throughput
+    from flatdino.models.dit import DIT_PRESETS
 
     if preset not in DIT_PRESETS or dtype not in ("fp32", "bf16"):
         fail(f"--preset must be one of {sorted(DIT_PRESETS)} and --dtype fp32 or bf16")
@@ -244,7 +244,7 @@ def fid_cmd(
     ] = None,
 ) -> None:
     """Fréchet distance (and precision/recall) between a reference set and another set."""
-    from flatdino.trainers import eval_fid
+    from flatdino.eval import fid as eval_fid
 
     if space not in ("inception", "dinov2"):
         fail(f"--space must be inception or dinov2; got {space!r}")
@@ -296,7 +296,7 @@ def rfid_cmd(
     ] = None,
 ) -> None:
     """rFID: images vs decoder(VAE(features)), and vs decoder(features) to isolate the VAE's cost."""
-    from flatdino.trainers import eval_fid
+    from flatdino.eval import fid as eval_fid
 
     try:
         sets = eval_fid.reconstructions(

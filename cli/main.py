@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flatdino.pipeline.backbone import BACKBONES
+from flatdino.models.dinov2 import BACKBONES
 from flatdino.pipeline.errors import FlatDinoError
 
 from .demo import demo_cmd
@@ -37,6 +37,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _configure_logging() -> None:
+    """Log lines of every command to stdout (rank 0 only under torchrun): the one place logging is
+    configured; library code only logs."""
+    setup_logging()
+
 
 Backbone = Enum("Backbone", {k: k for k in BACKBONES}, type=str)  # choices from the registry
 
@@ -107,7 +115,12 @@ def extract_features_cmd(
     workers: WorkersOpt = 1,
     num_gpus_per_worker: GpusOpt = None,
     torch_threads: Annotated[
-        int, typer.Option(min=0, help="CPU threads per backbone worker; 0: cores / workers.")
+        int,
+        typer.Option(
+            min=0,
+            help="CPU threads per backbone worker; 0: a Ray actor takes cores / workers, "
+            "--backend local keeps the process's setting.",
+        ),
     ] = 0,
     ray_address: RayAddressOpt = None,
     max_failed_fraction: Annotated[
@@ -127,7 +140,6 @@ def extract_features_cmd(
     """Images -> DINOv2 patch features (N, V, 256, C) float16 in a resumable Zarr store."""
     from flatdino.pipeline.extract import ExtractConfig, extract_features
 
-    setup_logging()
     cfg = ExtractConfig(
         data=data, out=str(out), split=split.value, backbone=backbone.value,
         weights=str(weights) if weights else None, views=views, view_seed=seed,
@@ -165,16 +177,16 @@ def info_cmd(
     ] = False,
 ) -> None:
     """A store: shape, dtype, attrs, valid and done counts, completeness. A run: model, progress."""
-    from flatdino.pipeline.latents import KIND as LATENTS
-    from flatdino.pipeline.latents import latents_summary
-    from flatdino.pipeline.store import FeatureStore, store_kind
+    from flatdino.pipeline.feature_store import FeatureStore
+    from flatdino.pipeline.latent_store import LatentStore
+    from flatdino.pipeline.store import store_kind
 
     if (path / "config.json").exists() and not (path / "zarr.json").exists():
         run_info(path, as_json)
         return
     try:
-        latents = store_kind(path) == LATENTS
-        summary = latents_summary(path) if latents else FeatureStore(path).summary()
+        latents = store_kind(path) == LatentStore.KIND
+        summary = (LatentStore if latents else FeatureStore)(path).summary()
     except FlatDinoError as e:
         fail(str(e))
     if as_json:
@@ -240,9 +252,8 @@ def encode_latents_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     """Feature store -> FlatDINO latents (N, V, T, d) with per-(token, dim) statistics, resumable."""
-    from flatdino.pipeline.latents import EncodeConfig, encode_latents
+    from flatdino.pipeline.encode import EncodeConfig, encode_latents
 
-    setup_logging()
     cfg = EncodeConfig(
         features=str(features), vae=str(vae), out=str(out), batch_size=batch_size,
         dtype=dtype.value, save_logvar=save_logvar, device=device, backend=backend.value,
@@ -287,7 +298,7 @@ def flops_cmd(
     """The paper's FLOP accounting (Appendix H, Tables 7-9) beside this project's modules, counted."""
     from dataclasses import asdict
 
-    from flatdino.trainers.flops import paper_table, project_table
+    from flatdino.eval.flops import paper_table, project_table
 
     paper, ours = paper_table(), project_table()
     if as_json:

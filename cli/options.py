@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -51,7 +52,10 @@ def fail(message: str) -> None:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    """`flatdino` log lines to stdout as bare messages; ranks other than 0 print warnings only."""
+    main = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s",
+                        stream=sys.stdout, force=True)  # fmt: skip
 
 
 def config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Context) -> object:

@@ -82,7 +82,7 @@ def sample_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     """Generate latents with a trained DiT and decode them to DINOv2 features and images."""
-    from flatdino.trainers.sample import SampleConfig, sample
+    from flatdino.sampling.sample import SampleConfig, sample
 
     try:
         config = SampleConfig(

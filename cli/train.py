@@ -9,10 +9,10 @@ from typing import Annotated
 
 import typer
 
+from flatdino.models.dit import DIT_PRESETS
+from flatdino.models.pixel_decoder import PIXEL_DECODER_PRESETS
+from flatdino.models.vae import VAE_PRESETS
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.trainers.dit import DIT_PRESETS
-from flatdino.trainers.pixel_decoder import PIXEL_DECODER_PRESETS
-from flatdino.trainers.vae import VAE_PRESETS
 
 from .options import (
     CkptEveryOpt,
@@ -39,6 +39,16 @@ class Recon(str, Enum):
     huber = "huber"
 
 
+def _train(config_cls: type, train, given: dict, config: Path | None, ctx: typer.Context) -> None:
+    """Build the trainer's config (a saved --config, then the options typed), train, report."""
+    try:
+        cfg = config_with_overrides(config_cls, config, given, ctx)
+        metrics = train(cfg)
+    except FlatDinoError as e:
+        fail(str(e))
+    _report(cfg.out, metrics)
+
+
 def _report(out: str, metrics: dict) -> None:
     """The command's last line: where the run stopped and its last losses."""
     shown = {k: v for k, v in metrics.items() if k in ("loss", "val_mse", "val_rel_err")}
@@ -50,7 +60,7 @@ def _report(out: str, metrics: dict) -> None:
 
 
 def _vae_presets_help() -> str:
-    from flatdino.trainers.vae import VAE_PRESETS, count_parameters
+    from flatdino.models.vae import VAE_PRESETS, count_parameters
 
     counts = (f"{n} ({count_parameters(c)['total'] / 1e6:.1f}M)" for n, c in VAE_PRESETS.items())
     return "VAE preset, parameters at C=768: " + ", ".join(counts) + "."
@@ -123,16 +133,11 @@ def train_vae_cmd(
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
     from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
-    try:
-        cfg = config_with_overrides(TrainVAEConfig, config, given, ctx)
-        metrics = train_vae(cfg)
-    except FlatDinoError as e:
-        fail(str(e))
-    _report(cfg.out, metrics)
+    _train(TrainVAEConfig, train_vae, given, config, ctx)
 
 
 def _dit_presets_help() -> str:
-    from flatdino.trainers.dit import count_dit_parameters
+    from flatdino.models.dit import count_dit_parameters
 
     counts = (f"{n} ({count_dit_parameters(c) / 1e6:.1f}M)" for n, c in DIT_PRESETS.items())
     return ("LightningDiT preset, parameters on 32x128 latents: " + ", ".join(counts)
@@ -207,16 +212,11 @@ def train_dit_cmd(
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
     from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
-    try:
-        cfg = config_with_overrides(TrainDiTConfig, config, given, ctx)
-        metrics = train_dit(cfg)
-    except FlatDinoError as e:
-        fail(str(e))
-    _report(cfg.out, metrics)
+    _train(TrainDiTConfig, train_dit, given, config, ctx)
 
 
 def _decoder_presets_help() -> str:
-    from flatdino.trainers.pixel_decoder import (
+    from flatdino.models.pixel_decoder import (
         PIXEL_DECODER_PRESETS,
         count_pixel_decoder_parameters,
     )
@@ -284,12 +284,7 @@ def train_decoder_cmd(
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
     from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
 
-    try:
-        cfg = config_with_overrides(TrainDecoderConfig, config, given, ctx)
-        metrics = train_decoder(cfg)
-    except FlatDinoError as e:
-        fail(str(e))
-    _report(cfg.out, metrics)
+    _train(TrainDecoderConfig, train_decoder, given, config, ctx)
 
 
 def _run_kind(run: Path, config: dict, model: dict) -> str:
@@ -301,9 +296,9 @@ def _run_kind(run: Path, config: dict, model: dict) -> str:
 
 def run_info(run: Path, as_json: bool) -> None:
     """Model config and parameter count, last metrics and checkpoints of a run folder."""
-    from flatdino.trainers.dit import DiTConfig, count_dit_parameters
-    from flatdino.trainers.pixel_decoder import PixelDecoderConfig, count_pixel_decoder_parameters
-    from flatdino.trainers.vae import VAEConfig, count_parameters
+    from flatdino.models.dit import DiTConfig, count_dit_parameters
+    from flatdino.models.pixel_decoder import PixelDecoderConfig, count_pixel_decoder_parameters
+    from flatdino.models.vae import VAEConfig, count_parameters
 
     config = json.loads((run / "config.json").read_text())
     model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)

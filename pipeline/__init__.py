@@ -1,1 +1,1 @@
-"""Data in and out: image sources, the DINOv2 backbone, Zarr stores and the Ray jobs that fill them."""
+"""Data in and out: image sources, preprocessing, weights and checkpoints, Zarr stores, the shard engine and its jobs, the loaders."""

@@ -4,11 +4,22 @@ the published RAE decoder file. Models are rebuilt from the config.json saved be
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from flatdino.models.dit import DiTConfig, LightningDiT
+from flatdino.models.flow import LatentNorm
+from flatdino.models.pixel_decoder import (
+    PIXEL_DECODER_PRESETS,
+    PixelDecoder,
+    PixelDecoderConfig,
+    pixel_decoder_preset,
+)
+from flatdino.models.vae import FlatDinoVAE, VAEConfig
 
 from .errors import FlatDinoError, WeightsError
 
@@ -25,10 +36,39 @@ def resolve_checkpoint(path: str, option: str, command: str) -> Path:
     )
 
 
+def resolve_vae(path: str) -> Path:
+    """The VAE checkpoint folder of --vae: given, or RUN/best, or RUN/checkpoints."""
+    return resolve_checkpoint(path, "--vae", "train-vae")
+
+
+def load_vae(ckpt: Path) -> tuple[FlatDinoVAE, str]:
+    """Rebuild the VAE from its config.json and load its weights; returns (model, file sha256)."""
+    model = FlatDinoVAE(VAEConfig(**json.loads((ckpt / "config.json").read_text())))
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    return model.eval().requires_grad_(False), vae_sha256(ckpt)
+
+
+def vae_sha256(ckpt: Path) -> str:
+    """sha256 of a checkpoint's model.safetensors: the VAE's identity in latents stores."""
+    return hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+
+
+def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict, LatentNorm, Path]:
+    """The DiT (EMA or raw weights), its flow.json, its latent normalisation, and its folder."""
+    ckpt = resolve_checkpoint(path, "--dit", "train-dit")
+    if not (ckpt / "flow.json").exists():
+        raise FlatDinoError(f"--dit {path!r} is not a train-dit checkpoint (no flow.json)")
+    model = LightningDiT(DiTConfig(**json.loads((ckpt / "config.json").read_text())))
+    weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    stats = load_file(str(ckpt / "latent_stats.safetensors"))
+    norm = LatentNorm(stats["mean"], stats["std"])
+    flow = json.loads((ckpt / "flow.json").read_text())
+    return model.eval().requires_grad_(False), flow, norm, ckpt
+
+
 def _rae_preset(state: dict[str, torch.Tensor], source: str):
     """The preset whose shapes match a foreign RAE decoder state dict (heads are not in weights)."""
-    from flatdino.trainers.pixel_decoder import PIXEL_DECODER_PRESETS, pixel_decoder_preset
-
     try:
         dim, in_dim = state["decoder_embed.weight"].shape
         depth = len({k.split(".")[1] for k in state if k.startswith("decoder_layers.")})
@@ -55,8 +95,6 @@ def load_pixel_decoder(path: str):
     strict key matching, so a renamed or missing tensor is an error, never silently skipped.
     Returns (model in eval mode, its config).
     """
-    from flatdino.trainers.pixel_decoder import PixelDecoder, PixelDecoderConfig
-
     p = Path(path)
     if p.is_file():
         try:

@@ -14,10 +14,13 @@ shards finish. Both backends run the same functions on the same shards.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .errors import FlatDinoError
 from .store import Shard
@@ -41,6 +44,9 @@ class Placement:
     workers: int = 1  # actors (Ray backend)
     num_gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     ray_address: str | None = None  # None: start Ray locally; "auto" or ADDR: join a cluster
+    # torch intra-op threads per worker; 0: a Ray actor (a process of its own) takes its node's
+    # cpu count / workers, the local backend leaves the calling process's setting alone
+    threads: int = 0
 
 
 class _Worker:
@@ -50,7 +56,9 @@ class _Worker:
     failed actor creation, so workers' set-up errors must surface from a call to stay one line.
     """
 
-    def __init__(self, cls: type, args: tuple):
+    def __init__(self, cls: type, args: tuple, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
         self.error: FlatDinoError | None = None
         try:
             self.worker = cls(*args)
@@ -70,14 +78,23 @@ def run_shards(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterat
 
 
 def _run_local(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
-    worker = _Worker(job.worker_cls, job.worker_args)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # prepare shard s+1 while s runs the worker
-        pending = [pool.submit(job.prepare, *job.prepare_args(s)) for s in todo[:2]]
-        for i in range(len(todo)):
-            payload = pending.pop(0).result()
-            if i + 2 < len(todo):
-                pending.append(pool.submit(job.prepare, *job.prepare_args(todo[i + 2])))
-            yield worker(payload)
+    threads = torch.get_num_threads()  # the caller's, given back when the job ends
+    try:
+        worker = _Worker(job.worker_cls, job.worker_args, placement.threads)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # prepare shard s+1 while s runs
+            pending = [pool.submit(job.prepare, *job.prepare_args(s)) for s in todo[:2]]
+            for i in range(len(todo)):
+                payload = pending.pop(0).result()
+                if i + 2 < len(todo):
+                    pending.append(pool.submit(job.prepare, *job.prepare_args(todo[i + 2])))
+                yield worker(payload)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _actor_threads(placement: Placement) -> int:
+    """Threads of one actor: asked for, or its share of the node's CPUs (the actor's process)."""
+    return placement.threads or max(1, (os.cpu_count() or 1) // max(1, placement.workers))
 
 
 def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
@@ -93,7 +110,10 @@ def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     prepare = ray.remote(num_cpus=1)(job.prepare)
     actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(_Worker)
-    actors = [actor_cls.remote(job.worker_cls, job.worker_args) for _ in range(placement.workers)]
+    threads = _actor_threads(placement)
+    actors = [
+        actor_cls.remote(job.worker_cls, job.worker_args, threads) for _ in range(placement.workers)
+    ]
     queue = list(reversed(todo))
     inflight: dict = {}  # ObjectRef -> actor; two shards per actor: one preparing, one running
 

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbone import BACKBONES, DinoPatchFeatures, load_backbone
+from flatdino.models.dinov2 import BACKBONES, DinoPatchFeatures
+
+from .backbone import load_backbone
 from .engine import Placement, ShardJob, run_shards
-from .errors import FlatDinoError, StoreMismatchError, TooManyFailuresError, WeightsError
+from .env import package_version, resolve_device
+from .errors import FlatDinoError, TooManyFailuresError, WeightsError
+from .feature_store import FeatureStore
 from .preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
 from .sources import ImageSource, load_image, open_source
-from .store import FeatureStore, Shard, check_fingerprint, create_store
+from .store import Shard, open_or_create
 
 log = logging.getLogger("flatdino.extract")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -53,7 +54,7 @@ class ExtractConfig:
     backend: str = "ray"  # ray | local
     workers: int = 1  # backbone actors (Ray backend)
     num_gpus_per_worker: float | None = None  # None: 1 when CUDA is visible, else 0
-    torch_threads: int = 0  # intra-op threads per backbone worker; 0: cpu count / workers
+    torch_threads: int = 0  # threads per backbone worker; 0: Ray: cores / workers, local: as is
     ray_address: str | None = None  # None: a local Ray instance; "auto" or ADDR: a cluster
     max_failed_fraction: float = 0.01  # exit non-zero above this fraction of undecodable images
     overwrite: bool = False  # replace an existing store made with other settings
@@ -133,8 +134,6 @@ class ShardEmbedder:
     def __init__(self, cfg: ExtractConfig, expected_sha: str):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
-        torch.set_num_threads(threads)
         model, sha = load_backbone(cfg.backbone, cfg.weights)
         if sha != expected_sha:  # e.g. another file at the same path on another node
             raise WeightsError(
@@ -154,19 +153,6 @@ class ShardEmbedder:
             )
         self.store.write_shard(shard, feats, decoded.valid, decoded.errors)
         return shard.index, n, decoded.errors
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when visible, else cpu; a CUDA device that is not there is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FlatDinoError(
-            f"--device {device} but this worker sees no CUDA device; use --device auto or cpu "
-            "(on Ray, give workers GPUs with --num-gpus-per-worker)"
-        )
-    return dev
 
 
 # --------------------------------------------------------------------------- the job
@@ -192,22 +178,7 @@ def open_or_create_store(
     cfg: ExtractConfig, source: ImageSource, fp: dict, dim: int, patches: int
 ) -> FeatureStore:
     """Resume a matching store, replace it with --overwrite, or create a fresh one."""
-    out = Path(cfg.out)
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()  # an empty directory made by the user: create the store in its place
-    if out.exists():
-        try:
-            store = FeatureStore(out, mode="r+")
-        except FlatDinoError:  # never delete something that is not ours, even with --overwrite
-            raise StoreMismatchError(
-                f"--out {cfg.out!r} exists and is not a flatdino feature store; choose another --out"
-            ) from None
-        if not cfg.overwrite:
-            check_fingerprint(store.path, store.attrs.get("fingerprint", {}), fp)
-            return store
-        shutil.rmtree(out)
-    return create_store(
-        out,
+    layout = FeatureStore.layout(
         shape=(len(source), cfg.views, patches, dim),
         labels=np.asarray(source.labels, dtype=np.int32),
         paths=list(source.paths),
@@ -224,15 +195,7 @@ def open_or_create_store(
             "package_version": package_version(),
         },
     )
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("flatdino")
-    except PackageNotFoundError:
-        return "unknown"
+    return open_or_create(FeatureStore, cfg.out, fp, cfg.overwrite, layout)
 
 
 def validate(cfg: ExtractConfig) -> None:
@@ -269,7 +232,9 @@ def _run_with_progress(
         worker_cls=ShardEmbedder,
         worker_args=(cfg, sha),
     )
-    placement = Placement(cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address)
+    placement = Placement(
+        cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address, cfg.torch_threads
+    )
     remaining = sum(s.stop - s.start for s in todo)
     total = summary.images
     start = time.perf_counter()
@@ -310,9 +275,8 @@ def extract_features(cfg: ExtractConfig) -> ExtractSummary:
         cfg, source, fingerprint(cfg, source, recipe, sha), probe.dim, probe.num_patches
     )
     del probe
-    shards = store.shards()
-    todo = [s for s, done in zip(shards, store.done_mask(), strict=True) if not done]
-    summary = ExtractSummary(str(store.path), store.num_images, len(shards), len(todo))
+    todo = store.todo()
+    summary = ExtractSummary(str(store.path), store.num_images, len(store.shards()), len(todo))
     if todo:
         _run_with_progress(cfg, source, todo, recipe, sha, summary)
     if not store.attrs.get("complete"):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from flatdino.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+
 MAX_PIXELS = 16_384 * 16_384  # larger images are refused (marked invalid), not decoded into RAM
 
 

@@ -105,11 +105,11 @@ def local_ray():
 
 def fake_feature_store(path: Path, channels: int, n: int = 4) -> Path:
     """A complete feature store of ones with C = `channels` (to test shape refusals)."""
-    from flatdino.pipeline.store import create_store
+    from flatdino.pipeline.feature_store import FeatureStore
 
-    store = create_store(path, shape=(n, 1, 256, channels), labels=np.zeros(n, np.int32),
-                         paths=[str(i) for i in range(n)], class_names=["a"], shard_size=8,
-                         chunk_rows=8, attrs={"fingerprint": {}})  # fmt: skip
+    store = FeatureStore.create(path, shape=(n, 1, 256, channels), labels=np.zeros(n, np.int32),
+                                 paths=[str(i) for i in range(n)], class_names=["a"], shard_size=8,
+                                 chunk_rows=8, attrs={"fingerprint": {}})  # fmt: skip
     store.write_shard(
         store.shards()[0], np.ones((n, 1, 256, channels), np.float16), np.ones(n, bool), {}
     )

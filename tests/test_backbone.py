@@ -10,15 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from flatdino.pipeline.backbone import (
-    BACKBONES,
-    BackboneSpec,
-    build_vit,
-    hf_to_dinov2,
-    load_backbone,
-    read_state_dict,
-    state_sha256,
-)
+from flatdino.models.dinov2 import BACKBONES, BackboneSpec, build_vit, hf_to_dinov2, state_sha256
+from flatdino.pipeline.backbone import load_backbone, read_state_dict
 from flatdino.pipeline.errors import WeightsError
 
 TINY = BACKBONES["tiny"]

@@ -258,7 +258,7 @@ def test_train_dit_help_and_config(monkeypatch, tmp_path):
     bad = invoke(
         "train-dit", "--latents", str(tmp_path), "--out", str(tmp_path / "r2"), "--steps", "1"
     )
-    assert bad.exit_code == 1 and "not a latents store" in bad.output
+    assert bad.exit_code == 1 and "not a flatdino latents store" in bad.output
     import flatdino.trainers.train_dit as td
 
     seen = {}

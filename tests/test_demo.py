@@ -14,10 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flatdino.cli.main import app
-from flatdino.pipeline.errors import InputError
-from flatdino.pipeline.sources import digits_split
-from flatdino.trainers.demo import (
+from flatdino.cli.demo_run import (
     DemoConfig,
     Stage,
     _prepare,
@@ -26,6 +23,9 @@ from flatdino.trainers.demo import (
     run_demo,
     run_stages,
 )
+from flatdino.cli.main import app
+from flatdino.pipeline.errors import InputError
+from flatdino.pipeline.sources import digits_split
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flatdino.trainers.dit import (
+from flatdino.models.dit import (
     DIT_PRESETS,
     LightningDiT,
     count_dit_parameters,
     dit_preset,
     rope_1d,
 )
-from flatdino.trainers.flow import euler_sample, flow_loss, shift_time
+from flatdino.models.flow import euler_sample, flow_loss, shift_time
 
 
 def tiny() -> LightningDiT:

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
-from flatdino.trainers.eval_ablate import token_ablation
+from flatdino.eval.ablate import token_ablation
 from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
 

@@ -11,17 +11,17 @@ import torch
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
-from flatdino.pipeline.errors import WeightsError
-from flatdino.pipeline.preprocess import adm_center_crop, to_rgb
-from flatdino.pipeline.sources import load_image, open_source
-from flatdino.trainers.eval_fid import (
+from flatdino.eval.fid import (
     frechet_distance,
     inception_model,
     load_set,
     precision_recall,
     statistics,
 )
-from flatdino.trainers.eval_knn import pooled
+from flatdino.eval.knn import pooled
+from flatdino.pipeline.errors import WeightsError
+from flatdino.pipeline.preprocess import adm_center_crop, to_rgb
+from flatdino.pipeline.sources import load_image, open_source
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
@@ -79,7 +79,7 @@ def test_command_on_stores_and_saved_statistics(digits_val_store, tmp_path):
 
 
 def test_rfid_command_separates_the_vaes_cost(digits_val_store, tmp_path):
-    from flatdino.trainers.pixel_decoder import PixelDecoder, pixel_decoder_preset
+    from flatdino.models.pixel_decoder import PixelDecoder, pixel_decoder_preset
     from flatdino.trainers.runner import Dist, save_checkpoint
     from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import fake_latents_store
 from flatdino.cli.main import app
-from flatdino.trainers.eval_knn import knn_classify, pooled
+from flatdino.eval.knn import knn_classify, pooled
 
 
 def gaussians(n: int, seed: int, spread: float = 0.3, classes: int = 4):

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
-from flatdino.trainers.eval_noise import noise_curves
+from flatdino.eval.noise import noise_curves
 from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
 
@@ -35,7 +35,7 @@ def test_command_with_a_pixel_decoder(digits_val_store, tmp_path):
     vae = tmp_path / "vae"
     train_vae(TrainVAEConfig(features=str(digits_val_store), out=str(vae), preset="tiny", steps=2,
                              batch_size=16, num_workers=0, progress=False))  # fmt: skip
-    from flatdino.trainers.pixel_decoder import PixelDecoder, pixel_decoder_preset
+    from flatdino.models.pixel_decoder import PixelDecoder, pixel_decoder_preset
     from flatdino.trainers.runner import Dist, save_checkpoint
 
     cfg = pixel_decoder_preset("tiny", in_dim=64)

@@ -8,7 +8,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
-from flatdino.trainers.eval_redundancy import pca_dims, similarity_by_distance
+from flatdino.eval.redundancy import pca_dims, similarity_by_distance
 
 
 def test_pca_of_data_with_known_rank_gives_that_rank():

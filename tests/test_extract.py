@@ -20,9 +20,9 @@ from conftest import assert_same_store, read_store, tiny_config
 from flatdino.pipeline.backbone import load_backbone
 from flatdino.pipeline.errors import FlatDinoError, StoreMismatchError, TooManyFailuresError
 from flatdino.pipeline.extract import extract_features
+from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
 from flatdino.pipeline.sources import load_image, open_source
-from flatdino.pipeline.store import FeatureStore
 
 
 def test_store_contents_match_the_backbone(digits_val_store):

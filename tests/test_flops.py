@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
-from flatdino.trainers.flops import count_forward_flops, layer_flops, paper_table
+from flatdino.eval.flops import count_forward_flops, layer_flops, paper_table
 
 # (model, latent): (forward, train, encoding, total) in GFLOPs, Tables 7-9 of the paper.
 PAPER = {

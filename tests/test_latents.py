@@ -16,8 +16,9 @@ import torch
 import zarr
 
 from conftest import fake_feature_store
+from flatdino.pipeline.checkpoints import load_vae, resolve_vae
+from flatdino.pipeline.encode import EncodeConfig, encode_latents
 from flatdino.pipeline.errors import FlatDinoError, StoreMismatchError
-from flatdino.pipeline.latents import EncodeConfig, encode_latents, load_vae, resolve_vae
 from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
 
@@ -92,7 +93,7 @@ def test_a_vae_for_other_features_is_refused(vae_run, digits_val_store, tmp_path
         encode_latents(cfg(store, tmp_path, tmp_path / "l.zarr"))
     (tmp_path / "not-a-store").mkdir()
     (tmp_path / "not-a-store" / "file.txt").write_text("x")
-    with pytest.raises(StoreMismatchError, match="not a latents store"):
+    with pytest.raises(StoreMismatchError, match="not a flatdino latents store"):
         encode_latents(cfg(digits_val_store, vae_run, tmp_path / "not-a-store"))
 
 

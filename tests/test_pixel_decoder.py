@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from flatdino.models.pixel_decoder import (
+    PIXEL_DECODER_PRESETS,
+    DecoderLayer,
+    PixelDecoder,
+    PixelDecoderConfig,
+    count_pixel_decoder_parameters,
+    pixel_decoder_preset,
+)
 from flatdino.pipeline.checkpoints import load_pixel_decoder
 from flatdino.pipeline.errors import FlatDinoError, WeightsError
+from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.preprocess import (
     ViewRecipe,
     adm_center_crop,
@@ -19,16 +28,8 @@ from flatdino.pipeline.preprocess import (
     view_pixels,
 )
 from flatdino.pipeline.sources import load_image
-from flatdino.pipeline.store import FeatureStore
-from flatdino.trainers.pixel_decoder import (
-    PIXEL_DECODER_PRESETS,
-    DecoderLayer,
-    PixelDecoder,
-    PixelDecoderConfig,
-    count_pixel_decoder_parameters,
-    pixel_decoder_preset,
-)
-from flatdino.trainers.train_decoder import TargetImages, TrainDecoderConfig, train_decoder
+from flatdino.pipeline.targets import TargetImages
+from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
 
 
 def rae_state_dict_shapes(

@@ -15,9 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app, main
+from flatdino.models.flow import euler_sample, shift_time
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.trainers.flow import euler_sample, shift_time
-from flatdino.trainers.sample import NpyWriter, SampleConfig, class_labels, sample
+from flatdino.sampling.sample import NpyWriter, SampleConfig, class_labels, sample
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
@@ -140,9 +140,9 @@ def test_sample_refuses_a_wrong_vae_and_a_missing_dit(chain, tmp_path):
 
 
 def test_latents_are_denormalised_before_the_vae(tmp_path):
-    from flatdino.trainers.dit import LightningDiT, dit_preset
-    from flatdino.trainers.flow import LatentNorm
-    from flatdino.trainers.sample import generate
+    from flatdino.models.dit import LightningDiT, dit_preset
+    from flatdino.models.flow import LatentNorm
+    from flatdino.sampling.sample import generate
 
     dit = LightningDiT(dit_preset("tiny", tokens=4, latent_dim=3))  # untrained: v = 0, so x1 = x0
     norm = LatentNorm(torch.full((4, 3), 5.0), torch.full((4, 3), 2.0))
@@ -176,7 +176,7 @@ def test_a_full_disk_is_an_error_not_a_crash():
 def test_sampling_checks_free_space_first_and_a_full_disk_leaves_nothing(
     chain, tmp_path, monkeypatch, capsys
 ):
-    import flatdino.trainers.sample as sampling
+    import flatdino.sampling.sample as sampling
 
     out = tmp_path / "samples"
     args = ["flatdino", "sample", "--dit", str(chain / "dit"), "--out", str(out), "--n", "64",

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
 from conftest import fake_latents_store, free_port
+from flatdino.models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
+from flatdino.models.flow import LatentNorm, euler_sample, flow_loss, sample_time
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.loader import LatentBatches, LoaderConfig
-from flatdino.trainers.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
-from flatdino.trainers.flow import LatentNorm, euler_sample, flow_loss, sample_time
 from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
 CLASSES, T, D, V = 4, 8, 16, 2
@@ -204,7 +204,7 @@ def test_refusals(store, tmp_path):
         train_dit(small(store, tmp_path / "a", steps=None))
     with pytest.raises(FlatDinoError, match="larger than the 80 valid images"):
         train_dit(small(store, tmp_path / "b", batch_size=128))
-    with pytest.raises(FlatDinoError, match="not a latents store"):
+    with pytest.raises(FlatDinoError, match="not a flatdino latents store"):
         train_dit(small(tmp_path / "missing.zarr", tmp_path / "c"))
     train_dit(small(store, tmp_path / "d", steps=1))
     with pytest.raises(FlatDinoError, match="--resume"):

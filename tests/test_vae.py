@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from flatdino.trainers.optim import WSDSchedule, param_groups, wsd_from_epochs
-from flatdino.trainers.vae import (
+from flatdino.models.vae import (
     VAE_PRESETS,
     FlatDinoVAE,
     build_on_meta,
@@ -17,6 +16,7 @@ from flatdino.trainers.vae import (
     vae_loss,
     vae_preset,
 )
+from flatdino.trainers.optim import WSDSchedule, param_groups, wsd_from_epochs
 
 
 def tiny(**kw) -> FlatDinoVAE:

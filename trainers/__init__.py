@@ -1,1 +1,1 @@
-"""Models, losses and training loops (FlatDINO VAE, LightningDiT, pixel decoder); built by later issues."""
+"""Training: distributed set-up, the run folder, the shared loop and schedules, and the three trainers."""

@@ -1,4 +1,4 @@
-"""Trainer machinery shared by train-vae (and the later trainers): distributed set-up, the run
+"""Trainer machinery shared by the trainers (assembled by trainers/run.py): distributed set-up, the run
 folder (config.json, log.txt, metrics.jsonl), checkpoints in safetensors + trainer state, resume.
 
 Run folder:
@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def setup_run_dir(out: Path, config: dict, d: Dist, resume: bool) -> None:
-    """Create the run folder and rank-0 logging to stdout and RUN/log.txt."""
+    """Create the run folder with config.json (rank 0); refuse a used one unless resuming."""
     if d.main:
         if out.exists() and (out / "config.json").exists() and not resume:
             raise FlatDinoError(
@@ -102,11 +101,6 @@ def setup_run_dir(out: Path, config: dict, d: Dist, resume: bool) -> None:
             )
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if d.main:
-        handlers.append(logging.FileHandler(out / "log.txt"))
-    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING, format="%(message)s",
-                        handlers=handlers, force=True)  # fmt: skip
 
 
 def append_metrics(out: Path, row: dict, d: Dist) -> None:

@@ -15,33 +15,20 @@ network is wired in, a non-zero weight is refused rather than silently ignored.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from flatdino.models.pixel_decoder import PIXEL_DECODER_PRESETS, PixelDecoder, pixel_decoder_preset
 from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
-from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, to_rgb, view_pixels
-from flatdino.pipeline.sources import load_image
-from flatdino.pipeline.store import FeatureStore
+from flatdino.pipeline.targets import TargetImages
 
-from .loop import LoopConfig, LoopHooks, train_loop
-from .optim import make_schedule, param_groups
-from .pixel_decoder import PIXEL_DECODER_PRESETS, PixelDecoder, pixel_decoder_preset
-from .runner import (
-    resume_run,
-    run_setup,
-    save_checkpoint,
-    seed_ranks,
-    setup_distributed,
-    setup_run_dir,
-    split_batch,
-    trainer_state,
-    wrap_model,
-)  # fmt: skip
+from .loop import LoopHooks
+from .optim import make_schedule
+from .run import start_run
+from .runner import setup_distributed
 
 log = logging.getLogger("flatdino.train")
 
@@ -52,7 +39,7 @@ class TrainDecoderConfig:
 
     features: str  # feature store (its manifest names the images)
     out: str  # run folder
-    preset: str = "rae-vitxl"  # key of trainers.pixel_decoder.PIXEL_DECODER_PRESETS
+    preset: str = "rae-vitxl"  # key of models.pixel_decoder.PIXEL_DECODER_PRESETS
     steps: int | None = None  # total optimiser steps (or use epochs)
     epochs: int | None = None
     warmup_steps: int | None = None  # default: 10% of the run
@@ -104,49 +91,10 @@ def add_feature_noise(x: torch.Tensor, tau: float) -> torch.Tensor:
     return x + sigma * torch.randn_like(x)
 
 
-class TargetImages:
-    """The pixels of (row, view) pairs of a feature store, decoded by a thread pool."""
-
-    def __init__(self, store: FeatureStore, threads: int):
-        fp = store.attrs.get("fingerprint", {})
-        self.kind, self.root = fp.get("input", {}).get("kind"), store.attrs.get("input_root", "")
-        self.recipe = ViewRecipe(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in fp.get("preprocessing", {}).items()})  # fmt: skip
-        self.paths = store.manifest().column("path").to_pylist()
-        self.pool = ThreadPoolExecutor(max(1, threads))
-        first = (
-            int(np.flatnonzero(store.group["valid"][:])[0]) if store.attrs.get("num_valid") else 0
-        )
-        try:
-            self.one(first, 0)
-        except Exception as e:  # moved or deleted source images: say so before any training
-            raise FlatDinoError(
-                f"cannot read the images of --features {str(store.path)!r} back (first: "
-                f"{self.paths[first]!r} under {self.root!r}: {e}); train-decoder needs the images "
-                "at the paths extract-features read them from"
-            ) from e
-
-    def one(self, row: int, view: int) -> np.ndarray:
-        with load_image(self.kind, self.root, self.paths[row]) as img:
-            crop = adm_center_crop(to_rgb(img), self.recipe.crop_size)
-        return view_pixels(crop, row, view, self.recipe)  # (S, S, 3) uint8
-
-    def batch(self, rows: np.ndarray, views: np.ndarray) -> torch.Tensor:
-        """(B, 3, S, S) float in [0, 1]."""
-        if len(rows) == 0:  # a rank's empty tail batch
-            return torch.zeros(0, 3, self.recipe.crop_size, self.recipe.crop_size)
-        pixels = list(self.pool.map(self.one, rows.tolist(), views.tolist()))
-        return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def _check(cfg: TrainDecoderConfig, store: FeatureStore) -> None:
     if cfg.preset not in PIXEL_DECODER_PRESETS:
         raise FlatDinoError(
             f"--preset must be one of {sorted(PIXEL_DECODER_PRESETS)}; got {cfg.preset!r}"
-        )
-    if not store.attrs.get("complete"):
-        raise FlatDinoError(
-            f"--features {cfg.features!r} is incomplete; finish extract-features first"
         )
     if cfg.steps is None and cfg.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
@@ -161,43 +109,28 @@ def _check(cfg: TrainDecoderConfig, store: FeatureStore) -> None:
 def train_decoder(cfg: TrainDecoderConfig) -> dict:
     """Train (or resume) a pixel decoder as `cfg` says; returns the final metrics."""
     d = setup_distributed(cfg.device)
-    out = Path(cfg.out)
-    store = FeatureStore(cfg.features)
+    store = FeatureStore.open_complete(cfg.features, "--features")
     _check(cfg, store)
     _, _, p, c = store.features.shape
     model_cfg = pixel_decoder_preset(cfg.preset, in_dim=int(c), num_patches=int(p))
-    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
     targets = TargetImages(store, cfg.image_threads)  # checks that the images can be read back
-    setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
-    loader = FeatureBatches(cfg.features, LoaderConfig(micro, cfg.seed, 1024, cfg.num_workers,
-                                                       d.rank, d.world))  # fmt: skip
-    schedule = make_schedule(cfg, max(1, loader.steps_per_epoch() // accum))
-    torch.manual_seed(cfg.seed)
-    model = PixelDecoder(model_cfg).to(d.device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    state = {"step": 0, "micro_step": 0, "epoch": 0}
-    setup = run_setup(cfg.batch_size, micro, cfg.seed, d)
-    seed_ranks(cfg.seed, d)
-    if cfg.resume:
-        resume_run(None, out, model, model_cfg.to_dict(), opt, state, d, setup)
-    net = wrap_model(model, d, cfg.compile)
-    log.info("pixel decoder %s: %.2fM parameters, %d steps, accum %d", cfg.preset,
-             sum(q.numel() for q in model.parameters()) / 1e6, schedule.total, accum)  # fmt: skip
+    with start_run(cfg, model_cfg.to_dict(), d) as run:
+        loader = FeatureBatches(cfg.features, LoaderConfig(run.micro, cfg.seed, 1024,
+                                                           cfg.num_workers, d.rank, d.world))  # fmt: skip
+        schedule = make_schedule(cfg, max(1, loader.steps_per_epoch() // run.accum))
+        model = run.build(lambda: PixelDecoder(model_cfg))
+        log.info("pixel decoder %s: %.2fM parameters, %d steps, accum %d", cfg.preset,
+                 sum(q.numel() for q in model.parameters()) / 1e6, schedule.total, run.accum)  # fmt: skip
 
-    def batches(epoch: int, start: int):
-        views = loader.views(epoch)
-        for x, _, rows in loader.epoch(epoch, start_step=start):
-            yield x, targets.batch(rows, views[rows])
+        def batches(epoch: int, start: int):
+            views = loader.views(epoch)
+            for x, _, rows in loader.epoch(epoch, start_step=start):
+                yield x, targets.batch(rows, views[rows])
 
-    def loss(net, batch) -> tuple[dict, int]:
-        x, target = (t.to(d.device, non_blocking=True) for t in batch)
-        pred = net(add_feature_noise(x.float(), cfg.noise_tau))  # (B, 3, S, S)
-        return decoder_loss(pred, target, cfg, reduce_over=micro), len(x)
+        def loss(net, batch) -> tuple[dict, int]:
+            x, target = (t.to(d.device, non_blocking=True) for t in batch)
+            pred = net(add_feature_noise(x.float(), cfg.noise_tau))  # (B, 3, S, S)
+            return decoder_loss(pred, target, cfg, reduce_over=run.micro), len(x)
 
-    hooks = LoopHooks(
-        batches=batches, loss=loss, lr=schedule,
-        save=lambda path: save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d, setup), d),
-    )  # fmt: skip
-    lc = LoopConfig("train-decoder", schedule.total, accum, cfg.grad_clip, cfg.log_every,
-                    cfg.ckpt_every, cfg.stop_after, cfg.progress)  # fmt: skip
-    return train_loop(lc, d, out, net, opt, hooks, state)
+        hooks = LoopHooks(batches=batches, loss=loss, lr=schedule, save=run.save)
+        return run.loop("train-decoder", schedule.total, hooks)

@@ -13,35 +13,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
-import zarr
 from timm.utils import ModelEmaV3
 
+from flatdino.models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
+from flatdino.models.flow import LatentNorm, flow_loss
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.latents import KIND as LATENTS
+from flatdino.pipeline.latent_store import LatentStore
 from flatdino.pipeline.loader import LatentBatches, LoaderConfig, check_views
-from flatdino.pipeline.store import store_kind
 
-from .dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
-from .flow import LatentNorm, flow_loss
-from .loop import LoopConfig, LoopHooks, train_loop
-from .optim import WSDSchedule, param_groups
-from .runner import (
-    Dist,
-    resume_run,
-    run_setup,
-    save_checkpoint,
-    seed_ranks,
-    setup_distributed,
-    setup_run_dir,
-    split_batch,
-    trainer_state,
-    wrap_model,
-)  # fmt: skip
+from .loop import LoopHooks
+from .optim import WSDSchedule
+from .run import start_run
+from .runner import Dist, setup_distributed
 
 log = logging.getLogger("flatdino.train")
 
@@ -52,7 +40,7 @@ class TrainDiTConfig:
 
     latents: str  # latents store from encode-latents
     out: str  # run folder
-    preset: str = "dit-xl"  # key of trainers.dit.DIT_PRESETS; T, d and classes come from the store
+    preset: str = "dit-xl"  # key of models.dit.DIT_PRESETS; T, d and classes come from the store
     steps: int | None = None  # total optimiser steps (or use epochs)
     epochs: int | None = None  # total epochs over the store's valid images
     batch_size: int = 1024  # global batch (all ranks, all accumulation steps)
@@ -78,47 +66,31 @@ class TrainDiTConfig:
     progress: bool = True
 
 
-def open_latents(path: str) -> zarr.Group:
-    """A complete latents store, or a one-line error that says what to run."""
-    kind = store_kind(path)
-    if kind != LATENTS:
-        found = "no Zarr store there" if kind is None else f"kind {kind!r}"
-        raise FlatDinoError(
-            f"--latents {path!r} is not a latents store ({found}); "
-            "pass the --out of `flatdino encode-latents`"
-        )
-    group = zarr.open_group(str(path), mode="r")
-    if not group.attrs.get("complete"):
-        raise FlatDinoError(f"--latents {path!r} is incomplete; finish encode-latents first")
-    return group
-
-
-def build_model_config(cfg: TrainDiTConfig, group: zarr.Group) -> DiTConfig:
+def build_model_config(cfg: TrainDiTConfig, store: LatentStore) -> DiTConfig:
     """The preset with T, d and the class count taken from the store."""
     if cfg.preset not in DIT_PRESETS:
         raise FlatDinoError(f"--preset must be one of {sorted(DIT_PRESETS)}; got {cfg.preset!r}")
-    _, _, t, d = group["mu"].shape
-    names = group.attrs.get("class_names")
-    classes = len(names) if names else int(group["labels"][:].max()) + 1
-    return dit_preset(cfg.preset, tokens=int(t), latent_dim=int(d), num_classes=classes)
+    t, d = store.token_shape
+    return dit_preset(cfg.preset, tokens=t, latent_dim=d, num_classes=store.num_classes())
 
 
-def flow_record(cfg: TrainDiTConfig, group: zarr.Group) -> dict:
+def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> dict:
     """flow.json: how the model was trained and on what, for the sampler and for resume checks."""
-    attrs = group.attrs
+    attrs = store.attrs
     return {
         "kappa": cfg.kappa, "time_dist": cfg.time_dist, "class_dropout": cfg.class_dropout,
-        "normalize": cfg.normalize, "views": check_views(cfg.views, group["mu"].shape[1], cfg.latents),
+        "normalize": cfg.normalize, "views": check_views(cfg.views, store.num_views, cfg.latents),
         "latents": str(Path(cfg.latents).resolve()),
         "latents_fingerprint": attrs.get("fingerprint"), "vae_checkpoint": attrs.get("vae_checkpoint"),
         "class_names": attrs.get("class_names"),
     }  # fmt: skip
 
 
-def latent_norm(cfg: TrainDiTConfig, group: zarr.Group, model_cfg: DiTConfig) -> LatentNorm:
+def latent_norm(cfg: TrainDiTConfig, store: LatentStore, model_cfg: DiTConfig) -> LatentNorm:
     if not cfg.normalize:
         return LatentNorm.identity(model_cfg.tokens, model_cfg.latent_dim)
-    return LatentNorm(torch.from_numpy(group["mu_mean"][:]), torch.from_numpy(group["mu_std"][:]))
+    mean, std = store.stats()
+    return LatentNorm(torch.from_numpy(mean), torch.from_numpy(std))
 
 
 def _check_resume(out: Path, flow: dict) -> None:
@@ -152,58 +124,49 @@ def _schedule(
 def train_dit(cfg: TrainDiTConfig) -> dict:
     """Train (or resume) a DiT on a latents store as `cfg` says; returns the final metrics."""
     d = setup_distributed(cfg.device)
-    out = Path(cfg.out)
-    group = open_latents(cfg.latents)
-    model_cfg = build_model_config(cfg, group)
+    store = LatentStore.open_complete(cfg.latents, "--latents")
+    model_cfg = build_model_config(cfg, store)
     if cfg.steps is None and cfg.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
     if cfg.time_dist not in ("uniform", "logit-normal"):
         raise FlatDinoError(f"--time-dist must be uniform or logit-normal; got {cfg.time_dist!r}")
-    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
-    flow = flow_record(cfg, group)
+    flow = flow_record(cfg, store)
     if cfg.resume:
-        _check_resume(out, flow)
-    setup_run_dir(out, {"train": asdict(cfg), "model": model_cfg.to_dict()}, d, cfg.resume)
-    loader = LatentBatches(cfg.latents, LoaderConfig(micro, cfg.seed, 0, 0, d.rank, d.world),
-                           progress=cfg.progress and d.main, views=cfg.views)  # fmt: skip
-    steps_per_epoch, schedule = _schedule(cfg, loader, accum, d)
-    torch.manual_seed(cfg.seed)
-    model = LightningDiT(model_cfg).to(d.device)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay, dtype=torch.float32)
-    norm = latent_norm(cfg, group, model_cfg).to(d.device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    state = {"step": 0, "micro_step": 0, "epoch": 0}
-    setup = run_setup(cfg.batch_size, micro, cfg.seed, d)
-    seed_ranks(cfg.seed, d)
-    if cfg.resume:
-        resume_run(None, out, model, model_cfg.to_dict(), opt, state, d, setup, {"ema": ema.module})
-    net = wrap_model(model, d, cfg.compile)
-    log.info("model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
-             cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
-             model_cfg.latent_dim, model_cfg.num_classes, schedule.total, steps_per_epoch, accum)  # fmt: skip
+        _check_resume(Path(cfg.out), flow)
+    with start_run(cfg, model_cfg.to_dict(), d) as run:
+        loader = LatentBatches(cfg.latents, LoaderConfig(run.micro, cfg.seed, 0, 0, d.rank, d.world),
+                               progress=cfg.progress and d.main, views=cfg.views)  # fmt: skip
+        steps_per_epoch, schedule = _schedule(cfg, loader, run.accum, d)
+        norm = latent_norm(cfg, store, model_cfg).to(d.device)
+        ema: ModelEmaV3 | None = None
 
-    def loss(net, batch) -> tuple[dict, int]:
-        x, y = (t.to(d.device, non_blocking=True) for t in batch)  # (B, T, d), (B,)
-        x1 = norm.normalize(x)
-        value = flow_loss(net, x1, y, cfg.kappa, cfg.class_dropout, model_cfg.num_classes,
-                          cfg.time_dist)  # fmt: skip
-        return {"loss": value}, len(x)
+        def with_ema(model: torch.nn.Module) -> dict:
+            """The fp32 EMA of the weights, resumed with them and saved as ema.safetensors."""
+            nonlocal ema
+            ema = ModelEmaV3(model, decay=cfg.ema_decay, dtype=torch.float32)
+            return {"ema": ema.module}
 
-    def save(path: Path) -> None:
-        save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d, setup), d,
-                        {"ema": ema.module, "latent_stats": norm}, {"flow": flow})  # fmt: skip
+        model = run.build(lambda: LightningDiT(model_cfg), extras=with_ema)
+        run.extra_weights["latent_stats"] = norm
+        run.extra_json["flow"] = flow
+        log.info("model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
+                 cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
+                 model_cfg.latent_dim, model_cfg.num_classes, schedule.total, steps_per_epoch,
+                 run.accum)  # fmt: skip
 
-    def batches(epoch: int, start: int):
-        """Whole optimiser steps only: the micro batches that do not fill one are left out."""
-        return islice(loader.epoch(epoch, start_step=start), steps_per_epoch * accum - start)
+        def loss(net, batch) -> tuple[dict, int]:
+            x, y = (t.to(d.device, non_blocking=True) for t in batch)  # (B, T, d), (B,)
+            x1 = norm.normalize(x)
+            value = flow_loss(net, x1, y, cfg.kappa, cfg.class_dropout, model_cfg.num_classes,
+                              cfg.time_dist)  # fmt: skip
+            return {"loss": value}, len(x)
 
-    hooks = LoopHooks(
-        batches=batches,
-        loss=loss,
-        lr=schedule,
-        save=save,
-        after_update=lambda: ema.update(model),
-    )
-    lc = LoopConfig("train-dit", schedule.total, accum, cfg.grad_clip, cfg.log_every, cfg.ckpt_every,
-                    cfg.stop_after, cfg.progress)  # fmt: skip
-    return train_loop(lc, d, out, net, opt, hooks, state)
+        def batches(epoch: int, start: int):
+            """Whole optimiser steps only: the micro batches that do not fill one are left out."""
+            return islice(
+                loader.epoch(epoch, start_step=start), steps_per_epoch * run.accum - start
+            )
+
+        hooks = LoopHooks(batches=batches, loss=loss, lr=schedule, save=run.save,
+                          after_update=lambda: ema.update(model))  # fmt: skip
+        return run.loop("train-dit", schedule.total, hooks)

@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from flatdino.models.vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
 from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
-from flatdino.pipeline.store import FeatureStore
 
-from .loop import LoopConfig, LoopHooks, train_loop
-from .optim import make_schedule, param_groups
-from .runner import (
-    Dist,
-    append_metrics,
-    resume_run,
-    run_setup,
-    save_checkpoint,
-    seed_ranks,
-    setup_distributed,
-    setup_run_dir,
-    split_batch,
-    trainer_state,
-    wrap_model,
-)  # fmt: skip
-from .vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
+from .loop import LoopHooks
+from .optim import make_schedule
+from .run import TrainingRun, start_run
+from .runner import Dist, append_metrics, setup_distributed
 
 log = logging.getLogger("flatdino.train")
 
@@ -40,7 +28,7 @@ class TrainVAEConfig:
     features: str  # train feature store
     out: str  # run folder
     val_features: str | None = None  # validation store: selects best/
-    preset: str = "flatdino-32x128"  # key of trainers.vae.VAE_PRESETS
+    preset: str = "flatdino-32x128"  # key of models.vae.VAE_PRESETS
     tokens: int | None = None  # override T of the preset
     latent_dim: int | None = None  # override d of the preset
     steps: int | None = None  # total optimiser steps (or use epochs)
@@ -86,10 +74,6 @@ def check_store(store: FeatureStore, model_cfg: VAEConfig, what: str) -> None:
             f"{what} {str(store.path)!r} holds (P, C) = ({p}, {c}) features but the model expects "
             f"({model_cfg.num_patches}, {model_cfg.in_dim}); use a store from the same backbone"
         )
-    if not store.attrs.get("complete"):
-        raise FlatDinoError(
-            f"{what} {str(store.path)!r} is incomplete; finish extract-features first"
-        )
 
 
 @torch.no_grad()
@@ -114,84 +98,56 @@ def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str
     return {"val_mse": (sums[0] / sums[2]).item(), "val_rel_err": (sums[0] / sums[1]).sqrt().item()}
 
 
-def _validate(
-    cfg: TrainVAEConfig, out: Path, d: Dist, model, model_cfg: VAEConfig, state: dict, batch: int
-) -> dict:
+def _validate(cfg: TrainVAEConfig, run: TrainingRun) -> dict:
     """Validation metrics; saves best/ when the validation MSE improves."""
-    val = evaluate(model, cfg.val_features, d, batch)
-    append_metrics(out, {"step": state["step"], **val}, d)
+    state = run.state
+    val = evaluate(run.model, cfg.val_features, run.d, run.micro)
+    append_metrics(run.out, {"step": state["step"], **val}, run.d)
     log.info(
         "step=%d val_mse=%.4g val_rel_err=%.4g", state["step"], val["val_mse"], val["val_rel_err"]
     )
     if val["val_mse"] < state["best"]:
         state["best"] = val["val_mse"]
-        save_checkpoint(out / "best", model, model_cfg.to_dict(), None, d)
+        run.save_weights(run.out / "best")
     return val
-
-
-def _save(path: Path, model, model_cfg: VAEConfig, opt, state: dict, d: Dist, setup: dict) -> None:
-    save_checkpoint(path, model, model_cfg.to_dict(), trainer_state(opt, state, d, setup), d)
 
 
 def train_vae(cfg: TrainVAEConfig) -> dict:
     """Train (or resume) a VAE as `cfg` says; returns the final metrics."""
     d = setup_distributed(cfg.device)
-    out = Path(cfg.out)
-    store = FeatureStore(cfg.features)
+    store = FeatureStore.open_complete(cfg.features, "--features")
     model_cfg = build_model_config(cfg, store)
     check_store(store, model_cfg, "--features")
     if cfg.val_features:
-        check_store(FeatureStore(cfg.val_features), model_cfg, "--val-features")
+        check_store(FeatureStore.open_complete(cfg.val_features, "--val-features"), model_cfg,
+                    "--val-features")  # fmt: skip
     if cfg.steps is None and cfg.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
-    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)  # before the run folder exists
-    setup_run_dir(
-        out,
-        {"train": asdict(cfg), "model": model_cfg.to_dict()},
-        d,
-        cfg.resume or bool(cfg.resume_from),
-    )
-    torch.manual_seed(cfg.seed)
-    model = FlatDinoVAE(model_cfg).to(d.device)
-    loader = FeatureBatches(
-        cfg.features,
-        LoaderConfig(micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world),
-    )
-    steps_per_epoch = max(1, loader.steps_per_epoch() // accum)
-    schedule = make_schedule(cfg, steps_per_epoch)
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=False
-    )
-    beta = cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
-    state = {"step": 0, "micro_step": 0, "epoch": 0, "best": float("inf")}
-    setup = run_setup(cfg.batch_size, micro, cfg.seed, d)
-    seed_ranks(cfg.seed, d)
-    if cfg.resume or cfg.resume_from:
-        resume_run(cfg.resume_from, out, model, model_cfg.to_dict(), opt, state, d, setup)
-    net = wrap_model(model, d, cfg.compile)
-    log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
-             cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
-             model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, accum)  # fmt: skip
+    with start_run(cfg, model_cfg.to_dict(), d) as run:
+        loader = FeatureBatches(cfg.features, LoaderConfig(
+            run.micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world))  # fmt: skip
+        steps_per_epoch = max(1, loader.steps_per_epoch() // run.accum)
+        schedule = make_schedule(cfg, steps_per_epoch)
+        model = run.build(lambda: FlatDinoVAE(model_cfg), {"best": float("inf")}, fused=False)
+        beta = (
+            cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
+        )
+        log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
+                 cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
+                 model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, run.accum)  # fmt: skip
 
-    def loss(net, batch) -> tuple[dict, int]:
-        x = batch[0].to(d.device, non_blocking=True).float()  # (B, P, C)
-        x_hat, mu, logvar = net(x)
-        return vae_loss(x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=micro), len(x)
+        def loss(net, batch) -> tuple[dict, int]:
+            x = batch[0].to(d.device, non_blocking=True).float()  # (B, P, C)
+            x_hat, mu, logvar = net(x)
+            return vae_loss(x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=run.micro), len(x)
 
-    def after_step(step: int) -> dict:
-        if step == schedule.decay_start and schedule.decay:
-            _save(out / "pre-decay", model, model_cfg, opt, state, d, setup)
-        if cfg.val_features and (step % cfg.eval_every == 0 or step == schedule.total):
-            return _validate(cfg, out, d, model, model_cfg, state, micro)
-        return {}
+        def after_step(step: int) -> dict:
+            if step == schedule.decay_start and schedule.decay:
+                run.save(run.out / "pre-decay")
+            if cfg.val_features and (step % cfg.eval_every == 0 or step == schedule.total):
+                return _validate(cfg, run)
+            return {}
 
-    hooks = LoopHooks(
-        batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
-        loss=loss,
-        lr=schedule,
-        save=lambda path: _save(path, model, model_cfg, opt, state, d, setup),
-        after_step=after_step,
-    )
-    lc = LoopConfig("train-vae", schedule.total, accum, cfg.grad_clip, cfg.log_every,
-                    cfg.ckpt_every, cfg.stop_after, cfg.progress)  # fmt: skip
-    return train_loop(lc, d, out, net, opt, hooks, state)
+        hooks = LoopHooks(batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
+                          loss=loss, lr=schedule, save=run.save, after_step=after_step)  # fmt: skip
+        return run.loop("train-vae", schedule.total, hooks)

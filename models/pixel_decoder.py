@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flatdino.pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
-
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from .vae import sincos_2d
 
 
@@ -114,7 +113,7 @@ class PixelDecoder(nn.Module):
     def __init__(self, cfg: PixelDecoderConfig):
         super().__init__()
         self.cfg = cfg
-        D = cfg.dim
+        D, patch_dim = cfg.dim, cfg.patch_size**2 * cfg.channels  # width; pixels per patch
         self.decoder_embed = nn.Linear(cfg.in_dim, D)
         # Fixed in RAE (requires_grad=False); its stored values are what a checkpoint loads.
         self.decoder_pos_embed = nn.Parameter(
@@ -123,7 +122,7 @@ class PixelDecoder(nn.Module):
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.decoder_layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.depth)])
         self.decoder_norm = nn.LayerNorm(D, eps=cfg.eps)
-        self.decoder_pred = nn.Linear(D, cfg.patch_size**2 * cfg.channels)
+        self.decoder_pred = nn.Linear(D, patch_dim)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.initialize_weights()

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .dit import LightningDiT, dit_preset
+from flatdino.models.dit import LightningDiT, dit_preset
 
 SHAPES = {"FlatDINO": (32, 128), "RAE": (256, 768)}  # latent (tokens, dim)
 
@@ -41,8 +41,9 @@ def throughput(preset: str, batches: list[int], device: str = "cpu", dtype: str 
     dev = torch.device(device)
     rows = []
     for latent, (tokens, dim) in SHAPES.items():
-        torch.manual_seed(0)
-        model = LightningDiT(dit_preset(preset, tokens=tokens, latent_dim=dim)).to(dev).eval()
+        with torch.random.fork_rng(devices=[]):  # seeded random weights; the caller's RNG is kept
+            torch.manual_seed(0)
+            model = LightningDiT(dit_preset(preset, tokens=tokens, latent_dim=dim)).to(dev).eval()
         for b in batches:
             rows.append({"preset": preset, "latent": latent, "tokens": tokens, "batch": b,
                          "samples_per_s": forward_rate(model, b, dev, dtype, seconds),
@@ -52,12 +53,10 @@ def throughput(preset: str, batches: list[int], device: str = "cpu", dtype: str 
 
 
 def plot_throughput(rows: list[dict], path: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for latent in SHAPES:
         mine = [r for r in rows if r["latent"] == latent]
         ax.plot([r["batch"] for r in mine], [r["samples_per_s"] for r in mine], marker="o",
@@ -70,4 +69,3 @@ def plot_throughput(rows: list[dict], path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -142,7 +142,7 @@ class Demo:
         return {"items": self.cfg.vae_steps * batch, "unit": "samples"}
 
     def _encode(self, split: str) -> dict:
-        from flatdino.pipeline.latents import EncodeConfig, encode_latents
+        from flatdino.pipeline.encode import EncodeConfig, encode_latents
 
         s = encode_latents(EncodeConfig(
             features=self.p(f"features-{split}.zarr"), vae=self.p("runs/vae"),
@@ -185,7 +185,7 @@ class Demo:
 
     def _sample_into(self, folder: str, cfg: float, save_features: bool):
         """`flatdino sample` of every class into OUT/folder; returns its samples.npz."""
-        from flatdino.trainers.sample import SampleConfig, sample
+        from flatdino.sampling.sample import SampleConfig, sample
 
         sample(SampleConfig(
             dit=self.p("runs/dit"), out=self.p(folder), decoder=self.p("runs/decoder"),
@@ -197,10 +197,10 @@ class Demo:
     def _evaluate(self) -> dict:
         import torch
 
-        from flatdino.pipeline.latents import load_vae, resolve_vae
-        from flatdino.trainers.eval_ablate import ablate, plot_ablation
-        from flatdino.trainers.eval_fid import frechet_distance, load_set, reconstructions
-        from flatdino.trainers.eval_knn import knn_eval
+        from flatdino.eval.ablate import ablate, plot_ablation
+        from flatdino.eval.fid import frechet_distance, load_set, reconstructions
+        from flatdino.eval.knn import knn_eval
+        from flatdino.pipeline.encode import load_vae, resolve_vae
         from flatdino.trainers.runner import Dist
         from flatdino.trainers.train_vae import evaluate
 

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from flatdino.models.dinov2 import BACKBONES, DinoPatchFeatures, build_vit
+from flatdino.models.dit import LightningDiT, dit_preset
+from flatdino.models.vae import FlatDinoVAE, vae_preset
+
 # (width, layers) of each stage of the paper's generators (Table 7); DH-XL adds a 2-layer head.
 PAPER_MODELS: dict[str, list[tuple[int, int]]] = {
     "DiT-L": [(1024, 24)],
@@ -84,11 +88,6 @@ def count_forward_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> float
 
 def project_table() -> list[dict]:
     """This project's DiT presets on both latent shapes, and the encoders, measured on meta."""
-    from flatdino.pipeline.backbone import BACKBONES, DinoPatchFeatures, build_vit
-
-    from .dit import LightningDiT, dit_preset
-    from .vae import FlatDinoVAE, vae_preset
-
     rows = []
     with torch.device("meta"):
         for preset in ("dit-l", "dit-xl"):

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.store import FeatureStore
+from flatdino.pipeline.feature_store import FeatureStore
+from flatdino.pipeline.targets import TargetImages
 
 
 def pca_dims(x: np.ndarray, fraction: float = 0.95) -> int:
@@ -47,8 +48,6 @@ def similarity_by_distance(features: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def pixel_patches(store: FeatureStore, rows: np.ndarray, patch: int = 14) -> np.ndarray:
     """(len(rows)·P, patch·patch·3) raw pixels in [0, 1] of the backbone input (view 0)."""
-    from .train_decoder import TargetImages
-
     targets = TargetImages(store, threads=4)  # view 0 at crop size, re-read through the manifest
     size = (targets.recipe.input_size, targets.recipe.input_size)
     crops = targets.batch(rows, np.zeros(len(rows), int))  # (n, 3, 256, 256)
@@ -75,12 +74,10 @@ def redundancy(features: str, images: int = 256, fraction: float = 0.95) -> dict
 
 def plot_redundancy(result: dict, path: str) -> None:
     """Left: PCA dims for the variance fraction; right: similarity against patch distance."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    (a, b) = fig.subplots(1, 2)
     names = [
         f"DINOv2 patches\n({result['feature_dims']} dims)",
         f"pixel patches\n({result['pixel_dims']} dims)",
@@ -97,4 +94,3 @@ def plot_redundancy(result: dict, path: str) -> None:
     fig.suptitle(f"{result['images']} images of {result['features']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

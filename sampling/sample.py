@@ -31,16 +31,12 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from flatdino.pipeline.checkpoints import load_pixel_decoder, resolve_checkpoint
+from flatdino.models.flow import euler_sample
+from flatdino.pipeline.checkpoints import load_dit, load_pixel_decoder, load_vae, resolve_vae
+from flatdino.pipeline.env import resolve_device
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.extract import resolve_device
-from flatdino.pipeline.latents import load_vae, resolve_vae
-
-from .dit import DiTConfig, LightningDiT
-from .flow import LatentNorm, euler_sample
 
 
 @dataclass(frozen=True)
@@ -63,20 +59,6 @@ class SampleConfig:
     save_features: bool = False  # also write latents.npy and features.npy
     device: str = "auto"
     progress: bool = True
-
-
-def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict, LatentNorm, Path]:
-    """The DiT (EMA or raw weights), its flow.json, its latent normalisation, and its folder."""
-    ckpt = resolve_checkpoint(path, "--dit", "train-dit")
-    if not (ckpt / "flow.json").exists():
-        raise FlatDinoError(f"--dit {path!r} is not a train-dit checkpoint (no flow.json)")
-    model = LightningDiT(DiTConfig(**json.loads((ckpt / "config.json").read_text())))
-    weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
-    model.load_state_dict(load_file(str(weights)), strict=True)
-    stats = load_file(str(ckpt / "latent_stats.safetensors"))
-    norm = LatentNorm(stats["mean"], stats["std"])
-    flow = json.loads((ckpt / "flow.json").read_text())
-    return model.eval().requires_grad_(False), flow, norm, ckpt
 
 
 def class_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:

@@ -12,8 +12,9 @@ import math
 import numpy as np
 import torch
 
+from flatdino.pipeline.checkpoints import load_vae, resolve_vae
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.store import FeatureStore
+from flatdino.pipeline.feature_store import FeatureStore
 
 
 @torch.no_grad()
@@ -42,8 +43,6 @@ def token_ablation(vae, batches) -> np.ndarray:
 def ablate(features: str, vae_path: str, images: int = 256, batch_size: int = 32,
            device: str = "cpu") -> np.ndarray:  # fmt: skip
     """Token ablation of the VAE at `vae_path` on the first `images` valid images of a store."""
-    from flatdino.pipeline.latents import load_vae, resolve_vae
-
     vae, _ = load_vae(resolve_vae(vae_path))
     store = FeatureStore(features)
     _, _, p, c = store.features.shape
@@ -65,15 +64,13 @@ def ablate(features: str, vae_path: str, images: int = 256, batch_size: int = 32
 
 def plot_ablation(heat: np.ndarray, path: str) -> None:
     """One 16×16 heatmap per token, in a near-square grid (the paper's Figure 6)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     tokens, side = heat.shape[0], math.isqrt(heat.shape[1])
     cols = math.ceil(math.sqrt(tokens))
     rows = math.ceil(tokens / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.4 * rows), squeeze=False)
+    fig = Figure(figsize=(1.4 * cols, 1.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for t, ax in enumerate(axes.flat):
         ax.axis("off")
         if t < tokens:
@@ -81,4 +78,3 @@ def plot_ablation(heat: np.ndarray, path: str) -> None:
             ax.set_title(f"token {t}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flatdino.pipeline.store import FeatureStore
+from flatdino.pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
+from flatdino.pipeline.feature_store import FeatureStore
+from flatdino.pipeline.targets import TargetImages
 
 
 @torch.no_grad()
@@ -47,11 +49,6 @@ def noise_curves(vae, x: torch.Tensor, sigmas: list[float], decoder=None, images
 def noise_eval(features: str, vae_path: str, decoder_path: str | None = None, images: int = 64,
                steps: int = 11, device: str = "cpu") -> dict:  # fmt: skip
     """The curves on the first `images` valid images of a feature store."""
-    from flatdino.pipeline.checkpoints import load_pixel_decoder
-    from flatdino.pipeline.latents import load_vae, resolve_vae
-
-    from .train_decoder import TargetImages
-
     store = FeatureStore(features)
     vae = load_vae(resolve_vae(vae_path))[0].to(device)
     rows = store.valid_rows(images)
@@ -73,13 +70,11 @@ def noise_eval(features: str, vae_path: str, decoder_path: str | None = None, im
 
 def plot_noise(result: dict, path: str) -> None:
     """Feature error (and PSNR) against σ, latents vs features."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     panels = 2 if "latent_psnr" in result else 1
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.5), squeeze=False)
+    fig = Figure(figsize=(4.5 * panels, 3.5))
+    axes = fig.subplots(1, panels, squeeze=False)
     keys = [("rel_err", "relative feature error")] + (
         [("psnr", "PSNR (dB)")] if panels == 2 else []
     )
@@ -95,4 +90,3 @@ def plot_noise(result: dict, path: str) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

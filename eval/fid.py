@@ -15,15 +15,21 @@ Precision and recall follow Kynkäänniemi et al. 2019 (k-NN balls, k = 3) on th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from flatdino.pipeline.backbone import load_backbone
+from flatdino.pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
 from flatdino.pipeline.errors import FlatDinoError, WeightsError
+from flatdino.pipeline.feature_store import FeatureStore
+from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views
 from flatdino.pipeline.store import store_kind
+from flatdino.pipeline.targets import TargetImages
+
+from .knn import pooled
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -69,31 +75,31 @@ def _images(path: Path) -> np.ndarray:
 
 
 def inception_model(weights: str | None):
-    """pytorch-fid's InceptionV3 (pool3, 2048-d) from a local weights file; never downloads."""
-    from pytorch_fid.inception import InceptionV3
+    """pytorch-fid's InceptionV3 (pool3, 2048-d) from a local weights file; never downloads.
 
-    hub = Path(torch.hub.get_dir())
-    cached = hub / "checkpoints" / INCEPTION_FILE
-    if weights:
-        if not Path(weights).is_file():
-            raise WeightsError(f"--inception-weights {weights!r} does not exist")
-        hub = Path(os.environ.get("TMPDIR", "/tmp")) / f"flatdino-hub-{os.getpid()}"
-        (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
-        link = hub / "checkpoints" / INCEPTION_FILE
-        if not link.exists():
-            link.symlink_to(Path(weights).resolve())
-    elif not cached.is_file():
+    pytorch-fid fetches its weights through `torch.hub.load_state_dict_from_url`; that one call is
+    answered from the file (or the hub cache's copy), read with weights_only=True, so neither the
+    hub directory nor anything else of the process is changed."""
+    from unittest import mock
+
+    import pytorch_fid.inception as fid_inception
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if weights and not Path(weights).is_file():
+        raise WeightsError(f"--inception-weights {weights!r} does not exist")
+    if not weights and not cached.is_file():
         raise WeightsError(
             f"the FID Inception weights ({INCEPTION_FILE}) are not in the torch hub cache {str(cached.parent)!r}; "
             "download them where a network is available and pass --inception-weights PATH "
             "(or use --space dinov2)"
         )
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(hub))
-    try:
-        return InceptionV3([3]).eval()
-    finally:
-        torch.hub.set_dir(old)
+    file = Path(weights) if weights else cached
+
+    def from_file(*args, **kwargs) -> dict:
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    with mock.patch.object(fid_inception, "load_state_dict_from_url", from_file):
+        return fid_inception.InceptionV3([3]).eval()
 
 
 @torch.no_grad()
@@ -104,9 +110,6 @@ def image_vectors(images: np.ndarray, space: str, backbone: str, weights: str | 
         model = inception_model(inception_weights)
         prep = lambda x: x  # noqa: E731  # pytorch-fid resizes to 299 and normalises itself
     else:
-        from flatdino.pipeline.backbone import load_backbone
-        from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views
-
         model = load_backbone(backbone, weights)[0].eval()
         recipe = ViewRecipe(views=1)
 
@@ -138,7 +141,6 @@ def load_set(path: str, space: str, backbone: str = "dinov2-vitb14-reg", weights
             raise FlatDinoError(
                 f"{path!r} is a store of features: it can only be compared with --space dinov2"
             )
-        from .eval_knn import pooled
 
         vectors = pooled(str(p))[0].astype(np.float64)
     elif p.suffix == ".npz" and "mu" in np.load(p):
@@ -166,12 +168,6 @@ def reconstructions(features: str, vae_path: str, decoder_path: str, images: int
                     batch: int = 32, device: str = "cpu") -> dict[str, np.ndarray]:  # fmt: skip
     """uint8 (N, H, W, 3) sets for rFID on view 0 of a store's first `images` valid images: the
     true crops, the pixel decoder on the features, and the decoder on the VAE's reconstruction."""
-    from flatdino.pipeline.checkpoints import load_pixel_decoder
-    from flatdino.pipeline.latents import load_vae, resolve_vae
-    from flatdino.pipeline.store import FeatureStore
-
-    from .train_decoder import TargetImages
-
     store = FeatureStore(features)
     vae = load_vae(resolve_vae(vae_path))[0].to(device)
     decoder = load_pixel_decoder(decoder_path)[0].to(device)

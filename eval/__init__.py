@@ -1,0 +1,1 @@
+"""Measurements: FID / FD, k-NN, token ablation, redundancy, noise robustness, FLOPs, throughput."""

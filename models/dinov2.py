@@ -1,0 +1,133 @@
+"""The frozen DINOv2-with-registers backbone as a timm ViT, and the pure converters of its weights.
+
+Features are the 256 patch tokens after the final LayerNorm *without* its affine weight and bias:
+the space RAE's pixel decoder and FlatDINO were trained on (RAE `Dinov2withNorm` sets
+`elementwise_affine=False` on transformers' final layernorm). Loading weights from files or the
+hub is I/O and lives in `flatdino.pipeline.backbone`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+# The normalisation DINOv2 was trained with (and RAE's decoder un-does).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registered backbone: timm ViT arguments and where pretrained weights come from."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    timm_name: str | None = None  # hub weights via timm; None: seeded random init (tiny)
+    patch_size: int = 14
+    reg_tokens: int = 4
+    img_size: int = 224  # 16x16 patches; pretrained 37x37 position grids are resampled on load
+    init_seed: int = 0  # seeds the random init of presets without pretrained weights
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "dinov2-vitb14-reg": BackboneSpec(
+        "dinov2-vitb14-reg", 768, 12, 12, timm_name="vit_base_patch14_reg4_dinov2"
+    ),
+    # Same structure (patch 14, 4 registers, LayerScale, final norm) at toy size, random weights:
+    # for tests and the offline demo.
+    "tiny": BackboneSpec("tiny", 64, 2, 2),
+}
+
+
+def build_vit(spec: BackboneSpec) -> VisionTransformer:
+    """The timm DINOv2 ViT of `spec` (no classifier head), randomly initialised with its seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        return VisionTransformer(
+            img_size=spec.img_size,
+            patch_size=spec.patch_size,
+            embed_dim=spec.embed_dim,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+            init_values=1e-5,  # LayerScale, as timm's vit_*_dinov2 presets
+            reg_tokens=spec.reg_tokens,
+            no_embed_class=True,
+            num_classes=0,
+            dynamic_img_size=False,
+        )
+
+
+class DinoPatchFeatures(nn.Module):
+    """(B, 3, 224, 224) normalised images -> (B, 256, C) patch tokens, final LN without affine."""
+
+    def __init__(self, vit: VisionTransformer):
+        super().__init__()
+        self.vit = vit
+        self.num_patches = vit.patch_embed.num_patches
+        self.dim = vit.embed_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.patch_embed(x)  # (B, 256, C)
+        x = vit._pos_embed(x)  # (B, 1 + 4 + 256, C)
+        x = vit.norm_pre(x)
+        x = vit.blocks(x)
+        x = F.layer_norm(x, (self.dim,), eps=vit.norm.eps)  # the norm's statistics, not its affine
+        return x[:, vit.num_prefix_tokens :]  # (B, 256, C)
+
+
+def hf_to_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers Dinov2WithRegisters state dict -> the original DINOv2 key layout.
+
+    The original layout is what timm's `checkpoint_filter_fn` converts (it folds the CLS position
+    into the CLS token and resamples the 37x37 position grid), so both formats share that path.
+    """
+    sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
+    out = {
+        "cls_token": sd["embeddings.cls_token"],
+        "register_tokens": sd["embeddings.register_tokens"],
+        "mask_token": sd["embeddings.mask_token"].reshape(1, -1),
+        "pos_embed": sd["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": sd["layernorm.weight"],
+        "norm.bias": sd["layernorm.bias"],
+    }
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+    # Published checkpoints name attention `attention.attention.{query,key,value}` and
+    # `attention.output.dense`; transformers >= 5 names it `attention.{q,k,v,o}_proj`.
+    v5 = any(".attention.q_proj." in k for k in sd)
+    qkv = (
+        ("q_proj", "k_proj", "v_proj")
+        if v5
+        else ("attention.query", "attention.key", "attention.value")
+    )
+    proj = "o_proj" if v5 else "output.dense"
+    for i in range(depth):
+        hf, ours = f"encoder.layer.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            parts = [sd[f"{hf}attention.{n}.{p}"] for n in qkv]
+            out[ours + f"attn.qkv.{p}"] = torch.cat(parts)  # (3C, C) or (3C,)
+            out[ours + f"attn.proj.{p}"] = sd[f"{hf}attention.{proj}.{p}"]
+            for n in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                out[ours + f"{n}.{p}"] = sd[hf + f"{n}.{p}"]
+        out[ours + "ls1.gamma"] = sd[hf + "layer_scale1.lambda1"]
+        out[ours + "ls2.gamma"] = sd[hf + "layer_scale2.lambda1"]
+    return out
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of a state dict in key order: format-independent."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

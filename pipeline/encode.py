@@ -1,0 +1,138 @@
+"""`flatdino encode-latents`: a feature store -> FlatDINO latents (mu, optional logvar) in Zarr.
+
+Runs on the shard engine of extract-features (`pipeline.engine`): `read_shard` reads a shard's
+features on a CPU task, `ShardEncoder` (the VAE encoder, loaded once) encodes every stored view of
+every valid image and writes the shard, then marks it done. Resume, idempotence and refusal are
+`pipeline.store.open_or_create`'s, as for feature stores; the layout is `LatentStore`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+from .checkpoints import load_vae, resolve_vae, vae_sha256
+from .engine import Placement, ShardJob, run_shards
+from .env import package_version, resolve_device
+from .errors import FlatDinoError
+from .feature_store import FeatureStore
+from .latent_store import LatentStore
+from .store import Shard, open_or_create
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Everything `encode_latents` needs; the CLI only fills it in."""
+
+    features: str  # feature store to encode
+    vae: str  # train-vae run folder (uses best/, else checkpoints/) or a checkpoint folder
+    out: str  # latents store (created or resumed)
+    batch_size: int = 256  # encoder batch (images x views)
+    dtype: str = "float32"  # stored dtype of mu (and logvar): float32 | float16
+    save_logvar: bool = False  # also store logvar
+    device: str = "auto"
+    backend: str = "ray"  # ray | local
+    workers: int = 1
+    num_gpus_per_worker: float | None = None
+    ray_address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def read_shard(features: str, shard: Shard) -> tuple[Shard, np.ndarray, np.ndarray]:
+    """The CPU half: one contiguous read of a shard's features (n, V, P, C) and valid flags."""
+    group = zarr.open_group(features, mode="r")
+    feats = group["features"][shard.start : shard.stop]
+    valid = np.asarray(group["valid"][shard.start : shard.stop], dtype=bool)
+    return shard, feats, valid
+
+
+class ShardEncoder:
+    """Encodes shards with the VAE encoder and writes them (a Ray actor, or in-process)."""
+
+    def __init__(self, cfg: EncodeConfig, ckpt: str, expected_sha: str):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        model, sha = load_vae(Path(ckpt))
+        if sha != expected_sha:
+            raise FlatDinoError(f"worker loaded VAE {sha[:12]}, driver {expected_sha[:12]}")
+        self.model = model.to(self.device)
+        self.store = LatentStore(cfg.out, mode="r+")
+
+    @torch.inference_mode()
+    def __call__(self, payload: tuple[Shard, np.ndarray, np.ndarray]) -> tuple[int, int, dict]:
+        shard, feats, valid = payload
+        n, v = feats.shape[:2]
+        t, d = self.model.cfg.tokens, self.model.cfg.latent_dim
+        mu = np.zeros((n, v, t, d), np.float32)
+        logvar = np.zeros_like(mu)
+        flat = torch.from_numpy(np.ascontiguousarray(feats[valid])).reshape(-1, *feats.shape[2:])
+        out_mu, out_lv = [], []
+        for i in range(0, len(flat), self.cfg.batch_size):
+            m, lv = self.model.encode(flat[i : i + self.cfg.batch_size].to(self.device).float())
+            out_mu.append(m.float().cpu().numpy())
+            out_lv.append(lv.float().cpu().numpy())
+        if out_mu:
+            mu[valid] = np.concatenate(out_mu).reshape(-1, v, t, d)
+            logvar[valid] = np.concatenate(out_lv).reshape(-1, v, t, d)
+        self.store.write_shard(shard, mu, logvar if self.cfg.save_logvar else None)
+        return shard.index, n, {}
+
+
+def _fingerprint(cfg: EncodeConfig, features: FeatureStore, vae_cfg: dict, sha: str) -> dict:
+    fp = {
+        "vae_sha256": sha,
+        "vae_config": vae_cfg,
+        "features_fingerprint": features.attrs.get("fingerprint"),
+        "features_images": features.num_images,
+        "dtype": cfg.dtype,
+        "save_logvar": cfg.save_logvar,
+        "batch_size": cfg.batch_size,
+    }
+    return json.loads(json.dumps(fp))
+
+
+def encode_latents(cfg: EncodeConfig) -> dict:
+    """Encode (or finish encoding) `cfg.features` into `cfg.out`; returns a summary."""
+    if cfg.dtype not in ("float32", "float16"):
+        raise FlatDinoError(f"--dtype must be float32 or float16; got {cfg.dtype!r}")
+    features = FeatureStore.open_complete(cfg.features, "--features")
+    ckpt = resolve_vae(cfg.vae)
+    vae_cfg = json.loads((ckpt / "config.json").read_text())
+    _, _, p, c = features.features.shape
+    if (vae_cfg["num_patches"], vae_cfg["in_dim"]) != (p, c):
+        raise FlatDinoError(
+            f"VAE {str(ckpt)!r} expects (P, C) = ({vae_cfg['num_patches']}, {vae_cfg['in_dim']}) "
+            f"but --features holds ({p}, {c}); use the VAE trained on this backbone's features"
+        )
+    sha = vae_sha256(ckpt)
+    fp = _fingerprint(cfg, features, vae_cfg, sha)
+    layout = LatentStore.layout(
+        features, vae_cfg["tokens"], vae_cfg["latent_dim"], cfg.dtype, cfg.save_logvar,
+        {"fingerprint": fp, "vae_checkpoint": str(ckpt.resolve()), "config": asdict(cfg),
+         "package_version": package_version()},
+    )  # fmt: skip
+    store = open_or_create(LatentStore, cfg.out, fp, cfg.overwrite, layout)
+    todo = store.todo()
+    job = ShardJob(
+        read_shard, lambda s: (str(features.path), s), ShardEncoder, (cfg, str(ckpt), sha)
+    )
+    placement = Placement(cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address)
+    start, images = time.perf_counter(), 0
+    with tqdm(total=features.num_images, initial=features.num_images - sum(s.stop - s.start for s in todo),
+              unit="img", desc="encode-latents", disable=not cfg.progress) as bar:  # fmt: skip
+        for _, n, _ in run_shards(job, todo, placement) if todo else ():
+            images += n
+            bar.update(n)
+    if not store.attrs.get("complete"):
+        store.finalize()
+    seconds = time.perf_counter() - start
+    return {"store": cfg.out, "images": features.num_images, "shards_run": len(todo),
+            "images_run": images, "seconds": seconds}  # fmt: skip

@@ -1,0 +1,143 @@
+"""The feature store: a Zarr v3 group of DINOv2 patch features plus a Parquet manifest.
+
+Layout (FORMAT_VERSION 1), N images, V views, P patches, C channels:
+
+    STORE/zarr.json                  attrs: format, fingerprint (backbone, weights sha256,
+                                     preprocessing, input), class names, shard size, complete, ...
+    STORE/features                   float16 (N, V, P, C), chunks (chunk_rows, V, P, C)
+    STORE/labels                     int32 (N,), written once at creation
+    STORE/valid                      bool (N,), chunks (shard_size,): false for undecodable images
+    STORE/done                       bool (S,), chunks (1,): shard s fully written
+    STORE/_errors/shard-XXXXXX.json  per-shard decode errors, written before `done`
+    STORE/manifest.parquet           index, path, label, class_name, status, error
+
+Shards, done markers, creation and resume are `pipeline.store`'s. `done[s]` is set only after
+shard s's features, valid flags and errors are on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .errors import FlatDinoError
+from .store import Shard, ShardedStore, create_atomically, shard_bounds, utc_now, write_atomic
+
+FORMAT_VERSION = 1
+KIND = "flatdino.features"
+MANIFEST = "manifest.parquet"
+ERRORS_DIR = "_errors"
+
+
+class FeatureStore(ShardedStore):
+    """Read and write access to one feature store directory."""
+
+    KIND = KIND
+    NAME = "flatdino feature store"
+    MAKER = "extract-features"
+    ROWS = "features"
+    ARRAYS = ("features", "labels", "valid", "done")
+
+    @property
+    def features(self) -> zarr.Array:
+        return self.group["features"]
+
+    def write_shard(
+        self, shard: Shard, features: np.ndarray, valid: np.ndarray, errors: dict[int, str]
+    ) -> None:
+        """Write one shard's rows, then its errors, then mark it done (in that order)."""
+        assert features.shape[0] == shard.stop - shard.start == valid.shape[0]
+        self.group["features"][shard.start : shard.stop] = features
+        self.group["valid"][shard.start : shard.stop] = valid
+        body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
+        write_atomic(self.path / ERRORS_DIR / f"shard-{shard.index:06d}.json", body.encode())
+        self.group["done"][shard.index] = True
+
+    def shard_errors(self) -> dict[int, str]:
+        errors: dict[int, str] = {}
+        for f in sorted((self.path / ERRORS_DIR).glob("shard-*.json")):
+            errors.update({int(k): v for k, v in json.loads(f.read_text()).items()})
+        return errors
+
+    def manifest(self) -> pa.Table:
+        return pq.read_table(self.path / MANIFEST)
+
+    def finalize(self) -> None:
+        """Once every shard is done: statuses and errors into the manifest, `complete` into attrs."""
+        table = self.manifest()
+        valid = self.valid_mask()
+        errors = self.shard_errors()
+        status = pa.array(np.where(valid, "ok", "failed").tolist(), pa.string())
+        error = pa.array([errors.get(i) for i in range(self.num_images)], pa.string())
+        table = table.set_column(table.schema.get_field_index("status"), "status", status)
+        table = table.set_column(table.schema.get_field_index("error"), "error", error)
+        tmp = self.path / f".{MANIFEST}.tmp-{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.path / MANIFEST)
+        self.mark_complete()
+
+    @staticmethod
+    def layout(
+        *, shape: tuple[int, int, int, int], labels: np.ndarray, paths: list[str],
+        class_names: list[str], shard_size: int, chunk_rows: int, attrs: dict,
+    ) -> Callable[[zarr.Group, Path], None]:  # fmt: skip
+        """The `build` of an empty store (all shards pending), for `store.open_or_create`."""
+        if shard_size % chunk_rows:
+            raise FlatDinoError(
+                f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}"
+            )
+
+        def build(group: zarr.Group, folder: Path) -> None:
+            n, v, p, c = shape
+            group.create_array(
+                "features", shape=shape, chunks=(chunk_rows, v, p, c), dtype="float16",
+                fill_value=0, compressors=None,  # float16 activations barely compress
+            )  # fmt: skip
+            # labels are written once, here, by one process: large chunks (few files) are safe
+            label_chunk = max(1, min(n, 1 << 16))
+            group.create_array(
+                "labels", shape=(n,), chunks=(label_chunk,), dtype="int32", fill_value=-1
+            )
+            group.create_array(
+                "valid", shape=(n,), chunks=(shard_size,), dtype="bool", fill_value=False
+            )
+            num_shards = len(shard_bounds(n, shard_size))
+            group.create_array(
+                "done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False
+            )
+            group["labels"][:] = labels.astype(np.int32)
+            pq.write_table(_pending_manifest(labels, paths, class_names), folder / MANIFEST)
+            (folder / ERRORS_DIR).mkdir()
+            group.attrs.update({
+                "kind": KIND, "format_version": FORMAT_VERSION, "shard_size": shard_size,
+                "class_names": list(class_names), "created": utc_now(), "complete": False, **attrs,
+            })  # fmt: skip
+
+        return build
+
+    @classmethod
+    def create(cls, path: str | Path, **layout) -> FeatureStore:
+        """A new, empty store at `path` (see `layout` for the arguments)."""
+        create_atomically(Path(path), cls.layout(**layout))
+        return cls(path, mode="r+")
+
+
+def _pending_manifest(labels: np.ndarray, paths: list[str], class_names: list[str]) -> pa.Table:
+    n = len(labels)
+    return pa.table(
+        {
+            "index": pa.array(np.arange(n, dtype=np.int64)),
+            "path": pa.array(paths, pa.string()),
+            "label": pa.array(labels.astype(np.int32)),
+            "class_name": pa.array([class_names[i] for i in labels], pa.string()),
+            "status": pa.array(["pending"] * n, pa.string()),
+            "error": pa.array([None] * n, pa.string()),
+        }
+    )

@@ -1,0 +1,115 @@
+"""The latents store: FlatDINO latents (mu, optional logvar) of a feature store, in Zarr v3.
+
+Layout (FORMAT_VERSION 1), N images, V views, T tokens, d dims:
+
+    STORE/zarr.json   attrs: kind, fingerprint (VAE sha256 + config, features store identity, dtype),
+                      shard_size, class_names, complete, created, package_version
+    STORE/mu          float32 | float16 (N, V, T, d), one chunk per shard
+    STORE/logvar      same shape (with --save-logvar)
+    STORE/labels      int32 (N,);  STORE/valid  bool (N,) (copied from the feature store)
+    STORE/done        bool (shards,)
+    STORE/mu_mean, STORE/mu_std   float32 (T, d): statistics of mu over valid rows and all views
+
+Shards, done markers, creation and resume are `pipeline.store`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .feature_store import FeatureStore
+from .store import Shard, ShardedStore, utc_now
+
+FORMAT_VERSION = 1
+KIND = "flatdino.latents"
+
+
+class LatentStore(ShardedStore):
+    """Read and write access to one latents store directory."""
+
+    KIND = KIND
+    NAME = "flatdino latents store"
+    MAKER = "encode-latents"
+    ROWS = "mu"
+    ARRAYS = ("mu", "logvar", "labels", "valid", "done", "mu_mean", "mu_std")
+
+    @property
+    def mu(self) -> zarr.Array:
+        return self.group["mu"]
+
+    @property
+    def num_views(self) -> int:
+        return int(self.mu.shape[1])
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """(T, d) of one latent."""
+        _, _, t, d = self.mu.shape
+        return int(t), int(d)
+
+    def num_classes(self) -> int:
+        """From the class names when recorded, else from the largest label."""
+        names = self.class_names
+        return len(names) if names else int(self.group["labels"][:].max()) + 1
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu_mean, mu_std), each (T, d) float32: the normalisation train-dit may apply."""
+        return self.group["mu_mean"][:], self.group["mu_std"][:]
+
+    def write_shard(self, shard: Shard, mu: np.ndarray, logvar: np.ndarray | None) -> None:
+        """Write one shard's latents (logvar when the store keeps it), then mark it done."""
+        dtype = self.mu.dtype
+        self.group["mu"][shard.start : shard.stop] = mu.astype(dtype)
+        if logvar is not None and "logvar" in self.group:
+            self.group["logvar"][shard.start : shard.stop] = logvar.astype(dtype)
+        self.group["done"][shard.index] = True  # last: the shard is complete
+
+    def finalize(self) -> None:
+        """Per-(token, dim) mean and std of mu over valid rows and all views (float64 sums)."""
+        valid = self.valid_mask()
+        total, total_sq, count = 0.0, 0.0, 0
+        for s in self.shards():
+            block = self.mu[s.start : s.stop][valid[s.start : s.stop]].astype(np.float64)
+            total = total + block.sum((0, 1))  # block: (k, V, T, d)
+            total_sq = total_sq + (block**2).sum((0, 1))
+            count += block.shape[0] * block.shape[1]
+        mean = total / max(count, 1)
+        std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 0.0))
+        t, d = self.token_shape
+        for name, value in (("mu_mean", mean), ("mu_std", std)):
+            self.group.create_array(name, shape=(t, d), dtype="float32", overwrite=True)
+            self.group[name][:] = np.broadcast_to(value, (t, d)).astype(np.float32)
+        self.mark_complete()
+
+    @staticmethod
+    def layout(
+        features: FeatureStore, tokens: int, dim: int, dtype: str, save_logvar: bool, attrs: dict
+    ) -> Callable[[zarr.Group, Path], None]:
+        """The `build` of an empty store with the rows, shards and labels of `features`."""
+
+        def build(group: zarr.Group, folder: Path) -> None:
+            n, v = features.features.shape[:2]
+            size = features.shard_size
+            for name in ("mu", "logvar") if save_logvar else ("mu",):
+                group.create_array(
+                    name, shape=(n, v, tokens, dim), chunks=(size, v, tokens, dim), dtype=dtype,
+                    fill_value=0,
+                )  # fmt: skip
+            group.create_array("labels", shape=(n,), chunks=(max(1, n),), dtype="int32")
+            group.create_array("valid", shape=(n,), chunks=(max(1, n),), dtype="bool")
+            group.create_array(
+                "done", shape=(len(features.shards()),), chunks=(1,), dtype="bool", fill_value=False
+            )
+            group["labels"][:] = features.group["labels"][:]
+            group["valid"][:] = features.group["valid"][:]
+            group.attrs.update({
+                "kind": KIND, "format_version": FORMAT_VERSION, "shard_size": size,
+                "features_store": str(features.path.resolve()), "class_names": features.class_names,
+                "complete": False, "created": utc_now(), **attrs,
+            })  # fmt: skip
+
+        return build

@@ -1,0 +1,1 @@
+"""Generation: a trained DiT -> latents -> DINOv2 features -> pixels (`flatdino sample`)."""

@@ -1,0 +1,76 @@
+"""Stores and run folders written before the layout change still open and give the same results.
+
+`tests/fixtures/format-v1` was written by the code of commit 8a368b1 (the tree before the layout
+change) with `tests/fixtures/make_format_v1.py`: 16 digits through the tiny backbone (one view),
+a tiny VAE (2 steps), its latents, a tiny DiT (2 steps), and 4 samples from it. Trainer states
+were left out to keep the fixture small (3.5 MB).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flatdino.cli.main import app
+from flatdino.pipeline.checkpoints import load_dit, load_vae, resolve_vae
+from flatdino.pipeline.encode import EncodeConfig, encode_latents
+from flatdino.pipeline.feature_store import FeatureStore
+from flatdino.pipeline.latent_store import LatentStore
+from flatdino.sampling.sample import SampleConfig, sample
+from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
+
+FIXTURE = Path(__file__).parent / "fixtures" / "format-v1"
+
+
+def test_old_feature_store_opens():
+    store = FeatureStore.open_complete(str(FIXTURE / "features.zarr"), "--features")
+    assert store.features.shape == (16, 1, 256, 64) and store.num_images == 16
+    assert store.valid_rows().tolist() == list(range(16))
+    assert store.done_mask().all() and store.shard_errors() == {}
+    assert store.manifest().column("status").to_pylist() == ["ok"] * 16
+
+
+def test_old_latents_store_opens_and_is_what_encode_latents_writes_now(tmp_path):
+    old = LatentStore.open_complete(str(FIXTURE / "latents.zarr"), "--latents")
+    assert old.token_shape == (8, 16) and old.num_views == 1 and old.num_classes() == 10
+    mean, std = old.stats()
+    assert mean.shape == std.shape == (8, 16)
+    out = tmp_path / "latents.zarr"
+    encode_latents(EncodeConfig(features=str(FIXTURE / "features.zarr"), vae=str(FIXTURE / "vae"),
+                                out=str(out), backend="local", device="cpu", progress=False))  # fmt: skip
+    new = LatentStore(out)
+    for name in ("mu", "labels", "valid", "done", "mu_mean", "mu_std"):
+        assert new.group[name][:].tobytes() == old.group[name][:].tobytes(), name
+    assert new.attrs["fingerprint"] == old.attrs["fingerprint"]
+
+
+def test_old_runs_load_and_sample_as_before(tmp_path):
+    vae, _ = load_vae(resolve_vae(str(FIXTURE / "vae")))
+    dit, flow, _, _ = load_dit(str(FIXTURE / "dit"))
+    assert vae.cfg.tokens == dit.cfg.tokens == 8 and flow["views"] == 1
+    out = tmp_path / "samples"
+    sample(SampleConfig(dit=str(FIXTURE / "dit"), out=str(out), n=4, steps=4, batch_size=4,
+                        vae=str(FIXTURE / "vae"), device="cpu", progress=False,
+                        save_features=True))  # fmt: skip
+    expected = np.load(FIXTURE / "expected-sample-latents.npy")
+    np.testing.assert_allclose(np.load(out / "latents.npy"), expected, rtol=0, atol=1e-5)
+
+
+def test_old_latents_store_trains_a_dit(tmp_path):
+    metrics = train_dit(TrainDiTConfig(latents=str(FIXTURE / "latents.zarr"), out=str(tmp_path / "dit"),
+                                       preset="tiny", steps=2, batch_size=8, device="cpu",
+                                       progress=False))  # fmt: skip
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("name", ["features.zarr", "latents.zarr", "vae", "dit"])
+def test_info_reads_old_stores_and_runs(name, tmp_path):
+    path = tmp_path / name
+    shutil.copytree(FIXTURE / name, path)  # info only reads; a copy keeps the fixture pristine
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert ("complete: True" in result.output) == name.endswith(".zarr")

@@ -1,0 +1,141 @@
+"""The set-up every trainer shares: one `TrainingRun` from a config, a model and a loop.
+
+A trainer is its config, its model, its loss and its batches; everything else is here, in this
+order (the order matters for exact resume and for identical runs):
+
+    d = setup_distributed(cfg.device)          the torchrun group (before the trainer's checks)
+    with start_run(cfg, model_config, d) as run:   batch split, run folder, log.txt, RNG scope
+        model = run.build(make_model, ...)     seeded init, AdamW, per-rank RNG, resume, DDP
+        run.loop(name, total, hooks)           the shared loop (trainers/loop.py)
+
+RNG: a trainer draws its noise, times and dropout from torch's global generator, seeded here (the
+model init with `seed`, then `seed * world + rank` per rank, as DiT's train.py) and saved in every
+checkpoint. `start_run` forks the generator for the run and restores the caller's afterwards, so
+calling a trainer from Python does not reseed the caller's generator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .loop import LoopConfig, LoopHooks, train_loop
+from .optim import param_groups
+from .runner import (
+    Dist,
+    resume_run,
+    run_setup,
+    save_checkpoint,
+    seed_ranks,
+    setup_run_dir,
+    split_batch,
+    trainer_state,
+    wrap_model,
+)  # fmt: skip
+
+log = logging.getLogger("flatdino.train")
+
+
+@dataclass
+class TrainingRun:
+    """One invocation of a trainer: where it writes, how its batch splits, what it trains."""
+
+    cfg: Any  # the trainer's frozen config (TrainVAEConfig, TrainDiTConfig, TrainDecoderConfig)
+    d: Dist
+    out: Path
+    micro: int  # per-device micro batch
+    accum: int  # micro batches per optimiser step
+    model_config: dict  # config.json of the model, checked on resume
+    model: nn.Module | None = None
+    net: nn.Module | None = None  # what the loop calls: DDP and torch.compile around `model`
+    opt: torch.optim.Optimizer | None = None
+    state: dict = field(default_factory=dict)  # loop position (+ trainer fields, e.g. best)
+    setup: dict = field(default_factory=dict)  # what the position depends on (run_setup)
+    # saved beside model.safetensors in every checkpoint: {"ema": module}, {"flow": {...}}
+    extra_weights: dict[str, nn.Module] = field(default_factory=dict)
+    extra_json: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def resuming(self) -> bool:
+        return bool(self.cfg.resume or getattr(self.cfg, "resume_from", None))
+
+    def build(
+        self, make_model: Callable[[], nn.Module], state: dict | None = None,
+        extras: Callable[[nn.Module], dict[str, nn.Module]] | None = None, **adamw,
+    ) -> nn.Module:  # fmt: skip
+        """Seeded model, AdamW, per-rank RNG, resume, DDP; returns the (unwrapped) model.
+
+        `extras(model)` builds modules that live beside the model and resume with it (the EMA);
+        `adamw` are extra AdamW arguments."""
+        cfg, d = self.cfg, self.d
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        self.model = model = make_model().to(d.device)
+        resumed = extras(model) if extras else {}
+        self.extra_weights.update(resumed)
+        groups = param_groups(model, cfg.weight_decay)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **adamw)
+        self.state = {"step": 0, "micro_step": 0, "epoch": 0, **(state or {})}
+        self.setup = run_setup(cfg.batch_size, self.micro, cfg.seed, d)
+        seed_ranks(cfg.seed, d)
+        if self.resuming:
+            resume_run(getattr(cfg, "resume_from", None), self.out, model, self.model_config,
+                       self.opt, self.state, d, self.setup, resumed)  # fmt: skip
+        self.net = wrap_model(model, d, cfg.compile)
+        return model
+
+    def save(self, path: Path) -> None:
+        """A resumable checkpoint: weights (+ extras), config.json, trainer.pt."""
+        state = trainer_state(self.opt, self.state, self.d, self.setup)
+        save_checkpoint(path, self.model, self.model_config, state, self.d,
+                        self.extra_weights, self.extra_json)  # fmt: skip
+
+    def save_weights(self, path: Path) -> None:
+        """Weights and config.json only (best/): what a downstream stage loads."""
+        save_checkpoint(path, self.model, self.model_config, None, self.d)
+
+    def loop(self, name: str, total: int, hooks: LoopHooks) -> dict:
+        """Run the shared loop to `total` optimiser steps; returns the last metrics."""
+        cfg = self.cfg
+        lc = LoopConfig(name, total, self.accum, cfg.grad_clip, cfg.log_every, cfg.ckpt_every,
+                        cfg.stop_after, cfg.progress)  # fmt: skip
+        return train_loop(lc, self.d, self.out, self.net, self.opt, hooks, self.state)
+
+
+@contextmanager
+def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
+    """The batch split (checked before anything is written), the run folder with config.json,
+    rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration."""
+    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
+    out = Path(cfg.out)
+    run = TrainingRun(cfg, d, out, micro, accum, model_config)
+    setup_run_dir(out, {"train": asdict(cfg), "model": model_config}, d, run.resuming)
+    cuda = [d.device.index or 0] if d.device.type == "cuda" else []
+    with run_log(out, d), torch.random.fork_rng(devices=cuda):
+        yield run
+
+
+@contextmanager
+def run_log(out: Path, d: Dist) -> Iterator[None]:
+    """Rank 0's `flatdino` log lines also go to RUN/log.txt while the run lasts (other ranks log
+    warnings only). Where they print is the caller's choice: the CLI sends them to stdout."""
+    logger = logging.getLogger("flatdino")
+    level = logger.level
+    logger.setLevel(logging.INFO if d.main else logging.WARNING)
+    handler = logging.FileHandler(out / "log.txt") if d.main else None
+    if handler:
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        if handler:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(level)
