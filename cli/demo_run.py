@@ -200,7 +200,7 @@ class Demo:
         from flatdino.eval.ablate import ablate, plot_ablation
         from flatdino.eval.fid import frechet_distance, load_set, reconstructions
         from flatdino.eval.knn import knn_eval
-        from flatdino.pipeline.encode import load_vae, resolve_vae
+        from flatdino.pipeline.checkpoints import load_vae, resolve_vae
         from flatdino.trainers.runner import Dist
         from flatdino.trainers.train_vae import evaluate
 
@@ -246,7 +246,7 @@ class Demo:
 
 def load_store_labels(path: str) -> np.ndarray:
     """Labels of a store's valid rows, in row order (the order `reconstructions` reads them)."""
-    from flatdino.pipeline.store import FeatureStore
+    from flatdino.pipeline.feature_store import FeatureStore
 
     store = FeatureStore(path)
     return np.asarray(store.group["labels"][:])[store.valid_rows()]
