@@ -44,9 +44,9 @@ class Placement:
     workers: int = 1  # actors (Ray backend)
     num_gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     ray_address: str | None = None  # None: start Ray locally; "auto" or ADDR: join a cluster
-    # torch intra-op threads per worker; 0: a Ray actor (a process of its own) takes its node's
-    # cpu count / workers, the local backend leaves the calling process's setting alone
-    threads: int = 0
+    # torch intra-op threads per worker. N: N threads; 0: a Ray actor (a process of its own) takes
+    # its node's cpu count / workers; None, and 0 on the local backend: torch's setting is left as is
+    threads: int | None = None
 
 
 class _Worker:
@@ -56,7 +56,10 @@ class _Worker:
     failed actor creation, so workers' set-up errors must surface from a call to stay one line.
     """
 
-    def __init__(self, cls: type, args: tuple, threads: int = 0):
+    def __init__(self, cls: type, args: tuple, threads: int | None = None, share_of: int = 0):
+        """`share_of` W (Ray actors): `threads` 0 means this node's cpu count / W."""
+        if threads == 0 and share_of:
+            threads = max(1, (os.cpu_count() or 1) // share_of)
         if threads:
             torch.set_num_threads(threads)
         self.error: FlatDinoError | None = None
@@ -92,11 +95,6 @@ def _run_local(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterat
         torch.set_num_threads(threads)
 
 
-def _actor_threads(placement: Placement) -> int:
-    """Threads of one actor: asked for, or its share of the node's CPUs (the actor's process)."""
-    return placement.threads or max(1, (os.cpu_count() or 1) // max(1, placement.workers))
-
-
 def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
     import ray
 
@@ -110,9 +108,9 @@ def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     prepare = ray.remote(num_cpus=1)(job.prepare)
     actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(_Worker)
-    threads = _actor_threads(placement)
     actors = [
-        actor_cls.remote(job.worker_cls, job.worker_args, threads) for _ in range(placement.workers)
+        actor_cls.remote(job.worker_cls, job.worker_args, placement.threads, placement.workers)
+        for _ in range(placement.workers)
     ]
     queue = list(reversed(todo))
     inflight: dict = {}  # ObjectRef -> actor; two shards per actor: one preparing, one running
