@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from flatdino.pipeline.backbone import BACKBONES, build_vit, load_backbone
+from flatdino.models.dinov2 import BACKBONES, build_vit
+from flatdino.pipeline.backbone import load_backbone
 from flatdino.pipeline.extract import ExtractConfig, decode_shard, embed_views, extract_features
 from flatdino.pipeline.preprocess import ViewRecipe
 from flatdino.pipeline.sources import open_source

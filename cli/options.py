@@ -52,10 +52,11 @@ def fail(message: str) -> None:
 
 
 def setup_logging() -> None:
-    """`flatdino` log lines to stdout as bare messages; ranks other than 0 print warnings only."""
-    main = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s",
-                        stream=sys.stdout, force=True)  # fmt: skip
+    """flatdino's log lines (INFO) and every library's warnings to stdout, as bare messages; under
+    torchrun, ranks other than 0 print warnings only."""
+    main = os.environ.get("RANK", "0") == "0" or int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("flatdino").setLevel(logging.INFO if main else logging.WARNING)
 
 
 def config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Context) -> object:

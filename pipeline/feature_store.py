@@ -71,6 +71,7 @@ class FeatureStore(ShardedStore):
 
     def finalize(self) -> None:
         """Once every shard is done: statuses and errors into the manifest, `complete` into attrs."""
+        assert self.done_mask().all(), "finalize before every shard is done"
         table = self.manifest()
         valid = self.valid_mask()
         errors = self.shard_errors()

@@ -81,8 +81,16 @@ def test_models_import_nothing_of_the_project():
 @pytest.mark.parametrize(
     "layer, source, message",
     [
-        ("pipeline", "from flatdino.trainers.loop import train_loop\n", "pipeline imports trainers"),
-        ("models", "from flatdino.pipeline.errors import FlatDinoError\n", "models imports pipeline"),
+        (
+            "pipeline",
+            "from flatdino.trainers.loop import train_loop\n",
+            "pipeline imports trainers",
+        ),
+        (
+            "models",
+            "from flatdino.pipeline.errors import FlatDinoError\n",
+            "models imports pipeline",
+        ),
         ("eval", "def f():\n    from flatdino.models import vae\n", "inside a function"),
         ("trainers", "def f():\n    from .loop import train_loop\n", "inside a function"),
     ],
@@ -94,4 +102,3 @@ def test_the_check_catches_a_backward_or_hidden_import(tmp_path, layer, source, 
     (tmp_path / layer / "bad.py").write_text(source)
     found = violations(tmp_path)
     assert len(found) == 1 and message in found[0]
-

@@ -123,19 +123,20 @@ def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
 
 @contextmanager
 def run_log(out: Path, d: Dist) -> Iterator[None]:
-    """Rank 0's `flatdino` log lines also go to RUN/log.txt while the run lasts (other ranks log
-    warnings only). Where they print is the caller's choice: the CLI sends them to stdout."""
-    logger = logging.getLogger("flatdino")
-    level = logger.level
-    logger.setLevel(logging.INFO if d.main else logging.WARNING)
+    """While the run lasts, rank 0 logs flatdino's INFO lines, and RUN/log.txt receives what the
+    process prints (a handler on the root logger); other ranks log warnings only. Where the lines
+    print is the caller's choice: the CLI sends them to stdout."""
+    ours, root = logging.getLogger("flatdino"), logging.getLogger()
+    level = ours.level
+    ours.setLevel(logging.INFO if d.main else logging.WARNING)
     handler = logging.FileHandler(out / "log.txt") if d.main else None
     if handler:
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+        root.addHandler(handler)
     try:
         yield
     finally:
         if handler:
-            logger.removeHandler(handler)
+            root.removeHandler(handler)
             handler.close()
-        logger.setLevel(level)
+        ours.setLevel(level)
