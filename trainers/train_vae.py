@@ -78,24 +78,29 @@ def check_store(store: FeatureStore, model_cfg: VAEConfig, what: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str, float]:
-    """Mean reconstruction loss and relative error ‖x̂−x‖/‖x‖ on view 0 of a store, with z = mu."""
+    """Mean reconstruction loss and relative error ‖x̂−x‖/‖x‖ on view 0 of a store, with z = mu.
+
+    Each rank reads one contiguous range of the valid rows (its share, not the whole store) and
+    sums on its own device, so the one all-reduce takes a device tensor (NCCL refuses CPU ones)
+    and nothing waits for the GPU until the end."""
     was_training = model.training
     model.eval()
-    group = FeatureStore(path).group
-    valid = np.asarray(group["valid"][:], dtype=bool)
-    rows = np.flatnonzero(valid)[d.rank :: d.world]
-    sums = torch.zeros(3, dtype=torch.float64)  # squared error, squared norm, element count
+    store = FeatureStore(path)
+    rows = np.array_split(store.valid_rows(), d.world)[d.rank]  # contiguous: rank-local reads
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # sq. error, sq. norm, elements
     for i in range(0, len(rows), batch):
         lo, hi = rows[i], rows[min(i + batch, len(rows)) - 1] + 1
-        block = group["features"][lo:hi, 0]  # one contiguous read, view 0
+        block = store.features[lo:hi, 0]  # one contiguous read, view 0
         x = torch.from_numpy(block[rows[i : i + batch] - lo]).to(d.device).float()  # (B, P, C)
         x_hat, _, _ = model(x, sample=False)
-        sums += torch.tensor([(x_hat - x).pow(2).sum().item(), x.pow(2).sum().item(), x.numel()],
-                             dtype=torch.float64)  # fmt: skip
+        sums[0] += (x_hat - x).pow(2).sum(dtype=torch.float64)
+        sums[1] += x.pow(2).sum(dtype=torch.float64)
+        sums[2] += x.numel()
     if d.world > 1:
         torch.distributed.all_reduce(sums)
     model.train(was_training)
-    return {"val_mse": (sums[0] / sums[2]).item(), "val_rel_err": (sums[0] / sums[1]).sqrt().item()}
+    mse, rel = (sums[0] / sums[2]).item(), (sums[0] / sums[1]).sqrt().item()
+    return {"val_mse": mse, "val_rel_err": rel}
 
 
 def _validate(cfg: TrainVAEConfig, run: TrainingRun) -> dict:
