@@ -36,6 +36,41 @@ def resolve_checkpoint(path: str, option: str, command: str) -> Path:
     )
 
 
+def _unreadable(path: Path, e: Exception, fix: str) -> WeightsError:
+    what = "is missing" if isinstance(e, FileNotFoundError) else "is truncated or corrupt"
+    detail = "" if isinstance(e, FileNotFoundError) else f" ({type(e).__name__}: {e})"
+    return WeightsError(f"{str(path)!r} {what}{detail}; {fix}")
+
+
+def read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of ours; missing, truncated or corrupt is one line that says `fix`."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a damaged header or body
+        raise _unreadable(path, e, fix) from e
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A config.json / flow.json of ours, with the same one-line error."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, e, fix) from e
+
+
+def read_torch(path: Path, fix: str):
+    """trainer.pt (optimiser and loop state), weights only: never unpickles code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a bad pickle
+        raise _unreadable(path, e, fix) from e
+
+
+def rewrite(command: str) -> str:
+    """The fix for a damaged file in the checkpoint of `command`."""
+    return f"rewrite it with `flatdino {command}` (or pass an intact run or checkpoint folder)"
+
+
 def resolve_vae(path: str) -> Path:
     """The VAE checkpoint folder of --vae: given, or RUN/best, or RUN/checkpoints."""
     return resolve_checkpoint(path, "--vae", "train-vae")
@@ -43,8 +78,9 @@ def resolve_vae(path: str) -> Path:
 
 def load_vae(ckpt: Path) -> tuple[FlatDinoVAE, str]:
     """Rebuild the VAE from its config.json and load its weights; returns (model, file sha256)."""
-    model = FlatDinoVAE(VAEConfig(**json.loads((ckpt / "config.json").read_text())))
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    fix = rewrite("train-vae")
+    model = FlatDinoVAE(VAEConfig(**read_json(ckpt / "config.json", fix)))
+    model.load_state_dict(read_weights(ckpt / "model.safetensors", fix), strict=True)
     return model.eval().requires_grad_(False), vae_sha256(ckpt)
 
 
@@ -58,12 +94,13 @@ def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict, LatentNor
     ckpt = resolve_checkpoint(path, "--dit", "train-dit")
     if not (ckpt / "flow.json").exists():
         raise FlatDinoError(f"--dit {path!r} is not a train-dit checkpoint (no flow.json)")
-    model = LightningDiT(DiTConfig(**json.loads((ckpt / "config.json").read_text())))
+    fix = rewrite("train-dit")
+    model = LightningDiT(DiTConfig(**read_json(ckpt / "config.json", fix)))
     weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
-    model.load_state_dict(load_file(str(weights)), strict=True)
-    stats = load_file(str(ckpt / "latent_stats.safetensors"))
+    model.load_state_dict(read_weights(weights, fix), strict=True)
+    stats = read_weights(ckpt / "latent_stats.safetensors", fix)
     norm = LatentNorm(stats["mean"], stats["std"])
-    flow = json.loads((ckpt / "flow.json").read_text())
+    flow = read_json(ckpt / "flow.json", fix)
     return model.eval().requires_grad_(False), flow, norm, ckpt
 
 
@@ -109,13 +146,13 @@ def load_pixel_decoder(path: str):
     else:
         ckpt = resolve_checkpoint(path, "--decoder", "train-decoder")
         try:
-            cfg = PixelDecoderConfig(**json.loads((ckpt / "config.json").read_text()))
+            cfg = PixelDecoderConfig(**read_json(ckpt / "config.json", rewrite("train-decoder")))
         except TypeError as e:
             raise WeightsError(
                 f"--decoder {path!r} is not a pixel decoder checkpoint ({e}); pass the --out of "
                 "`flatdino train-decoder` or RAE's model.pt"
             ) from e
-        state = load_file(str(ckpt / "model.safetensors"))
+        state = read_weights(ckpt / "model.safetensors", rewrite("train-decoder"))
     model = PixelDecoder(cfg)
     try:
         model.load_state_dict(state, strict=True)

@@ -24,7 +24,7 @@ from .env import package_version, resolve_device
 from .errors import FlatDinoError
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
-from .store import Shard, open_or_create
+from .store import Shard, check_finite, open_or_create
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ class ShardEncoder:
         if out_mu:
             mu[valid] = np.concatenate(out_mu).reshape(-1, v, t, d)
             logvar[valid] = np.concatenate(out_lv).reshape(-1, v, t, d)
+        fix = "check the VAE with `flatdino info` and its features store for non-finite values"
+        check_finite(mu.astype(self.cfg.dtype), shard, "the VAE's latents (mu)", fix)
+        if self.cfg.save_logvar:
+            check_finite(logvar.astype(self.cfg.dtype), shard, "the VAE's logvar", fix)
         self.store.write_shard(shard, mu, logvar if self.cfg.save_logvar else None)
         return shard.index, n, {}
 

@@ -29,7 +29,7 @@ from .errors import FlatDinoError, TooManyFailuresError, WeightsError
 from .feature_store import FeatureStore
 from .preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
 from .sources import ImageSource, load_image, open_source
-from .store import Shard, open_or_create
+from .store import Shard, check_finite, open_or_create
 
 log = logging.getLogger("flatdino.extract")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -151,6 +151,8 @@ class ShardEmbedder:
             feats[decoded.valid] = embed_views(
                 self.model, decoded.pixels, self.cfg.batch_size, DTYPES[self.cfg.dtype], self.device
             )
+        check_finite(feats, shard, "the backbone's float16 features",
+                     "check --weights, or use --dtype fp32")  # fmt: skip
         self.store.write_shard(shard, feats, decoded.valid, decoded.errors)
         return shard.index, n, decoded.errors
 

@@ -52,6 +52,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_finite(values: np.ndarray, shard: Shard, what: str, fix: str) -> None:
+    """Refuse to write a shard holding NaN or inf (the shard stays not-done): name its rows."""
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        rows = (np.flatnonzero(bad) + shard.start).tolist()
+        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        raise FlatDinoError(
+            f"{what} are not finite (NaN or inf) for {len(rows)} row(s) of shard {shard.index} "
+            f"(rows {shown}); the shard was not written; {fix}"
+        )
+
+
 def store_kind(path: str | Path) -> str | None:
     """The `kind` attr of a flatdino Zarr store (feature or latents store); None if not a store."""
     if not (Path(path) / "zarr.json").exists():

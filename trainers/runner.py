@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from flatdino.pipeline.checkpoints import read_json, read_torch, read_weights
 from flatdino.pipeline.errors import FlatDinoError
 
 log = logging.getLogger("flatdino.train")
@@ -147,8 +148,13 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+# A damaged file of the checkpoint being resumed: what the user can do instead.
+RESUME_FIX = "resume from another checkpoint with --resume-from, or start again without --resume"
+
+
 def load_weights(path: Path, model: nn.Module, name: str = "model") -> None:
-    unwrap(model).load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+    state = read_weights(path / f"{name}.safetensors", RESUME_FIX)
+    unwrap(model).load_state_dict(state, strict=True)
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -157,7 +163,7 @@ def load_trainer_state(path: Path) -> dict:
         raise FlatDinoError(
             f"{str(path)!r} has no trainer.pt to resume from; start without --resume"
         )
-    return torch.load(f, map_location="cpu", weights_only=True)
+    return read_torch(f, RESUME_FIX)
 
 
 def seed_ranks(seed: int, d: Dist) -> None:
@@ -214,7 +220,7 @@ def resume_run(
         if resume_from:
             raise FlatDinoError(f"--resume-from {resume_from!r} does not exist")
         return
-    saved_cfg = json.loads((resume_dir / "config.json").read_text())
+    saved_cfg = read_json(resume_dir / "config.json", RESUME_FIX)
     if saved_cfg != model_config:
         raise FlatDinoError(
             f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
 from .loop import LoopHooks
 from .optim import make_schedule
 from .run import TrainingRun, start_run
-from .runner import Dist, append_metrics, setup_distributed
+from .runner import Dist, NonFiniteLossError, append_metrics, setup_distributed
 
 log = logging.getLogger("flatdino.train")
 
@@ -141,7 +142,10 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
                  cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
                  model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, run.accum)  # fmt: skip
 
+        recent = deque(maxlen=run.accum)  # rows of the current step, to explain a non-finite one
+
         def loss(net, batch) -> tuple[dict, int]:
+            recent.append(batch[2])
             x = batch[0].to(d.device, non_blocking=True).float()  # (B, P, C)
             x_hat, mu, logvar = net(x)
             return vae_loss(x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=run.micro), len(x)
@@ -155,4 +159,28 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
 
         hooks = LoopHooks(batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
                           loss=loss, lr=schedule, save=run.save, after_step=after_step)  # fmt: skip
-        return run.loop("train-vae", schedule.total, hooks)
+        try:
+            return run.loop("train-vae", schedule.total, hooks)
+        except NonFiniteLossError as e:
+            blame = _blame_the_data(store, np.concatenate(list(recent)))
+            if blame is None:
+                raise
+            raise blame from e
+
+
+def _blame_the_data(store: FeatureStore, rows: np.ndarray) -> FlatDinoError | None:
+    """A non-finite step whose input rows hold NaN or inf: name the store and the rows (the rows
+    of that one step are re-read, nothing else), not the learning rate."""
+    rows = np.unique(rows)
+    if len(rows) == 0:
+        return None
+    block = store.features.get_orthogonal_selection((rows,))  # (k, V, P, C)
+    bad = rows[~np.isfinite(block.reshape(len(rows), -1)).all(axis=1)]
+    if len(bad) == 0:
+        return None
+    shown = ", ".join(map(str, bad[:5].tolist())) + (", ..." if len(bad) > 5 else "")
+    return FlatDinoError(
+        f"--features {str(store.path)!r} holds NaN or inf in row(s) {shown}, read by the step "
+        "where the loss became non-finite; rebuild the store with `flatdino extract-features "
+        "--overwrite` (the last good checkpoint is intact)"
+    )
