@@ -89,6 +89,10 @@ MicroBatchOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option(help="Seed of the model init and the data order.")]
 LogEveryOpt = Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")]
 CkptEveryOpt = Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")]
+WeightDecayOpt = Annotated[
+    float,
+    typer.Option(min=0.0, help="AdamW weight decay on 2-D weights (not norms, biases, tokens)."),
+]
 GradClipOpt = Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")]

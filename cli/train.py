@@ -26,6 +26,7 @@ from .options import (
     ResumeOpt,
     SeedOpt,
     StopAfterOpt,
+    WeightDecayOpt,
     config_with_overrides,
     fail,
 )
@@ -105,6 +106,8 @@ def train_vae_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (paper: 512).")] = 512,
     micro_batch: MicroBatchOpt = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (paper: 1e-4).")] = 1e-4,
+    weight_decay: WeightDecayOpt = 0.02,
+    grad_clip: GradClipOpt = 1.0,
     beta: Annotated[
         float | None, typer.Option(help="KL weight; default 1e-6 * 512 / (T * d) (paper Table 4).")
     ] = None,
@@ -169,9 +172,7 @@ def train_dit_cmd(
     warmup_steps: Annotated[
         int, typer.Option(min=0, help="Linear warmup from 1e-6 over N steps (0: none).")
     ] = 0,
-    weight_decay: Annotated[
-        float, typer.Option(min=0.0, help="AdamW weight decay on 2-D weights.")
-    ] = 0.0,
+    weight_decay: WeightDecayOpt = 0.0,
     grad_clip: GradClipOpt = 1.0,
     ema_decay: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="EMA decay of the weights (kept in fp32).")
@@ -260,9 +261,7 @@ def train_decoder_cmd(
     decay_steps: Annotated[
         int | None, typer.Option(min=0, help="Cosine decay to 1e-8, in steps (default 10%).")
     ] = None,
-    weight_decay: Annotated[
-        float, typer.Option(min=0.0, help="AdamW weight decay on 2-D weights.")
-    ] = 0.0,
+    weight_decay: WeightDecayOpt = 0.0,
     noise_tau: Annotated[
         float, typer.Option(min=0.0, help="Feature noise sigma ~ U(0, tau) per sample (RAE: 0.8).")
     ] = 0.8,

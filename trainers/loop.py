@@ -106,10 +106,14 @@ def train_loop(
             parts, n = _micro_step(net, batch, hooks, lc, d, sync)
             state["micro_step"] += 1
             seen += n
-            summed = summed + parts["loss"].detach()  # every micro batch, so a NaN in any is seen
+            # every part of every micro batch, so a NaN in any is seen and the logged parts are
+            # means over the whole step (all micro batches, all ranks) like the loss
+            names = list(parts)
+            summed = summed + torch.stack([parts[k].detach().float() for k in names])
             if not sync:
                 continue
-            loss, summed = all_reduce_mean(summed / lc.accum, d), 0.0
+            means, summed = all_reduce_mean(summed / lc.accum, d), 0.0  # one collective
+            loss = means[names.index("loss")]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, lc.grad_clip or float("inf"))
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 raise NonFiniteLossError(
@@ -126,9 +130,10 @@ def train_loop(
             step = state["step"]
             if step % lc.log_every == 0 or step in (lc.total, end):
                 rate = seen * d.world / (time.perf_counter() - tic)
-                metrics = {"step": step, "epoch": state["epoch"], "loss": loss.item(),
-                           **{k: v.item() for k, v in parts.items() if k != "loss"}, "lr": lr,
-                           "grad_norm": grad_norm.item(), "samples_per_s": rate}  # fmt: skip
+                values = dict(zip(names, means.tolist(), strict=True))
+                metrics = {"step": step, "epoch": state["epoch"], "loss": values.pop("loss"),
+                           **values, "lr": lr, "grad_norm": grad_norm.item(),
+                           "samples_per_s": rate}  # fmt: skip
                 _log_step(out, d, metrics, bar)
                 tic, seen = time.perf_counter(), 0
             metrics.update(hooks.after_step(step))

@@ -75,10 +75,12 @@ def wsd_from_epochs(
 def make_schedule(cfg, steps_per_epoch: int) -> WSDSchedule:
     """The WSD schedule of a trainer config with steps/epochs, lr, warmup_steps and decay_steps:
     the paper's epoch phases with --epochs, else 10% warmup and 10% decay unless given."""
-    if cfg.epochs is not None:
-        w = None if cfg.warmup_steps is None else cfg.warmup_steps // steps_per_epoch
-        d = None if cfg.decay_steps is None else cfg.decay_steps // steps_per_epoch
-        return wsd_from_epochs(cfg.epochs, steps_per_epoch, cfg.lr, w, d)
+    if cfg.epochs is not None:  # epoch phases, then the step counts given, taken exactly
+        base = wsd_from_epochs(cfg.epochs, steps_per_epoch, cfg.lr)
+        warm = base.warmup if cfg.warmup_steps is None else min(cfg.warmup_steps, base.total)
+        decay = base.decay if cfg.decay_steps is None else cfg.decay_steps
+        decay = min(decay, base.total - warm)
+        return WSDSchedule(peak=cfg.lr, warmup=warm, stable=base.total - warm - decay, decay=decay)
     total = cfg.steps or 0
     warm = total // 10 if cfg.warmup_steps is None else cfg.warmup_steps
     decay = total // 10 if cfg.decay_steps is None else cfg.decay_steps

@@ -36,6 +36,7 @@ from .runner import (
     seed_ranks,
     setup_run_dir,
     split_batch,
+    teardown_distributed,
     trainer_state,
     wrap_model,
 )  # fmt: skip
@@ -111,14 +112,18 @@ class TrainingRun:
 @contextmanager
 def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
     """The batch split (checked before anything is written), the run folder with config.json,
-    rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration."""
+    rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration; the torchrun
+    group is left at the end."""
     micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
     out = Path(cfg.out)
     run = TrainingRun(cfg, d, out, micro, accum, model_config)
     setup_run_dir(out, {"train": asdict(cfg), "model": model_config}, d, run.resuming)
     cuda = [d.device.index or 0] if d.device.type == "cuda" else []
-    with run_log(out, d), torch.random.fork_rng(devices=cuda):
-        yield run
+    try:
+        with run_log(out, d), torch.random.fork_rng(devices=cuda):
+            yield run
+    finally:
+        teardown_distributed(d)
 
 
 @contextmanager

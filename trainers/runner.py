@@ -28,6 +28,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from flatdino.pipeline.checkpoints import read_json, read_torch, read_weights
+from flatdino.pipeline.env import resolve_device
 from flatdino.pipeline.errors import FlatDinoError
 
 log = logging.getLogger("flatdino.train")
@@ -44,6 +45,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this run created the process group (and destroys it at the end)
 
     @property
     def main(self) -> bool:
@@ -51,17 +53,33 @@ class Dist:
 
 
 def setup_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    cuda = torch.cuda.is_available() and device != "cpu"
+    """Join the torchrun group when launched by torchrun (gloo on CPU, nccl on CUDA).
+
+    One process: `--device cuda:N` is that GPU. Under torchrun each rank takes cuda:LOCAL_RANK, so
+    a fixed cuda:N there (every rank on one GPU) is refused."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    if cuda:
+    dev = resolve_device(device)  # a CUDA device that is not there is a one-line error
+    if dev.type == "cuda":
+        if world > 1 and dev.index is not None:
+            raise FlatDinoError(
+                f"--device {device} under torchrun: each rank uses cuda:LOCAL_RANK; pass --device "
+                "auto or cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world, dev)
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, dev, owns)
+
+
+def teardown_distributed(d: Dist) -> None:
+    """Leave the torchrun group at the end of a run (NCCL warns about, and may hang on, a group
+    that is never destroyed); a group the caller made is the caller's."""
+    if d.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, d: Dist, compile: bool) -> nn.Module:
