@@ -14,8 +14,10 @@ holds only a path and index arrays), in block order; the main process assembles 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from queue import Full, Queue
 
 import numpy as np
 import torch
@@ -161,6 +163,54 @@ class FeatureBatches:
             else:
                 x = torch.zeros(0, *self.sample_shape, dtype=torch.float16)  # empty tail batch
             yield x, torch.from_numpy(self.labels[rows]), rows
+
+
+def _pinned(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, tuple | list):
+        return type(batch)(_pinned(b) for b in batch)
+    return batch  # numpy row indices and the like stay as they are
+
+
+def prefetch(batches: Iterable, pin: bool = False) -> Iterator:
+    """`batches`, produced one batch ahead on a thread; tensors in page-locked memory when `pin`
+    (CUDA), so the trainer's `.to(device, non_blocking=True)` overlaps the previous step.
+
+    Order and contents are those of `batches`; an error in the producer is raised here; closing
+    this iterator (the loop leaving an epoch early) stops the producer."""
+    done, stop = object(), threading.Event()
+    queue: Queue = Queue(maxsize=1)  # one batch ready beside the one in use
+
+    def offer(item) -> bool:
+        """Put `item` unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not offer(_pinned(batch) if pin else batch):
+                    return
+            offer(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            offer(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="flatdino-prefetch")
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def check_views(views: int | None, stored: int, path: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -104,3 +105,35 @@ def test_block_reader_pickles_without_the_store(digits_val_store):
     rows, data = next(iter(clone))
     assert rows.tolist() == list(range(8)) and tuple(data.shape) == (8, 256, 64)
     assert len(pickle.dumps(reader)) < 20_000
+
+
+def test_prefetch_keeps_order_raises_and_stops():
+    import threading
+
+    from flatdino.pipeline.loader import prefetch
+
+    batches = [(torch.full((2,), float(i)), np.arange(i)) for i in range(5)]
+    got = list(prefetch(iter(batches)))
+    assert [int(x[0]) for x, _ in got] == list(range(5)) and got[3][1].tolist() == [0, 1, 2]
+
+    def broken():
+        yield torch.zeros(1)
+        raise ValueError("decode failed")
+
+    stream = prefetch(broken())
+    assert next(stream).shape == (1,)
+    with pytest.raises(ValueError, match="decode failed"):
+        next(stream)
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(1)
+            yield torch.zeros(1)
+
+    stream = prefetch(endless())
+    next(stream)
+    stream.close()  # the consumer leaves early: the producer stops, one batch ahead at most
+    assert not any(t.name == "flatdino-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 3

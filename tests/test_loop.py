@@ -99,3 +99,55 @@ def test_an_epoch_without_batches_is_an_error_not_a_hang(tmp_path):
     cfg = LoopConfig("toy", total=2, progress=False)
     with pytest.raises(FlatDinoError, match="no batch"):
         train_loop(cfg, D, tmp_path, model, opt, hooks, {"step": 0, "micro_step": 0, "epoch": 0})
+
+
+def fused_toy(out: Path, total: int, nan_at: int | None = None, log_every: int = 100):
+    """A fused-AdamW model (skips non-finite steps on the device) run for `total` steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    calls = {"n": 0}
+
+    def loss(net, batch):
+        scale = float("nan") if calls["n"] == nan_at else 1.0
+        calls["n"] += 1
+        return {"loss": net(batch).pow(2).mean() * scale}, len(batch)
+
+    hooks = LoopHooks(batches=lambda e, s: [torch.ones(2, 2)] * (100 - s), loss=loss,
+                      lr=lambda i: 0.1, save=lambda path: None)  # fmt: skip
+    cfg = LoopConfig("toy", total=total, log_every=log_every, ckpt_every=1000, progress=False)
+    out.mkdir(exist_ok=True)
+    state = {"step": 0, "micro_step": 0, "epoch": 0}
+    return model, lambda: train_loop(cfg, D, out, model, opt, hooks, state)
+
+
+def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
+    """Before: two syncs per step (`if isfinite(loss) and isfinite(grad_norm)`); now only at log
+    and checkpoint steps, whatever the run length."""
+    counts = []
+    for total in (4, 12):
+        count = {"n": 0}
+        for name in ("item", "tolist", "__bool__", "__float__"):
+            real = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _real=real, **k):
+                count["n"] += 1
+                return _real(self, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        _, run = fused_toy(tmp_path / f"r{total}", total)
+        run()
+        monkeypatch.undo()
+        counts.append(count["n"])
+    assert counts[0] == counts[1]
+
+
+def test_a_non_finite_step_never_reaches_the_weights_without_a_per_step_check(tmp_path):
+    reference, run = fused_toy(tmp_path / "ref", total=2)
+    run()
+    model, run = fused_toy(tmp_path / "nan", total=6, nan_at=2)  # checked only at the end
+    with pytest.raises(NonFiniteLossError, match="at step 2") as e:
+        run()
+    assert e.value.step == 2
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)  # steps 2..5 were skipped on the device

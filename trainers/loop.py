@@ -25,6 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.loader import prefetch
 
 from .optim import set_lr
 from .runner import Dist, NonFiniteLossError, all_reduce_mean, append_metrics
@@ -56,6 +57,9 @@ class LoopHooks:
     save: Callable[[Path], None]  # write a resumable checkpoint (weights, optimiser, state) there
     after_update: Callable[[], None] = lambda: None  # e.g. the EMA update
     after_step: Callable[[int], dict] = field(default=lambda step: {})  # -> extra metrics
+    # steps at which after_step writes something (validation, best/, pre-decay/): the loop makes
+    # sure no step so far was non-finite before it runs
+    acts_at: Callable[[int], bool] = field(default=lambda step: False)
 
 
 def autocast_for(device: torch.device):
@@ -81,6 +85,22 @@ def _micro_step(net: nn.Module, batch, hooks: LoopHooks, lc: LoopConfig, d: Dist
     return parts, n
 
 
+def _check_finite(pending: list[tuple[int, torch.Tensor]], out: Path) -> None:
+    """One host sync for all steps since the last check; stop at the first non-finite one."""
+    if not pending:
+        return
+    flags = torch.stack([flag for _, flag in pending]).cpu().tolist()
+    steps = [step for step, _ in pending]
+    pending.clear()
+    if any(flags):
+        step = steps[flags.index(True)]
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step}; the last good checkpoint in "
+            f"{out / 'checkpoints'} is intact (try a lower --lr or --grad-clip)",
+            step=step,
+        )
+
+
 def train_loop(
     lc: LoopConfig, d: Dist, out: Path, net: nn.Module, opt: torch.optim.Optimizer,
     hooks: LoopHooks, state: dict,
@@ -99,9 +119,14 @@ def train_loop(
                disable=not (lc.progress and d.main))  # fmt: skip
     metrics: dict = {}
     tic, seen, summed = time.perf_counter(), 0, 0.0
+    bad = torch.zeros((), dtype=torch.bool, device=d.device)  # a non-finite step since the start
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, bad so far) not yet looked at
+    device_skip = getattr(opt, "_step_supports_amp_scaling", False)  # fused AdamW: found_inf
     while state["step"] < end:
         first_micro = state["micro_step"]
-        for batch in hooks.batches(state["epoch"], state["micro_step"]):
+        # one batch ahead on a thread, pinned on CUDA: the host prepares step s+1 during step s
+        stream = prefetch(hooks.batches(state["epoch"], first_micro), pin=d.device.type == "cuda")
+        for batch in stream:
             sync = (state["micro_step"] + 1) % lc.accum == 0
             parts, n = _micro_step(net, batch, hooks, lc, d, sync)
             state["micro_step"] += 1
@@ -115,11 +140,15 @@ def train_loop(
             means, summed = all_reduce_mean(summed / lc.accum, d), 0.0  # one collective
             loss = means[names.index("loss")]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, lc.grad_clip or float("inf"))
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {state['step']}; the last good checkpoint "
-                    f"in {out / 'checkpoints'} is intact (try a lower --lr or --grad-clip)"
-                )
+            # Equal on every rank (loss and gradients are all-reduced). Once a step is bad, every
+            # update is skipped on the device until the next check stops the run: the weights
+            # stay those before the first bad step, without a host sync per step.
+            bad = bad | ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            pending.append((state["step"], bad))
+            if not device_skip:  # this optimiser cannot skip on the device: check every step
+                _check_finite(pending, out)
+            else:
+                opt.found_inf = bad.float()  # read by fused AdamW: no update where it is 1
             lr = hooks.lr(state["step"])
             set_lr(opt, lr)
             opt.step()
@@ -128,7 +157,11 @@ def train_loop(
             state["step"] += 1
             bar.update(1)
             step = state["step"]
-            if step % lc.log_every == 0 or step in (lc.total, end):
+            logs = step % lc.log_every == 0 or step in (lc.total, end)
+            saves = step % lc.ckpt_every == 0 or step == end
+            if logs or saves or hooks.acts_at(step):
+                _check_finite(pending, out)  # the one host sync, before anything is written
+            if logs:
                 rate = seen * d.world / (time.perf_counter() - tic)
                 values = dict(zip(names, means.tolist(), strict=True))
                 metrics = {"step": step, "epoch": state["epoch"], "loss": values.pop("loss"),
@@ -137,7 +170,7 @@ def train_loop(
                 _log_step(out, d, metrics, bar)
                 tic, seen = time.perf_counter(), 0
             metrics.update(hooks.after_step(step))
-            if step % lc.ckpt_every == 0 or step == end:
+            if saves:
                 hooks.save(out / "checkpoints")
             if step >= end:
                 break
@@ -152,6 +185,7 @@ def train_loop(
                 summed = 0.0
             state["epoch"] += 1
             state["micro_step"] = 0
+        stream.close()  # the epoch was left early (the run's end): stop its producer
     bar.close()
     if d.main:
         (out / "final.json").write_text(json.dumps(metrics, indent=2))

@@ -81,7 +81,8 @@ class TrainingRun:
         resumed = extras(model) if extras else {}
         self.extra_weights.update(resumed)
         groups = param_groups(model, cfg.weight_decay)
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **adamw)
+        # fused: one kernel per step, and it skips a non-finite step on the device (loop.py)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **{"fused": True, **adamw})
         self.state = {"step": 0, "micro_step": 0, "epoch": 0, **(state or {})}
         self.setup = run_setup(cfg.batch_size, self.micro, cfg.seed, d)
         seed_ranks(cfg.seed, d)

@@ -37,6 +37,10 @@ log = logging.getLogger("flatdino.train")
 class NonFiniteLossError(FlatDinoError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step  # the first non-finite optimiser step (0-based)
+
 
 @dataclass(frozen=True)
 class Dist:

@@ -134,7 +134,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
             run.micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world))  # fmt: skip
         steps_per_epoch = max(1, loader.steps_per_epoch() // run.accum)
         schedule = make_schedule(cfg, steps_per_epoch)
-        model = run.build(lambda: FlatDinoVAE(model_cfg), {"best": float("inf")}, fused=False)
+        model = run.build(lambda: FlatDinoVAE(model_cfg), {"best": float("inf")})
         beta = (
             cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
         )
@@ -142,27 +142,34 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
                  cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
                  model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, run.accum)  # fmt: skip
 
-        recent = deque(maxlen=run.accum)  # rows of the current step, to explain a non-finite one
+        # (step, rows) of the micro batches since the loop last checked for a non-finite step
+        recent = deque(maxlen=run.accum * (min(cfg.log_every, cfg.ckpt_every) + 1))
 
         def loss(net, batch) -> tuple[dict, int]:
-            recent.append(batch[2])
+            recent.append((run.state["step"], batch[2]))
             x = batch[0].to(d.device, non_blocking=True).float()  # (B, P, C)
             x_hat, mu, logvar = net(x)
             return vae_loss(x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=run.micro), len(x)
 
+        def decays_at(step: int) -> bool:
+            return step == schedule.decay_start and bool(schedule.decay)
+
+        def validates_at(step: int) -> bool:
+            return bool(cfg.val_features) and (step % cfg.eval_every == 0 or step == schedule.total)
+
         def after_step(step: int) -> dict:
-            if step == schedule.decay_start and schedule.decay:
+            if decays_at(step):
                 run.save(run.out / "pre-decay")
-            if cfg.val_features and (step % cfg.eval_every == 0 or step == schedule.total):
-                return _validate(cfg, run)
-            return {}
+            return _validate(cfg, run) if validates_at(step) else {}
 
         hooks = LoopHooks(batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
-                          loss=loss, lr=schedule, save=run.save, after_step=after_step)  # fmt: skip
+                          loss=loss, lr=schedule, save=run.save, after_step=after_step,
+                          acts_at=lambda step: decays_at(step) or validates_at(step))  # fmt: skip
         try:
             return run.loop("train-vae", schedule.total, hooks)
         except NonFiniteLossError as e:
-            blame = _blame_the_data(store, np.concatenate(list(recent)))
+            rows = [r for step, r in recent if step == e.step] or [r for _, r in recent]
+            blame = _blame_the_data(store, np.concatenate(rows))
             if blame is None:
                 raise
             raise blame from e
