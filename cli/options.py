@@ -88,7 +88,15 @@ MicroBatchOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the model init and the data order.")]
 LogEveryOpt = Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")]
-CkptEveryOpt = Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")]
+CkptEveryOpt = Annotated[
+    int, typer.Option(min=1, help="Checkpoint every N steps (RUN/checkpoints, overwritten).")
+]
+KeepEveryOpt = Annotated[
+    int,
+    typer.Option(
+        min=0, help="Also keep RUN/steps/NNNNNNN every N steps, never overwritten (0: off)."
+    ),
+]
 WeightDecayOpt = Annotated[
     float,
     typer.Option(min=0.0, help="AdamW weight decay on 2-D weights (not norms, biases, tokens)."),

@@ -160,11 +160,25 @@ def test_a_finished_run_is_extended_from_pre_decay(digits_val_store, tmp_path):
     run = tmp_path / "wsd"
     train_vae(small(digits_val_store, run, steps=10, warmup_steps=2, decay_steps=2, log_every=1))
     assert torch.load(run / "pre-decay" / "trainer.pt", weights_only=True)["state"]["step"] == 8
+    finished = weights(run)
     longer = small(digits_val_store, run, steps=14, warmup_steps=2, decay_steps=2, log_every=1,
                    resume_from=str(run / "pre-decay"))  # fmt: skip
     train_vae(longer)
+    kept = weights(run, "steps/0000010")  # the finished run's checkpoint survives the extension
+    assert kept.keys() == finished.keys() and all(torch.equal(kept[k], finished[k]) for k in kept)
+    assert (run / "steps" / "0000010" / "trainer.pt").exists()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     extended = [r for r in rows if r["step"] > 8][-6:]
     assert [r["step"] for r in extended] == [9, 10, 11, 12, 13, 14]
     assert [r["lr"] for r in extended[:3]] == [1e-3, 1e-3, 1e-3]  # the stable phase goes on
     assert extended[-1]["lr"] < 1e-3  # then the new decay
+
+
+def test_keep_every_leaves_step_numbered_checkpoints(digits_val_store, tmp_path):
+    run = tmp_path / "keep"
+    train_vae(small(digits_val_store, run, steps=6, keep_every=2, ckpt_every=100))
+    assert sorted(p.name for p in (run / "steps").iterdir()) == ["0000002", "0000004", "0000006"]
+    state = torch.load(run / "steps" / "0000004" / "trainer.pt", weights_only=True)
+    assert state["state"]["step"] == 4
+    final = weights(run)
+    assert all(torch.equal(a, final[k]) for k, a in weights(run, "steps/0000006").items())

@@ -43,6 +43,7 @@ class LoopConfig:
     grad_clip: float = 1.0  # max grad norm (0: off)
     log_every: int = 20
     ckpt_every: int = 500  # RUN/checkpoints (always also at the end of an invocation)
+    keep_every: int = 0  # also RUN/steps/NNNNNNN every N steps, kept (0: off)
     stop_after: int | None = None  # end this invocation after N more steps
     progress: bool = True
 
@@ -159,7 +160,8 @@ def train_loop(
             step = state["step"]
             logs = step % lc.log_every == 0 or step in (lc.total, end)
             saves = step % lc.ckpt_every == 0 or step == end
-            if logs or saves or hooks.acts_at(step):
+            keeps = bool(lc.keep_every) and step % lc.keep_every == 0
+            if logs or saves or keeps or hooks.acts_at(step):
                 _check_finite(pending, out)  # the one host sync, before anything is written
             if logs:
                 rate = seen * d.world / (time.perf_counter() - tic)
@@ -172,6 +174,8 @@ def train_loop(
             metrics.update(hooks.after_step(step))
             if saves:
                 hooks.save(out / "checkpoints")
+            if keeps:  # step-numbered, never overwritten: FID against steps, rolling back
+                hooks.save(out / "steps" / f"{step:07d}")
             if step >= end:
                 break
         else:  # the epoch ended; micro batches short of a whole step are dropped, not carried over

@@ -30,6 +30,7 @@ from .loop import LoopConfig, LoopHooks, train_loop
 from .optim import param_groups
 from .runner import (
     Dist,
+    keep_finished,
     resume_run,
     run_setup,
     save_checkpoint,
@@ -87,6 +88,8 @@ class TrainingRun:
         self.setup = run_setup(cfg.batch_size, self.micro, cfg.seed, d)
         seed_ranks(cfg.seed, d)
         if self.resuming:
+            if getattr(cfg, "resume_from", None):
+                keep_finished(self.out, Path(cfg.resume_from), d)
             resume_run(getattr(cfg, "resume_from", None), self.out, model, self.model_config,
                        self.opt, self.state, d, self.setup, resumed)  # fmt: skip
         self.net = wrap_model(model, d, cfg.compile)
@@ -106,7 +109,7 @@ class TrainingRun:
         """Run the shared loop to `total` optimiser steps; returns the last metrics."""
         cfg = self.cfg
         lc = LoopConfig(name, total, self.accum, cfg.grad_clip, cfg.log_every, cfg.ckpt_every,
-                        cfg.stop_after, cfg.progress)  # fmt: skip
+                        cfg.keep_every, cfg.stop_after, cfg.progress)  # fmt: skip
         return train_loop(lc, self.d, self.out, self.net, self.opt, hooks, self.state)
 
 

@@ -223,6 +223,23 @@ def _set_rng_state(rngs: list[dict] | dict, d: Dist) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def keep_finished(out: Path, resume_from: Path, d: Dist) -> None:
+    """Before a run continues from another checkpoint (--resume-from RUN/pre-decay), keep the
+    run's own latest checkpoint as RUN/steps/NNNNNNN: the continuation rewrites checkpoints/."""
+    own = out / "checkpoints"
+    if not d.main or not (own / "trainer.pt").exists() or own.resolve() == resume_from.resolve():
+        return
+    step = int(load_trainer_state(own)["state"]["step"])
+    kept = out / "steps" / f"{step:07d}"
+    if not kept.exists():
+        tmp = kept.with_name(f".{kept.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(own, tmp)
+        os.replace(tmp, kept)
+        log.info("kept the checkpoint of step %d as %s before continuing from %s", step, kept,
+                 resume_from)  # fmt: skip
+
+
 def resume_run(
     resume_from: str | None, out: Path, model: nn.Module, model_config: dict,
     opt: torch.optim.Optimizer, state: dict, d: Dist, setup: dict,

@@ -59,7 +59,8 @@ class TrainDecoderConfig:
     num_workers: int = 2  # feature loader processes per rank
     image_threads: int = 4  # threads decoding target images
     log_every: int = 20
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # checkpoints/ (and always at the end of an invocation)
+    keep_every: int = 0  # RUN/steps/NNNNNNN every N steps, kept for good (0: off)
     device: str = "auto"
     compile: bool = False
     resume: bool = False

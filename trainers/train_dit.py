@@ -59,6 +59,7 @@ class TrainDiTConfig:
     seed: int = 0  # model init and data order
     log_every: int = 100
     ckpt_every: int = 5000  # checkpoints/ (and always at the end of an invocation)
+    keep_every: int = 0  # RUN/steps/NNNNNNN every N steps, kept for good (0: off)
     device: str = "auto"
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue RUN/checkpoints

@@ -50,6 +50,7 @@ class TrainVAEConfig:
     log_every: int = 20
     eval_every: int = 500  # validation + best/ (when --val-features is given)
     ckpt_every: int = 500  # checkpoints/ (and always at the end and at decay start)
+    keep_every: int = 0  # RUN/steps/NNNNNNN every N steps, kept for good (0: off)
     device: str = "auto"
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue RUN/checkpoints (or --resume-from)
