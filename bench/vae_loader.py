@@ -24,13 +24,14 @@ import zarr
 from flatdino.models.vae import FlatDinoVAE, kl_weight, vae_loss, vae_preset
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
+from flatdino.pipeline.store import row_block
 from flatdino.trainers.optim import param_groups
 
 
 def make_store(path: Path, n: int) -> Path:
     store = FeatureStore.create(path, shape=(n, 2, 256, 768), labels=np.zeros(n, np.int32),
                          paths=[str(i) for i in range(n)], class_names=["x"], shard_size=64,
-                         chunk_rows=8, attrs={"fingerprint": {}})  # fmt: skip
+                         chunk_rows=1, attrs={"fingerprint": {}})  # fmt: skip
     rng = np.random.default_rng(0)
     for shard in store.shards():
         k = shard.stop - shard.start
@@ -43,8 +44,9 @@ def make_store(path: Path, n: int) -> Path:
 def sequential(path: Path) -> float:
     arr = zarr.open_group(str(path))["features"]
     start = time.perf_counter()
-    for lo in range(0, arr.shape[0], arr.chunks[0]):
-        _ = arr[lo : lo + arr.chunks[0]]
+    block = row_block(arr)
+    for lo in range(0, arr.shape[0], block):
+        _ = arr[lo : lo + block]
     return arr.shape[0] / (time.perf_counter() - start)
 
 

@@ -16,7 +16,7 @@ import zarr
 from tqdm import tqdm
 
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.store import store_kind
+from flatdino.pipeline.store import row_block, store_kind
 
 ARRAY = {"flatdino.features": "features", "flatdino.latents": "mu"}
 
@@ -28,7 +28,7 @@ def pooled(path: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         raise FlatDinoError(f"{path!r} is neither a feature nor a latents store (kind {kind!r})")
     group = zarr.open_group(str(path), mode="r")
     data, valid = group[ARRAY[kind]], np.asarray(group["valid"][:], dtype=bool)
-    step = int(data.chunks[0])
+    step = row_block(data)  # whole storage objects (view 0 only, where views are chunked apart)
     out = []
     for lo in tqdm(range(0, data.shape[0], step), desc=f"pool {path}", disable=not progress):
         block = data[lo : lo + step, 0]  # (k, P or T, C or d): view 0, whole chunks

@@ -47,8 +47,8 @@ class ExtractConfig:
     views: int = 2  # stored views per image (0 centre crop, 1 flip, >=2 random crops)
     view_seed: int = 0  # seed of the random crops of views >= 2
     batch_size: int = 64  # backbone batch (images x views are flattened into batches)
-    shard_size: int = 64  # images per unit of work; a multiple of chunk_rows
-    chunk_rows: int = 8  # images per Zarr chunk of the features array
+    shard_size: int = 64  # images per unit of work = per storage object of the features array
+    chunk_rows: int = 1  # images per inner (per-view) chunk of a shard; a divisor of shard_size
     dtype: str = "fp32"  # backbone compute precision: fp32 | bf16 (features are stored float16)
     device: str = "auto"  # auto: cuda when available, else cpu
     backend: str = "ray"  # ray | local

@@ -1,10 +1,12 @@
 """The feature store: a Zarr v3 group of DINOv2 patch features plus a Parquet manifest.
 
-Layout (FORMAT_VERSION 1), N images, V views, P patches, C channels:
+Layout (FORMAT_VERSION 2), N images, V views, P patches, C channels:
 
     STORE/zarr.json                  attrs: format, fingerprint (backbone, weights sha256,
                                      preprocessing, input), class names, shard size, complete, ...
-    STORE/features                   float16 (N, V, P, C), chunks (chunk_rows, V, P, C)
+    STORE/features                   float16 (N, V, P, C); Zarr v3 sharding: one object per job
+                                     shard (shard_size, V, P, C) holding inner chunks
+                                     (chunk_rows, 1, P, C), so one view of one row is read alone
     STORE/labels                     int32 (N,), written once at creation
     STORE/valid                      bool (N,), chunks (shard_size,): false for undecodable images
     STORE/done                       bool (S,), chunks (1,): shard s fully written
@@ -13,6 +15,10 @@ Layout (FORMAT_VERSION 1), N images, V views, P patches, C channels:
 
 Shards, done markers, creation and resume are `pipeline.store`'s. `done[s]` is set only after
 shard s's features, valid flags and errors are on disk.
+
+Format 1 (before per-view chunks) stored `features` as plain chunks (chunk_rows, V, P, C), one
+file each: such stores are still read (every view of a chunk comes with each read); they are not
+resumed by a job of this version, which writes format 2 (`--overwrite` rebuilds them).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import zarr
 from .errors import FlatDinoError
 from .store import Shard, ShardedStore, create_atomically, shard_bounds, utc_now, write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 KIND = "flatdino.features"
 MANIFEST = "manifest.parquet"
 ERRORS_DIR = "_errors"
@@ -40,14 +47,30 @@ class FeatureStore(ShardedStore):
     """Read and write access to one feature store directory."""
 
     KIND = KIND
+    FORMAT_VERSION = FORMAT_VERSION
     NAME = "flatdino feature store"
     MAKER = "extract-features"
     ROWS = "features"
     ARRAYS = ("features", "labels", "valid", "done")
 
+    def __init__(self, path: str | Path, mode: str = "r"):
+        super().__init__(path, mode)
+        version = self.attrs.get("format_version", 1)
+        if version not in READABLE_FORMATS:
+            raise FlatDinoError(
+                f"{str(self.path)!r} is a feature store of format {version}, which this flatdino "
+                f"({'/'.join(map(str, READABLE_FORMATS))}) cannot read; rebuild it with "
+                "`flatdino extract-features --overwrite` or use the flatdino that made it"
+            )
+
     @property
     def features(self) -> zarr.Array:
         return self.group["features"]
+
+    @property
+    def per_view(self) -> bool:
+        """One view of a row is read alone (format 2); format 1 chunks hold every view."""
+        return self.attrs.get("format_version", 1) >= 2
 
     def write_shard(
         self, shard: Shard, features: np.ndarray, valid: np.ndarray, errors: dict[int, str]
@@ -98,8 +121,9 @@ class FeatureStore(ShardedStore):
         def build(group: zarr.Group, folder: Path) -> None:
             n, v, p, c = shape
             group.create_array(
-                "features", shape=shape, chunks=(chunk_rows, v, p, c), dtype="float16",
-                fill_value=0, compressors=None,  # float16 activations barely compress
+                "features", shape=shape, shards=(shard_size, v, p, c), chunks=(chunk_rows, 1, p, c),
+                dtype="float16", fill_value=0,
+                compressors=None,  # float16 activations barely compress; spend no CPU on it
             )  # fmt: skip
             # labels are written once, here, by one process: large chunks (few files) are safe
             label_chunk = max(1, min(n, 1 << 16))

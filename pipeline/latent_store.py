@@ -32,6 +32,7 @@ class LatentStore(ShardedStore):
     """Read and write access to one latents store directory."""
 
     KIND = KIND
+    FORMAT_VERSION = FORMAT_VERSION
     NAME = "flatdino latents store"
     MAKER = "encode-latents"
     ROWS = "mu"

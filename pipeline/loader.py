@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from .errors import InputError
+from .store import row_block
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,12 @@ class _BlockReader(IterableDataset):
     """Yields (rows, features[rows, view]) per block; worker w reads blocks w, w + W, ..."""
 
     def __init__(
-        self, path: str, blocks: np.ndarray, block_rows: int, needed: np.ndarray, views: np.ndarray
-    ):
+        self, path: str, blocks: np.ndarray, block_rows: int, needed: np.ndarray, views: np.ndarray,
+        per_view: bool = False,
+    ):  # fmt: skip
         self.path, self.blocks, self.block_rows = path, blocks, block_rows
         self.needed, self.views = needed, views  # needed: (N,) bool, rows still to deliver
+        self.per_view = per_view  # the store reads one view of a row alone (format 2)
 
     def __iter__(self):
         info = get_worker_info()
@@ -105,8 +108,15 @@ class _BlockReader(IterableDataset):
             if len(rows) == 0:
                 yield rows, None
                 continue
-            chunk = features[lo:hi]  # (k, V, P, C): whole chunks, one read
-            yield rows, torch.from_numpy(chunk[rows - lo, self.views[rows]])  # (m, P, C)
+            if self.per_view:  # only the drawn view of each needed row is read
+                out = np.empty((len(rows), *features.shape[2:]), features.dtype)  # (m, P, C)
+                for v in np.unique(self.views[rows]):
+                    pick = self.views[rows] == v
+                    out[pick] = features.get_orthogonal_selection((rows[pick], int(v)))
+                yield rows, torch.from_numpy(out)
+            else:  # format 1: a chunk holds every view, read it whole once
+                chunk = features[lo:hi]  # (k, V, P, C)
+                yield rows, torch.from_numpy(chunk[rows - lo, self.views[rows]])  # (m, P, C)
 
 
 class FeatureBatches:
@@ -118,7 +128,8 @@ class FeatureBatches:
         self.valid = np.asarray(group["valid"][:], dtype=bool)
         self.labels = np.asarray(group["labels"][:], dtype=np.int64)
         self.num_views = int(group["features"].shape[1])
-        self.block_rows = int(group["features"].chunks[0])
+        self.block_rows = row_block(group["features"])  # one storage object: the unit of locality
+        self.per_view = group.attrs.get("format_version", 1) >= 2
         self.sample_shape = tuple(group["features"].shape[2:])  # (P, C)
         self.num_valid = int(self.valid.sum())
 
@@ -146,7 +157,7 @@ class FeatureBatches:
             ],
             dtype=np.int64,
         )
-        reader = _BlockReader(self.path, blocks, self.block_rows, needed, plan.views)
+        reader = _BlockReader(self.path, blocks, self.block_rows, needed, plan.views, self.per_view)
         workers = min(self.cfg.num_workers, len(blocks))
         # Own generator: a DataLoader iterator draws a seed, which must not advance the global RNG
         # (the trainer's sampling noise), or resuming mid-epoch would not be exact.
@@ -223,12 +234,13 @@ def check_views(views: int | None, stored: int, path: str) -> int:
 class LatentBatches:
     """Batches of latents (B, T, d) float32 and int64 labels, from a latents store held in memory.
 
-    Latents are small (ImageNet: ~10-21 GB for two views), so each rank reads its share once: the
-    valid rows, dealt round-robin (row i of the valid list goes to rank i mod world), with every
-    stored view. The share is fixed for the run; the up to world-1 rows that do not divide evenly
-    are left out, so every rank runs the same number of steps. Per epoch, from (seed, epoch, rank)
-    alone: a permutation of the rank's rows and one random view per row; the last partial batch
-    is dropped (different rows each epoch).
+    Latents are small (ImageNet: ~10-21 GB for two views), so each rank reads its share once: one
+    contiguous range of the valid rows (rank r of W takes the r-th of W equal ranges), with every
+    stored view. Only the chunks that hold its range are read (a chunk at each end may be shared
+    with a neighbour), so W ranks read the store about once between them, not W times. The share
+    is fixed for the run; the up to W-1 rows that do not divide evenly are left out, so every rank
+    runs the same number of steps. Per epoch, from (seed, epoch, rank) alone: a permutation of the
+    rank's rows and one random view per row; the last partial batch is dropped.
     """
 
     def __init__(
@@ -241,18 +253,21 @@ class LatentBatches:
         self.num_views = check_views(views, int(mu.shape[1]), path)
         valid = np.flatnonzero(np.asarray(group["valid"][:], dtype=bool))
         per_rank = len(valid) // cfg.world
-        rows = valid[cfg.rank :: cfg.world][:per_rank]
+        rows = valid[cfg.rank * per_rank : (cfg.rank + 1) * per_rank]  # contiguous, sorted
         self.labels = np.asarray(group["labels"][:], dtype=np.int64)[rows]
         self.latents = np.empty(
             (len(rows), self.num_views, *mu.shape[2:]), dtype=mu.dtype
         )  # (n, V, T, d)
-        block = int(mu.chunks[0])
+        self.bytes_read = 0  # of mu, for the read-amplification benchmark
+        block = row_block(mu)
+        first, last = (rows[0] // block, rows[-1] // block + 1) if len(rows) else (0, 0)
         at = 0
-        for lo in tqdm(range(0, mu.shape[0], block), desc="load latents", unit="chunk",
-                       disable=not progress):  # fmt: skip
+        for lo in tqdm(range(first * block, last * block, block), desc="load latents",
+                       unit="chunk", disable=not progress):  # fmt: skip
             mine = rows[(rows >= lo) & (rows < lo + block)]
             if len(mine):
                 chunk = mu[lo : lo + block]  # whole chunk
+                self.bytes_read += chunk.nbytes
                 self.latents[at : at + len(mine)] = chunk[mine - lo, : self.num_views]
                 at += len(mine)
 

@@ -64,6 +64,12 @@ def check_finite(values: np.ndarray, shard: Shard, what: str, fix: str) -> None:
         )
 
 
+def row_block(array: zarr.Array) -> int:
+    """Rows of the array's storage objects: its shard (sharded stores) or its chunk: the unit a
+    reader should read whole."""
+    return int((array.shards or array.chunks)[0])
+
+
 def store_kind(path: str | Path) -> str | None:
     """The `kind` attr of a flatdino Zarr store (feature or latents store); None if not a store."""
     if not (Path(path) / "zarr.json").exists():
@@ -85,6 +91,7 @@ class ShardedStore:
     NAME = ""  # in messages: "flatdino feature store"
     MAKER = ""  # the command that writes it: "extract-features"
     ROWS = ""  # the (N, ...) array whose first axis counts the rows
+    FORMAT_VERSION = 1  # the layout this code writes
     ARRAYS: tuple[str, ...] = ()  # arrays listed by `summary`, when present
 
     def __init__(self, path: str | Path, mode: str = "r"):
@@ -151,7 +158,12 @@ class ShardedStore:
         """What `flatdino info` prints."""
         done = self.done_mask()
         arrays = {
-            name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
+            name: {
+                "shape": list(a.shape),
+                "dtype": str(a.dtype),
+                "chunks": list(a.chunks),
+                **({"shards": list(a.shards)} if a.shards else {}),
+            }  # fmt: skip
             for name in self.ARRAYS
             if name in self.group
             for a in [self.group[name]]
@@ -193,6 +205,13 @@ def open_or_create(
                 f"--out {out!r} exists and is not a {cls.NAME}; choose another --out"
             ) from None
         if not overwrite:
+            version = store.attrs.get("format_version", 1)
+            if version != cls.FORMAT_VERSION:
+                raise StoreMismatchError(
+                    f"store {str(path)!r} has format {version}, this flatdino writes format "
+                    f"{cls.FORMAT_VERSION}; pass --overwrite to rebuild it, or finish it with the "
+                    "flatdino that made it"
+                )
             check_fingerprint(store.path, store.attrs.get("fingerprint", {}), fingerprint)
             return store
         shutil.rmtree(path)
