@@ -12,10 +12,10 @@ import torch
 
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.trainers.loop import LoopConfig, LoopHooks, train_loop
+from flatdino.trainers.resume import resume_run
 from flatdino.trainers.runner import (
     Dist,
     NonFiniteLossError,
-    resume_run,
     run_setup,
     save_checkpoint,
     trainer_state,
@@ -130,8 +130,8 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
         for name in ("item", "tolist", "__bool__", "__float__"):
             real = getattr(torch.Tensor, name)
 
-            def counted(self, *a, _real=real, **k):
-                count["n"] += 1
+            def counted(self, *a, _real=real, _count=count, **k):
+                _count["n"] += 1
                 return _real(self, *a, **k)
 
             monkeypatch.setattr(torch.Tensor, name, counted)

@@ -243,6 +243,7 @@ def _sample_stats(model: torch.nn.Module, norm: LatentNorm, per_class: int = 200
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # learning takes minutes on 2 cores; the default 300 s is for quick tests
 def test_tiny_dit_learns_the_class_distributions(tmp_path, request):
     """3,000 steps (~1 min on 2 cores): sampled per-class means within 0.08 RMS of the true means
     (the untrained model, v = 0, is off by ~1) and spreads within 0.08 of the true ones (untrained: 0.5-0.8 off)."""

@@ -135,6 +135,7 @@ def digits_train_store(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~3 minutes alone on 2 cores; the default 300 s is for quick tests
 def test_tiny_vae_learns_digits_features(digits_train_store, digits_val_store, tmp_path):
     """Validation relative error well below the predict-the-train-mean baseline within minutes."""
     train = zarr.open_group(str(digits_train_store))["features"][:, 0].astype(np.float32)

@@ -28,10 +28,9 @@ import torch.nn as nn
 
 from .loop import LoopConfig, LoopHooks, train_loop
 from .optim import param_groups
+from .resume import keep_finished, resume_run
 from .runner import (
     Dist,
-    keep_finished,
-    resume_run,
     run_setup,
     save_checkpoint,
     seed_ranks,

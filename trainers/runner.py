@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from flatdino.pipeline.checkpoints import read_json, read_torch, read_weights
+from flatdino.pipeline.checkpoints import read_torch, read_weights
 from flatdino.pipeline.env import resolve_device
 from flatdino.pipeline.errors import FlatDinoError
 
@@ -214,71 +214,3 @@ def trainer_state(opt: torch.optim.Optimizer, state: dict, d: Dist, setup: dict)
         rngs = [None] * d.world
         dist.all_gather_object(rngs, _rng_state())
     return {"optimizer": opt.state_dict(), "rng": rngs, "state": dict(state), "setup": setup}
-
-
-def _set_rng_state(rngs: list[dict] | dict, d: Dist) -> None:
-    state = rngs if isinstance(rngs, dict) else rngs[d.rank]  # dict: a single-process checkpoint
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def keep_finished(out: Path, resume_from: Path, d: Dist) -> None:
-    """Before a run continues from another checkpoint (--resume-from RUN/pre-decay), keep the
-    run's own latest checkpoint as RUN/steps/NNNNNNN: the continuation rewrites checkpoints/."""
-    own = out / "checkpoints"
-    if not d.main or not (own / "trainer.pt").exists() or own.resolve() == resume_from.resolve():
-        return
-    step = int(load_trainer_state(own)["state"]["step"])
-    kept = out / "steps" / f"{step:07d}"
-    if not kept.exists():
-        tmp = kept.with_name(f".{kept.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(own, tmp)
-        os.replace(tmp, kept)
-        log.info("kept the checkpoint of step %d as %s before continuing from %s", step, kept,
-                 resume_from)  # fmt: skip
-
-
-def resume_run(
-    resume_from: str | None, out: Path, model: nn.Module, model_config: dict,
-    opt: torch.optim.Optimizer, state: dict, d: Dist, setup: dict,
-    extra_weights: dict[str, nn.Module] | None = None,
-) -> None:  # fmt: skip
-    """Load weights (+ extras such as the EMA), optimiser, RNG and loop position.
-
-    From `resume_from` when given (e.g. RUN/pre-decay, to extend a run), else RUN/checkpoints (or
-    the previous one, kept as .checkpoints.old while a save was swapping it in); a run that never
-    reached a checkpoint starts from scratch. A different `setup` (batch sizes, ranks, seed) is
-    refused: the saved data position means nothing under another one.
-    """
-    resume_dir = Path(resume_from) if resume_from else out / "checkpoints"
-    if not resume_dir.exists() and not resume_from and (out / ".checkpoints.old").exists():
-        resume_dir = out / ".checkpoints.old"  # killed between the two renames of a save
-    if not resume_dir.exists():
-        if resume_from:
-            raise FlatDinoError(f"--resume-from {resume_from!r} does not exist")
-        return
-    saved_cfg = read_json(resume_dir / "config.json", RESUME_FIX)
-    if saved_cfg != model_config:
-        raise FlatDinoError(
-            f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "
-            f"this store and preset {model_config}; resume with the same store and preset"
-        )
-    saved = load_trainer_state(resume_dir)
-    changed = {
-        k: (v, setup.get(k)) for k, v in saved.get("setup", setup).items() if setup.get(k) != v
-    }
-    if changed:
-        what = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in changed.items())
-        raise FlatDinoError(
-            f"checkpoint {str(resume_dir)!r} was trained with {what}; resume with the same "
-            "--batch-size, --micro-batch, --seed and number of ranks"
-        )
-    load_weights(resume_dir, model)
-    for name, module in (extra_weights or {}).items():
-        load_weights(resume_dir, module, name)
-    opt.load_state_dict(saved["optimizer"])
-    _set_rng_state(saved["rng"], d)
-    state.update(saved["state"])
-    log.info("resumed from %s at step %d", resume_dir, state["step"])
