@@ -194,8 +194,10 @@ def info_cmd(
         return
     attrs = summary.pop("attrs")
     for name, a in summary.pop("arrays").items():
+        shards = f" shards={tuple(a['shards'])}" if "shards" in a else ""
         typer.echo(
             f"{name:10s} {a['dtype']:8s} shape={tuple(a['shape'])} chunks={tuple(a['chunks'])}"
+            f"{shards}"
         )
     for key, value in summary.items():
         typer.echo(f"{key}: {value}")

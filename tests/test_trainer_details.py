@@ -78,3 +78,24 @@ def test_only_a_group_the_run_created_is_destroyed(monkeypatch):
     assert destroyed == []
     teardown_distributed(Dist(0, 2, owns_group=True))
     assert destroyed == [1]
+
+
+def test_train_decoder_decodes_its_targets_off_the_training_thread(digits_val_store, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    import threading
+
+    from flatdino.pipeline.targets import TargetImages
+    from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
+
+    threads = set()
+    real = TargetImages.batch
+
+    def batch(self, rows, views):
+        threads.add(threading.current_thread().name)
+        return real(self, rows, views)
+
+    monkeypatch.setattr(TargetImages, "batch", batch)
+    train_decoder(TrainDecoderConfig(features=str(digits_val_store), out=str(tmp_path / "dec"),
+                                     preset="tiny", steps=2, batch_size=8, num_workers=0,
+                                     device="cpu", progress=False))  # fmt: skip
+    assert threads == {"flatdino-prefetch"}  # one batch ahead, while the step before trains
