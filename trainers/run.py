@@ -81,8 +81,11 @@ class TrainingRun:
         resumed = extras(model) if extras else {}
         self.extra_weights.update(resumed)
         groups = param_groups(model, cfg.weight_decay)
-        # fused: one kernel per step, and it skips a non-finite step on the device (loop.py)
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **{"fused": True, **adamw})
+        # fused on CUDA: one kernel per step, and it skips a non-finite step on the device, so the
+        # loop needs no host sync per step (loop.py). On CPU a sync costs nothing (bench/host_sync.py:
+        # same samples/s), and the plain AdamW keeps CPU runs numerically as they were.
+        fused = {"fused": d.device.type == "cuda"}
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **{**fused, **adamw})
         self.state = {"step": 0, "micro_step": 0, "epoch": 0, **(state or {})}
         self.setup = run_setup(cfg.batch_size, self.micro, cfg.seed, d)
         seed_ranks(cfg.seed, d)
