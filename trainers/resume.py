@@ -8,7 +8,7 @@ with the same global --batch-size and --seed:
 - another number of ranks: at an epoch boundary, the next epoch as the new ranks deal it; from
   the middle of an epoch, the start of the next one (the rest of the interrupted epoch is
   skipped and said so: each epoch's order depends on the ranks, and no row may be seen twice).
-  Ranks beyond the saved ones start new RNG streams from (seed, step, world, rank).
+  Every rank then starts a new RNG stream from (seed, step, world, rank).
 Every rank must find the same checkpoint step (a checkpoint on a disk some ranks cannot see is
 refused, never one rank resuming while another starts fresh).
 """
