@@ -69,12 +69,11 @@ class TrainingRun:
 
     def build(
         self, make_model: Callable[[], nn.Module], state: dict | None = None,
-        extras: Callable[[nn.Module], dict[str, nn.Module]] | None = None, **adamw,
+        extras: Callable[[nn.Module], dict[str, nn.Module]] | None = None,
     ) -> nn.Module:  # fmt: skip
         """Seeded model, AdamW, per-rank RNG, resume, DDP; returns the (unwrapped) model.
 
-        `extras(model)` builds modules that live beside the model and resume with it (the EMA);
-        `adamw` are extra AdamW arguments."""
+        `extras(model)` builds modules that live beside the model and resume with it (the EMA)."""
         cfg, d = self.cfg, self.d
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.model = model = make_model().to(d.device)
@@ -84,16 +83,17 @@ class TrainingRun:
         # fused on CUDA: one kernel per step, and it skips a non-finite step on the device, so the
         # loop needs no host sync per step (loop.py). On CPU a sync costs nothing (bench/host_sync.py:
         # same samples/s), and the plain AdamW keeps CPU runs numerically as they were.
-        fused = {"fused": d.device.type == "cuda"}
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **{**fused, **adamw})
+        fused = d.device.type == "cuda"
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
         self.state = {"step": 0, "micro_step": 0, "epoch": 0, **(state or {})}
         self.setup = run_setup(cfg.batch_size, self.micro, cfg.seed, d)
         seed_ranks(cfg.seed, d)
         if self.resuming:
-            if getattr(cfg, "resume_from", None):
-                keep_finished(self.out, Path(cfg.resume_from), d)
-            resume_run(getattr(cfg, "resume_from", None), self.out, model, self.model_config,
-                       self.opt, self.state, d, self.setup, resumed)  # fmt: skip
+            resume_from = getattr(cfg, "resume_from", None)  # train-vae only
+            if resume_from:
+                keep_finished(self.out, Path(resume_from), d)
+            resume_run(resume_from, self.out, model, self.model_config, self.opt, self.state, d,
+                       self.setup, resumed)  # fmt: skip
         self.net = wrap_model(model, d, cfg.compile)
         return model
 
