@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python bench/vae_loader.py
 	$(BIN)/python bench/dit_cost.py
 	$(BIN)/python bench/sample.py
+	$(BIN)/python bench/sample_tokens.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

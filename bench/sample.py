@@ -1,69 +1,88 @@
-"""Sampler throughput on FlatDINO latents (32 tokens) against the same DiT on 256-token latents.
+"""`flatdino sample` end to end: samples/s for 1 and 2 ranks, and the share of wall time outside
+the networks (PNG encoding, the npz, the file system), measured side by side in one run.
 
-One run, side by side, for each batch size: the same DiT width and depth, random weights, the
-real Euler sampler with CFG on its interval (the conditional and unconditional passes batched),
-generating (B, 32, 128) FlatDINO latents and (B, 256, 768) DINOv2-grid latents (RAE's setting).
-The paper's Appendix G shows the ratio approaching 8x as the batch grows, when the work is large
-enough to keep the device busy.
+A tiny chain is built on the digits first (extract, train-vae, encode, train-dit, train-decoder:
+tiny presets, a few steps), so the decoder writes real 256 x 256 PNGs. Then `flatdino sample`
+runs in one process and under `torchrun --nproc-per-node 2` (gloo), each from scratch, and its
+sample.json gives the seconds spent in the networks against the whole run (assembly included).
 
-    python bench/sample.py [--preset dit-xl] [--batches 1,4,16] [--steps 10] [--device cpu|cuda]
-                           [--dtype fp32|bf16]
+    python bench/sample.py [--n 256] [--batch-size 32] [--steps 10] [--writers 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from pathlib import Path
 
-import torch
+from flatdino.pipeline.encode import EncodeConfig, encode_latents
+from flatdino.pipeline.extract import ExtractConfig, extract_features
+from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
+from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
+from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
-from flatdino.models.dit import LightningDiT, dit_preset
-from flatdino.models.flow import euler_sample
+
+def build_chain(root: Path) -> None:
+    quiet = {"progress": False}
+    feats = str(root / "features.zarr")
+    extract_features(ExtractConfig(data="digits", split="val", out=feats, backbone="tiny",
+                                   backend="local", **quiet))  # fmt: skip
+    train_vae(TrainVAEConfig(features=feats, out=str(root / "vae"), preset="tiny", steps=5,
+                             batch_size=32, num_workers=0, device="cpu", **quiet))  # fmt: skip
+    encode_latents(EncodeConfig(features=feats, vae=str(root / "vae"), out=str(root / "lat.zarr"),
+                                backend="local", device="cpu", **quiet))  # fmt: skip
+    train_dit(TrainDiTConfig(latents=str(root / "lat.zarr"), out=str(root / "dit"), preset="tiny",
+                             steps=5, batch_size=32, device="cpu", **quiet))  # fmt: skip
+    train_decoder(TrainDecoderConfig(features=feats, out=str(root / "decoder"), preset="tiny",
+                                     steps=3, batch_size=8, num_workers=0, device="cpu", **quiet))  # fmt: skip
 
 
-def samples_per_s(model, tokens: int, dim: int, batch: int, steps: int, device, autocast) -> float:
-    x0 = torch.randn(batch, tokens, dim, device=device)
-    y = torch.zeros(batch, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def run():
-        with autocast():
-            euler_sample(model, x0, y, steps, 3.0, 4.5, (0.225, 1.0), model.null_class)
-        sync()
-
-    run()  # warm-up
+def run(ranks: int, root: Path, args) -> dict:
+    out = root / f"samples-{ranks}"
+    cmd = ["sample", "--dit", str(root / "dit"), "--decoder", str(root / "decoder"),
+           "--out", str(out), "--num-samples", str(args.n), "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--writers", str(args.writers), "--device", "cpu",
+           "--no-progress"]  # fmt: skip
+    launcher = [sys.executable, "-m", "flatdino.cli.main"]
+    if ranks > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                    "-m", "flatdino.cli.main"]  # fmt: skip
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     tic = time.perf_counter()
-    run()
-    return batch / (time.perf_counter() - tic)
+    subprocess.run([*launcher, *cmd], check=True, env=env, capture_output=True)
+    wall = time.perf_counter() - tic  # with the start-up and the model loading
+    record = json.loads((out / "sample.json").read_text())
+    shutil.rmtree(out)
+    return {"wall": wall, **record}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="dit-xl")
-    parser.add_argument("--batches", default="1,4,16")
-    parser.add_argument("--steps", type=int, default=10, help="Euler steps (50 in the paper)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--writers", type=int, default=8)
     args = parser.parse_args()
-    device = torch.device(args.device)
-
-    def autocast():
-        if args.dtype == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
-    torch.manual_seed(0)
-    flat = LightningDiT(dit_preset(args.preset, tokens=32, latent_dim=128)).to(device).eval()
-    rae = LightningDiT(dit_preset(args.preset, tokens=256, latent_dim=768)).to(device).eval()
-    print(
-        f"{args.preset}, {args.steps} Euler steps with CFG 4.5 on [0.225, 1], {args.device} {args.dtype}"
-    )
-    print(f"  {'batch':>5}  {'32 tokens':>12}  {'256 tokens':>12}  ratio")
-    for batch in (int(b) for b in args.batches.split(",")):
-        a = samples_per_s(flat, 32, 128, batch, args.steps, device, autocast)
-        b = samples_per_s(rae, 256, 768, batch, args.steps, device, autocast)
-        print(f"  {batch:5d}  {a:10.3f}/s  {b:10.3f}/s  {a / b:5.2f}x")
+    with tempfile.TemporaryDirectory(prefix="flatdino-bench-sample-") as tmp:
+        root = Path(tmp)
+        build_chain(root)
+        rows = {ranks: run(ranks, root, args) for ranks in (1, 2)}
+    print(f"flatdino sample: {args.n} samples of 256x256, tiny DiT/VAE/decoder, {args.steps} Euler "
+          f"steps, batch {args.batch_size}, CPU ({os.cpu_count()} cores)")  # fmt: skip
+    print(f"  {'ranks':>5}  {'samples/s':>10}  {'run s':>7}  {'networks s':>10}  {'outside':>8}")
+    for ranks, r in rows.items():
+        outside = 1 - r["network_seconds_rank0"] / r["seconds"]
+        print(f"  {ranks:5d}  {args.n / r['seconds']:10.2f}  {r['seconds']:7.2f}  "
+              f"{r['network_seconds_rank0']:10.2f}  {100 * outside:7.1f}%")  # fmt: skip
+    speedup = rows[1]["seconds"] / rows[2]["seconds"]
+    print(f"  2 ranks / 1 rank: {speedup:.2f}x (run time, without start-up and model loading)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .options import (
     BackendOpt,
     DeviceOpt,
     GpusOpt,
+    PrecisionOpt,
     ProgressOpt,
     RayAddressOpt,
     WorkersOpt,
@@ -241,6 +242,7 @@ def encode_latents_cmd(
     ] = LatentDtype.float32,
     save_logvar: Annotated[bool, typer.Option("--save-logvar", help="Also store logvar.")] = False,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     backend: BackendOpt = Backend.ray,
     workers: WorkersOpt = 1,
     num_gpus_per_worker: GpusOpt = None,
@@ -258,7 +260,8 @@ def encode_latents_cmd(
 
     cfg = EncodeConfig(
         features=str(features), vae=str(vae), out=str(out), batch_size=batch_size,
-        dtype=dtype.value, save_logvar=save_logvar, device=device, backend=backend.value,
+        dtype=dtype.value, save_logvar=save_logvar, device=device, precision=precision,
+        backend=backend.value,
         workers=workers, num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
         overwrite=overwrite, progress=progress,
     )  # fmt: skip
@@ -333,7 +336,7 @@ def main() -> None:
         where = f" writing {e.filename}" if e.filename else ""
         typer.secho(f"error: no space left on the device{where}; free some space or write to a "
                     "larger disk, then run again (stores continue from their finished shards, "
-                    "trainers with --resume)", fg=typer.colors.RED, err=True)  # fmt: skip
+                    "sample from its finished batches, trainers with --resume)", fg=typer.colors.RED, err=True)  # fmt: skip
         raise SystemExit(1) from None
 
 

@@ -43,6 +43,13 @@ RayAddressOpt = Annotated[
     ),
 ]
 ProgressOpt = Annotated[bool, typer.Option(help="Show the progress bar.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="Network precision: auto (bf16 autocast and TF32 matmuls on CUDA, fp32 on CPU), "
+        "bf16, or fp32 (full precision, no TF32)."
+    ),
+]
 
 
 def fail(message: str) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from flatdino.pipeline.errors import FlatDinoError
 
-from .options import DeviceOpt, ProgressOpt, fail
+from .options import DeviceOpt, PrecisionOpt, ProgressOpt, fail
 
 
 def _interval(text: str) -> tuple[float, float]:
@@ -42,8 +42,12 @@ def sample_cmd(
     n: Annotated[
         int | None,
         typer.Option(
+            "--n",
+            "--num-samples",
             min=1,
-            help="Total samples, cycling through the classes (class-balanced); overrides --per-class.",
+            help="Total samples (under torchrun spell it --num-samples: torchrun takes --n for "
+            "its own options), cycling through the classes, so class-balanced: --n 50000 gives 50 "
+            "per ImageNet class (the ADM/RAE FID protocol); overrides --per-class.",
         ),
     ] = None,
     seed: Annotated[
@@ -74,14 +78,30 @@ def sample_cmd(
             help="VAE checkpoint; default: the one the DiT's latents were encoded with (checked by sha256)."
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples generated at once.")] = 64,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Samples per batch (per rank under torchrun). A resumed run must keep it: the "
+            "batches are part of the result's identity.",
+        ),
+    ] = 64,
     save_features: Annotated[
         bool, typer.Option("--save-features", help="Also write latents.npy and features.npy.")
     ] = False,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    writers: Annotated[
+        int, typer.Option(min=1, help="Threads encoding PNGs and writing batches beside the GPU.")
+    ] = 8,
     progress: ProgressOpt = True,
 ) -> None:
-    """Generate latents with a trained DiT and decode them to DINOv2 features and images."""
+    """Generate latents with a trained DiT and decode them to DINOv2 features and images.
+
+    The Euler state stays fp32 whatever --precision the networks run in.
+    Under `torchrun --nproc-per-node G flatdino sample ...` the batches are shared across the G
+    ranks and the outputs are identical to a one-process run. An interrupted run continues from
+    the batches already written when the same command is run again."""
     from flatdino.sampling.sample import SampleConfig, sample
 
     try:
@@ -89,7 +109,8 @@ def sample_cmd(
             dit=str(dit), out=str(out), classes=classes, per_class=per_class, n=n, seed=seed,
             steps=steps, cfg=cfg, cfg_interval=_interval(cfg_interval), ema=ema,
             decoder=str(decoder) if decoder else None, vae=str(vae) if vae else None,
-            batch_size=batch_size, save_features=save_features, device=device, progress=progress,
+            batch_size=batch_size, save_features=save_features, device=device, precision=precision,
+            writers=writers, progress=progress,
         )  # fmt: skip
         s = sample(config)
     except FlatDinoError as e:

@@ -53,23 +53,34 @@ def flow_loss(
 def euler_sample(
     model: Callable, x0: torch.Tensor, y: torch.Tensor, steps: int = 50, kappa: float = 3.0,
     cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), null_class: int = 1000,
+    autocast: torch.dtype | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Integrate dx/dt = v from t = 0 (noise x0) to t = 1 on the κ-shifted grid.
 
     Classifier-free guidance v_u + w·(v_c - v_u) is applied only while t is inside `cfg_interval`,
     with the conditional and unconditional passes in one batch; w = 1 skips the unconditional pass.
+    With `autocast` (e.g. torch.bfloat16) the network runs under autocast while the state x, the
+    guidance combination and the time grid stay in float32.
     """
     grid = shift_time(torch.linspace(0, 1, steps + 1, device=x0.device), kappa)
-    x = x0
+    times = grid.tolist()  # one host copy of the grid, not one sync per step
+    x = x0.float()
     null = torch.full_like(y, null_class)
+
+    def velocity(x, t, y):
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            return model(x, t, y).float()
+
     for i in range(steps):
         t, dt = grid[i], grid[i + 1] - grid[i]
         tb = t.expand(x.shape[0])
-        if cfg != 1.0 and cfg_interval[0] <= t.item() <= cfg_interval[1]:
-            v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).chunk(2)
+        if cfg != 1.0 and cfg_interval[0] <= times[i] <= cfg_interval[1]:
+            v_c, v_u = velocity(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).chunk(
+                2
+            )
             v = v_u + cfg * (v_c - v_u)
         else:
-            v = model(x, tb, y)
+            v = velocity(x, tb, y)
         x = x + dt * v
     return x
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .checkpoints import load_vae, resolve_vae, vae_sha256
 from .engine import Placement, ShardJob, run_shards
-from .env import package_version, resolve_device
+from .env import autocast, fast_matmul, inference_dtype, package_version, resolve_device
 from .errors import FlatDinoError
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
@@ -38,6 +38,7 @@ class EncodeConfig:
     dtype: str = "float32"  # stored dtype of mu (and logvar): float32 | float16
     save_logvar: bool = False  # also store logvar
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast + TF32 on CUDA, fp32 on CPU; bf16; fp32
     backend: str = "ray"  # ray | local
     workers: int = 1
     num_gpus_per_worker: float | None = None
@@ -60,6 +61,7 @@ class ShardEncoder:
     def __init__(self, cfg: EncodeConfig, ckpt: str, expected_sha: str):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.dtype = inference_dtype(cfg.precision, self.device)
         model, sha = load_vae(Path(ckpt))
         if sha != expected_sha:
             raise FlatDinoError(f"worker loaded VAE {sha[:12]}, driver {expected_sha[:12]}")
@@ -76,7 +78,9 @@ class ShardEncoder:
         flat = torch.from_numpy(np.ascontiguousarray(feats[valid])).reshape(-1, *feats.shape[2:])
         out_mu, out_lv = [], []
         for i in range(0, len(flat), self.cfg.batch_size):
-            m, lv = self.model.encode(flat[i : i + self.cfg.batch_size].to(self.device).float())
+            x = flat[i : i + self.cfg.batch_size].to(self.device).float()
+            with fast_matmul(self.device, self.cfg.precision), autocast(self.dtype, self.device):
+                m, lv = self.model.encode(x)
             out_mu.append(m.float().cpu().numpy())
             out_lv.append(lv.float().cpu().numpy())
         if out_mu:
@@ -107,6 +111,9 @@ def encode_latents(cfg: EncodeConfig) -> dict:
     """Encode (or finish encoding) `cfg.features` into `cfg.out`; returns a summary."""
     if cfg.dtype not in ("float32", "float16"):
         raise FlatDinoError(f"--dtype must be float32 or float16; got {cfg.dtype!r}")
+    inference_dtype(
+        cfg.precision, torch.device("cpu")
+    )  # a bad --precision fails here, not in a worker
     features = FeatureStore.open_complete(cfg.features, "--features")
     ckpt = resolve_vae(cfg.vae)
     vae_cfg = json.loads((ckpt / "config.json").read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 # Before any import of huggingface_hub, which reads it once: tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,3 +150,11 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node n flatdino ARGS` on CPU (gloo), one thread per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+           "--master-port", free_port(), "-m", "flatdino.cli.main", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

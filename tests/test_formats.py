@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
+from flatdino.models.flow import euler_sample
 from flatdino.pipeline.checkpoints import load_dit, load_vae, resolve_vae
 from flatdino.pipeline.encode import EncodeConfig, encode_latents
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.latent_store import LatentStore
-from flatdino.sampling.sample import SampleConfig, sample
+from flatdino.sampling.sample import SampleConfig, class_labels, sample, sample_noise
 from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format-v1"
@@ -49,15 +51,30 @@ def test_old_latents_store_opens_and_is_what_encode_latents_writes_now(tmp_path)
 
 
 def test_old_runs_load_and_sample_as_before(tmp_path):
+    """The fixture's sample was drawn from one seeded torch generator (the noise rule before
+    per-sample noise streams): the same noise through today's sampler gives the same latents, and
+    `sample` from the old checkpoints gives the sampler's result on today's noise."""
     vae, _ = load_vae(resolve_vae(str(FIXTURE / "vae")))
-    dit, flow, _, _ = load_dit(str(FIXTURE / "dit"))
+    dit, flow, norm, _ = load_dit(str(FIXTURE / "dit"))
     assert vae.cfg.tokens == dit.cfg.tokens == 8 and flow["views"] == 1
-    out = tmp_path / "samples"
-    sample(SampleConfig(dit=str(FIXTURE / "dit"), out=str(out), n=4, steps=4, batch_size=4,
-                        vae=str(FIXTURE / "vae"), device="cpu", progress=False,
-                        save_features=True))  # fmt: skip
+    cfg = SampleConfig(dit=str(FIXTURE / "dit"), out=str(tmp_path / "samples"), n=4, steps=4,
+                       batch_size=4, vae=str(FIXTURE / "vae"), device="cpu", progress=False,
+                       save_features=True)  # fmt: skip
+    shape = (4, dit.cfg.tokens, dit.cfg.latent_dim)
+    y = torch.from_numpy(class_labels(cfg, dit.cfg.num_classes))
+
+    def latents(x0: torch.Tensor) -> np.ndarray:
+        x1 = euler_sample(dit, x0, y, cfg.steps, float(flow["kappa"]), cfg.cfg, cfg.cfg_interval,
+                          dit.null_class)  # fmt: skip
+        return norm.denormalize(x1).numpy()
+
+    old_noise = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     expected = np.load(FIXTURE / "expected-sample-latents.npy")
-    np.testing.assert_allclose(np.load(out / "latents.npy"), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(latents(old_noise), expected, rtol=0, atol=1e-5)
+    sample(cfg)
+    noise = torch.from_numpy(np.stack([sample_noise(0, i, shape[1:]) for i in range(4)]))
+    np.testing.assert_allclose(np.load(tmp_path / "samples" / "latents.npy"), latents(noise),
+                               rtol=0, atol=1e-6)  # fmt: skip
 
 
 def test_old_latents_store_trains_a_dit(tmp_path):

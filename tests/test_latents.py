@@ -97,6 +97,17 @@ def test_a_vae_for_other_features_is_refused(vae_run, digits_val_store, tmp_path
         encode_latents(cfg(digits_val_store, vae_run, tmp_path / "not-a-store"))
 
 
+def test_bf16_encoding_is_close_to_fp32_and_a_bad_precision_is_refused(
+    latents, digits_val_store, vae_run, tmp_path
+):
+    encode_latents(cfg(digits_val_store, vae_run, tmp_path / "bf16.zarr", precision="bf16"))
+    full, half = arrays(latents)["mu"], arrays(tmp_path / "bf16.zarr")["mu"]
+    assert half.dtype == np.float32 and not np.array_equal(half, full)
+    assert np.linalg.norm(half - full) / np.linalg.norm(full) < 0.02  # bf16: ~3 significant digits
+    with pytest.raises(FlatDinoError, match="--precision must be one of auto, bf16, fp32"):
+        encode_latents(cfg(digits_val_store, vae_run, tmp_path / "x.zarr", precision="half"))
+
+
 def test_ray_is_bit_identical_to_local(local_ray, latents, digits_val_store, vae_run, tmp_path):
     out = tmp_path / "ray.zarr"
     encode_latents(cfg(digits_val_store, vae_run, out, save_logvar=True, backend="ray"))

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import fake_latents_store, free_port
+from conftest import fake_latents_store, torchrun
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.loader import LoaderConfig, plan_epoch
 from flatdino.trainers.resume import map_position
@@ -64,13 +61,6 @@ def test_no_row_is_seen_twice_in_an_epoch_across_a_change_of_ranks(before, after
         assert len(seen) == len(set(seen))  # never twice in epoch 0
         if stop == 0:
             assert sorted(seen) == np.flatnonzero(valid).tolist()  # the whole epoch, once
-
-
-def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-           "--master-port", free_port(), "-m", "flatdino.cli.main", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 
 
 @pytest.mark.parametrize("before, after, stop", [(2, 1, 4), (1, 2, 2)])

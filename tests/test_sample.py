@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def test_sample_refuses_a_wrong_vae_and_a_missing_dit(chain, tmp_path):
 def test_latents_are_denormalised_before_the_vae(tmp_path):
     from flatdino.models.dit import LightningDiT, dit_preset
     from flatdino.models.flow import LatentNorm
-    from flatdino.sampling.sample import generate
+    from flatdino.sampling.sample import batch_file, generate, sample_noise
 
     dit = LightningDiT(dit_preset("tiny", tokens=4, latent_dim=3))  # untrained: v = 0, so x1 = x0
     norm = LatentNorm(torch.full((4, 3), 5.0), torch.full((4, 3), 2.0))
@@ -154,15 +155,111 @@ def test_latents_are_denormalised_before_the_vae(tmp_path):
             return torch.zeros(len(z), 256, 8)
 
     cfg = SampleConfig(dit="", out="", n=3, steps=2, cfg=1.0, batch_size=2, progress=False)
-    kept = generate(
-        cfg, dit, norm, StubVAE(), None, np.zeros(3, np.int64), 3.0, torch.device("cpu"), tmp_path
-    )
-    assert kept == {}  # no decoder: no images
-    noise = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "batches").mkdir()
+    generate(cfg, dit, norm, StubVAE(), None, np.zeros(3, np.int64), 3.0, torch.device("cpu"),
+             tmp_path, todo=[0, 1])  # fmt: skip
+    noise = torch.from_numpy(np.stack([sample_noise(0, i, (4, 3)) for i in range(3)]))
     torch.testing.assert_close(torch.cat(seen), noise * 2.0 + 5.0)
-    latents = np.load(tmp_path / "latents.npy")  # written in two batches of 2 + 1
-    np.testing.assert_allclose(latents, (noise * 2.0 + 5.0).numpy(), rtol=1e-6)
-    assert np.load(tmp_path / "features.npy").shape == (3, 256, 8)
+    latents = [np.load(batch_file(tmp_path, b))["latents"] for b in (0, 1)]  # batches of 2 + 1
+    np.testing.assert_allclose(np.concatenate(latents), (noise * 2.0 + 5.0).numpy(), rtol=1e-6)
+    assert np.load(batch_file(tmp_path, 1))["features"].shape == (1, 256, 8)
+
+
+def test_noise_depends_only_on_seed_and_index():
+    from flatdino.sampling.sample import batches_of, sample_noise
+
+    a = sample_noise(3, 7, (8, 16))
+    assert a.dtype == np.float32 and a.shape == (8, 16)
+    assert np.array_equal(a, sample_noise(3, 7, (8, 16)))
+    assert not np.array_equal(a, sample_noise(3, 8, (8, 16)))
+    assert not np.array_equal(a, sample_noise(4, 7, (8, 16)))
+    assert abs(float(np.stack([sample_noise(0, i, (64,)) for i in range(200)]).std()) - 1) < 0.02
+    assert [list(r) for r in batches_of(5, 2)] == [[0, 1], [2, 3], [4]]
+
+
+def test_bf16_autocast_keeps_the_euler_state_in_fp32_and_stays_close(chain):
+    from flatdino.pipeline.checkpoints import load_dit
+
+    dit, flow, _, _ = load_dit(str(chain / "dit"))
+    x0 = torch.randn(
+        16, dit.cfg.tokens, dit.cfg.latent_dim, generator=torch.Generator().manual_seed(0)
+    )
+    y = torch.arange(16) % 10
+    args = (dit, x0, y, 8, float(flow["kappa"]), 2.0, (0.0, 1.0), dit.null_class)
+    full = euler_sample(*args)
+    half = euler_sample(*args, autocast=torch.bfloat16)
+    assert full.dtype == half.dtype == torch.float32
+    rel = ((half - full).norm() / full.norm()).item()
+    assert 0 < rel < 0.02, rel  # bf16 networks differ from fp32 by under 2% after 8 steps
+
+
+def test_tf32_only_on_cuda_only_from_the_default_and_restored():
+    from flatdino.pipeline.env import fast_matmul, inference_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert inference_dtype("auto", cuda) == torch.bfloat16 and inference_dtype("auto", cpu) is None
+    assert inference_dtype("fp32", cuda) is None and inference_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(FlatDinoError, match="--precision must be one of auto, bf16, fp32"):
+        inference_dtype("fp16", cpu)
+    assert torch.get_float32_matmul_precision() == "highest"
+    with fast_matmul(cuda):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == "highest"
+    for device, precision in ((cpu, "auto"), (cuda, "fp32")):
+        with fast_matmul(device, precision):
+            assert torch.get_float32_matmul_precision() == "highest"
+    torch.set_float32_matmul_precision("medium")  # the user's own choice is kept
+    try:
+        with fast_matmul(cuda):
+            assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "sample.json"]
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+def test_two_ranks_write_the_same_bytes_as_one_and_a_run_resumes(chain, tmp_path, monkeypatch):
+    """torchrun with 2 gloo ranks against one process: every output file identical, bit for bit;
+    then a run killed after its first batch continues from it and ends identical too."""
+    from conftest import torchrun
+
+    common = ["sample", "--dit", str(chain / "dit"), "--num-samples", "10", "--batch-size", "3", "--steps", "3",
+              "--cfg", "2", "--decoder", str(chain / "decoder"), "--save-features", "--device", "cpu",
+              "--no-progress"]  # fmt: skip
+    invoke(*common, "--out", tmp_path / "one")
+    two = torchrun(2, *common, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _outputs(tmp_path / "one")
+    assert len([k for k in one if k.startswith("images/")]) == 10
+    assert {"samples.npz", "latents.npy", "features.npy", "grid.png"} <= set(one)
+    assert _outputs(tmp_path / "two") == one
+    assert json.loads((tmp_path / "two" / "sample.json").read_text())["world"] == 2
+
+    import flatdino.sampling.sample as sampling
+
+    real_submit = sampling.BatchWriter.submit
+
+    def killed_after_one(self, b, *args):
+        if b > 0:
+            raise KeyboardInterrupt
+        real_submit(self, b, *args)
+
+    cfg = SampleConfig(dit=str(chain / "dit"), out=str(tmp_path / "again"), n=10, batch_size=3, steps=3,
+                       cfg=2.0, decoder=str(chain / "decoder"), save_features=True, device="cpu",
+                       progress=False)  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(sampling.BatchWriter, "submit", killed_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            sample(cfg)
+    assert not (tmp_path / "again").exists()
+    (partial,) = tmp_path.glob(".again.partial-*")
+    assert [p.name for p in (partial / "batches").iterdir()] == ["000000.npz"]
+    summary = sample(cfg)
+    assert summary["resumed_batches"] == 1 and not partial.exists()
+    assert _outputs(tmp_path / "again") == one
 
 
 def test_a_full_disk_is_an_error_not_a_crash():
@@ -173,7 +270,7 @@ def test_a_full_disk_is_an_error_not_a_crash():
     assert caught.value.errno == errno.ENOSPC
 
 
-def test_sampling_checks_free_space_first_and_a_full_disk_leaves_nothing(
+def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_batches(
     chain, tmp_path, monkeypatch, capsys
 ):
     import flatdino.sampling.sample as sampling
@@ -188,18 +285,28 @@ def test_sampling_checks_free_space_first_and_a_full_disk_leaves_nothing(
         with pytest.raises(SystemExit) as exited:
             main()
     err = capsys.readouterr().err
-    assert exited.value.code == 1 and "needs up to 0.02 GiB" in err and "0.01 GiB is free" in err
+    assert exited.value.code == 1 and "needs up to 0.05 GiB" in err and "0.01 GiB is free" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no --out, no temporary folder
 
     def full(self, rows):
         raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk raises it
 
     with monkeypatch.context() as m:
-        m.setattr(sampling.NpyWriter, "write", full)
+        m.setattr(
+            sampling.NpyWriter, "write", full
+        )  # the disk fills while samples.npz is assembled
         m.setattr("sys.argv", args)
         with pytest.raises(SystemExit) as exited:
             main()
     err = capsys.readouterr().err
     assert exited.value.code == 1 and len(err.strip().splitlines()) == 1
     assert "no space left on the device; free some space" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (partial,) = tmp_path.iterdir()  # no --out; the finished batches are kept for the rerun
+    assert (
+        partial.name.startswith(".samples.partial-") and len(list(partial.glob("batches/*"))) == 1
+    )
+    summary = sample(SampleConfig(dit=str(chain / "dit"), out=str(out), n=64, steps=1,
+                                  decoder=str(chain / "decoder"), device="cpu", progress=False))  # fmt: skip
+    assert summary["resumed_batches"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "samples"
+    ]

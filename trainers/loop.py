@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from flatdino.pipeline.env import autocast, inference_dtype
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.loader import prefetch
 
@@ -65,9 +66,7 @@ class LoopHooks:
 
 def autocast_for(device: torch.device):
     """bf16 autocast on CUDA; nothing on CPU (fp32 there)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    return autocast(inference_dtype("auto", device), device)
 
 
 def _log_step(out: Path, d: Dist, metrics: dict, bar: tqdm) -> None:

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from flatdino.models.vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
+from flatdino.pipeline.env import fast_matmul
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
 
-from .loop import LoopHooks
+from .loop import LoopHooks, autocast_for
 from .optim import make_schedule
 from .run import TrainingRun, start_run
 from .runner import Dist, NonFiniteLossError, append_metrics, setup_distributed
@@ -80,7 +81,8 @@ def check_store(store: FeatureStore, model_cfg: VAEConfig, what: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str, float]:
-    """Mean reconstruction loss and relative error ‖x̂−x‖/‖x‖ on view 0 of a store, with z = mu.
+    """Mean reconstruction loss and relative error ‖x̂−x‖/‖x‖ on view 0 of a store, with z = mu
+    (the networks under bf16 autocast and TF32 on CUDA, the sums in float64).
 
     Each rank reads one contiguous range of the valid rows (its share, not the whole store) and
     sums on its own device, so the one all-reduce takes a device tensor (NCCL refuses CPU ones)
@@ -94,7 +96,8 @@ def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str
         lo, hi = rows[i], rows[min(i + batch, len(rows)) - 1] + 1
         block = store.features[lo:hi, 0]  # one contiguous read, view 0
         x = torch.from_numpy(block[rows[i : i + batch] - lo]).to(d.device).float()  # (B, P, C)
-        x_hat, _, _ = model(x, sample=False)
+        with fast_matmul(d.device), autocast_for(d.device):  # bf16 and TF32 on CUDA, as training
+            x_hat = model(x, sample=False)[0].float()
         sums[0] += (x_hat - x).pow(2).sum(dtype=torch.float64)
         sums[1] += x.pow(2).sum(dtype=torch.float64)
         sums[2] += x.numel()
