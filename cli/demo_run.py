@@ -198,7 +198,7 @@ class Demo:
         import torch
 
         from flatdino.eval.ablate import ablate, plot_ablation
-        from flatdino.eval.fid import frechet_distance, load_set, reconstructions
+        from flatdino.eval.fid import FidConfig, frechet_distance, load_set, reconstructions
         from flatdino.eval.knn import knn_eval
         from flatdino.pipeline.checkpoints import load_vae, resolve_vae
         from flatdino.trainers.runner import Dist
@@ -210,7 +210,8 @@ class Demo:
             vae_err = evaluate(vae, p("features-val.zarr"), Dist(), batch=64)
         knn = knn_eval([(p("features-train.zarr"), p("features-val.zarr")),
                         (p("latents-train.zarr"), p("latents-val.zarr"))])  # fmt: skip
-        stats = {k: load_set(path, "dinov2")[1] for k, path in
+        space = FidConfig(real="", fake="", space="dinov2", progress=False)
+        stats = {k: load_set(path, space).stats for k, path in
                  [("train", p("features-train.zarr")), ("val", p("features-val.zarr")),
                   ("generated", p("samples/features.npy"))]}  # fmt: skip
         fd = {"generated_vs_val": frechet_distance(stats["generated"], stats["val"]),

@@ -11,7 +11,7 @@ import typer
 
 from flatdino.pipeline.errors import FlatDinoError
 
-from .options import fail
+from .options import DeviceOpt, ProgressOpt, fail
 
 eval_app = typer.Typer(
     help="Evaluation and analysis: each command prints a table and can write a JSON result.",
@@ -199,7 +199,8 @@ def fid_cmd(
     real: Annotated[
         Path,
         typer.Option(
-            help="Reference set: image folder, samples.npz, feature store, features.npy or stats .npz."
+            help="Reference set: image folder (recursive, e.g. ImageNet's train/ or val/), Parquet "
+            "manifest, samples.npz, feature store, features.npy or a stats .npz of --save-stats."
         ),
     ],
     fake: Annotated[
@@ -226,10 +227,24 @@ def fid_cmd(
             help="Local pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)."
         ),
     ] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per forward pass of the feature network.")
+    ] = 64,
+    workers: Annotated[int, typer.Option(min=1, help="Threads decoding and cropping images.")] = 8,
+    max_failed_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Unreadable images are skipped and counted; more than this fraction of a set is an error.",
+        ),
+    ] = 0.01,
     save_stats: Annotated[
         Path | None,
         typer.Option(
-            help="Write the reference set's mu and sigma to this .npz, to reuse as --real."
+            help="Write the reference set's mu, sigma and how they were computed to this .npz, to "
+            "reuse as --real."
         ),
     ] = None,
     precision_recall: Annotated[
@@ -239,34 +254,40 @@ def fid_cmd(
             help="Also k-NN precision and recall (k=3; needs vectors, not stats).",
         ),
     ] = False,
+    pr_samples: Annotated[
+        int,
+        typer.Option(
+            min=4, help="Precision/recall use a seeded subset of at most this many per set."
+        ),
+    ] = 50_000,
     out: Annotated[
         Path | None, typer.Option(help="Also write the result to this JSON file.")
     ] = None,
+    progress: ProgressOpt = True,
 ) -> None:
-    """Fréchet distance (and precision/recall) between a reference set and another set."""
-    from flatdino.eval import fid as eval_fid
+    """Fréchet distance (and precision/recall) between a reference set and another set.
 
-    if space not in ("inception", "dinov2"):
-        fail(f"--space must be inception or dinov2; got {space!r}")
+    Memory stays bounded (images stream through in batches; the statistics accumulate in
+    float64), so a 1.28M-image ImageNet folder works as --real; save its statistics once with
+    --save-stats and pass the .npz afterwards."""
+    from flatdino.eval.fid import FidConfig, fid
+
+    cfg = FidConfig(
+        real=str(real), fake=str(fake), space=space, backbone=backbone,
+        weights=str(weights) if weights else None,
+        inception_weights=str(inception_weights) if inception_weights else None,
+        device=device, batch_size=batch_size, workers=workers,
+        max_failed_fraction=max_failed_fraction, precision_recall=precision_recall,
+        pr_samples=pr_samples, save_stats=str(save_stats) if save_stats else None,
+        progress=progress,
+    )  # fmt: skip
     try:
-        options = dict(space=space, backbone=backbone, weights=str(weights) if weights else None,
-                       inception_weights=str(inception_weights) if inception_weights else None)  # fmt: skip
-        real_x, real_stats = eval_fid.load_set(str(real), **options)
-        fake_x, fake_stats = eval_fid.load_set(str(fake), **options)
-        result = {"real": str(real), "fake": str(fake), "space": space,
-                  "fd": eval_fid.frechet_distance(real_stats, fake_stats)}  # fmt: skip
-        if precision_recall:
-            if real_x is None or fake_x is None:
-                raise FlatDinoError(
-                    "--precision-recall needs both sets as samples, not saved statistics"
-                )
-            result.update(eval_fid.precision_recall(real_x, fake_x))
+        result = fid(cfg)
     except FlatDinoError as e:
         fail(str(e))
-    if save_stats:
-        np.savez(save_stats, mu=real_stats[0], sigma=real_stats[1])
+    shown = {k: v for k, v in result.items() if k != "identity"}
     typer.echo(
-        "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+        "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
     )
     if out:
         out.write_text(json.dumps(result, indent=2))
@@ -302,9 +323,10 @@ def rfid_cmd(
         sets = eval_fid.reconstructions(
             str(features), str(vae), str(decoder), images, device=device
         )
-        stats = {name: eval_fid.statistics(eval_fid.image_vectors(
-                     x, space, backbone, str(weights) if weights else None,
-                     str(inception_weights) if inception_weights else None)) for name, x in sets.items()}  # fmt: skip
+        net = eval_fid.FeatureNet(eval_fid.FidConfig(
+            real="", fake="", space=space, backbone=backbone, weights=str(weights) if weights else None,
+            inception_weights=str(inception_weights) if inception_weights else None, device=device))  # fmt: skip
+        stats = {name: eval_fid.array_stats(x, net) for name, x in sets.items()}
     except FlatDinoError as e:
         fail(str(e))
     result = {"space": space, "images": int(len(sets["images"])),

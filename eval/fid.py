@@ -1,77 +1,186 @@
 """`flatdino eval fid`: Fréchet distance, precision and recall between two sets (paper §4.3).
 
-A set is any of: a folder of images, a `samples.npz` of `flatdino sample` (arr_0 uint8 N×H×W×3),
-a feature store (view 0), a `features.npy` (N, P, C), or saved statistics (`.npz` with mu and
-sigma, written by `--save-stats`). Two feature spaces:
-- `inception`: the 2048-d pool features of the standard FID network (pytorch-fid's InceptionV3).
-  Its weights file (pt_inception-2015-12-05-6726825d.pth) is taken from the torch hub cache or
-  `--inception-weights PATH`; without it this is a clear error, never a download.
+A set is any of: a folder of images (searched recursively: an ImageFolder tree or `sample`'s
+images/, mixed sizes and formats), a Parquet manifest (`path`, `label`), a `samples.npz` (arr_0
+uint8 N×H×W×3, the ADM evaluator's layout), a feature store, a `features.npy` (N, P, C) of
+`sample --save-features`, or saved statistics (`.npz` with mu, sigma and how they were computed,
+written by `--save-stats`). Every image gets the pipeline's ADM centre crop to 256 first.
+Two feature spaces:
+- `inception`: the 2048-d pool features of the standard FID network (pytorch-fid's InceptionV3,
+  which resizes to 299 itself). Its weights file (pt_inception-2015-12-05-6726825d.pth) is taken
+  from the torch hub cache or `--inception-weights PATH`; without it this is a clear error, never a
+  download. A feature store in this space stands for the images it was extracted from.
 - `dinov2`: FD-DINOv2 with the pipeline's own backbone: images become view-0 DINOv2 patch
   features (as extract-features computes them), mean-pooled over patches; stores and features.npy
   are pooled the same way.
-The distance is pytorch-fid's `calculate_frechet_distance` (scipy's matrix square root).
-Precision and recall follow Kynkäänniemi et al. 2019 (k-NN balls, k = 3) on the same vectors.
+
+Memory stays bounded whatever the set's size: images are decoded by a thread pool a few batches
+ahead of the network, and only the running sums of x and x xᵀ (float64) are kept, so 50K samples
+or ImageNet's 1.28M references work on a machine that cannot hold them. Precision and recall
+(Kynkäänniemi et al. 2019, k = 3, as the ADM evaluator) need the vectors: a seeded subset of at
+most `pr_samples` per side, with k-NN radii and coverage computed in row blocks, never an N×N
+matrix. Unreadable images are skipped and counted; more than `max_failed_fraction` of a set is an
+error, as in extract-features. Two sides computed differently (feature network, its weights, the
+crop or input resolution) are refused, naming what differs.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import zipfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import torch
-from PIL import Image
+from tqdm import tqdm
 
+from flatdino.models.dinov2 import state_sha256
 from flatdino.pipeline.backbone import load_backbone
 from flatdino.pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
+from flatdino.pipeline.env import resolve_device
 from flatdino.pipeline.errors import FlatDinoError, WeightsError
 from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views
-from flatdino.pipeline.store import store_kind
+from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
+from flatdino.pipeline.sources import IMAGE_EXTENSIONS, load_image, open_source
+from flatdino.pipeline.store import row_block, store_kind
 from flatdino.pipeline.targets import TargetImages
 
-from .knn import pooled
+log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+CROP = 256  # the ADM centre crop every image set gets (the generated images' size)
+IDENTITY_FIELDS = ("space", "network", "weights_sha256", "crop", "input_size")
 
 
-def frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
-    from pytorch_fid.fid_score import calculate_frechet_distance
+@dataclass(frozen=True)
+class FidConfig:
+    """Everything `fid` needs; the CLI only fills it in."""
 
-    return float(calculate_frechet_distance(a[0], a[1], b[0], b[1]))
+    real: str  # reference set (see the module docstring for the kinds)
+    fake: str  # the set to compare
+    space: str = "inception"  # inception | dinov2
+    backbone: str = "dinov2-vitb14-reg"  # the dinov2 space's network for images
+    weights: str | None = None  # its local weights
+    inception_weights: str | None = None  # local pt_inception-2015-12-05-6726825d.pth
+    device: str = "auto"
+    batch_size: int = 64  # images per forward pass of the feature network
+    workers: int = 8  # threads decoding images
+    max_failed_fraction: float = 0.01  # more unreadable images than this in a set is an error
+    precision_recall: bool = False
+    pr_samples: int = 50_000  # at most this many vectors per side for precision/recall
+    k: int = 3  # neighbours of the k-NN radii
+    save_stats: str | None = None  # write the reference's statistics here
+    progress: bool = True
+
+
+# -- the distance --------------------------------------------------------------------------------
+
+
+def frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+                     eps: float = 1e-6) -> float:  # fmt: skip
+    """‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½), all in float64 (Heusel et al. 2017).
+
+    The standard fix for a near-singular product (as pytorch-fid and the ADM evaluator): when the
+    square root is not finite, both covariances get `eps`·I added; a numerically complex root
+    keeps its real part when the imaginary part of its diagonal is negligible."""
+    mu1, mu2 = np.asarray(a[0], np.float64), np.asarray(b[0], np.float64)
+    s1, s2 = (
+        np.atleast_2d(np.asarray(a[1], np.float64)),
+        np.atleast_2d(np.asarray(b[1], np.float64)),
+    )
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise FlatDinoError(
+            f"the two sets have features of {mu1.shape[0]} and {mu2.shape[0]} dims; compare sets "
+            "of the same feature space"
+        )
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        log.warning(
+            "Fréchet distance: singular product of covariances; adding %g to the diagonals", eps
+        )
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.max(np.abs(np.diagonal(covmean).imag))
+        if imag > 1e-3:
+            raise FlatDinoError(
+                f"Fréchet distance: the covariances' product has a complex square root (imaginary "
+                f"part {imag:.3g}); the statistics are broken (too few samples or non-finite features)"
+            )
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
 def statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance) of the rows of x (n, D), in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    return x.mean(0), np.cov(x, rowvar=False)
+    acc = RunningStats(np.asarray(x).shape[1])
+    acc.add(x)
+    return acc.result()
+
+
+class RunningStats:
+    """Mean and covariance accumulated batch by batch in float64: n, Σx and Σxxᵀ."""
+
+    def __init__(self, dim: int):
+        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        self.n += len(x)
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        mu = self.sum / self.n
+        return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+
+# -- precision and recall ------------------------------------------------------------------------
+
+
+def _rows(n: int, m: int, budget: int) -> int:
+    """Rows per block so that a block of distances (rows x m float32) fits in `budget` bytes."""
+    return max(1, min(n, budget // (4 * max(1, m))))
 
 
 @torch.no_grad()
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str, float]:
+def knn_radii(x: torch.Tensor, k: int, budget: int = 256 << 20) -> torch.Tensor:
+    """Distance of each row of x to its k-th nearest other row, one block of rows at a time."""
+    step = _rows(len(x), len(x), budget)
+    return torch.cat([torch.cdist(x[i : i + step], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), step)])  # fmt: skip
+
+
+@torch.no_grad()
+def coverage(points: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor,
+             budget: int = 256 << 20) -> float:  # fmt: skip
+    """The fraction of `points` inside at least one k-NN ball of `ref`, block by block."""
+    step = _rows(len(points), len(ref), budget)
+    inside = [(torch.cdist(points[i : i + step], ref) <= radii[None]).any(1)
+              for i in range(0, len(points), step)]  # fmt: skip
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, device: str = "cpu",
+                     budget: int = 256 << 20) -> dict[str, float]:  # fmt: skip
     """Kynkäänniemi et al.: a sample counts when it falls in the k-NN ball of a sample of the
-    other set; precision for fake in real's manifold, recall for real in fake's."""
-    r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
-
-    def radii(x):  # distance to the k-th nearest other point
-        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
-
-    def covered(points, ref, ref_radii):
-        return (torch.cdist(points, ref) <= ref_radii[None]).any(1).double().mean().item()
-
-    return {"precision": covered(f, r, radii(r)), "recall": covered(r, f, radii(f)), "k": k}
+    other set; precision for fake in real's manifold, recall for real in fake's. Distances in
+    float32 blocks of at most `budget` bytes."""
+    r = torch.as_tensor(np.asarray(real, np.float32), device=device)
+    f = torch.as_tensor(np.asarray(fake, np.float32), device=device)
+    return {"precision": coverage(f, r, knn_radii(r, k, budget), budget),
+            "recall": coverage(r, f, knn_radii(f, k, budget), budget), "k": k}  # fmt: skip
 
 
-def _images(path: Path) -> np.ndarray:
-    """uint8 (N, H, W, 3) from a samples.npz or a folder of images (sorted by name)."""
-    if path.suffix == ".npz":
-        return np.load(path)["arr_0"]
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FlatDinoError(
-            f"{str(path)!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
+# -- feature networks ----------------------------------------------------------------------------
 
 
 def inception_model(weights: str | None):
@@ -102,65 +211,360 @@ def inception_model(weights: str | None):
         return fid_inception.InceptionV3([3]).eval()
 
 
-@torch.no_grad()
-def image_vectors(images: np.ndarray, space: str, backbone: str, weights: str | None,
-                  inception_weights: str | None, batch: int = 64) -> np.ndarray:  # fmt: skip
-    """(N, D) vectors of uint8 images in the chosen space."""
-    if space == "inception":
-        model = inception_model(inception_weights)
-        prep = lambda x: x  # noqa: E731  # pytorch-fid resizes to 299 and normalises itself
-    else:
-        model = load_backbone(backbone, weights)[0].eval()
-        recipe = ViewRecipe(views=1)
+class FeatureNet:
+    """The feature network of one space: uint8 ADM crops (B, 256, 256, 3) -> (B, D) float64, and
+    the identity of what computed them (compared between the two sides of a distance)."""
 
-        def prep(x):  # the view 0 of extract-features: ADM crop, 224, ImageNet normalisation
-            crops = [
-                adm_center_crop(Image.fromarray(im), recipe.crop_size)
-                for im in x.permute(0, 2, 3, 1).mul(255).byte().numpy()
-            ]
-            return torch.cat([make_views(c, 0, recipe) for c in crops])
+    def __init__(self, cfg: FidConfig):
+        self.space, self.device = cfg.space, resolve_device(cfg.device)
+        if cfg.space == "inception":
+            self.model = inception_model(cfg.inception_weights)
+            sha = state_sha256(self.model)
+            network, input_size = "pytorch-fid InceptionV3 pool3", 299  # it resizes itself
+        elif cfg.space == "dinov2":
+            self.model, sha = load_backbone(cfg.backbone, cfg.weights)  # sha as stores record it
+            self.model.eval()
+            self.recipe = ViewRecipe(views=1, crop_size=CROP)
+            network, input_size = cfg.backbone, self.recipe.input_size
+        else:
+            raise FlatDinoError(f"--space must be inception or dinov2; got {cfg.space!r}")
+        self.model.to(self.device)
+        self.identity = {"space": cfg.space, "network": network,
+                         "weights_sha256": sha, "crop": CROP,
+                         "input_size": input_size}  # fmt: skip
 
-    out = []
-    for i in range(0, len(images), batch):
-        x = (
-            torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 255
-        )  # (B, 3, H, W)
-        y = model(prep(x))
-        y = y[0] if isinstance(y, list) else y
-        out.append(y.reshape(len(x), -1).numpy() if space == "inception" else y.mean(1).numpy())
-    return np.concatenate(out).astype(np.float64)
+    @torch.no_grad()
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        if self.space == "inception":  # [0, 1]; pytorch-fid resizes to 299 and normalises
+            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
+            y = self.model(x.to(self.device))[0]  # (B, 2048, 1, 1)
+            return y.reshape(len(crops), -1).double().cpu().numpy()
+        x = torch.cat([make_views(c, 0, self.recipe) for c in crops])  # view 0 of extract-features
+        return self.model(x.to(self.device)).mean(1).double().cpu().numpy()  # (B, C)
 
 
-def load_set(path: str, space: str, backbone: str = "dinov2-vitb14-reg", weights: str | None = None,
-             inception_weights: str | None = None) -> tuple[np.ndarray | None, tuple]:  # fmt: skip
-    """(vectors or None, (mu, sigma)) of one set; saved statistics give no vectors."""
-    p = Path(path)
-    kind = store_kind(p) if p.is_dir() else None
-    if kind is not None:
-        if space != "dinov2":
+# -- sets ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetStats:
+    """One side of a comparison: its statistics, how they were computed, and what was read."""
+
+    path: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    identity: dict  # IDENTITY_FIELDS; a field of None is unknown (not compared)
+    count: int | None = None  # vectors in the statistics (None: saved statistics)
+    failed: int = 0  # unreadable images skipped
+    vectors: np.ndarray | None = None  # the precision/recall subset (float32), when asked
+
+    @property
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mu, self.sigma
+
+
+@dataclass
+class _Reader:
+    """Items of a set in order, each turned into a uint8 crop by `load` (raising when unreadable)."""
+
+    items: list
+    load: Callable[[object], np.ndarray]
+    failures: list = field(default_factory=list)
+
+
+def image_files(root: Path) -> list[str]:
+    """Every image file under `root`, recursively (hidden folders skipped), in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
+    return found
+
+
+def _crop_file(kind: str, root: str) -> Callable[[str], np.ndarray]:
+    def load(path: str) -> np.ndarray:
+        with load_image(kind, root, path) as img:
+            return adm_center_crop(to_rgb(img), CROP)
+
+    return load
+
+
+def _npz_rows(path: Path, batch: int) -> Iterator[np.ndarray]:
+    """The uint8 images of a samples.npz's arr_0, read `batch` rows at a time (never all)."""
+    with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+        shape, fortran, dtype = _npy_header(f)
+        if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
             raise FlatDinoError(
-                f"{path!r} is a store of features: it can only be compared with --space dinov2"
+                f"{str(path)!r}: arr_0 must be uint8 (N, H, W, 3) images; found {dtype} {shape}"
+            )
+        row = int(np.prod(shape[1:]))
+        for lo in range(0, shape[0], batch):
+            n = min(batch, shape[0] - lo)
+            yield np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy file open at its start."""
+    if np.lib.format.read_magic(f) == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def _npz_crop(image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[:2] == (CROP, CROP):
+        return image
+    return adm_center_crop(Image.fromarray(image), CROP)
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """pool.map that keeps at most `ahead` results waiting (pool.map runs ahead without bound)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+def _image_reader(p: Path, space: str) -> _Reader | None:
+    """The images of a folder, manifest or (in the inception space) feature store; else None."""
+    kind = store_kind(p) if p.is_dir() else None
+    if kind == "flatdino.features" and space == "inception":
+        store = FeatureStore(str(p))  # its valid rows' images, where extract-features read them
+        source_kind = store.attrs.get("fingerprint", {}).get("input", {}).get("kind")
+        all_paths = store.manifest().column("path").to_pylist()
+        paths = [all_paths[int(i)] for i in store.valid_rows()]
+        return _Reader(paths, _crop_file(source_kind, store.attrs.get("input_root", "")))
+    if kind is not None:
+        return None
+    if p.is_dir():
+        files = image_files(p)
+        if not files:
+            raise FlatDinoError(
+                f"{str(p)!r} holds no images ({' '.join(IMAGE_EXTENSIONS)}), searched recursively"
+            )
+        return _Reader(files, _crop_file("folder", ""))
+    if p.suffix == ".parquet":
+        source = open_source(str(p))
+        return _Reader(list(source.paths), _crop_file(source.kind, source.root))
+    return None
+
+
+def _pr_subset(n: int, cap: int) -> np.ndarray:
+    """The seeded subset of positions 0..n-1 whose vectors precision/recall keeps."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, cap, replace=False))
+
+
+class _Accumulator:
+    """Running statistics plus the precision/recall subset of a stream of vector batches."""
+
+    def __init__(self, total: int, keep: int | None):
+        self.stats: RunningStats | None = None
+        self.position, self.kept = 0, []
+        self.keep = None if keep is None else _pr_subset(total, keep)
+
+    def add(self, x: np.ndarray) -> None:
+        if self.stats is None:
+            self.stats = RunningStats(x.shape[1])
+        self.stats.add(x)
+        if self.keep is not None:
+            lo, hi = np.searchsorted(self.keep, [self.position, self.position + len(x)])
+            self.kept.append(x[self.keep[lo:hi] - self.position].astype(np.float32))
+        self.position += len(x)
+
+    def result(self, path: str, identity: dict, failed: int = 0) -> SetStats:
+        if self.stats is None or self.stats.n < 2:
+            n = 0 if self.stats is None else self.stats.n
+            raise FlatDinoError(
+                f"{path!r} holds {n} readable sample(s); a Fréchet distance needs at least 2"
+            )
+        mu, sigma = self.stats.result()
+        vectors = np.concatenate(self.kept) if self.keep is not None else None
+        return SetStats(path, mu, sigma, identity, self.stats.n, failed, vectors)
+
+
+def _check_failures(path: str, failures: list, total: int, cfg: FidConfig) -> None:
+    if len(failures) > cfg.max_failed_fraction * total:
+        item, error = failures[0]
+        raise FlatDinoError(
+            f"{path!r}: {len(failures)} of {total} images could not be read (first: {item}: "
+            f"{error}), above --max-failed-fraction {cfg.max_failed_fraction}; fix or remove them, "
+            "or raise --max-failed-fraction"
+        )
+    if failures:
+        log.warning("%s: skipped %d unreadable image(s) of %d (first: %s: %s)", path,
+                    len(failures), total, *failures[0])  # fmt: skip
+
+
+def load_set(path: str, cfg: FidConfig, net: Callable[[], FeatureNet] | None = None) -> SetStats:
+    """The statistics of one set; `net()` gives the (shared, lazily built) feature network,
+    by default one of `cfg`'s space."""
+    net = net or (lambda: FeatureNet(cfg))
+    p = Path(path)
+    if not p.exists():
+        raise FlatDinoError(f"{path!r} does not exist")
+    keep = cfg.pr_samples if cfg.precision_recall else None
+    if p.suffix == ".npz" and p.is_file():
+        with np.load(p) as z:
+            saved = "mu" in z.files
+        if saved:
+            return _saved_stats(p)
+        with zipfile.ZipFile(p) as z:
+            if "arr_0.npy" not in z.namelist():
+                raise FlatDinoError(
+                    f"{path!r} is neither a samples.npz (arr_0) nor saved statistics (mu, sigma)"
+                )
+            with z.open("arr_0.npy") as f:
+                n = _npy_header(f)[0][0]
+        model, acc = net(), _Accumulator(n, keep)
+        for block in tqdm(_npz_rows(p, cfg.batch_size), desc=f"fid {p.name}", unit="batch",
+                          total=-(-n // cfg.batch_size), disable=not cfg.progress):  # fmt: skip
+            acc.add(model(np.stack([_npz_crop(im) for im in block])))
+        return acc.result(path, model.identity)
+    reader = _image_reader(p, cfg.space)
+    if reader is not None:
+        return _read_images(path, reader, cfg, net(), keep)
+    kind = store_kind(p) if p.is_dir() else None
+    if kind is not None or p.suffix == ".npy":
+        if cfg.space != "dinov2":
+            raise FlatDinoError(f"{path!r} holds features: compare it with --space dinov2")
+        return _read_features(p, kind, cfg, keep)
+    raise FlatDinoError(
+        f"{path!r} is not an image folder, Parquet manifest, samples.npz, feature store, "
+        "features.npy or statistics .npz"
+    )
+
+
+def _read_images(path: str, reader: _Reader, cfg: FidConfig, model: FeatureNet,
+                 keep: int | None) -> SetStats:  # fmt: skip
+    def load(item):
+        try:
+            return reader.load(item)
+        except Exception as e:  # any decode error: skipped and counted, as extract-features
+            reader.failures.append((item, f"{type(e).__name__}: {e}"))
+            return None
+
+    acc, batch = _Accumulator(len(reader.items), keep), []
+    with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+        futures = _bounded_map(pool, load, reader.items, ahead=2 * cfg.batch_size)
+        for future in tqdm(futures, desc=f"fid {Path(path).name}", unit="img", total=len(reader.items),
+                           disable=not cfg.progress):  # fmt: skip
+            crop = future.result()
+            if crop is not None:
+                batch.append(crop)
+            if len(batch) == cfg.batch_size:
+                acc.add(model(np.stack(batch)))
+                batch = []
+        if batch:
+            acc.add(model(np.stack(batch)))
+    _check_failures(path, reader.failures, len(reader.items), cfg)
+    return acc.result(path, model.identity, len(reader.failures))
+
+
+def _read_features(p: Path, kind: str | None, cfg: FidConfig, keep: int | None) -> SetStats:
+    """A feature store's valid view-0 rows or a features.npy, mean-pooled block by block."""
+    if kind is not None:
+        if kind != "flatdino.features":
+            raise FlatDinoError(f"{str(p)!r} is a {kind} store; FD needs a feature store")
+        store = FeatureStore(str(p))
+        fp = store.attrs.get("fingerprint", {})
+        recipe = fp.get("preprocessing", {})
+        identity = {"space": "dinov2", "network": fp.get("backbone"),
+                    "weights_sha256": fp.get("weights_sha256"), "crop": recipe.get("crop_size"),
+                    "input_size": recipe.get("input_size")}  # fmt: skip
+        data, valid = store.features, np.asarray(store.group["valid"][:], bool)
+        step = row_block(data)
+    else:
+        data = np.load(p, mmap_mode="r")  # (N, P, C) of `sample --save-features`
+        if data.ndim != 3:
+            raise FlatDinoError(f"{str(p)!r} holds {data.shape}; expected features (N, P, C)")
+        identity = {
+            "space": "dinov2",
+            "network": None,
+            "weights_sha256": None,
+            "crop": None,
+            "input_size": None,
+        }  # decoded by a VAE: the backbone is not recorded here
+        valid, step = np.ones(len(data), bool), 1024
+    acc = _Accumulator(int(valid.sum()), keep)
+    for lo in tqdm(range(0, data.shape[0], step), desc=f"fid {p.name}", disable=not cfg.progress):
+        block = data[lo : lo + step, 0] if kind is not None else data[lo : lo + step]
+        x = np.asarray(block, np.float32).mean(1)[valid[lo : lo + step]]
+        if len(x):
+            acc.add(x)
+    return acc.result(str(p), identity)
+
+
+def _saved_stats(p: Path) -> SetStats:
+    with np.load(p, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        mu, sigma = z["mu"], z["sigma"]
+    if not meta:
+        log.warning("%s: saved statistics without a record of how they were computed; "
+                    "comparing them unchecked", p)  # fmt: skip
+    identity = {k: meta.get("identity", {}).get(k) for k in IDENTITY_FIELDS}
+    return SetStats(str(p), mu, sigma, identity, meta.get("count"))
+
+
+def save_stats(s: SetStats, path: str) -> None:
+    """mu, sigma and a JSON record of how they were computed (read back by `load_set`)."""
+    meta = {"identity": s.identity, "count": s.count, "source": s.path}
+    np.savez(path, mu=s.mu, sigma=s.sigma, meta=np.array(json.dumps(meta)))
+
+
+def check_comparable(a: SetStats, b: SetStats) -> None:
+    """Refuse two sides whose known identities differ, naming the first field that does."""
+    for name in IDENTITY_FIELDS:
+        x, y = a.identity.get(name), b.identity.get(name)
+        if x is not None and y is not None and x != y:
+            show = (lambda v: str(v)[:12]) if name == "weights_sha256" else str
+            raise FlatDinoError(
+                f"the two sets were computed differently: {name} {show(x)} for {a.path!r} but "
+                f"{show(y)} for {b.path!r}; compute both with the same --space, --backbone, "
+                "--weights and --inception-weights (or recompute the saved statistics)"
             )
 
-        vectors = pooled(str(p))[0].astype(np.float64)
-    elif p.suffix == ".npz" and "mu" in np.load(p):
-        stats = np.load(p)
-        return None, (stats["mu"], stats["sigma"])
-    elif p.suffix == ".npy":
-        if space != "dinov2":
-            raise FlatDinoError(f"{path!r} holds features: compare it with --space dinov2")
-        vectors = np.load(p).astype(np.float64).mean(1)  # (N, P, C) -> (N, C)
-    elif p.is_dir() or p.suffix == ".npz":
-        vectors = image_vectors(_images(p), space, backbone, weights, inception_weights)
-    else:
-        raise FlatDinoError(
-            f"{path!r} is not an image folder, samples.npz, store, features.npy or stats .npz"
-        )
-    if len(vectors) < 2:
-        raise FlatDinoError(
-            f"{path!r} holds {len(vectors)} sample(s); a Fréchet distance needs at least 2"
-        )
-    return vectors, statistics(vectors)
+
+def fid(cfg: FidConfig) -> dict:
+    """FD (and precision/recall) between cfg.real and cfg.fake; returns the result record."""
+    if cfg.batch_size < 1 or cfg.workers < 1 or cfg.pr_samples < cfg.k + 1:
+        raise FlatDinoError("--batch-size and --workers must be at least 1, --pr-samples above k")
+    if not 0.0 <= cfg.max_failed_fraction <= 1.0:
+        raise FlatDinoError("--max-failed-fraction must be in [0, 1]")
+    built: list[FeatureNet] = []
+
+    def net() -> FeatureNet:  # built once, only when a side needs it
+        if not built:
+            built.append(FeatureNet(cfg))
+        return built[0]
+
+    real = load_set(cfg.real, cfg, net)
+    fake = load_set(cfg.fake, cfg, net)
+    check_comparable(real, fake)
+    result = {"real": cfg.real, "fake": cfg.fake, "space": cfg.space,
+              "fd": frechet_distance(real.stats, fake.stats), "real_count": real.count,
+              "fake_count": fake.count, "real_failed": real.failed, "fake_failed": fake.failed,
+              "identity": {k: real.identity.get(k) or fake.identity.get(k) for k in IDENTITY_FIELDS}}  # fmt: skip
+    if cfg.precision_recall:
+        if real.vectors is None or fake.vectors is None:
+            raise FlatDinoError(
+                "--precision-recall needs both sets as samples, not saved statistics"
+            )
+        device = str(resolve_device(cfg.device))
+        result.update(precision_recall(real.vectors, fake.vectors, cfg.k, device))
+        result["pr_samples"] = [len(real.vectors), len(fake.vectors)]
+    if cfg.save_stats:
+        save_stats(real, cfg.save_stats)
+    return result
+
+
+# -- rFID ----------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -182,3 +586,16 @@ def reconstructions(features: str, vae_path: str, decoder_path: str, images: int
         sets["decoder"].append(to_uint8(decoder(x)))
         sets["vae_decoder"].append(to_uint8(decoder(vae.decode(vae.encode(x)[0]))))
     return {k: np.concatenate(v) for k, v in sets.items()}
+
+
+def array_stats(
+    images: np.ndarray, net: FeatureNet, batch: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics of in-memory uint8 images (N, H, W, 3), ADM-cropped to 256 where needed."""
+    acc = None
+    for i in range(0, len(images), batch):
+        x = net(np.stack([_npz_crop(im) for im in images[i : i + batch]]))
+        if acc is None:
+            acc = RunningStats(x.shape[1])
+        acc.add(x)
+    return acc.result()

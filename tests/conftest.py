@@ -158,3 +158,35 @@ def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedPr
            "--master-port", free_port(), "-m", "flatdino.cli.main", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A file shaped like pytorch-fid's pt_inception-2015-12-05 weights, with random values
+    (small weights, unit BatchNorm statistics, so the features stay finite)."""
+    from unittest import mock
+
+    import pytorch_fid.inception as fid_inception
+    import torch
+
+    state: dict = {}  # what the published file holds: Inception3's keys
+
+    def record(module, state_dict, *args, **kwargs):
+        g = torch.Generator().manual_seed(0)
+        for k, v in module.state_dict().items():
+            if k.endswith("running_var"):
+                v = torch.ones_like(v)
+            elif k.endswith("running_mean"):
+                v = torch.zeros_like(v)
+            elif v.is_floating_point():
+                v = 0.05 * torch.randn(v.shape, generator=g)
+            state[k] = v
+
+    with (
+        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(torch.nn.Module, "load_state_dict", record),
+    ):
+        fid_inception.InceptionV3([3])  # builds the architecture; its one load is recorded
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    return path

@@ -53,22 +53,9 @@ def test_a_local_job_gives_the_thread_count_back(tmp_path, threads):
     assert torch.get_num_threads() == before
 
 
-def test_inception_from_a_local_file_leaves_the_hub_alone(tmp_path):
-    import pytorch_fid.inception as fid_inception
-
-    file_state: dict[str, torch.Tensor] = {}  # what the published file holds: Inception3's keys
-
-    def record(module, state_dict, *args, **kwargs):
-        file_state.update({k: torch.randn_like(v) if v.is_floating_point() else v
-                           for k, v in module.state_dict().items()})  # fmt: skip
-
-    with (
-        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: {}),
-        mock.patch.object(torch.nn.Module, "load_state_dict", record),
-    ):
-        fid_inception.InceptionV3([3])  # builds the architecture; its one load is recorded
-    weights = tmp_path / "pt_inception.pth"
-    torch.save(file_state, weights)
+def test_inception_from_a_local_file_leaves_the_hub_alone(inception_weights):
+    weights = inception_weights
+    file_state = torch.load(weights, weights_only=True)
     hub = torch.hub.get_dir()
     with mock.patch.object(torch.hub, "set_dir", side_effect=AssertionError("hub dir changed")):
         loaded = inception_model(str(weights)).state_dict()
