@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/dit_cost.py
 	$(BIN)/python bench/sample.py
 	$(BIN)/python bench/sample_tokens.py
+	$(BIN)/python bench/eval_fid.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -210,7 +210,7 @@ class Demo:
             vae_err = evaluate(vae, p("features-val.zarr"), Dist(), batch=64)
         knn = knn_eval([(p("features-train.zarr"), p("features-val.zarr")),
                         (p("latents-train.zarr"), p("latents-val.zarr"))])  # fmt: skip
-        space = FidConfig(real="", fake="", space="dinov2", progress=False)
+        space = FidConfig(real="", space="dinov2", progress=False)
         stats = {k: load_set(path, space).stats for k, path in
                  [("train", p("features-train.zarr")), ("val", p("features-val.zarr")),
                   ("generated", p("samples/features.npy"))]}  # fmt: skip

@@ -204,11 +204,12 @@ def fid_cmd(
         ),
     ],
     fake: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            help="Set to compare (e.g. the samples.npz of `flatdino sample`), same kinds."
+            help="Set to compare (e.g. the samples.npz of `flatdino sample`), same kinds; "
+            "without it, only --real's statistics are computed and saved (--save-stats)."
         ),
-    ],
+    ] = None,
     space: Annotated[
         str,
         typer.Option(
@@ -273,7 +274,7 @@ def fid_cmd(
     from flatdino.eval.fid import FidConfig, fid
 
     cfg = FidConfig(
-        real=str(real), fake=str(fake), space=space, backbone=backbone,
+        real=str(real), fake=str(fake) if fake else None, space=space, backbone=backbone,
         weights=str(weights) if weights else None,
         inception_weights=str(inception_weights) if inception_weights else None,
         device=device, batch_size=batch_size, workers=workers,
@@ -324,7 +325,7 @@ def rfid_cmd(
             str(features), str(vae), str(decoder), images, device=device
         )
         net = eval_fid.FeatureNet(eval_fid.FidConfig(
-            real="", fake="", space=space, backbone=backbone, weights=str(weights) if weights else None,
+            real="", space=space, backbone=backbone, weights=str(weights) if weights else None,
             inception_weights=str(inception_weights) if inception_weights else None, device=device))  # fmt: skip
         stats = {name: eval_fid.array_stats(x, net) for name, x in sets.items()}
     except FlatDinoError as e:

@@ -64,7 +64,7 @@ class FidConfig:
     """Everything `fid` needs; the CLI only fills it in."""
 
     real: str  # reference set (see the module docstring for the kinds)
-    fake: str  # the set to compare
+    fake: str | None = None  # the set to compare (None: only save --real's statistics)
     space: str = "inception"  # inception | dinov2
     backbone: str = "dinov2-vitb14-reg"  # the dinov2 space's network for images
     weights: str | None = None  # its local weights
@@ -545,6 +545,14 @@ def fid(cfg: FidConfig) -> dict:
         return built[0]
 
     real = load_set(cfg.real, cfg, net)
+    if not cfg.fake:  # the reference's statistics only, to save and reuse
+        if not cfg.save_stats:
+            raise FlatDinoError(
+                "give --fake to compare with, or --save-stats to keep --real's statistics"
+            )
+        save_stats(real, cfg.save_stats)
+        return {"real": cfg.real, "space": cfg.space, "real_count": real.count,
+                "real_failed": real.failed, "saved": cfg.save_stats, "identity": real.identity}  # fmt: skip
     fake = load_set(cfg.fake, cfg, net)
     check_comparable(real, fake)
     result = {"real": cfg.real, "fake": cfg.fake, "space": cfg.space,

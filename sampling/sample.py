@@ -145,16 +145,14 @@ class NpyWriter:
         self.file.write(np.ascontiguousarray(rows).tobytes())
 
 
-def bytes_needed(n: int, dit, vae, decoder, keep_features: bool) -> int:
-    """At most how many bytes a run of `n` samples writes beside --out."""
-    per_sample = 0
-    if keep_features:  # latents.npy float32, features.npy float16
-        per_sample += (
-            dit.cfg.tokens * dit.cfg.latent_dim * 4 + vae.cfg.num_patches * vae.cfg.in_dim * 2
-        )
-    if decoder is not None:  # samples.npz, and PNGs at most the raw size
-        per_sample += 2 * decoder.cfg.image_size**2 * decoder.cfg.channels
-    return n * per_sample
+def bytes_needed(left: int, total: int, dit, vae, decoder, keep_features: bool) -> int:
+    """At most how many bytes a run writes beside --out: the batch files and PNGs of the `left`
+    samples still to generate, plus the assembled arrays of all `total`."""
+    arrays = 0  # per sample, in a batch file and again in the assembled outputs
+    if keep_features:  # latents float32, features float16
+        arrays += dit.cfg.tokens * dit.cfg.latent_dim * 4 + vae.cfg.num_patches * vae.cfg.in_dim * 2
+    pixels = decoder.cfg.image_size**2 * decoder.cfg.channels if decoder is not None else 0
+    return left * (arrays + 2 * pixels) + total * (arrays + pixels)  # PNGs at most the raw size
 
 
 def check_free_space(folder: Path, needed: int, out: str) -> None:
@@ -426,7 +424,7 @@ def _sample(cfg: SampleConfig, d: Dist) -> dict:
     done = {b for b in range(len(batches)) if batch_file(work, b).exists()}
     if d.main:  # checked before anything is written; the batch files and the assembled copy
         left = sum(len(batches[b]) for b in range(len(batches)) if b not in done)
-        needed = bytes_needed(left + len(labels), dit, vae, decoder, keep_features)
+        needed = bytes_needed(left, len(labels), dit, vae, decoder, keep_features)
         existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
         check_free_space(existing, needed, cfg.out)
         work = _open_work(out, key)

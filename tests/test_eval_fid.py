@@ -174,6 +174,13 @@ def test_the_result_counts_unreadable_files_and_refuses_mismatched_sides(
         meta = json.loads(str(z["meta"]))
         mu, sigma = z["mu"], z["sigma"]
     assert meta["identity"]["network"] == "tiny" and meta["count"] == 359
+    alone = runner.invoke(app, ["eval", "fid", "--real", str(digits_val_store), *common,
+                                "--save-stats", str(tmp_path / "alone.npz")])  # fmt: skip
+    assert alone.exit_code == 0 and "real_count=359" in alone.output
+    with np.load(tmp_path / "alone.npz") as z:
+        np.testing.assert_array_equal(z["sigma"], sigma)
+    nothing = runner.invoke(app, ["eval", "fid", "--real", str(digits_val_store), *common])
+    assert nothing.exit_code == 1 and "give --fake" in nothing.output
     meta["identity"]["crop"] = 224
     np.savez(tmp_path / "other.npz", mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
     refused = runner.invoke(app, ["eval", "fid", "--real", str(tmp_path / "other.npz"), "--fake",
@@ -205,7 +212,7 @@ def _reseeded_tiny(tmp_path: Path) -> Path:
 def test_inception_space_reads_the_images_a_store_came_from(
     digits_val_store, inception_weights, tmp_path
 ):
-    cfg = FidConfig(real=str(digits_val_store), fake="", space="inception", device="cpu", progress=False,
+    cfg = FidConfig(real=str(digits_val_store), space="inception", device="cpu", progress=False,
                     inception_weights=str(inception_weights), batch_size=32)  # fmt: skip
     store = load_set(str(digits_val_store), cfg)
     assert store.count == 359 and store.mu.shape == (2048,) and np.isfinite(store.sigma).all()

@@ -285,7 +285,7 @@ def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_bat
         with pytest.raises(SystemExit) as exited:
             main()
     err = capsys.readouterr().err
-    assert exited.value.code == 1 and "needs up to 0.05 GiB" in err and "0.01 GiB is free" in err
+    assert exited.value.code == 1 and "needs up to 0.04 GiB" in err and "0.01 GiB is free" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no --out, no temporary folder
 
     def full(self, rows):
