@@ -4,7 +4,7 @@ package version."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -49,8 +49,9 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def autocast(dtype: torch.dtype | None, device: torch.device):
-    """torch.autocast for `dtype` on `device`'s type, or a no-op context when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    """torch.autocast for `dtype` on `device`'s type, or a no-op context when dtype is None (also
+    on device types autocast does not know, such as meta)."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @contextmanager
