@@ -335,12 +335,15 @@ def _check_out(out: Path) -> None:
 
 def run_key(cfg: SampleConfig, ckpt: Path, device: torch.device) -> str:
     """What decides the outputs' bits: the config (not --out, the progress bar, the writer
-    threads or the number of ranks), the device type and the checkpoint file's identity."""
+    threads or the number of ranks), the device type and the checkpoint files' identities (name,
+    size, mtime: a checkpoint saved again into the same folder is another run)."""
     fields = asdict(cfg)
     for name in ("out", "progress", "writers", "device"):
         fields.pop(name)
-    stat = ckpt.stat() if ckpt.is_file() else None
-    ident = [str(ckpt.resolve()), stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0]
+    files = sorted(p for p in ckpt.iterdir() if p.is_file()) if ckpt.is_dir() else [ckpt]
+    ident = [str(ckpt.resolve())] + [
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files
+    ]
     text = json.dumps([fields, device.type, ident], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -310,3 +310,22 @@ def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_bat
     assert summary["resumed_batches"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == [
         "samples"
     ]
+
+
+def test_a_checkpoint_saved_again_is_another_run_to_resume(tmp_path):
+    import os
+
+    from flatdino.sampling.sample import run_key
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "ema.safetensors").write_bytes(b"old")
+    cfg = SampleConfig(dit=str(ckpt), out=str(tmp_path / "s"), n=4)
+    key = run_key(cfg, ckpt, torch.device("cpu"))
+    assert (
+        run_key(dataclasses.replace(cfg, out="elsewhere", writers=2), ckpt, torch.device("cpu"))
+        == key
+    )
+    assert run_key(dataclasses.replace(cfg, seed=1), ckpt, torch.device("cpu")) != key
+    os.utime(ckpt / "ema.safetensors", ns=(1, 1))  # saved again: another mtime
+    assert run_key(cfg, ckpt, torch.device("cpu")) != key
