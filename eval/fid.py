@@ -290,18 +290,27 @@ def _crop_file(kind: str, root: str) -> Callable[[str], np.ndarray]:
     return load
 
 
-def _npz_rows(path: Path, batch: int) -> Iterator[np.ndarray]:
-    """The uint8 images of a samples.npz's arr_0, read `batch` rows at a time (never all)."""
+def _read_npz(path: Path, cfg: FidConfig, model: FeatureNet, keep: int | None) -> SetStats:
+    """A samples.npz's arr_0 (uint8 N, H, W, 3), read `cfg.batch_size` rows at a time (never all)."""
     with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
         shape, fortran, dtype = _npy_header(f)
         if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
             raise FlatDinoError(
                 f"{str(path)!r}: arr_0 must be uint8 (N, H, W, 3) images; found {dtype} {shape}"
             )
-        row = int(np.prod(shape[1:]))
-        for lo in range(0, shape[0], batch):
-            n = min(batch, shape[0] - lo)
-            yield np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])
+        row, step = int(np.prod(shape[1:])), cfg.batch_size
+        blocks = (np.frombuffer(f.read(min(step, shape[0] - lo) * row), np.uint8).reshape(-1, *shape[1:])
+                  for lo in range(0, shape[0], step))  # fmt: skip
+        return _array_blocks(blocks, shape[0], model, keep, str(path), cfg.progress)
+
+
+def _array_blocks(blocks: Iterable[np.ndarray], n: int, model: FeatureNet, keep: int | None,
+                  path: str, progress: bool) -> SetStats:  # fmt: skip
+    """Statistics of `n` uint8 images given in blocks, ADM-cropped to 256 where needed."""
+    acc = _Accumulator(n, keep)
+    for block in tqdm(blocks, desc=f"fid {Path(path).name}", unit="batch", disable=not progress):
+        acc.add(model(np.stack([_npz_crop(im) for im in block])))
+    return acc.result(path, model.identity)
 
 
 def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -411,22 +420,15 @@ def load_set(path: str, cfg: FidConfig, net: Callable[[], FeatureNet] | None = N
         raise FlatDinoError(f"{path!r} does not exist")
     keep = cfg.pr_samples if cfg.precision_recall else None
     if p.suffix == ".npz" and p.is_file():
-        with np.load(p) as z:
-            saved = "mu" in z.files
-        if saved:
-            return _saved_stats(p)
         with zipfile.ZipFile(p) as z:
-            if "arr_0.npy" not in z.namelist():
-                raise FlatDinoError(
-                    f"{path!r} is neither a samples.npz (arr_0) nor saved statistics (mu, sigma)"
-                )
-            with z.open("arr_0.npy") as f:
-                n = _npy_header(f)[0][0]
-        model, acc = net(), _Accumulator(n, keep)
-        for block in tqdm(_npz_rows(p, cfg.batch_size), desc=f"fid {p.name}", unit="batch",
-                          total=-(-n // cfg.batch_size), disable=not cfg.progress):  # fmt: skip
-            acc.add(model(np.stack([_npz_crop(im) for im in block])))
-        return acc.result(path, model.identity)
+            names = set(z.namelist())
+        if "mu.npy" in names:
+            return _saved_stats(p)
+        if "arr_0.npy" not in names:
+            raise FlatDinoError(
+                f"{path!r} is neither a samples.npz (arr_0) nor saved statistics (mu, sigma)"
+            )
+        return _read_npz(p, cfg, net(), keep)
     reader = _image_reader(p, cfg.space)
     if reader is not None:
         return _read_images(path, reader, cfg, net(), keep)
@@ -600,10 +602,5 @@ def array_stats(
     images: np.ndarray, net: FeatureNet, batch: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
     """Statistics of in-memory uint8 images (N, H, W, 3), ADM-cropped to 256 where needed."""
-    acc = None
-    for i in range(0, len(images), batch):
-        x = net(np.stack([_npz_crop(im) for im in images[i : i + batch]]))
-        if acc is None:
-            acc = RunningStats(x.shape[1])
-        acc.add(x)
-    return acc.result()
+    blocks = (images[i : i + batch] for i in range(0, len(images), batch))
+    return _array_blocks(blocks, len(images), net, None, "images", progress=False).stats
