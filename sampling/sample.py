@@ -36,6 +36,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,7 +47,13 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from flatdino.models.flow import euler_sample
-from flatdino.pipeline.checkpoints import load_dit, load_pixel_decoder, load_vae, resolve_vae
+from flatdino.pipeline.checkpoints import (
+    load_dit,
+    load_pixel_decoder,
+    load_vae,
+    resolve_checkpoint,
+    resolve_vae,
+)
 from flatdino.pipeline.env import autocast, fast_matmul, inference_dtype
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.trainers.runner import Dist, setup_distributed, teardown_distributed
@@ -110,13 +117,15 @@ def class_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
     return np.repeat(np.asarray(chosen, np.int64), cfg.per_class)
 
 
-def _load_vae(cfg: SampleConfig, flow: dict):
-    """The VAE the latents were encoded with (checked by checksum), or the one --vae names."""
+def _load_vae(cfg: SampleConfig, flow: dict) -> tuple[torch.nn.Module, Path]:
+    """The VAE the latents were encoded with (checked by checksum), or the one --vae names; and
+    its checkpoint folder."""
     path = cfg.vae or flow.get("vae_checkpoint")
     if not path:
         raise FlatDinoError("the DiT checkpoint names no VAE; pass --vae RUN_DIR")
     try:
-        model, sha = load_vae(resolve_vae(path))
+        ckpt = resolve_vae(path)
+        model, sha = load_vae(ckpt)
     except FlatDinoError as e:
         raise FlatDinoError(f"{e} (the VAE the DiT's latents came from; pass --vae)") from e
     except (TypeError, KeyError, RuntimeError) as e:  # another model's checkpoint
@@ -127,7 +136,7 @@ def _load_vae(cfg: SampleConfig, flow: dict):
             f"VAE {path!r} (sha256 {sha[:12]}) is not the one the DiT's latents were encoded with "
             f"({expected[:12]}); pass --vae with that checkpoint"
         )
-    return model
+    return model, ckpt
 
 
 class NpyWriter:
@@ -196,6 +205,8 @@ class BatchWriter:
         tmp = final.with_name(final.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before its name says the batch is done
         os.replace(tmp, final)
 
     def close(self) -> None:
@@ -270,14 +281,22 @@ def assemble(work: Path, labels: np.ndarray, batch_size: int, shown: frozenset[i
     with ExitStack() as files:
         writers: dict[str, NpyWriter] = {}
         for b, rows in enumerate(batches_of(len(labels), batch_size)):
-            with np.load(batch_file(work, b)) as batch:
+            path = batch_file(work, b)
+            try:
+                batch = np.load(path)
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise FlatDinoError(
+                    f"batch file {str(path)!r} is unreadable ({e}); delete it and rerun the same "
+                    "command to generate that batch again"
+                ) from e
+            with batch:
                 for name in batch.files:
                     value = batch[name]
                     if name not in writers:
                         writers[name] = _open_array(files, work / names[name], name, value, labels)
                     writers[name].write(value)
-                    if name == "pixels":
-                        kept.update((k, value[j]) for j, k in enumerate(rows) if k in shown)
+                    if name == "pixels":  # copies: a view would keep the whole batch alive
+                        kept.update((k, value[j].copy()) for j, k in enumerate(rows) if k in shown)
     return kept
 
 
@@ -333,37 +352,77 @@ def _check_out(out: Path) -> None:
         )
 
 
-def run_key(cfg: SampleConfig, ckpt: Path, device: torch.device) -> str:
-    """What decides the outputs' bits: the config (not --out, the progress bar, the writer
-    threads or the number of ranks), the device type and the checkpoint files' identities (name,
-    size, mtime: a checkpoint saved again into the same folder is another run)."""
+def _identity(path: Path) -> list:
+    """A checkpoint's identity: its resolved path and its files' names, sizes and mtimes (a
+    checkpoint saved again into the same folder is another model)."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [str(path.resolve()), *[(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+
+
+def run_key(cfg: SampleConfig, labels: np.ndarray, dtype: torch.dtype | None,
+            device: torch.device, checkpoints: list[Path]) -> str:  # fmt: skip
+    """What decides the outputs' bits, each in a canonical form so that two spellings of one run
+    (a relative or absolute path, "1,2" or "1, 2", --precision auto or what it resolves to) share
+    the key: the config's numbers, the labels drawn, the autocast dtype, the device type and the
+    identities of the DiT, VAE and decoder checkpoints. Not --out, the progress bar, the writer
+    threads or the number of ranks."""
     fields = asdict(cfg)
-    for name in ("out", "progress", "writers", "device"):
+    for name in ("out", "progress", "writers", "device", "dit", "vae", "decoder", "classes",
+                 "per_class", "n", "precision"):  # fmt: skip
         fields.pop(name)
-    files = sorted(p for p in ckpt.iterdir() if p.is_file()) if ckpt.is_dir() else [ckpt]
-    ident = [str(ckpt.resolve())] + [
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files
-    ]
+    fields["labels"] = hashlib.sha256(np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()
+    fields["dtype"] = str(dtype)
+    ident = [_identity(p) for p in checkpoints]
     text = json.dumps([fields, device.type, ident], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _open_work(out: Path, key: str) -> Path:
-    """The work folder of this config beside --out, kept from an interrupted run or made new; the
-    work folders of other configs (and the temporary folders of older versions) are removed."""
-    work = out.parent / f".{out.name}.partial-{key}"
-    for stale in [
-        *out.parent.glob(f".{out.name}.partial-*"),
-        *out.parent.glob(f".{out.name}.tmp-*"),
-    ]:
-        if stale != work:
-            log.info("removing %s: an unfinished sample run with another config", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+def _stale_work(out: Path, key: str) -> list[Path]:
+    """Work folders beside --out of other configs (and older versions' temporary folders)."""
+    work = _work_folder(out, key)
+    found = [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.tmp-*")]
+    return [p for p in found if p != work]
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _work_folder(out: Path, key: str) -> Path:
+    return out.parent / f".{out.name}.partial-{key}"
+
+
+def _batch_ok(path: Path, names: set[str]) -> bool:
+    """Whether a batch file is whole: a readable zip holding exactly the arrays of this run."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {Path(n).stem for n in z.namelist()} == names
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _open_work(out: Path, key: str, names: set[str]) -> tuple[Path, set[int]]:
+    """The work folder of this config beside --out, kept from an interrupted run or made new, and
+    the numbers of its whole batch files; other configs' work folders are removed (with a
+    warning), and so are a batch file a killed run left half-written."""
+    work = _work_folder(out, key)
+    for stale in _stale_work(out, key):
+        batches = len(list((stale / "batches").glob("*.npz")))
+        log.warning("removing %s (%d batch files): an unfinished sample run with another config",
+                    stale, batches)  # fmt: skip
+        shutil.rmtree(stale, ignore_errors=True)
     (work / "images").mkdir(parents=True, exist_ok=True)
     (work / "batches").mkdir(exist_ok=True)
     for tmp in (work / "batches").glob("*.tmp"):  # a batch a killed run was writing
         tmp.unlink()
-    return work
+    done = set()
+    for path in sorted((work / "batches").glob("*.npz")):
+        if _batch_ok(path, names):
+            done.add(int(path.stem))
+        else:
+            log.warning("%s is damaged; its batch is generated again", path)
+            path.unlink()
+    return work, done
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -390,9 +449,28 @@ def _check_pair(decoder, vae, flow: dict, cfg: SampleConfig) -> None:
         )
 
 
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        torch_dist.barrier()
+# Rank 0 alone checks the disk, opens the work folder and assembles the outputs, which for 50K
+# samples takes minutes; the other ranks wait for it on a gloo group with a long timeout (an NCCL
+# barrier would be aborted by its watchdog after 10 minutes), and every wait also carries errors.
+COORDINATION_TIMEOUT = timedelta(hours=24)
+
+
+def _agree(d: Dist, group, error: Exception | None, payload=None):
+    """Wait for every rank; when any failed, raise on all (the failing rank its own error, the
+    others a one-line error naming it). Returns rank 0's `payload`."""
+    if d.world == 1:
+        if error is not None:
+            raise error
+        return payload
+    shared: list = [None] * d.world
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    torch_dist.all_gather_object(shared, (message, payload), group=group)
+    if error is not None:
+        raise error
+    for rank, (message, _) in enumerate(shared):
+        if message is not None:
+            raise FlatDinoError(f"sample: rank {rank} failed: {message}")
+    return shared[0][1]
 
 
 def sample(cfg: SampleConfig) -> dict:
@@ -401,67 +479,156 @@ def sample(cfg: SampleConfig) -> dict:
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.writers < 1:
         raise FlatDinoError("--steps, --batch-size and --writers must be at least 1")
     d = setup_distributed(cfg.device)
+    group = None
     try:
+        if d.world > 1:
+            group = torch_dist.new_group(backend="gloo", timeout=COORDINATION_TIMEOUT)
         with fast_matmul(d.device, cfg.precision):
-            return _sample(cfg, d)
+            return _sample(cfg, d, group)
     finally:
+        if group is not None and not d.owns_group:
+            torch_dist.destroy_process_group(group)
         teardown_distributed(d)
 
 
-def _sample(cfg: SampleConfig, d: Dist) -> dict:
-    device, dtype = d.device, inference_dtype(cfg.precision, d.device)
+@dataclass
+class _Run:
+    """What `_prepare` loaded and decided."""
+
+    dit: torch.nn.Module
+    flow: dict
+    norm: torch.nn.Module
+    vae: torch.nn.Module
+    decoder: torch.nn.Module | None
+    labels: np.ndarray
+    key: str
+    dtype: torch.dtype | None
+    checkpoints: list[Path]  # the DiT's, the VAE's and the decoder's
+
+    def arrays(self, save_features: bool) -> set[str]:
+        """The arrays in each batch file."""
+        names = {"pixels"} if self.decoder is not None else set()
+        return names | ({"latents", "features"} if save_features or self.decoder is None else set())
+
+
+def _prepare(cfg: SampleConfig, d: Dist) -> _Run:
+    """Load and check the models and the labels; every rank does the same."""
+    dtype = inference_dtype(cfg.precision, d.device)
     dit, flow, norm, ckpt = load_dit(cfg.dit, cfg.ema)
     labels = class_labels(cfg, dit.cfg.num_classes)
-    vae = _load_vae(cfg, flow)
-    decoder = load_pixel_decoder(cfg.decoder)[0] if cfg.decoder else None
+    vae, vae_ckpt = _load_vae(cfg, flow)
+    decoder, decoder_path = None, None
+    if cfg.decoder:
+        decoder = load_pixel_decoder(cfg.decoder)[0]
+        decoder_path = Path(cfg.decoder)
+        if not decoder_path.is_file():
+            decoder_path = resolve_checkpoint(cfg.decoder, "--decoder", "train-decoder")
     _check_pair(decoder, vae, flow, cfg)
     for m in (dit, norm, vae, decoder):
         if m is not None:
-            m.to(device)
+            m.to(d.device)
+    _check_out(Path(cfg.out))
+    checkpoints = [Path(ckpt), vae_ckpt] + ([decoder_path] if decoder_path else [])
+    key = run_key(cfg, labels, dtype, d.device, checkpoints)
+    return _Run(dit, flow, norm, vae, decoder, labels, key, dtype, checkpoints)
+
+
+def _previous(out: Path, key: str) -> dict | None:
+    """The record of a finished run of this very config in --out, if that is what is there."""
+    try:
+        record = json.loads((out / "sample.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("key") == key else None
+
+
+def _open(cfg: SampleConfig, run: _Run) -> tuple[set[int] | None, int]:
+    """Rank 0: (the batches already on disk, or None when --out already holds this very run; the
+    number of batches). Checks the free space before anything is removed or written."""
     out = Path(cfg.out)
-    _check_out(out)
-    keep_features = cfg.save_features or decoder is None
-    batches = batches_of(len(labels), cfg.batch_size)
-    key = run_key(cfg, Path(ckpt), device)
-    work = out.parent / f".{out.name}.partial-{key}"
-    done = {b for b in range(len(batches)) if batch_file(work, b).exists()}
-    if d.main:  # checked before anything is written; the batch files and the assembled copy
-        left = sum(len(batches[b]) for b in range(len(batches)) if b not in done)
-        needed = bytes_needed(left, len(labels), dit, vae, decoder, keep_features)
-        existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-        check_free_space(existing, needed, cfg.out)
-        work = _open_work(out, key)
-        if done:
-            log.info("resuming %s: %d of %d batches already written", work, len(done), len(batches))
-    _barrier(d)
-    todo = [b for b in range(d.rank, len(batches), d.world) if b not in done]
+    batches = batches_of(len(run.labels), cfg.batch_size)
+    if _previous(out, run.key) is not None:
+        return None, len(batches)
+    names = run.arrays(cfg.save_features)
+    work = _work_folder(out, run.key)
+    on_disk = {int(p.stem) for p in (work / "batches").glob("*.npz")} if work.is_dir() else set()
+    left = sum(len(batches[b]) for b in range(len(batches)) if b not in on_disk)
+    keep_features = "latents" in names
+    needed = bytes_needed(left, len(run.labels), run.dit, run.vae, run.decoder, keep_features)
+    freed = sum(_folder_bytes(p) for p in _stale_work(out, run.key))  # removed first
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    check_free_space(existing, needed - freed, cfg.out)
+    work, done = _open_work(out, run.key, names)
+    if done:
+        log.info("resuming %s: %d of %d batches already written", work, len(done), len(batches))
+    return done, len(batches)
+
+
+def _sample(cfg: SampleConfig, d: Dist, group) -> dict:
+    out = Path(cfg.out)
+    run, error, opened = None, None, None
+    try:
+        run = _prepare(cfg, d)
+        if d.main:
+            opened = _open(cfg, run)
+    except Exception as e:  # shared with the other ranks, which would otherwise wait forever
+        error = e
+    done, total = _agree(d, group, error, opened)
+    labels, work = run.labels, _work_folder(out, run.key)
+    if done is None:
+        log.info("%s already holds this run; nothing to do", out)
+        return _summary(cfg, run, {"resumed_batches": total}, 0.0)
+    remaining = [b for b in range(total) if b not in done]
+    todo = remaining[d.rank :: d.world]  # balanced whatever an interrupted run left
     tic = time.perf_counter()
-    network = generate(cfg, dit, norm, vae, decoder, labels, float(flow["kappa"]), device, work,
-                       todo, dtype, show_progress=d.main)  # fmt: skip
+    network, error = 0.0, None
+    try:
+        network = generate(cfg, run.dit, run.norm, run.vae, run.decoder, labels,
+                           float(run.flow["kappa"]), d.device, work, todo, run.dtype,
+                           show_progress=d.main)  # fmt: skip
+    except Exception as e:
+        error = e
     generated = time.perf_counter() - tic
-    _barrier(d)  # every rank's batches are on disk
-    written = ["latents.npy", "features.npy"] if keep_features else []
-    if d.main:
-        by_class = cfg.classes is not None
-        rows = grid_indices(labels, by_class)
-        shown = frozenset(int(i) for row in rows for i in row)
-        images = assemble(work, labels, cfg.batch_size, shown)
-        if decoder is None:
-            (work / "images").rmdir()
-        else:
-            grid = make_grid(images, labels, rows, flow.get("class_names"), by_class)
-            grid.save(work / "grid.png")
-            written = ["grid.png", f"images/ ({len(labels)} PNGs)", "samples.npz", *written]
-        shutil.rmtree(work / "batches")
-        seconds = time.perf_counter() - tic
-        record = {"config": asdict(cfg), "dit_checkpoint": str(Path(ckpt).resolve()), "flow": flow,
-                  "samples": len(labels), "world": d.world, "resumed_batches": len(done),
-                  "seconds": seconds, "generate_seconds": generated,
-                  "network_seconds_rank0": network}  # fmt: skip
-        (work / "sample.json").write_text(json.dumps(record, indent=2, default=str))
-        _swap_in(work, out)
-    _barrier(d)  # --out is in place before any rank returns
-    seconds = time.perf_counter() - tic
-    return {"out": cfg.out, "samples": len(labels), "seconds": seconds, "written": written,
-            "images": decoder is not None, "network_seconds": network,
-            "generate_seconds": generated, "resumed_batches": len(done)}  # fmt: skip
+    _agree(d, group, error)  # every rank's batches are on disk
+    record = None
+    try:
+        if d.main:
+            record = _finish(cfg, run, work, len(done), generated, network, tic, d.world)
+    except Exception as e:
+        error = e
+    record = _agree(d, group, error, record)  # --out is in place before any rank returns
+    return _summary(cfg, run, record, network)
+
+
+def _finish(cfg: SampleConfig, run: _Run, work: Path, resumed: int, generated: float,
+            network: float, tic: float, world: int) -> dict:  # fmt: skip
+    """Rank 0: assemble the outputs and the grid in the work folder and swap it in as --out."""
+    labels, by_class = run.labels, cfg.classes is not None
+    rows = grid_indices(labels, by_class)
+    shown = frozenset(int(i) for row in rows for i in row)
+    images = assemble(work, labels, cfg.batch_size, shown)
+    if run.decoder is None:
+        (work / "images").rmdir()
+    else:
+        grid = make_grid(images, labels, rows, run.flow.get("class_names"), by_class)
+        grid.save(work / "grid.png")
+    shutil.rmtree(work / "batches")
+    record = {"config": asdict(cfg), "key": run.key,
+              "checkpoints": [str(p.resolve()) for p in run.checkpoints],
+              "flow": run.flow, "samples": len(labels),
+              "world": world, "resumed_batches": resumed, "seconds": time.perf_counter() - tic,
+              "generate_seconds": generated, "network_seconds_rank0": network}  # fmt: skip
+    (work / "sample.json").write_text(json.dumps(record, indent=2, default=str))
+    _swap_in(work, Path(cfg.out))
+    return record
+
+
+def _summary(cfg: SampleConfig, run: _Run, record: dict, network: float) -> dict:
+    written = (["grid.png", f"images/ ({len(run.labels)} PNGs)", "samples.npz"]
+               if run.decoder is not None else [])  # fmt: skip
+    if "latents" in run.arrays(cfg.save_features):
+        written += ["latents.npy", "features.npy"]
+    return {"out": cfg.out, "samples": len(run.labels), "seconds": record.get("seconds", 0.0),
+            "written": written, "images": run.decoder is not None, "network_seconds": network,
+            "generate_seconds": record.get("generate_seconds", 0.0),
+            "resumed_batches": record.get("resumed_batches", 0)}  # fmt: skip

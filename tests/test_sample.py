@@ -242,8 +242,8 @@ def test_two_ranks_write_the_same_bytes_as_one_and_a_run_resumes(chain, tmp_path
 
     real_submit = sampling.BatchWriter.submit
 
-    def killed_after_one(self, b, *args):
-        if b > 0:
+    def killed_after_two(self, b, *args):
+        if b > 1:
             raise KeyboardInterrupt
         real_submit(self, b, *args)
 
@@ -251,15 +251,21 @@ def test_two_ranks_write_the_same_bytes_as_one_and_a_run_resumes(chain, tmp_path
                        cfg=2.0, decoder=str(chain / "decoder"), save_features=True, device="cpu",
                        progress=False)  # fmt: skip
     with monkeypatch.context() as m:
-        m.setattr(sampling.BatchWriter, "submit", killed_after_one)
+        m.setattr(sampling.BatchWriter, "submit", killed_after_two)
         with pytest.raises(KeyboardInterrupt):
             sample(cfg)
     assert not (tmp_path / "again").exists()
     (partial,) = tmp_path.glob(".again.partial-*")
-    assert [p.name for p in (partial / "batches").iterdir()] == ["000000.npz"]
+    assert sorted(p.name for p in (partial / "batches").iterdir()) == ["000000.npz", "000001.npz"]
+    damaged = partial / "batches" / "000001.npz"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a batch file cut short by a crash
     summary = sample(cfg)
-    assert summary["resumed_batches"] == 1 and not partial.exists()
+    assert summary["resumed_batches"] == 1 and not partial.exists()  # batch 1 generated again
     assert _outputs(tmp_path / "again") == one
+    stamp = (tmp_path / "again" / "samples.npz").stat().st_mtime_ns
+    summary = sample(dataclasses.replace(cfg, writers=2))  # the same run again: nothing to do
+    assert summary["resumed_batches"] == 4 and summary["seconds"] == 0.0
+    assert (tmp_path / "again" / "samples.npz").stat().st_mtime_ns == stamp
 
 
 def test_a_full_disk_is_an_error_not_a_crash():
@@ -312,20 +318,68 @@ def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_bat
     ]
 
 
-def test_a_checkpoint_saved_again_is_another_run_to_resume(tmp_path):
+def test_run_key_follows_what_decides_the_bits_not_how_it_is_spelled(tmp_path, monkeypatch):
     import os
 
     from flatdino.sampling.sample import run_key
 
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "ema.safetensors").write_bytes(b"old")
-    cfg = SampleConfig(dit=str(ckpt), out=str(tmp_path / "s"), n=4)
-    key = run_key(cfg, ckpt, torch.device("cpu"))
-    assert (
-        run_key(dataclasses.replace(cfg, out="elsewhere", writers=2), ckpt, torch.device("cpu"))
-        == key
-    )
-    assert run_key(dataclasses.replace(cfg, seed=1), ckpt, torch.device("cpu")) != key
-    os.utime(ckpt / "ema.safetensors", ns=(1, 1))  # saved again: another mtime
-    assert run_key(cfg, ckpt, torch.device("cpu")) != key
+    dit, vae = tmp_path / "ckpt", tmp_path / "vae"
+    for folder in (dit, vae):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"old")
+    cfg = SampleConfig(dit=str(dit), out=str(tmp_path / "s"), classes="1,2", per_class=2)
+    labels = class_labels(cfg, 10)
+    cpu = torch.device("cpu")
+
+    def key(c=cfg, dtype=None, ckpts=(dit, vae)):
+        return run_key(c, class_labels(c, 10), dtype, cpu, list(ckpts))
+
+    same = dataclasses.replace(cfg, out="elsewhere", writers=2, classes=" 1, 2", progress=False)
+    assert key(same) == key() and run_key(cfg, labels, None, cpu, [dit, vae]) == key()
+    monkeypatch.chdir(tmp_path)
+    assert key(ckpts=(Path("ckpt"), Path("vae"))) == key()  # relative and absolute: one key
+    assert key(dataclasses.replace(cfg, seed=1)) != key()
+    assert key(dataclasses.replace(cfg, per_class=3)) != key()
+    assert key(dtype=torch.bfloat16) != key()
+    before = key()
+    os.utime(vae / "model.safetensors", ns=(1, 1))  # the VAE saved again: another mtime
+    assert key() != before
+    before = key()
+    os.utime(dit / "model.safetensors", ns=(2, 2))
+    assert key() != before
+
+
+def test_ranks_share_an_error_instead_of_waiting_for_each_other():
+    """The waits of `sample` carry errors: when rank 1 fails, rank 0 raises naming it."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    procs = [ctx.Process(target=_agree_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert results[0].startswith("FlatDinoError: sample: rank 1 failed: OSError: disk gone")
+    assert results[1] == "OSError: disk gone"
+
+
+def _agree_rank(rank: int, port: str, results) -> None:
+    import torch.distributed as dist
+
+    from flatdino.sampling.sample import _agree
+    from flatdino.trainers.runner import Dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        assert _agree(Dist(rank, 2), None, None, payload=rank) == 0  # rank 0's payload
+        try:
+            _agree(Dist(rank, 2), None, OSError("disk gone") if rank == 1 else None)
+            results[rank] = "returned"
+        except Exception as e:
+            results[rank] = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
