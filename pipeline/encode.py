@@ -103,6 +103,7 @@ def _fingerprint(cfg: EncodeConfig, features: FeatureStore, vae_cfg: dict, sha: 
         "dtype": cfg.dtype,
         "save_logvar": cfg.save_logvar,
         "batch_size": cfg.batch_size,
+        "precision": cfg.precision,  # a store is never finished in another precision
     }
     return json.loads(json.dumps(fp))
 

@@ -106,6 +106,8 @@ def test_bf16_encoding_is_close_to_fp32_and_a_bad_precision_is_refused(
     assert np.linalg.norm(half - full) / np.linalg.norm(full) < 0.02  # bf16: ~3 significant digits
     with pytest.raises(FlatDinoError, match="--precision must be one of auto, bf16, fp32"):
         encode_latents(cfg(digits_val_store, vae_run, tmp_path / "x.zarr", precision="half"))
+    with pytest.raises(StoreMismatchError, match="precision"):  # never finished in another one
+        encode_latents(cfg(digits_val_store, vae_run, tmp_path / "bf16.zarr", precision="fp32"))
 
 
 def test_ray_is_bit_identical_to_local(local_ray, latents, digits_val_store, vae_run, tmp_path):
