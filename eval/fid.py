@@ -233,14 +233,21 @@ class FeatureNet:
                          "weights_sha256": sha, "crop": CROP,
                          "input_size": input_size}  # fmt: skip
 
+    def prepare(self, crop: np.ndarray) -> torch.Tensor:
+        """One crop's network input, made on a loader thread: uint8 (3, 256, 256) for Inception
+        (pytorch-fid resizes to 299 and normalises itself), view 0 of extract-features for DINOv2."""
+        if self.space == "inception":
+            return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
+        return make_views(crop, 0, self.recipe)[0]
+
     @torch.no_grad()
-    def __call__(self, crops: np.ndarray) -> np.ndarray:
-        if self.space == "inception":  # [0, 1]; pytorch-fid resizes to 299 and normalises
-            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
-            y = self.model(x.to(self.device))[0]  # (B, 2048, 1, 1)
-            return y.reshape(len(crops), -1).double().cpu().numpy()
-        x = torch.cat([make_views(c, 0, self.recipe) for c in crops])  # view 0 of extract-features
-        return self.model(x.to(self.device)).mean(1).double().cpu().numpy()  # (B, C)
+    def __call__(self, inputs: list[torch.Tensor]) -> np.ndarray:
+        """Features (B, D) float64 of a batch of `prepare`d inputs."""
+        x = torch.stack(inputs).to(self.device)
+        if self.space == "inception":  # [0, 1]
+            y = self.model(x.float().div_(255.0))[0]  # (B, 2048, 1, 1)
+            return y.reshape(len(inputs), -1).double().cpu().numpy()
+        return self.model(x).mean(1).double().cpu().numpy()  # (B, C): patches mean-pooled
 
 
 # -- sets ----------------------------------------------------------------------------------------
@@ -274,8 +281,13 @@ class _Reader:
 
 def image_files(root: Path) -> list[str]:
     """Every image file under `root`, recursively (hidden folders skipped), in sorted order."""
-    found = []
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = os.stat(dirpath)
+        if (here.st_dev, here.st_ino) in seen:  # a symlink back up the tree: walked already
+            dirnames[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [os.path.join(dirpath, f) for f in sorted(filenames)
                   if f.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
@@ -299,17 +311,26 @@ def _read_npz(path: Path, cfg: FidConfig, model: FeatureNet, keep: int | None) -
                 f"{str(path)!r}: arr_0 must be uint8 (N, H, W, 3) images; found {dtype} {shape}"
             )
         row, step = int(np.prod(shape[1:])), cfg.batch_size
-        blocks = (np.frombuffer(f.read(min(step, shape[0] - lo) * row), np.uint8).reshape(-1, *shape[1:])
+        blocks = (np.frombuffer(bytearray(f.read(min(step, shape[0] - lo) * row)), np.uint8).reshape(-1, *shape[1:])
                   for lo in range(0, shape[0], step))  # fmt: skip
-        return _array_blocks(blocks, shape[0], model, keep, str(path), cfg.progress)
+        return _array_blocks(blocks, shape[0], model, keep, str(path), cfg.progress, cfg.workers)
 
 
 def _array_blocks(blocks: Iterable[np.ndarray], n: int, model: FeatureNet, keep: int | None,
-                  path: str, progress: bool) -> SetStats:  # fmt: skip
-    """Statistics of `n` uint8 images given in blocks, ADM-cropped to 256 where needed."""
+                  path: str, progress: bool, workers: int = 4) -> SetStats:  # fmt: skip
+    """Statistics of `n` uint8 images given in blocks, ADM-cropped to 256 where needed; the
+    crops and network inputs are made by `workers` threads, a few blocks ahead."""
     acc = _Accumulator(n, keep)
-    for block in tqdm(blocks, desc=f"fid {Path(path).name}", unit="batch", disable=not progress):
-        acc.add(model(np.stack([_npz_crop(im) for im in block])))
+
+    def prepare(block: np.ndarray) -> list[torch.Tensor]:
+        return [model.prepare(_npz_crop(im)) for im in block]
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = _bounded_map(pool, prepare, blocks, ahead=max(2, workers))
+        for future in tqdm(
+            futures, desc=f"fid {Path(path).name}", unit="batch", disable=not progress
+        ):
+            acc.add(model(future.result()))
     return acc.result(path, model.identity)
 
 
@@ -343,7 +364,9 @@ def _image_reader(p: Path, space: str) -> _Reader | None:
     """The images of a folder, manifest or (in the inception space) feature store; else None."""
     kind = store_kind(p) if p.is_dir() else None
     if kind == "flatdino.features" and space == "inception":
-        store = FeatureStore(str(p))  # its valid rows' images, where extract-features read them
+        store = FeatureStore.open_complete(
+            str(p), "the set"
+        )  # its valid rows' images, where extract-features read them
         source_kind = store.attrs.get("fingerprint", {}).get("input", {}).get("kind")
         all_paths = store.manifest().column("path").to_pylist()
         paths = [all_paths[int(i)] for i in store.valid_rows()]
@@ -411,6 +434,19 @@ def _check_failures(path: str, failures: list, total: int, cfg: FidConfig) -> No
                     len(failures), total, *failures[0])  # fmt: skip
 
 
+def _npz_members(p: Path) -> set[str]:
+    try:
+        with zipfile.ZipFile(p) as z:
+            return set(z.namelist())
+    except (OSError, zipfile.BadZipFile) as e:
+        raise FlatDinoError(f"{str(p)!r} is not a readable .npz ({e})") from e
+
+
+def _is_saved_stats(path: str) -> bool:
+    p = Path(path)
+    return p.suffix == ".npz" and p.is_file() and "mu.npy" in _npz_members(p)
+
+
 def load_set(path: str, cfg: FidConfig, net: Callable[[], FeatureNet] | None = None) -> SetStats:
     """The statistics of one set; `net()` gives the (shared, lazily built) feature network,
     by default one of `cfg`'s space."""
@@ -420,8 +456,7 @@ def load_set(path: str, cfg: FidConfig, net: Callable[[], FeatureNet] | None = N
         raise FlatDinoError(f"{path!r} does not exist")
     keep = cfg.pr_samples if cfg.precision_recall else None
     if p.suffix == ".npz" and p.is_file():
-        with zipfile.ZipFile(p) as z:
-            names = set(z.namelist())
+        names = _npz_members(p)
         if "mu.npy" in names:
             return _saved_stats(p)
         if "arr_0.npy" not in names:
@@ -447,7 +482,7 @@ def _read_images(path: str, reader: _Reader, cfg: FidConfig, model: FeatureNet,
                  keep: int | None) -> SetStats:  # fmt: skip
     def load(item):
         try:
-            return reader.load(item)
+            return model.prepare(reader.load(item))
         except Exception as e:  # any decode error: skipped and counted, as extract-features
             reader.failures.append((item, f"{type(e).__name__}: {e}"))
             return None
@@ -461,10 +496,10 @@ def _read_images(path: str, reader: _Reader, cfg: FidConfig, model: FeatureNet,
             if crop is not None:
                 batch.append(crop)
             if len(batch) == cfg.batch_size:
-                acc.add(model(np.stack(batch)))
+                acc.add(model(batch))
                 batch = []
         if batch:
-            acc.add(model(np.stack(batch)))
+            acc.add(model(batch))
     _check_failures(path, reader.failures, len(reader.items), cfg)
     return acc.result(path, model.identity, len(reader.failures))
 
@@ -474,7 +509,7 @@ def _read_features(p: Path, kind: str | None, cfg: FidConfig, keep: int | None) 
     if kind is not None:
         if kind != "flatdino.features":
             raise FlatDinoError(f"{str(p)!r} is a {kind} store; FD needs a feature store")
-        store = FeatureStore(str(p))
+        store = FeatureStore.open_complete(str(p), "the set")
         fp = store.attrs.get("fingerprint", {})
         recipe = fp.get("preprocessing", {})
         identity = {"space": "dinov2", "network": fp.get("backbone"),
@@ -517,7 +552,10 @@ def _saved_stats(p: Path) -> SetStats:
 def save_stats(s: SetStats, path: str) -> None:
     """mu, sigma and a JSON record of how they were computed (read back by `load_set`)."""
     meta = {"identity": s.identity, "count": s.count, "source": s.path}
-    np.savez(path, mu=s.mu, sigma=s.sigma, meta=np.array(json.dumps(meta)))
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:  # a file handle: np.savez would add .npz to a name
+        np.savez(f, mu=s.mu, sigma=s.sigma, meta=np.array(json.dumps(meta)))
+    os.replace(tmp, path)
 
 
 def check_comparable(a: SetStats, b: SetStats) -> None:
@@ -539,6 +577,7 @@ def fid(cfg: FidConfig) -> dict:
         raise FlatDinoError("--batch-size and --workers must be at least 1, --pr-samples above k")
     if not 0.0 <= cfg.max_failed_fraction <= 1.0:
         raise FlatDinoError("--max-failed-fraction must be in [0, 1]")
+    _check_request(cfg)  # before the --real pass, which can take an hour
     built: list[FeatureNet] = []
 
     def net() -> FeatureNet:  # built once, only when a side needs it
@@ -547,12 +586,9 @@ def fid(cfg: FidConfig) -> dict:
         return built[0]
 
     real = load_set(cfg.real, cfg, net)
-    if not cfg.fake:  # the reference's statistics only, to save and reuse
-        if not cfg.save_stats:
-            raise FlatDinoError(
-                "give --fake to compare with, or --save-stats to keep --real's statistics"
-            )
+    if cfg.save_stats:  # kept at once: a failure on --fake does not lose the --real pass
         save_stats(real, cfg.save_stats)
+    if not cfg.fake:  # the reference's statistics only, to save and reuse
         return {"real": cfg.real, "space": cfg.space, "real_count": real.count,
                 "real_failed": real.failed, "saved": cfg.save_stats, "identity": real.identity}  # fmt: skip
     fake = load_set(cfg.fake, cfg, net)
@@ -562,16 +598,34 @@ def fid(cfg: FidConfig) -> dict:
               "fake_count": fake.count, "real_failed": real.failed, "fake_failed": fake.failed,
               "identity": {k: real.identity.get(k) or fake.identity.get(k) for k in IDENTITY_FIELDS}}  # fmt: skip
     if cfg.precision_recall:
-        if real.vectors is None or fake.vectors is None:
-            raise FlatDinoError(
-                "--precision-recall needs both sets as samples, not saved statistics"
-            )
+        for side in (real, fake):
+            if side.vectors is None or len(side.vectors) <= cfg.k:
+                raise FlatDinoError(
+                    f"--precision-recall needs more than k={cfg.k} samples per set; {side.path!r} "
+                    f"has {side.count}"
+                )
         device = str(resolve_device(cfg.device))
         result.update(precision_recall(real.vectors, fake.vectors, cfg.k, device))
         result["pr_samples"] = [len(real.vectors), len(fake.vectors)]
-    if cfg.save_stats:
-        save_stats(real, cfg.save_stats)
     return result
+
+
+def _check_request(cfg: FidConfig) -> None:
+    """The refusals that need no feature network, made before any set is read."""
+    if not cfg.fake and not cfg.save_stats:
+        raise FlatDinoError(
+            "give --fake to compare with, or --save-stats to keep --real's statistics"
+        )
+    if cfg.save_stats and not cfg.save_stats.endswith(".npz"):
+        raise FlatDinoError(f"--save-stats {cfg.save_stats!r} must name a .npz file")
+    for option, path in (("--real", cfg.real), ("--fake", cfg.fake)):
+        if path and not Path(path).exists():
+            raise FlatDinoError(f"{option} {path!r} does not exist")
+        if cfg.precision_recall and path and _is_saved_stats(path):
+            raise FlatDinoError(
+                f"--precision-recall needs both sets as samples; {option} {path!r} is saved "
+                "statistics (drop --precision-recall, or pass the images)"
+            )
 
 
 # -- rFID ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from flatdino.cli.main import app
 from flatdino.eval.fid import (
     FidConfig,
     RunningStats,
+    fid,
     frechet_distance,
     image_files,
     inception_model,
@@ -283,3 +284,57 @@ def test_images_are_decoded_a_bounded_number_ahead():
             out.append(f.result())
             consumed[0] += 1
     assert out == list(range(1000)) and most[0] <= 9  # pool.map would run all 1000 ahead
+
+
+def test_requests_are_checked_before_any_set_is_read(digits_val_store, tmp_path, monkeypatch):
+    import flatdino.eval.fid as eval_fid
+
+    def never(cfg):
+        raise AssertionError("a feature network was built before the request was checked")
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with monkeypatch.context() as m:
+        m.setattr(eval_fid, "FeatureNet", never)
+        for cfg, message in [
+            (_cfg(real=str(digits_val_store), save_stats=str(tmp_path / "ref")), "must name a .npz"),
+            (_cfg(real=str(digits_val_store), fake=str(tmp_path / "ref.npz"), precision_recall=True),
+             "--fake .* is saved statistics"),
+            (_cfg(real=str(digits_val_store), fake=str(tmp_path / "none")), "--fake .* does not exist"),
+            (_cfg(real=str(tmp_path / "broken.npz"), fake=str(digits_val_store)),
+             "is not a readable .npz"),
+        ]:  # fmt: skip
+            with pytest.raises(FlatDinoError, match=message):
+                fid(cfg)
+
+
+def test_the_reference_is_saved_before_the_fake_side_fails(digits_val_store, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(FlatDinoError, match="1 of 1 images could not be read"):
+        fid(_cfg(real=str(digits_val_store), fake=str(tmp_path / "bad"),
+                 save_stats=str(tmp_path / "ref.npz")))  # fmt: skip
+    assert load_set(str(tmp_path / "ref.npz"), _cfg()).count == 359
+    few = tmp_path / "few"
+    few.mkdir()
+    for i, im in enumerate(_mixed_folder(tmp_path / "tree")[:3]):
+        Image.fromarray(im).save(few / f"{i}.png")
+    with pytest.raises(FlatDinoError, match="more than k=3 samples per set; .*few' has 3"):
+        fid(_cfg(real=str(digits_val_store), fake=str(few), precision_recall=True))
+
+
+def test_an_unfinished_store_is_refused_and_a_symlink_loop_is_walked_once(
+    digits_val_store, tmp_path
+):
+    import shutil
+
+    import zarr
+
+    shutil.copytree(digits_val_store, tmp_path / "part.zarr")
+    zarr.open_group(str(tmp_path / "part.zarr"), mode="r+").attrs["complete"] = False
+    with pytest.raises(FlatDinoError, match="part.zarr' is incomplete"):
+        load_set(str(tmp_path / "part.zarr"), _cfg())
+    _mixed_folder(tmp_path / "tree")
+    before = image_files(tmp_path / "tree")
+    (tmp_path / "tree" / "class0" / "loop").symlink_to(tmp_path / "tree")
+    assert image_files(tmp_path / "tree") == before
