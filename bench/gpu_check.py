@@ -63,12 +63,12 @@ def measure(stage: str, device: torch.device, fn: Callable[[], dict]) -> Row:
     tic = time.perf_counter()
     try:
         done = fn()
+        if cuda:  # inside the try: an asynchronous CUDA error surfaces here, as this stage's
+            torch.cuda.synchronize()
         error = ""
     except Exception as e:  # a failed stage is a row, not the end of the check
         traceback.print_exc()
         done, error = {}, f"{type(e).__name__}: {e}".splitlines()[0][:160]
-    if cuda:
-        torch.cuda.synchronize()
     seconds = time.perf_counter() - tic
     rate = done["items"] / done.get("seconds", seconds) if done.get("items") else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
