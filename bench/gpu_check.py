@@ -57,11 +57,12 @@ def measure(stage: str, device: torch.device, fn: Callable[[], dict]) -> Row:
     """Run one stage; fn returns {"items": n} (rate over the whole stage) or {"items": n,
     "seconds": s} (rate over its timed part)."""
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     tic = time.perf_counter()
-    try:
+    try:  # a CUDA error left by an earlier stage fails this row, not the check
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            tic = time.perf_counter()
         done = fn()
         if cuda:  # inside the try: an asynchronous CUDA error surfaces here, as this stage's
             torch.cuda.synchronize()

@@ -54,18 +54,39 @@ def sample_cmd(
         int, typer.Option(help="Seed of the noise; a seed gives the same images at any batch size.")
     ] = 0,
     steps: Annotated[
-        int, typer.Option(min=1, help="Euler steps on the model's time-shifted grid.")
+        int, typer.Option(min=1, help="Sampler steps on the model's time-shifted grid.")
     ] = 50,
+    sampler: Annotated[
+        str,
+        typer.Option(
+            metavar="euler|heun",
+            help="euler or heun. Heun is second order, 2 network evaluations per step except the "
+            "last, so --steps 25 with heun costs about as much as 50 Euler steps.",
+        ),
+    ] = "euler",
     cfg: Annotated[
         float,
         typer.Option(
-            min=1.0, help="Guidance weight w: v_u + w (v_c - v_u); 1 runs one pass (no guidance)."
+            min=1.0,
+            help="Guidance weight w: v_u + w (v_c - v_u), with --guide-dit v_weak + w (v_main - "
+            "v_weak); 1 runs one pass (no guidance).",
         ),
     ] = 4.5,
     cfg_interval: Annotated[
         str, typer.Option(help="Apply guidance only while t (0 noise, 1 data) is in LOW,HIGH.")
     ] = "0.225,1.0",
-    ema: Annotated[bool, typer.Option(help="Use the EMA weights (--no-ema: the raw ones).")] = True,
+    guide_dit: Annotated[
+        Path | None,
+        typer.Option(
+            help="AutoGuidance: guide with a weaker model, e.g. a smaller DiT or an earlier "
+            "checkpoint of this run (RUN/steps/NNNNNNN), instead of the unconditional branch, "
+            "with the same --cfg weight and --cfg-interval."
+        ),
+    ] = None,
+    ema: Annotated[
+        bool,
+        typer.Option(help="Use the EMA weights (--no-ema: the raw ones), also of --guide-dit."),
+    ] = True,
     decoder: Annotated[
         Path | None,
         typer.Option(
@@ -98,7 +119,7 @@ def sample_cmd(
 ) -> None:
     """Generate latents with a trained DiT and decode them to DINOv2 features and images.
 
-    The Euler state stays fp32 whatever --precision the networks run in.
+    The sampler's state stays fp32 whatever --precision the networks run in.
     Under `torchrun --nproc-per-node G flatdino sample ...` the batches are shared across the G
     ranks and the outputs are identical to a one-process run. An interrupted run continues from
     the batches already written when the same command is run again."""
@@ -107,7 +128,8 @@ def sample_cmd(
     try:
         config = SampleConfig(
             dit=str(dit), out=str(out), classes=classes, per_class=per_class, n=n, seed=seed,
-            steps=steps, cfg=cfg, cfg_interval=_interval(cfg_interval), ema=ema,
+            steps=steps, sampler=sampler, cfg=cfg, cfg_interval=_interval(cfg_interval), ema=ema,
+            guide_dit=str(guide_dit) if guide_dit else None,
             decoder=str(decoder) if decoder else None, vae=str(vae) if vae else None,
             batch_size=batch_size, save_features=save_features, device=device, precision=precision,
             writers=writers, progress=progress,

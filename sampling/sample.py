@@ -9,13 +9,18 @@ Outputs in --out:
     samples.npz       arr_0: uint8 (N, H, W, 3) and labels (N,): the ADM / OpenAI FID evaluator's layout
     latents.npy, features.npy   (N, T, d) float32 and (N, P, C) float16, with --save-features or
                       without a pixel decoder
-    sample.json       the config, the identities of the checkpoints used and the timings
+    sample.json       the config (sampler and guide included), the identities of the
+                      checkpoints used and the timings
+
+--sampler heun takes second-order steps (two network evaluations a step but the last). With
+--guide-dit, a weaker DiT on the same latents replaces the unconditional branch of the guidance
+(AutoGuidance, Karras et al. 2024): v_weak + w·(v_main - v_weak) inside --cfg-interval.
 
 Sample i's noise depends only on (seed, i), and the samples are generated in fixed batches of
---batch-size (batch b holds samples b·B .. b·B + B - 1). Under torchrun rank r generates the
-batches b with b mod world = r, so every batch is computed exactly as in a one-process run and
-the outputs are identical, bit for bit, for any number of ranks (all ranks must see --out's
-folder: one node, or a shared file system). Each finished batch is written to a work folder beside
+--batch-size (batch b holds samples b·B .. b·B + B - 1). Under torchrun the batches still to do
+are dealt to the ranks in turn (rank r takes every world-th), so every batch is computed exactly
+as in a one-process run and the outputs are identical, bit for bit, for any number of ranks
+(all ranks must see --out's folder: one node, or a shared file system). Each finished batch is written to a work folder beside
 --out (its PNGs, encoded in a thread pool while the next batch runs, then one .npz of its arrays,
 by rename), so an interrupted run, rerun with the same command, continues from the batches
 already written. When all are done, rank 0 assembles samples.npz, latents.npy and features.npy
@@ -32,6 +37,7 @@ import os
 import shutil
 import time
 import zipfile
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -46,7 +52,7 @@ import torch.distributed as torch_dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from flatdino.models.flow import euler_sample
+from flatdino.models.flow import SAMPLERS, flow_sample, sample_noise
 from flatdino.pipeline.checkpoints import (
     load_dit,
     load_pixel_decoder,
@@ -71,10 +77,12 @@ class SampleConfig:
     per_class: int = 1  # samples per class (with --classes)
     n: int | None = None  # total samples (classes cycled); default: classes x per_class
     seed: int = 0
-    steps: int = 50  # Euler steps
+    steps: int = 50  # sampler steps on the κ-shifted grid
+    sampler: str = "euler"  # euler, or heun: second order, 2 evaluations a step but the last
     cfg: float = 4.5  # guidance weight w; 1 disables guidance (one pass per step)
     cfg_interval: tuple[float, float] = (0.225, 1.0)  # guidance only for t in this interval
-    ema: bool = True  # the EMA weights (False: the raw ones)
+    ema: bool = True  # the EMA weights (False: the raw ones), of the DiT and of the guide
+    guide_dit: str | None = None  # AutoGuidance's weaker DiT (run or checkpoint folder); None: CFG
     decoder: str | None = None  # train-decoder run/checkpoint folder or RAE's model.pt
     vae: str | None = None  # override the VAE checkpoint recorded by the latents store
     batch_size: int = 64  # samples per batch; part of the result's identity (see the docstring)
@@ -83,12 +91,6 @@ class SampleConfig:
     precision: str = "auto"  # auto: bf16 autocast + TF32 on CUDA, fp32 on CPU; bf16; fp32 (full)
     writers: int = 8  # threads encoding PNGs and writing batches
     progress: bool = True
-
-
-def sample_noise(seed: int, index: int, shape: tuple[int, ...]) -> np.ndarray:
-    """The starting noise of sample `index`: float32 N(0, I) from its own stream, seeded by
-    (seed, index) only, so it does not depend on the batch, the rank or the number of samples."""
-    return np.random.default_rng([seed, index]).standard_normal(shape, dtype=np.float32)
 
 
 def batches_of(n: int, batch_size: int) -> list[range]:
@@ -232,12 +234,13 @@ def batch_file(work: Path, b: int) -> Path:
 @torch.no_grad()
 def generate(cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kappa: float,
              device: torch.device, work: Path, todo: list[int], dtype: torch.dtype | None = None,
-             show_progress: bool = True) -> float:  # fmt: skip
+             show_progress: bool = True, guide=None) -> float:  # fmt: skip
     """Generate the batches `todo` (numbers into `batches_of`) into `work`: per batch its PNGs
     (with a decoder) and batches/BBBBBB.npz holding `pixels` uint8 (B, H, W, 3) with a decoder,
     `latents` float32 (B, T, d) and `features` float16 (B, P, C) with --save-features or without
-    one. The networks run under autocast `dtype` (None: fp32). Returns the seconds spent in the
-    networks (the rest is the writers' and the host's share)."""
+    one. `guide`: AutoGuidance's weaker DiT, or None for CFG. The networks run under autocast
+    `dtype` (None: fp32). Returns the seconds spent in the networks (the rest is the writers' and
+    the host's share)."""
     shape = (dit.cfg.tokens, dit.cfg.latent_dim)
     keep_features = cfg.save_features or decoder is None
     batches = batches_of(len(labels), cfg.batch_size)
@@ -251,8 +254,9 @@ def generate(cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kap
             x0 = torch.from_numpy(np.stack([sample_noise(cfg.seed, i, shape) for i in rows]))
             y = torch.from_numpy(labels[rows.start : rows.stop])
             tic = time.perf_counter()
-            x1 = euler_sample(dit, x0.to(device), y.to(device), cfg.steps, kappa, cfg.cfg,
-                              cfg.cfg_interval, dit.null_class, autocast=dtype)  # fmt: skip
+            x1 = flow_sample(dit, x0.to(device), y.to(device), cfg.steps, kappa, cfg.cfg,
+                             cfg.cfg_interval, dit.null_class, autocast=dtype,
+                             sampler=cfg.sampler, guide=guide)  # fmt: skip
             z = norm.denormalize(x1)  # (B, T, d) in the VAE's latent space
             with autocast(dtype, device):
                 feats = vae.decode(z).float()  # (B, P, C)
@@ -282,21 +286,21 @@ def assemble(work: Path, labels: np.ndarray, batch_size: int, shown: frozenset[i
         writers: dict[str, NpyWriter] = {}
         for b, rows in enumerate(batches_of(len(labels), batch_size)):
             path = batch_file(work, b)
-            try:
-                batch = np.load(path)
-            except (OSError, ValueError, zipfile.BadZipFile) as e:
+            try:  # every member read whole here: a damaged one fails its CRC check now
+                with np.load(path) as batch:
+                    arrays = {name: batch[name] for name in batch.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                path.unlink(missing_ok=True)
                 raise FlatDinoError(
-                    f"batch file {str(path)!r} is unreadable ({e}); delete it and rerun the same "
+                    f"batch file {str(path)!r} was damaged ({e}) and is removed; rerun the same "
                     "command to generate that batch again"
                 ) from e
-            with batch:
-                for name in batch.files:
-                    value = batch[name]
-                    if name not in writers:
-                        writers[name] = _open_array(files, work / names[name], name, value, labels)
-                    writers[name].write(value)
-                    if name == "pixels":  # copies: a view would keep the whole batch alive
-                        kept.update((k, value[j].copy()) for j, k in enumerate(rows) if k in shown)
+            for name, value in arrays.items():
+                if name not in writers:
+                    writers[name] = _open_array(files, work / names[name], name, value, labels)
+                writers[name].write(value)
+                if name == "pixels":  # copies: a view would keep the whole batch alive
+                    kept.update((k, value[j].copy()) for j, k in enumerate(rows) if k in shown)
     return kept
 
 
@@ -364,14 +368,15 @@ def run_key(cfg: SampleConfig, labels: np.ndarray, dtype: torch.dtype | None,
     """What decides the outputs' bits, each in a canonical form so that two spellings of one run
     (a relative or absolute path, "1,2" or "1, 2", --precision auto or what it resolves to) share
     the key: the config's numbers, the labels drawn, the autocast dtype, the device type and the
-    identities of the DiT, VAE and decoder checkpoints. Not --out, the progress bar, the writer
-    threads or the number of ranks."""
+    identities of the DiT, VAE, decoder and guide checkpoints. Not --out, the progress bar, the
+    writer threads or the number of ranks."""
     fields = asdict(cfg)
-    for name in ("out", "progress", "writers", "device", "dit", "vae", "decoder", "classes",
-                 "per_class", "n", "precision"):  # fmt: skip
+    for name in ("out", "progress", "writers", "device", "dit", "vae", "decoder", "guide_dit",
+                 "classes", "per_class", "n", "precision"):  # fmt: skip
         fields.pop(name)
     fields["labels"] = hashlib.sha256(np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()
     fields["dtype"] = str(dtype)
+    fields["grid_by_class"] = cfg.classes is not None  # "all" and None draw the same labels
     ident = [_identity(p) for p in checkpoints]
     text = json.dumps([fields, device.type, ident], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -442,11 +447,42 @@ def _check_pair(decoder, vae, flow: dict, cfg: SampleConfig) -> None:
             f"--decoder expects ({decoder.cfg.num_patches}, {decoder.cfg.in_dim}) features but the "
             f"VAE produces ({vae.cfg.num_patches}, {vae.cfg.in_dim}); use a decoder for this backbone"
         )
-    if cfg.cfg != 1.0 and not flow.get("class_dropout"):
+    if cfg.cfg != 1.0 and not flow.get("class_dropout") and not cfg.guide_dit:
         raise FlatDinoError(
             "the DiT was trained without class dropout, so its null class never learned; "
-            "sample with --cfg 1"
+            "sample with --cfg 1, or guide with a weaker model (--guide-dit)"
         )
+
+
+def _load_guide(cfg: SampleConfig, dit, flow: dict) -> tuple[torch.nn.Module | None, Path | None]:
+    """AutoGuidance's weaker DiT (--guide-dit) and its checkpoint folder, checked to predict
+    velocities in the main DiT's space: the same (T, d, classes) and the same latents."""
+    if not cfg.guide_dit:
+        return None, None
+    ckpt = resolve_checkpoint(cfg.guide_dit, "--guide-dit", "train-dit")
+    if not (ckpt / "flow.json").exists():
+        raise FlatDinoError(
+            f"--guide-dit {cfg.guide_dit!r} is not a train-dit checkpoint (no flow.json); pass a "
+            "train-dit run folder or one of its RUN/steps/NNNNNNN"
+        )
+    guide, guide_flow, _, _ = load_dit(str(ckpt), cfg.ema)
+    shape = (dit.cfg.tokens, dit.cfg.latent_dim, dit.cfg.num_classes)
+    found = (guide.cfg.tokens, guide.cfg.latent_dim, guide.cfg.num_classes)
+    if found != shape:
+        raise FlatDinoError(
+            f"--guide-dit {cfg.guide_dit!r} is a DiT for (tokens, latent_dim, classes) = {found} "
+            f"but --dit is one for {shape}; guide with a DiT trained on the same latents"
+        )
+    for key, fix in (
+        ("latents_fingerprint", "--latents"),
+        ("normalize", "--latents and --normalize"),
+    ):
+        if guide_flow.get(key) != flow.get(key):
+            raise FlatDinoError(
+                f"--guide-dit {cfg.guide_dit!r} was not trained on the latents --dit was (their "
+                f"flow.json's {key} differ); guide with a DiT trained with the same {fix}"
+            )
+    return guide, ckpt
 
 
 # Rank 0 alone checks the disk, opens the work folder and assembles the outputs, which for 50K
@@ -478,6 +514,8 @@ def sample(cfg: SampleConfig) -> dict:
     assembles them); returns a summary."""
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.writers < 1:
         raise FlatDinoError("--steps, --batch-size and --writers must be at least 1")
+    if cfg.sampler not in SAMPLERS:
+        raise FlatDinoError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {cfg.sampler!r}")
     d = setup_distributed(cfg.device)
     group = None
     try:
@@ -500,10 +538,12 @@ class _Run:
     norm: torch.nn.Module
     vae: torch.nn.Module
     decoder: torch.nn.Module | None
+    guide: torch.nn.Module | None  # AutoGuidance's weaker DiT
+    guide_ckpt: Path | None
     labels: np.ndarray
     key: str
     dtype: torch.dtype | None
-    checkpoints: list[Path]  # the DiT's, the VAE's and the decoder's
+    checkpoints: list[Path]  # the DiT's, the VAE's, the decoder's and the guide's
 
     def arrays(self, save_features: bool) -> set[str]:
         """The arrays in each batch file."""
@@ -524,13 +564,15 @@ def _prepare(cfg: SampleConfig, d: Dist) -> _Run:
         if not decoder_path.is_file():
             decoder_path = resolve_checkpoint(cfg.decoder, "--decoder", "train-decoder")
     _check_pair(decoder, vae, flow, cfg)
-    for m in (dit, norm, vae, decoder):
+    guide, guide_ckpt = _load_guide(cfg, dit, flow)
+    for m in (dit, norm, vae, decoder, guide):
         if m is not None:
             m.to(d.device)
     _check_out(Path(cfg.out))
     checkpoints = [Path(ckpt), vae_ckpt] + ([decoder_path] if decoder_path else [])
+    checkpoints += [guide_ckpt] if guide_ckpt else []
     key = run_key(cfg, labels, dtype, d.device, checkpoints)
-    return _Run(dit, flow, norm, vae, decoder, labels, key, dtype, checkpoints)
+    return _Run(dit, flow, norm, vae, decoder, guide, guide_ckpt, labels, key, dtype, checkpoints)
 
 
 def _previous(out: Path, key: str) -> dict | None:
@@ -542,13 +584,13 @@ def _previous(out: Path, key: str) -> dict | None:
     return record if record.get("key") == key else None
 
 
-def _open(cfg: SampleConfig, run: _Run) -> tuple[set[int] | None, int]:
+def _open(cfg: SampleConfig, run: _Run) -> tuple[set[int] | None, int, str]:
     """Rank 0: (the batches already on disk, or None when --out already holds this very run; the
-    number of batches). Checks the free space before anything is removed or written."""
+    number of batches; rank 0's run key, which every rank checks against its own). Checks the free space before anything is removed or written."""
     out = Path(cfg.out)
     batches = batches_of(len(run.labels), cfg.batch_size)
     if _previous(out, run.key) is not None:
-        return None, len(batches)
+        return None, len(batches), run.key
     names = run.arrays(cfg.save_features)
     work = _work_folder(out, run.key)
     on_disk = {int(p.stem) for p in (work / "batches").glob("*.npz")} if work.is_dir() else set()
@@ -561,7 +603,7 @@ def _open(cfg: SampleConfig, run: _Run) -> tuple[set[int] | None, int]:
     work, done = _open_work(out, run.key, names)
     if done:
         log.info("resuming %s: %d of %d batches already written", work, len(done), len(batches))
-    return done, len(batches)
+    return done, len(batches), run.key
 
 
 def _sample(cfg: SampleConfig, d: Dist, group) -> dict:
@@ -573,7 +615,13 @@ def _sample(cfg: SampleConfig, d: Dist, group) -> dict:
             opened = _open(cfg, run)
     except Exception as e:  # shared with the other ranks, which would otherwise wait forever
         error = e
-    done, total = _agree(d, group, error, opened)
+    done, total, key = _agree(d, group, error, opened)
+    if key != run.key:  # e.g. the checkpoint was saved again while the ranks loaded it
+        error = FlatDinoError(
+            f"rank {d.rank} loaded other checkpoint files than rank 0 (run key {run.key}, rank 0 "
+            f"{key}); sample from a checkpoint that is not being written, e.g. RUN/steps/NNNNNNN"
+        )
+    _agree(d, group, error)
     labels, work = run.labels, _work_folder(out, run.key)
     if done is None:
         log.info("%s already holds this run; nothing to do", out)
@@ -585,7 +633,7 @@ def _sample(cfg: SampleConfig, d: Dist, group) -> dict:
     try:
         network = generate(cfg, run.dit, run.norm, run.vae, run.decoder, labels,
                            float(run.flow["kappa"]), d.device, work, todo, run.dtype,
-                           show_progress=d.main)  # fmt: skip
+                           show_progress=d.main, guide=run.guide)  # fmt: skip
     except Exception as e:
         error = e
     generated = time.perf_counter() - tic
@@ -613,7 +661,8 @@ def _finish(cfg: SampleConfig, run: _Run, work: Path, resumed: int, generated: f
         grid = make_grid(images, labels, rows, run.flow.get("class_names"), by_class)
         grid.save(work / "grid.png")
     shutil.rmtree(work / "batches")
-    record = {"config": asdict(cfg), "key": run.key,
+    guide = str(run.guide_ckpt.resolve()) if run.guide_ckpt else None
+    record = {"config": asdict(cfg), "key": run.key, "sampler": cfg.sampler, "guide": guide,
               "checkpoints": [str(p.resolve()) for p in run.checkpoints],
               "flow": run.flow, "samples": len(labels),
               "world": world, "resumed_batches": resumed, "seconds": time.perf_counter() - tic,

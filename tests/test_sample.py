@@ -259,8 +259,14 @@ def test_two_ranks_write_the_same_bytes_as_one_and_a_run_resumes(chain, tmp_path
     assert sorted(p.name for p in (partial / "batches").iterdir()) == ["000000.npz", "000001.npz"]
     damaged = partial / "batches" / "000001.npz"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a batch file cut short by a crash
+    zeroed = partial / "batches" / "000000.npz"  # its zip index intact, a data region zeroed
+    data = bytearray(zeroed.read_bytes())
+    data[200:400] = bytes(200)
+    zeroed.write_bytes(bytes(data))
+    with pytest.raises(FlatDinoError, match="000000.npz' was damaged .* rerun the same command"):
+        sample(cfg)  # caught by its CRC when assembled, and removed
     summary = sample(cfg)
-    assert summary["resumed_batches"] == 1 and not partial.exists()  # batch 1 generated again
+    assert summary["resumed_batches"] == 3 and not partial.exists()  # 0 and 1 generated again
     assert _outputs(tmp_path / "again") == one
     stamp = (tmp_path / "again" / "samples.npz").stat().st_mtime_ns
     summary = sample(dataclasses.replace(cfg, writers=2))  # the same run again: nothing to do
@@ -358,11 +364,13 @@ def test_ranks_share_an_error_instead_of_waiting_for_each_other():
     port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
-    procs = [ctx.Process(target=_agree_rank, args=(r, port, results)) for r in range(2)]
+    procs = [ctx.Process(target=_agree_rank, args=(r, port, results), daemon=True)
+             for r in range(2)]  # fmt: skip
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
+        p.kill()  # a hung rank fails the test below instead of hanging pytest
     assert results[0].startswith("FlatDinoError: sample: rank 1 failed: OSError: disk gone")
     assert results[1] == "OSError: disk gone"
 
