@@ -28,6 +28,7 @@ from .options import (
     setup_logging,
 )
 from .sample import sample_cmd
+from .sweep import sweep_cmd
 from .train import run_info, train_decoder_cmd, train_dit_cmd, train_vae_cmd
 
 app = typer.Typer(
@@ -176,6 +177,14 @@ def info_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the full summary as JSON.")
     ] = False,
+    plot: Annotated[
+        bool,
+        typer.Option(
+            "--plot",
+            help="A run: also write RUN/curves.png, every metric of metrics.jsonl against the "
+            "step (loss, lr, grad-norm, validation, FD), for users of neither TensorBoard nor W&B.",
+        ),
+    ] = False,
 ) -> None:
     """A store: shape, dtype, attrs, valid and done counts, completeness. A run: model, progress."""
     from flatdino.pipeline.feature_store import FeatureStore
@@ -184,7 +193,16 @@ def info_cmd(
 
     if (path / "config.json").exists() and not (path / "zarr.json").exists():
         run_info(path, as_json)
+        if plot:
+            from flatdino.trainers.tracking import plot_curves
+
+            try:
+                typer.echo(f"wrote {plot_curves(path)}")
+            except FlatDinoError as e:
+                fail(str(e))
         return
+    if plot:
+        fail(f"--plot draws a run's curves; {str(path)!r} is not a run folder")
     try:
         latents = store_kind(path) == LatentStore.KIND
         summary = (LatentStore if latents else FeatureStore)(path).summary()
@@ -291,6 +309,7 @@ app.command(
     help="Train a pixel decoder from cached DINOv2 features to their images (RAE architecture).",
 )(train_decoder_cmd)
 app.command("sample")(sample_cmd)
+app.command("sweep-cfg")(sweep_cmd)
 app.add_typer(eval_app, name="eval")
 app.command("demo")(demo_cmd)
 app.add_typer(bench_app, name="bench")

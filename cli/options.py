@@ -115,6 +115,14 @@ StopAfterOpt = Annotated[
     int | None,
     typer.Option(min=1, help="End this invocation after N more steps, with a checkpoint."),
 ]
+LogToOpt = Annotated[
+    str,
+    typer.Option(
+        help="Also log metrics and pictures to tensorboard (RUN/tensorboard), wandb (RUN/wandb; "
+        "offline unless W&B is configured, never a login prompt) or none; auto: tensorboard when "
+        "installed. Pictures are always saved in RUN/grids/ too."
+    ),
+]
 ConfigOpt = Annotated[
     Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
 ]

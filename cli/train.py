@@ -22,6 +22,7 @@ from .options import (
     GradClipOpt,
     KeepEveryOpt,
     LogEveryOpt,
+    LogToOpt,
     MicroBatchOpt,
     ProgressOpt,
     ResumeOpt,
@@ -132,6 +133,16 @@ def train_vae_cmd(
             help="Continue from this checkpoint, e.g. RUN/pre-decay with a longer --steps to extend a run."
         ),
     ] = None,
+    log_to: LogToOpt = "auto",
+    decoder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Pixel decoder for the reconstruction grid of each validation (RAE's model.pt or a train-decoder run); else PCA colours of the features."
+        ),
+    ] = None,
+    grid_images: Annotated[
+        int, typer.Option(min=0, help="Fixed val images in that grid (0: no grid).")
+    ] = 8,
     config: ConfigOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -210,6 +221,48 @@ def train_dit_cmd(
     compile: CompileOpt = False,
     resume: ResumeOpt = False,
     stop_after: StopAfterOpt = None,
+    log_to: LogToOpt = "auto",
+    sample_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Every N steps, with the EMA weights: a grid of 8 classes x 8 from fixed noise "
+            "and FD-DINOv2 of --fd-samples samples against --fd-features, logged as fd_dinov2 "
+            "(0: off). Needs the VAE the latents came from.",
+        ),
+    ] = 5000,
+    fd_samples: Annotated[
+        int, typer.Option(min=2, help="Class-balanced samples (fixed noise) of that FD.")
+    ] = 1000,
+    fd_features: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reference feature store of that FD; default: the one the latents were encoded from."
+        ),
+    ] = None,
+    fd_reference: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            help="At most this many reference rows (whole blocks spread evenly over the store).",
+        ),
+    ] = 10_000,
+    sample_steps: Annotated[int, typer.Option(min=1, help="Euler steps of those samples.")] = 50,
+    sample_cfg: Annotated[
+        float, typer.Option(min=1.0, help="Their guidance weight (1: none, one pass per step).")
+    ] = 1.0,
+    best_by_fd: Annotated[
+        bool,
+        typer.Option(
+            "--best-by-fd", help="Keep RUN/best/ (a full checkpoint) at the lowest FD so far."
+        ),
+    ] = False,
+    decoder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Pixel decoder for the grid (RAE's model.pt or a train-decoder run); else PCA colours of the features."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
@@ -281,6 +334,15 @@ def train_decoder_cmd(
     compile: CompileOpt = False,
     resume: ResumeOpt = False,
     stop_after: StopAfterOpt = None,
+    log_to: LogToOpt = "auto",
+    grid_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Every N steps, reconstructions of fixed images beside their targets (0: off).",
+        ),
+    ] = 500,
+    grid_images: Annotated[int, typer.Option(min=0, help="Images in that grid.")] = 8,
     config: ConfigOpt = None,
     progress: ProgressOpt = True,
 ) -> None:

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 from tqdm import tqdm
 
@@ -47,6 +46,7 @@ from flatdino.pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_
 from flatdino.pipeline.env import resolve_device
 from flatdino.pipeline.errors import FlatDinoError, WeightsError
 from flatdino.pipeline.feature_store import FeatureStore
+from flatdino.pipeline.frechet import RunningStats, frechet_distance, statistics  # noqa: F401  (eval fid's API)
 from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
 from flatdino.pipeline.sources import IMAGE_EXTENSIONS, load_image, open_source
 from flatdino.pipeline.store import row_block, store_kind
@@ -78,69 +78,6 @@ class FidConfig:
     k: int = 3  # neighbours of the k-NN radii
     save_stats: str | None = None  # write the reference's statistics here
     progress: bool = True
-
-
-# -- the distance --------------------------------------------------------------------------------
-
-
-def frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
-                     eps: float = 1e-6) -> float:  # fmt: skip
-    """‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½), all in float64 (Heusel et al. 2017).
-
-    The standard fix for a near-singular product (as pytorch-fid and the ADM evaluator): when the
-    square root is not finite, both covariances get `eps`·I added; a numerically complex root
-    keeps its real part when the imaginary part of its diagonal is negligible."""
-    mu1, mu2 = np.asarray(a[0], np.float64), np.asarray(b[0], np.float64)
-    s1, s2 = (
-        np.atleast_2d(np.asarray(a[1], np.float64)),
-        np.atleast_2d(np.asarray(b[1], np.float64)),
-    )
-    if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise FlatDinoError(
-            f"the two sets have features of {mu1.shape[0]} and {mu2.shape[0]} dims; compare sets "
-            "of the same feature space"
-        )
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        log.warning(
-            "Fréchet distance: singular product of covariances; adding %g to the diagonals", eps
-        )
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.max(np.abs(np.diagonal(covmean).imag))
-        if imag > 1e-3:
-            raise FlatDinoError(
-                f"Fréchet distance: the covariances' product has a complex square root (imaginary "
-                f"part {imag:.3g}); the statistics are broken (too few samples or non-finite features)"
-            )
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-def statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, covariance) of the rows of x (n, D), in float64."""
-    acc = RunningStats(np.asarray(x).shape[1])
-    acc.add(x)
-    return acc.result()
-
-
-class RunningStats:
-    """Mean and covariance accumulated batch by batch in float64: n, Σx and Σxxᵀ."""
-
-    def __init__(self, dim: int):
-        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64)
-        self.n += len(x)
-        self.sum += x.sum(0)
-        self.outer += x.T @ x
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        mu = self.sum / self.n
-        return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
 
 
 # -- precision and recall ------------------------------------------------------------------------

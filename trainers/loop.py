@@ -30,6 +30,7 @@ from flatdino.pipeline.loader import prefetch
 
 from .optim import set_lr
 from .runner import Dist, NonFiniteLossError, all_reduce_mean, append_metrics
+from .tracking import Tracker
 
 log = logging.getLogger("flatdino.train")
 
@@ -69,8 +70,9 @@ def autocast_for(device: torch.device):
     return autocast(inference_dtype("auto", device), device)
 
 
-def _log_step(out: Path, d: Dist, metrics: dict, bar: tqdm) -> None:
+def _log_step(out: Path, d: Dist, metrics: dict, bar: tqdm, tracker: Tracker) -> None:
     append_metrics(out, metrics, d)
+    tracker.scalars(metrics["step"], metrics)
     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
     log.info(
         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
@@ -103,13 +105,14 @@ def _check_finite(pending: list[tuple[int, torch.Tensor]], out: Path) -> None:
 
 def train_loop(
     lc: LoopConfig, d: Dist, out: Path, net: nn.Module, opt: torch.optim.Optimizer,
-    hooks: LoopHooks, state: dict,
+    hooks: LoopHooks, state: dict, tracker: Tracker | None = None,
 ) -> dict:  # fmt: skip
     """Run optimiser steps from state["step"] to the end (or --stop-after); returns the last metrics.
 
     `state` holds step, epoch and micro_step (the position inside the epoch) and is updated in
     place, so a checkpoint of it resumes exactly where this invocation stopped.
     """
+    tracker = tracker or Tracker(out)
     params = [p for g in opt.param_groups for p in g["params"]]
     end = lc.total if lc.stop_after is None else min(lc.total, state["step"] + lc.stop_after)
     if state["step"] >= end:  # e.g. --resume of a finished run: keep its final.json as it is
@@ -168,7 +171,7 @@ def train_loop(
                 metrics = {"step": step, "epoch": state["epoch"], "loss": values.pop("loss"),
                            **values, "lr": lr, "grad_norm": grad_norm.item(),
                            "samples_per_s": rate}  # fmt: skip
-                _log_step(out, d, metrics, bar)
+                _log_step(out, d, metrics, bar, tracker)
                 tic, seen = time.perf_counter(), 0
             metrics.update(hooks.after_step(step))
             if saves:

@@ -31,6 +31,7 @@ from .optim import param_groups
 from .resume import keep_finished, resume_run
 from .runner import (
     Dist,
+    append_metrics,
     run_setup,
     save_checkpoint,
     seed_ranks,
@@ -40,6 +41,7 @@ from .runner import (
     trainer_state,
     wrap_model,
 )  # fmt: skip
+from .tracking import Tracker, open_tracker, resolve_log_to
 
 log = logging.getLogger("flatdino.train")
 
@@ -62,6 +64,26 @@ class TrainingRun:
     # saved beside model.safetensors in every checkpoint: {"ema": module}, {"flow": {...}}
     extra_weights: dict[str, nn.Module] = field(default_factory=dict)
     extra_json: dict[str, dict] = field(default_factory=dict)
+    _tracker: Tracker | None = None
+
+    @property
+    def tracker(self) -> Tracker:
+        """TensorBoard / W&B / none as --log-to says (rank 0), opened after the resume so a
+        resumed run continues its curves from its step."""
+        if self._tracker is None:
+            config = {"train": asdict(self.cfg), "model": self.model_config}
+            self._tracker = open_tracker(getattr(self.cfg, "log_to", "none"), self.out, config,
+                                         self.state.get("step", 0), self.d.main)  # fmt: skip
+        return self._tracker
+
+    def record(self, row: dict) -> None:
+        """One metrics row (with its "step") into metrics.jsonl and the tracker."""
+        append_metrics(self.out, row, self.d)
+        self.tracker.scalars(row["step"], row)
+
+    def image(self, tag: str, image) -> None:
+        """A uint8 (H, W, 3) picture of this step into the tracker and RUN/grids/."""
+        self.tracker.image(tag, self.state["step"], image)
 
     @property
     def resuming(self) -> bool:
@@ -112,7 +134,12 @@ class TrainingRun:
         cfg = self.cfg
         lc = LoopConfig(name, total, self.accum, cfg.grad_clip, cfg.log_every, cfg.ckpt_every,
                         cfg.keep_every, cfg.stop_after, cfg.progress)  # fmt: skip
-        return train_loop(lc, self.d, self.out, self.net, self.opt, hooks, self.state)
+        tracker = self.tracker
+        try:
+            return train_loop(lc, self.d, self.out, self.net, self.opt, hooks, self.state, tracker)
+        finally:
+            self.tracker.close()
+            self._tracker = None
 
 
 @contextmanager
@@ -121,6 +148,7 @@ def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
     rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration; the torchrun
     group is left at the end."""
     micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
+    resolve_log_to(getattr(cfg, "log_to", "none"))  # a missing package: before anything is written
     out = Path(cfg.out)
     run = TrainingRun(cfg, d, out, micro, accum, model_config)
     setup_run_dir(out, {"train": asdict(cfg), "model": model_config}, d, run.resuming)

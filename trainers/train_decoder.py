@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flatdino.models.pixel_decoder import PIXEL_DECODER_PRESETS, PixelDecoder, pixel_decoder_preset
@@ -27,6 +28,7 @@ from flatdino.pipeline.targets import TargetImages
 
 from .loop import LoopHooks
 from .optim import make_schedule
+from .pictures import tile, to_uint8
 from .run import start_run
 from .runner import setup_distributed
 
@@ -65,6 +67,9 @@ class TrainDecoderConfig:
     compile: bool = False
     resume: bool = False
     stop_after: int | None = None
+    log_to: str = "auto"  # tensorboard | wandb | none | auto (tensorboard when installed)
+    grid_every: int = 500  # reconstructions of fixed images beside their targets (0: off)
+    grid_images: int = 8
     progress: bool = True
 
 
@@ -133,5 +138,20 @@ def train_decoder(cfg: TrainDecoderConfig) -> dict:
             pred = net(add_feature_noise(x.float(), cfg.noise_tau))  # (B, 3, S, S)
             return decoder_loss(pred, target, cfg, reduce_over=run.micro), len(x)
 
-        hooks = LoopHooks(batches=batches, loss=loss, lr=schedule, save=run.save)
+        rows = store.valid_rows(cfg.grid_images)  # fixed: the same images at every step
+        fixed = torch.from_numpy(store.features.get_orthogonal_selection((rows, 0))).float()
+        truth = to_uint8(targets.batch(rows, np.zeros(len(rows), int))) if d.main else None
+
+        @torch.no_grad()
+        def after_step(step: int) -> dict:
+            every = cfg.grid_every if cfg.grid_images else 0
+            if d.main and every and (step % every == 0 or step == schedule.total):
+                model.eval()
+                pred = to_uint8(model(fixed.to(d.device)))
+                model.train()
+                run.image("reconstructions", tile(np.concatenate([truth, pred]), len(rows)))
+            return {}
+
+        hooks = LoopHooks(batches=batches, loss=loss, lr=schedule, save=run.save,
+                          after_step=after_step)  # fmt: skip
         return run.loop("train-decoder", schedule.total, hooks)

@@ -13,21 +13,27 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
 from flatdino.models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
-from flatdino.models.flow import LatentNorm, flow_loss
+from flatdino.models.flow import LatentNorm, euler_sample, flow_loss, sample_noise
+from flatdino.pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
+from flatdino.pipeline.env import autocast, inference_dtype
 from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.frechet import RunningStats, frechet_distance, store_statistics
 from flatdino.pipeline.latent_store import LatentStore
 from flatdino.pipeline.loader import LatentBatches, LoaderConfig, check_views
 
 from .loop import LoopHooks
 from .optim import WSDSchedule
+from .pictures import FeaturePCA, tile, to_uint8
 from .run import start_run
 from .runner import Dist, setup_distributed
 
@@ -64,6 +70,15 @@ class TrainDiTConfig:
     compile: bool = False  # torch.compile the model
     resume: bool = False  # continue RUN/checkpoints
     stop_after: int | None = None  # end this invocation (with a checkpoint) after N more steps
+    log_to: str = "auto"  # tensorboard | wandb | none | auto (tensorboard when installed)
+    sample_every: int = 5000  # EMA samples: a grid and FD-DINOv2 every N steps (0: off)
+    fd_samples: int = 1000  # generated samples of the FD (class-balanced, fixed noise)
+    fd_features: str | None = None  # FD reference store; default: the latents' feature store
+    fd_reference: int = 10_000  # at most this many reference rows (whole blocks, spread evenly)
+    sample_steps: int = 50  # Euler steps of those samples
+    sample_cfg: float = 1.0  # their guidance weight (1: none; the interval is the sampler's)
+    best_by_fd: bool = False  # keep RUN/best/ at the lowest FD so far
+    decoder: str | None = None  # pixel decoder for the grid (else PCA colours of the features)
     progress: bool = True
 
 
@@ -122,6 +137,67 @@ def _schedule(
     return steps_per_epoch, WSDSchedule(peak=cfg.lr, warmup=warmup, stable=total - warmup)
 
 
+class SampleMonitor:
+    """Rank 0's view of training: from the EMA weights, `fd_samples` class-balanced samples and a
+    grid of 8 classes x 8, both from fixed noise and labels (so two steps compare), decoded by the
+    VAE the latents came from. FD-DINOv2 of the mean-pooled decoded features against the reference
+    store (its statistics computed once); the grid in pixels through --decoder, else in the PCA
+    colours of the reference features."""
+
+    def __init__(self, cfg: TrainDiTConfig, store: LatentStore, model_cfg: DiTConfig,
+                 norm: LatentNorm, flow: dict, d: Dist):  # fmt: skip
+        vae_path = store.attrs.get("vae_checkpoint")
+        reference = cfg.fd_features or (store.attrs.get("config") or {}).get("features")
+        fix = "pass --sample-every 0 to train without samples"
+        if not vae_path or not Path(vae_path).exists():
+            raise FlatDinoError(f"--sample-every needs the VAE the latents came from, {vae_path!r}, "
+                                f"which is not there; {fix}")  # fmt: skip
+        if not reference or not Path(reference).exists():
+            raise FlatDinoError(f"--sample-every needs a reference feature store for FD, "
+                                f"{reference!r} is not there; pass --fd-features or {fix}")  # fmt: skip
+        self.vae = load_vae(resolve_vae(vae_path))[0].to(d.device)
+        self.decoder = load_pixel_decoder(cfg.decoder)[0].to(d.device) if cfg.decoder else None
+        self.reference, first = store_statistics(reference, cfg.fd_reference)  # RunningStats
+        self.pca = FeaturePCA(first[:64])
+        self.cfg, self.norm, self.device = cfg, norm, d.device
+        self.kappa, self.null = float(flow["kappa"]), model_cfg.num_classes
+        shape = (model_cfg.tokens, model_cfg.latent_dim)
+        k = model_cfg.num_classes
+        self.labels = np.resize(np.arange(k), cfg.fd_samples)
+        self.noise = np.stack([sample_noise(cfg.seed, i, shape) for i in range(cfg.fd_samples)])
+        self.grid_labels = np.repeat(np.arange(min(k, 8)), 8)
+        self.grid_noise = np.stack([sample_noise(cfg.seed + 1, i, shape)
+                                    for i in range(len(self.grid_labels))])  # fmt: skip
+
+    @torch.no_grad()
+    def features(self, model, noise: np.ndarray, labels: np.ndarray, batch: int = 256):
+        dtype = inference_dtype("auto", self.device)
+        for i in range(0, len(noise), batch):
+            x0 = torch.from_numpy(noise[i : i + batch]).to(self.device)
+            y = torch.from_numpy(labels[i : i + batch]).to(self.device)
+            x1 = euler_sample(model, x0, y, self.cfg.sample_steps, self.kappa, self.cfg.sample_cfg,
+                              (0.0, 1.0), self.null, autocast=dtype)  # fmt: skip
+            with autocast(dtype, self.device):
+                yield self.vae.decode(self.norm.denormalize(x1)).float()  # (B, P, C)
+
+    def __call__(self, model, run) -> dict:
+        tic = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        acc = RunningStats(len(self.reference.sum))
+        for f in self.features(model, self.noise, self.labels):
+            acc.add(f.mean(1).double().cpu().numpy())
+        grid = torch.cat(list(self.features(model, self.grid_noise, self.grid_labels)))
+        model.train(was_training)
+        if self.decoder is not None:
+            pictures = to_uint8(self.decoder(grid))
+        else:
+            pictures = self.pca(grid.cpu().numpy())
+        run.image("samples", tile(pictures, cols=8))
+        fd = frechet_distance(acc.result(), self.reference.result())
+        return {"fd_dinov2": fd, "sample_seconds": time.perf_counter() - tic}
+
+
 def train_dit(cfg: TrainDiTConfig) -> dict:
     """Train (or resume) a DiT on a latents store as `cfg` says; returns the final metrics."""
     d = setup_distributed(cfg.device)
@@ -147,7 +223,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
             ema = ModelEmaV3(model, decay=cfg.ema_decay, dtype=torch.float32)
             return {"ema": ema.module}
 
-        model = run.build(lambda: LightningDiT(model_cfg), extras=with_ema)
+        model = run.build(lambda: LightningDiT(model_cfg), {"best_fd": float("inf")}, with_ema)
         run.extra_weights["latent_stats"] = norm
         run.extra_json["flow"] = flow
         log.info("model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
@@ -168,6 +244,24 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
                 loader.epoch(epoch, start_step=start), steps_per_epoch * run.accum - start
             )
 
+        samples = (
+            bool(cfg.sample_every) and schedule.total >= cfg.sample_every
+        )  # a step to sample at
+        monitor = (
+            SampleMonitor(cfg, store, model_cfg, norm, flow, d) if d.main and samples else None
+        )
+
+        def after_step(step: int) -> dict:
+            if monitor is None or step % cfg.sample_every:
+                return {}
+            values = monitor(ema.module, run)
+            run.record({"step": step, **values})
+            if cfg.best_by_fd and values["fd_dinov2"] < run.state["best_fd"]:
+                run.state["best_fd"] = values["fd_dinov2"]
+                run.save(run.out / "best")
+            return values
+
         hooks = LoopHooks(batches=batches, loss=loss, lr=schedule, save=run.save,
-                          after_update=lambda: ema.update(model))  # fmt: skip
+                          after_update=lambda: ema.update(model), after_step=after_step,
+                          acts_at=lambda step: bool(monitor) and step % cfg.sample_every == 0)  # fmt: skip
         return run.loop("train-dit", schedule.total, hooks)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from flatdino.models.vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
+from flatdino.pipeline.checkpoints import load_pixel_decoder
 from flatdino.pipeline.env import fast_matmul
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.feature_store import FeatureStore
@@ -17,8 +18,9 @@ from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
 
 from .loop import LoopHooks, autocast_for
 from .optim import make_schedule
+from .pictures import FeaturePCA, tile, to_uint8
 from .run import TrainingRun, start_run
-from .runner import Dist, NonFiniteLossError, append_metrics, setup_distributed
+from .runner import Dist, NonFiniteLossError, setup_distributed
 
 log = logging.getLogger("flatdino.train")
 
@@ -57,6 +59,9 @@ class TrainVAEConfig:
     resume: bool = False  # continue RUN/checkpoints (or --resume-from)
     resume_from: str | None = None  # a checkpoint dir, e.g. RUN/pre-decay to extend a run
     stop_after: int | None = None  # end this invocation (with a checkpoint) after N more steps
+    log_to: str = "auto"  # tensorboard | wandb | none | auto (tensorboard when installed)
+    decoder: str | None = None  # pixel decoder for the reconstruction grid (else PCA colours)
+    grid_images: int = 8  # fixed val images in the reconstruction grid of every validation
     progress: bool = True
 
 
@@ -108,14 +113,48 @@ def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str
     return {"val_mse": mse, "val_rel_err": rel}
 
 
-def _validate(cfg: TrainVAEConfig, run: TrainingRun) -> dict:
+class ReconstructionGrid:
+    """The first `n` valid val images, view 0: their features (or pixels, through `decoder`) on
+    the top row and the VAE's reconstructions (z = mu) below, the same images at every step."""
+
+    def __init__(self, path: str, n: int, decoder: str | None, device: torch.device):
+        store = FeatureStore(path)
+        rows = store.valid_rows(n)
+        self.x = torch.from_numpy(store.features.get_orthogonal_selection((rows, 0))).float()
+        self.decoder = load_pixel_decoder(decoder)[0].to(device) if decoder else None
+        shape = tuple(self.x.shape[1:])
+        if self.decoder and (self.decoder.cfg.num_patches, self.decoder.cfg.in_dim) != shape:
+            raise FlatDinoError(
+                f"--decoder {decoder!r} expects ({self.decoder.cfg.num_patches}, "
+                f"{self.decoder.cfg.in_dim}) features but --val-features holds {shape}; use a "
+                "decoder for this backbone"
+            )
+        self.pca = FeaturePCA(self.x.numpy()) if self.decoder is None else None
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> np.ndarray:
+        was_training = model.training
+        x = self.x.to(self.device)
+        x_hat = model.eval()(x, sample=False)[0].float()
+        model.train(was_training)
+        if self.decoder is not None:
+            pictures = to_uint8(self.decoder(torch.cat([x, x_hat])))
+        else:
+            pictures = self.pca(torch.cat([x, x_hat]).cpu().numpy())
+        return tile(pictures, cols=len(x))
+
+
+def _validate(cfg: TrainVAEConfig, run: TrainingRun, grid: ReconstructionGrid | None) -> dict:
     """Validation metrics; saves best/ when the validation MSE improves."""
     state = run.state
     val = evaluate(run.model, cfg.val_features, run.d, run.micro)
-    append_metrics(run.out, {"step": state["step"], **val}, run.d)
+    run.record({"step": state["step"], **val})
     log.info(
         "step=%d val_mse=%.4g val_rel_err=%.4g", state["step"], val["val_mse"], val["val_rel_err"]
     )
+    if grid is not None:
+        run.image("val/reconstructions", grid(run.model))
     if val["val_mse"] < state["best"]:
         state["best"] = val["val_mse"]
         run.save_weights(run.out / "best")
@@ -133,6 +172,10 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
                     "--val-features")  # fmt: skip
     if cfg.steps is None and cfg.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
+    if cfg.decoder and not cfg.val_features:
+        raise FlatDinoError(
+            "--decoder draws the reconstruction grid of each validation; give --val-features too"
+        )
     with start_run(cfg, model_cfg.to_dict(), d) as run:
         loader = FeatureBatches(cfg.features, LoaderConfig(
             run.micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world))  # fmt: skip
@@ -155,6 +198,10 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
             x_hat, mu, logvar = net(x)
             return vae_loss(x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=run.micro), len(x)
 
+        grid = None
+        if cfg.val_features and d.main and cfg.grid_images > 0:
+            grid = ReconstructionGrid(cfg.val_features, cfg.grid_images, cfg.decoder, d.device)
+
         def decays_at(step: int) -> bool:
             return step == schedule.decay_start and bool(schedule.decay)
 
@@ -164,7 +211,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         def after_step(step: int) -> dict:
             if decays_at(step):
                 run.save(run.out / "pre-decay")
-            return _validate(cfg, run) if validates_at(step) else {}
+            return _validate(cfg, run, grid) if validates_at(step) else {}
 
         hooks = LoopHooks(batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
                           loss=loss, lr=schedule, save=run.save, after_step=after_step,
