@@ -38,6 +38,7 @@ class DemoConfig:
     per_class: int = 32  # generated samples per class (the grid shows up to 16 of them)
     sample_steps: int = 50  # Euler steps of the sampler
     cfg: float = 4.5  # classifier-free guidance weight
+    watch_points: int = 8  # train-dit logs a grid and FD-DINOv2 this many times over its run
     backend: str = "local"  # extract-features / encode-latents backend: local | ray
     device: str = "auto"
     progress: bool = True
@@ -110,10 +111,13 @@ class Demo:
             Stage("train-vae", f"tiny FlatDINO VAE, {c.vae_steps} steps", self._train_vae),
             Stage("encode-train", "train features -> latents", lambda: self._encode("train")),
             Stage("encode-val", "val features -> latents", lambda: self._encode("val")),
-            Stage("train-dit", f"tiny LightningDiT on the latents, {c.dit_steps} steps", self._train_dit),
             Stage("train-decoder", f"tiny pixel decoder, {c.decoder_steps} steps", self._train_decoder),
+            Stage("train-dit", f"tiny LightningDiT on the latents, {c.dit_steps} steps, "
+                  f"FD-DINOv2 and a grid {c.watch_points} times", self._train_dit),
             Stage("sample", f"{c.per_class} digits per class, {c.sample_steps} Euler steps, CFG {c.cfg}",
                   self._sample),
+            Stage("guidance", "sweep-cfg; Heun vs Euler at 10 and 50 steps; AutoGuidance",
+                  self._guidance),
             Stage("evaluate", "VAE error, k-NN, FD, token ablation, generated-digit accuracy",
                   self._evaluate),
         ]  # fmt: skip
@@ -164,8 +168,19 @@ class Demo:
             views=1,
             log_every=200, ckpt_every=500, device=self.cfg.device, resume=True,
             progress=self.cfg.progress,
+            # watched: EMA samples through the pixel decoder and their FD against the val features
+            sample_every=self._every(), fd_samples=10 * self.cfg.per_class, sample_steps=20,
+            fd_features=self.p("features-val.zarr"), decoder=self.p("runs/decoder"),
+            keep_every=self._guide_step(),  # steps/ keeps the weak model of AutoGuidance
         ))  # fmt: skip
         return {"items": self.cfg.dit_steps * batch, "unit": "samples"}
+
+    def _every(self) -> int:
+        return max(1, self.cfg.dit_steps // self.cfg.watch_points)
+
+    def _guide_step(self) -> int:
+        """The early checkpoint AutoGuidance guides with: a quarter of the way."""
+        return max(1, self.cfg.dit_steps // 4)
 
     def _train_decoder(self) -> dict:
         from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
@@ -183,16 +198,56 @@ class Demo:
         samples = self._sample_into("samples", cfg=self.cfg.cfg, save_features=True)
         return {"items": len(samples["labels"]), "unit": "samples"}
 
-    def _sample_into(self, folder: str, cfg: float, save_features: bool):
+    def _sample_into(self, folder: str, cfg: float, save_features: bool, **options):
         """`flatdino sample` of every class into OUT/folder; returns its samples.npz."""
         from flatdino.sampling.sample import SampleConfig, sample
 
+        settings = {"steps": self.cfg.sample_steps, **options}
         sample(SampleConfig(
             dit=self.p("runs/dit"), out=self.p(folder), decoder=self.p("runs/decoder"),
-            classes="all", per_class=self.cfg.per_class, steps=self.cfg.sample_steps, cfg=cfg,
-            save_features=save_features, device=self.cfg.device, progress=self.cfg.progress,
+            classes="all", per_class=self.cfg.per_class, cfg=cfg, save_features=save_features,
+            device=self.cfg.device, progress=self.cfg.progress, **settings,
         ))  # fmt: skip
         return np.load(self.p(f"{folder}/samples.npz"))
+
+    def _guidance(self) -> dict:
+        """The guidance sweep (paper Fig. 14), Heun against Euler, and AutoGuidance with the
+        quarter-way checkpoint as the weak model: digit accuracy and FD-DINOv2 against val."""
+        from flatdino.eval.fid import FidConfig, frechet_distance, load_set
+        from flatdino.eval.sweep import SweepConfig, sweep_cfg
+
+        p, c = self.p, self.cfg
+        sweep = sweep_cfg(SweepConfig(
+            dit=p("runs/dit"), features=p("features-val.zarr"), out=p("sweep"),
+            scales=(1.0, 2.0, 4.5, 6.0), interval_starts=(0.0, 0.225, 0.5), n=10 * c.per_class,
+            steps=max(1, c.sample_steps // 2), device=c.device, progress=c.progress,
+        ))  # fmt: skip
+        clf, _ = digit_judge()
+        space = FidConfig(real="", space="dinov2", progress=False)
+        val = load_set(p("features-val.zarr"), space).stats
+
+        def measured(folder: str, samples) -> dict:
+            fd = frechet_distance(load_set(p(f"{folder}/features.npy"), space).stats, val)
+            return {"accuracy": judge(clf, samples["arr_0"], samples["labels"])["accuracy"],
+                    "fd_dinov2": fd}  # fmt: skip
+
+        samplers = []
+        for sampler, steps in [("euler", 10), ("heun", 10), ("euler", 50), ("heun", 50)]:
+            folder = f"samplers/{sampler}-{steps}"
+            if sampler == "euler" and steps == c.sample_steps:
+                folder, samples = "samples", np.load(p("samples/samples.npz"))  # made already
+            else:
+                samples = self._sample_into(folder, c.cfg, True, sampler=sampler, steps=steps)
+            samplers.append({"sampler": sampler, "steps": steps, **measured(folder, samples)})
+        guide = p(f"runs/dit/steps/{self._guide_step():07d}")
+        auto = self._sample_into("samples-autoguidance", 2.0, True, guide_dit=guide)
+        return {
+            "items": 0, "unit": "",
+            "sweep": {"best": sweep["best"], "heatmap": "sweep/heatmap.png", "csv": "sweep/sweep.csv"},
+            "samplers": samplers,
+            "autoguidance": {"guide_step": self._guide_step(), "weight": 2.0,
+                             **measured("samples-autoguidance", auto)},
+        }  # fmt: skip
 
     def _evaluate(self) -> dict:
         import torch
@@ -341,6 +396,12 @@ def build_report(cfg: DemoConfig, state: dict) -> dict:
                        per_second=round(rec["items"] / max(rec["seconds"], 1e-9), 1))  # fmt: skip
         stages[name] = row
     ev = state["stages"]["evaluate"]
+    fd_curve = []
+    metrics = Path(cfg.out) / "runs" / "dit" / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        fd_curve = [[r["step"], r["fd_dinov2"]] for r in rows if "fd_dinov2" in r]
+    guidance = state["stages"].get("guidance", {})
     return {
         "settings": cfg.recipe(),
         "stages": stages,
@@ -349,6 +410,10 @@ def build_report(cfg: DemoConfig, state: dict) -> dict:
         "knn": ev["knn"],
         "fd_dinov2_space": ev["fd_dinov2_space"],
         "generated": ev["generated"],
+        "fd_during_training": fd_curve,
+        "guidance_sweep": guidance.get("sweep"),
+        "samplers": guidance.get("samplers"),
+        "autoguidance": guidance.get("autoguidance"),
         "outputs": {
             "grid": "samples/grid.png",
             "ablation": "ablation.png",
@@ -406,4 +471,34 @@ def render_report(r: dict) -> str:
         f"{g['judge_on_val_decoder']:.1%}; through VAE + decoder: {g['judge_on_val_vae_decoder']:.1%}",
         "",
     ]
+    lines += _render_watching(r)
     return "\n".join(lines)
+
+
+def _render_watching(r: dict) -> list[str]:
+    lines = []
+    if r.get("fd_during_training"):
+        curve = ", ".join(f"{s}: {v:.3f}" for s, v in r["fd_during_training"])
+        lines += ["## Watching the DiT train", "",
+                  f"FD-DINOv2 of the EMA samples against val, by step: {curve}. Grids: "
+                  "`runs/dit/grids/`; curves: `flatdino info runs/dit --plot`.", ""]  # fmt: skip
+    if r.get("guidance_sweep"):
+        b = r["guidance_sweep"]["best"]
+        lines += ["## Guidance", "",
+                  f"- `sweep-cfg` (`sweep/heatmap.png`, `sweep/sweep.csv`): the lowest "
+                  f"{b['metric']} {b['value']:.4f} is at CFG {b['cfg']:g} from t = "
+                  f"{b['interval_start']:g}.", ""]  # fmt: skip
+    if r.get("samplers"):
+        lines += [
+            "| sampler | steps | digits recognised | FD-DINOv2 vs val |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {s['sampler']} | {s['steps']} | {s['accuracy']:.1%} | {s['fd_dinov2']:.4f} |"
+                  for s in r["samplers"]]  # fmt: skip
+        lines.append("")
+    if r.get("autoguidance"):
+        a = r["autoguidance"]
+        lines += [f"- AutoGuidance, guided by the step-{a['guide_step']} checkpoint at weight "
+                  f"{a['weight']:g}: {a['accuracy']:.1%} recognised, FD-DINOv2 {a['fd_dinov2']:.4f}.",
+                  ""]  # fmt: skip
+    return lines

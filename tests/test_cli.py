@@ -76,7 +76,7 @@ def test_extract_features_builds_the_config_from_options(monkeypatch, tmp_path):
     assert cfg.backbone == "dinov2-vitb14-reg" and cfg.progress
 
 
-@pytest.mark.parametrize("name", [*MISSION, "train-decoder", "info", "flops", "demo"])
+@pytest.mark.parametrize("name", [*MISSION, "train-decoder", "info", "flops", "demo", "sweep-cfg"])
 def test_every_command_explains_its_options(name):
     result = invoke(name, "--help")
     assert result.exit_code == 0 and "--help" in result.output

@@ -120,7 +120,8 @@ def test_reduced_demo_writes_every_output_with_sane_numbers_and_reuses_stages(tm
         assert (out / name).exists(), name
     r = json.loads((out / "report.json").read_text())
     assert list(r["stages"]) == ["extract-train", "extract-val", "train-vae", "encode-train",
-                                 "encode-val", "train-dit", "train-decoder", "sample", "evaluate"]  # fmt: skip
+                                 "encode-val", "train-decoder", "train-dit", "sample", "guidance",
+                                 "evaluate"]  # fmt: skip
     assert r["stages"]["extract-train"]["items"] == 1438
     assert r["stages"]["extract-val"]["items"] == 359
     assert r["stages"]["sample"]["items"] == 40
@@ -139,11 +140,21 @@ def test_reduced_demo_writes_every_output_with_sane_numbers_and_reuses_stages(tm
     assert np.asarray(Image.open(out / "samples/grid.png")).ndim == 3
     md = (out / "report.md").read_text()
     assert f"{g['accuracy']:.1%}" in md and "train-vae" in md
+    # watching: FD during training at 8 points, the sweep, the samplers, AutoGuidance
+    curve = r["fd_during_training"]
+    assert len(curve) == 8 and all(np.isfinite(v) for _, v in curve)
+    assert len(list((out / "runs/dit/grids").glob("samples-*.png"))) == 8
+    assert len((out / "sweep/sweep.csv").read_text().splitlines()) == 1 + 4 * 3
+    assert r["guidance_sweep"]["best"]["cfg"] in (1.0, 2.0, 4.5, 6.0)
+    assert [(s["sampler"], s["steps"]) for s in r["samplers"]] == [
+        ("euler", 10), ("heun", 10), ("euler", 50), ("heun", 50)]  # fmt: skip
+    assert all(0.0 <= s["accuracy"] <= 1.0 and s["fd_dinov2"] > 0 for s in r["samplers"])
+    assert 0.0 <= r["autoguidance"]["accuracy"] <= 1.0 and "AutoGuidance" in md
 
     # A re-run reuses every stage and rewrites the same report.
     again = runner.invoke(app, ["demo", "--out", str(out), "--no-progress", *args])
     assert again.exit_code == 0, again.output
-    assert again.output.count("done in an earlier run") == 9
+    assert again.output.count("done in an earlier run") == 10
     assert json.loads((out / "report.json").read_text()) == r
 
 
