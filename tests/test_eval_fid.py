@@ -210,6 +210,7 @@ def _reseeded_tiny(tmp_path: Path) -> Path:
     return tmp_path / "tiny2.safetensors"
 
 
+@pytest.mark.slow  # random-weight Inception on 359 images: ~35 s on 2 cores
 def test_inception_space_reads_the_images_a_store_came_from(
     digits_val_store, inception_weights, tmp_path
 ):

@@ -119,6 +119,7 @@ def test_wandb_offline_without_a_login_and_fd_during_train_dit(stores, tmp_path,
     assert [r["samples/_type"] for r in rows if "samples/_type" in r] == ["image-file"] * 2
     grid = np.asarray(Image.open(run / "grids" / "samples-0000004.png"))
     assert grid.shape == (8 * 66 + 2, 8 * 66 + 2, 3)  # 8 classes x 8 samples, PCA colours
+    assert not np.array_equal(grid, np.asarray(Image.open(run / "grids" / "samples-0000002.png")))
     import torch
 
     state = torch.load(run / "checkpoints" / "trainer.pt", weights_only=False)["state"]
@@ -142,6 +143,24 @@ def test_wandb_offline_without_a_login_and_fd_during_train_dit(stores, tmp_path,
     invoke(*common, "--steps", "6", "--resume")  # the same W&B run continues
     assert (run / "wandb-id.txt").read_text() == run_id
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_train_vae_draws_its_grid_through_a_pixel_decoder(stores, tmp_path):
+    from flatdino.models.pixel_decoder import PixelDecoder, pixel_decoder_preset
+    from flatdino.trainers.runner import Dist, save_checkpoint
+
+    cfg = pixel_decoder_preset("tiny", in_dim=64)
+    save_checkpoint(tmp_path / "dec", PixelDecoder(cfg), cfg.to_dict(), None, Dist())
+    common = ["train-vae", "--features", stores / "f.zarr", "--preset", "tiny", "--steps", "2",
+              "--eval-every", "2", "--batch-size", "32", "--num-workers", "0", "--no-progress",
+              "--log-to", "none", "--grid-images", "3"]  # fmt: skip
+    invoke(*common, "--val-features", stores / "f.zarr", "--out", tmp_path / "v", "--decoder",
+           tmp_path / "dec")  # fmt: skip
+    grid = np.asarray(Image.open(tmp_path / "v" / "grids" / "val-reconstructions-0000002.png"))
+    side = cfg.image_size
+    assert grid.shape == (2 * (side + 2) + 2, 3 * (side + 2) + 2, 3)  # pixels, not PCA colours
+    refused = invoke(*common, "--out", tmp_path / "w", "--decoder", tmp_path / "dec", code=1)
+    assert "give --val-features too" in refused.output and not (tmp_path / "w").exists()
 
 
 def test_train_decoder_shows_reconstructions_beside_their_targets(stores, tmp_path):

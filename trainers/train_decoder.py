@@ -138,14 +138,15 @@ def train_decoder(cfg: TrainDecoderConfig) -> dict:
             pred = net(add_feature_noise(x.float(), cfg.noise_tau))  # (B, 3, S, S)
             return decoder_loss(pred, target, cfg, reduce_over=run.micro), len(x)
 
-        rows = store.valid_rows(cfg.grid_images)  # fixed: the same images at every step
-        fixed = torch.from_numpy(store.features.get_orthogonal_selection((rows, 0))).float()
-        truth = to_uint8(targets.batch(rows, np.zeros(len(rows), int))) if d.main else None
+        every = cfg.grid_every if cfg.grid_images and d.main else 0  # rank 0 draws the grid
+        if every:  # fixed: the same images at every step
+            rows = store.valid_rows(cfg.grid_images)
+            fixed = torch.from_numpy(store.features.get_orthogonal_selection((rows, 0))).float()
+            truth = to_uint8(targets.batch(rows, np.zeros(len(rows), int)))
 
         @torch.no_grad()
         def after_step(step: int) -> dict:
-            every = cfg.grid_every if cfg.grid_images else 0
-            if d.main and every and (step % every == 0 or step == schedule.total):
+            if every and (step % every == 0 or step == schedule.total):
                 model.eval()
                 pred = to_uint8(model(fixed.to(d.device)))
                 model.train()
