@@ -143,6 +143,27 @@ def fake_latents_store(
     return path
 
 
+def build_chain(root: Path, invoke, dit: tuple = ("--steps", "5"), decoder: bool = True) -> Path:
+    """extract-features -> train-vae -> encode-latents -> train-dit (-> train-decoder) on the
+    digits' val split through the CLI with tiny presets, into `root`: what `sample`, its tests and
+    sweep-cfg's need. `invoke(*args)` runs one command and checks it succeeded; `dit` are
+    train-dit's run-length and learning options."""
+    feats, vae, lat = root / "features.zarr", root / "vae", root / "latents.zarr"
+    invoke("extract-features", "--data", "digits", "--split", "val", "--backbone", "tiny", "--out", feats,
+           "--backend", "local", "--no-progress")  # fmt: skip
+    invoke("train-vae", "--features", feats, "--out", vae, "--preset", "tiny", "--steps", "5",
+           "--batch-size", "32", "--num-workers", "0", "--no-progress")  # fmt: skip
+    invoke("encode-latents", "--features", feats, "--vae", vae, "--out", lat, "--backend", "local",
+           "--no-progress")  # fmt: skip
+    invoke("train-dit", "--latents", lat, "--out", root / "dit", "--preset", "tiny", *dit,
+           "--batch-size", "32", "--device", "cpu", "--no-progress")  # fmt: skip
+    if decoder:
+        invoke("train-decoder", "--features", feats, "--out", root / "decoder", "--preset", "tiny",
+               "--steps", "3", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
+               "--no-progress")  # fmt: skip
+    return root
+
+
 def free_port() -> str:
     """A TCP port nobody listens on now (for torchrun's rendezvous in the DDP tests)."""
     import socket

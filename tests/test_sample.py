@@ -72,19 +72,9 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Path:
     """All five commands' inputs, built through the CLI on the digits with tiny presets."""
-    root = tmp_path_factory.mktemp("chain")
-    feats, vae, lat = root / "features.zarr", root / "vae", root / "latents.zarr"
-    invoke("extract-features", "--data", "digits", "--split", "val", "--backbone", "tiny", "--out", feats,
-           "--backend", "local", "--no-progress")  # fmt: skip
-    invoke("train-vae", "--features", feats, "--out", vae, "--preset", "tiny", "--steps", "5",
-           "--batch-size", "32", "--num-workers", "0", "--no-progress")  # fmt: skip
-    invoke("encode-latents", "--features", feats, "--vae", vae, "--out", lat, "--backend", "local",
-           "--no-progress")  # fmt: skip
-    invoke("train-dit", "--latents", lat, "--out", root / "dit", "--preset", "tiny", "--steps", "5",
-           "--batch-size", "32", "--device", "cpu", "--no-progress")  # fmt: skip
-    invoke("train-decoder", "--features", feats, "--out", root / "decoder", "--preset", "tiny",
-           "--steps", "3", "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--no-progress")  # fmt: skip
-    return root
+    from conftest import build_chain
+
+    return build_chain(tmp_path_factory.mktemp("chain"), invoke)
 
 
 def test_all_five_commands_end_in_pngs(chain, tmp_path):

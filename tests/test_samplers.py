@@ -234,18 +234,10 @@ def chain(tmp_path_factory) -> Path:
     """A tiny DiT run on the digits through the CLI (as tests/test_sample.py's `chain`, without
     the pixel decoder), keeping RUN/steps/0000002 as the weaker model. A large learning rate and
     no EMA, so that 2 and 4 steps give models that differ (the velocity head starts at zero)."""
-    root = tmp_path_factory.mktemp("chain")
-    feats, vae, lat = root / "features.zarr", root / "vae", root / "latents.zarr"
-    invoke("extract-features", "--data", "digits", "--split", "val", "--backbone", "tiny", "--out", feats,
-           "--backend", "local", "--no-progress")  # fmt: skip
-    invoke("train-vae", "--features", feats, "--out", vae, "--preset", "tiny", "--steps", "5",
-           "--batch-size", "32", "--num-workers", "0", "--no-progress")  # fmt: skip
-    invoke("encode-latents", "--features", feats, "--vae", vae, "--out", lat, "--backend", "local",
-           "--no-progress")  # fmt: skip
-    invoke("train-dit", "--latents", lat, "--out", root / "dit", "--preset", "tiny", "--steps", "4",
-           "--keep-every", "2", "--batch-size", "32", "--lr", "1e-2", "--ema-decay", "0", "--device", "cpu",
-           "--no-progress")  # fmt: skip
-    return root
+    from conftest import build_chain
+
+    dit = ("--steps", "4", "--keep-every", "2", "--lr", "1e-2", "--ema-decay", "0")
+    return build_chain(tmp_path_factory.mktemp("chain"), invoke, dit, decoder=False)
 
 
 def _sample_args(chain: Path, out: Path, *extra) -> list[str]:

@@ -48,20 +48,10 @@ def invoke(*args):
 def chain(tmp_path_factory) -> Path:
     """The sampler's inputs, built through the CLI on the digits with tiny presets (as in
     test_sample.py); train-dit's default class dropout lets the DiT be guided."""
-    root = tmp_path_factory.mktemp("chain")
-    feats, vae, lat = root / "features.zarr", root / "vae", root / "latents.zarr"
-    invoke("extract-features", "--data", "digits", "--split", "val", "--backbone", "tiny", "--out", feats,
-           "--backend", "local", "--no-progress")  # fmt: skip
-    invoke("train-vae", "--features", feats, "--out", vae, "--preset", "tiny", "--steps", "5",
-           "--batch-size", "32", "--num-workers", "0", "--no-progress")  # fmt: skip
-    invoke("encode-latents", "--features", feats, "--vae", vae, "--out", lat, "--backend", "local",
-           "--no-progress")  # fmt: skip
+    from conftest import build_chain
+
     # lr 1e-2: after 5 steps at the default the guided cells' FDs differ by only ~1e-8
-    invoke("train-dit", "--latents", lat, "--out", root / "dit", "--preset", "tiny", "--steps", "5",
-           "--batch-size", "32", "--lr", "1e-2", "--device", "cpu", "--no-progress")  # fmt: skip
-    invoke("train-decoder", "--features", feats, "--out", root / "decoder", "--preset", "tiny",
-           "--steps", "3", "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--no-progress")  # fmt: skip
-    return root
+    return build_chain(tmp_path_factory.mktemp("chain"), invoke, ("--steps", "5", "--lr", "1e-2"))
 
 
 def read_csv(path: Path) -> dict[tuple[float, float], dict[str, float]]:

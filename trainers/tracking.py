@@ -46,7 +46,8 @@ class Tracker:
         """A uint8 (H, W, 3) picture; always saved as RUN/grids/TAG-STEP.png."""
         folder = self.out / "grids"
         folder.mkdir(exist_ok=True)
-        Image.fromarray(image).save(folder / f"{tag.replace('/', '-')}-{step:07d}.png")
+        path = folder / f"{tag.replace('/', '-')}-{step:07d}.png"
+        Image.fromarray(image).save(path, compress_level=1)  # fast; the step is waiting
 
     def close(self) -> None:
         pass

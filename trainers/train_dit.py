@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
 from flatdino.models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
@@ -190,7 +191,8 @@ class SampleMonitor:
         grid = torch.cat(list(self.features(model, self.grid_noise, self.grid_labels)))
         model.train(was_training)
         if self.decoder is not None:
-            pictures = to_uint8(self.decoder(grid))
+            pixels = self.decoder(grid).float()  # 64 thumbnails of 128 px: a grid of ~1 MP
+            pictures = to_uint8(F.interpolate(pixels, size=128, mode="area"))
         else:
             pictures = self.pca(grid.cpu().numpy())
         run.image("samples", tile(pictures, cols=8))
