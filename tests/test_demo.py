@@ -107,6 +107,7 @@ def test_changed_settings_need_fresh(tmp_path):
 REDUCED = dict(vae_steps=40, dit_steps=60, decoder_steps=10, per_class=4, sample_steps=4)
 
 
+@pytest.mark.slow  # ~90 s on 2 cores: with the guidance stage it no longer fits the default suite
 def test_reduced_demo_writes_every_output_with_sane_numbers_and_reuses_stages(tmp_path):
     out = tmp_path / "demo-out"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in REDUCED.items()]
