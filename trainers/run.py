@@ -138,7 +138,7 @@ class TrainingRun:
         try:
             return train_loop(lc, self.d, self.out, self.net, self.opt, hooks, self.state, tracker)
         finally:
-            self.tracker.close()
+            tracker.close()
             self._tracker = None
 
 
