@@ -123,6 +123,13 @@ LogToOpt = Annotated[
         "installed. Pictures are always saved in RUN/grids/ too."
     ),
 ]
+GridDecoderOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Pixel decoder for the training grids (RAE's model.pt or a train-decoder run); "
+        "else PCA colours of the features."
+    ),
+]
 ConfigOpt = Annotated[
     Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
 ]

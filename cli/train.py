@@ -20,6 +20,7 @@ from .options import (
     ConfigOpt,
     DeviceOpt,
     GradClipOpt,
+    GridDecoderOpt,
     KeepEveryOpt,
     LogEveryOpt,
     LogToOpt,
@@ -134,12 +135,7 @@ def train_vae_cmd(
         ),
     ] = None,
     log_to: LogToOpt = "auto",
-    decoder: Annotated[
-        Path | None,
-        typer.Option(
-            help="Pixel decoder for the reconstruction grid of each validation (RAE's model.pt or a train-decoder run); else PCA colours of the features."
-        ),
-    ] = None,
+    decoder: GridDecoderOpt = None,
     grid_images: Annotated[
         int, typer.Option(min=0, help="Fixed val images in that grid (0: no grid).")
     ] = 8,
@@ -257,12 +253,7 @@ def train_dit_cmd(
             "--best-by-fd", help="Keep RUN/best/ (a full checkpoint) at the lowest FD so far."
         ),
     ] = False,
-    decoder: Annotated[
-        Path | None,
-        typer.Option(
-            help="Pixel decoder for the grid (RAE's model.pt or a train-decoder run); else PCA colours of the features."
-        ),
-    ] = None,
+    decoder: GridDecoderOpt = None,
     config: ConfigOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
