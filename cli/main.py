@@ -171,9 +171,17 @@ def extract_features_cmd(
 @app.command("info")
 def info_cmd(
     path: Annotated[
-        Path,
+        Path | None,
         typer.Argument(help="A feature or latents store, or a train-vae / train-dit run folder."),
-    ],
+    ] = None,
+    presets: Annotated[
+        bool,
+        typer.Option(
+            "--presets",
+            help="List the model presets with their parameter counts beside the official "
+            "models' (counted from the official code).",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the full summary as JSON.")
     ] = False,
@@ -187,6 +195,11 @@ def info_cmd(
     ] = False,
 ) -> None:
     """A store: shape, dtype, attrs, valid and done counts, completeness. A run: model, progress."""
+    if presets:
+        _presets_info(as_json)
+        return
+    if path is None:
+        fail("info needs a store or run folder (or --presets)")
     from flatdino.pipeline.feature_store import FeatureStore
     from flatdino.pipeline.latent_store import LatentStore
     from flatdino.pipeline.store import store_kind
@@ -236,6 +249,31 @@ def info_cmd(
 class LatentDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
+
+
+def _presets_info(as_json: bool) -> None:
+    from flatdino.models.dit import DIT_PRESETS, count_dit_parameters
+    from flatdino.models.official import OFFICIAL_PARAMETERS
+    from flatdino.models.vae import VAE_PRESETS, count_parameters
+
+    rows = [
+        {
+            "preset": n,
+            "model": "vae",
+            "parameters": count_parameters(c)["total"],
+            "official": OFFICIAL_PARAMETERS.get(n),
+        }
+        for n, c in VAE_PRESETS.items()
+    ]
+    rows += [{"preset": n, "model": "dit", "parameters": count_dit_parameters(c),
+              "official": OFFICIAL_PARAMETERS.get(n)} for n, c in DIT_PRESETS.items()]  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'preset':<16} {'model':<5} {'parameters':>13} {'official code':>14}")
+    for r in rows:
+        official = f"{r['official']:,}" if r["official"] else "-"
+        typer.echo(f"{r['preset']:<16} {r['model']:<5} {r['parameters']:>13,} {official:>14}")
 
 
 @app.command("encode-latents")
@@ -293,6 +331,55 @@ def encode_latents_cmd(
         typer.echo(
             f"{s['store']}: encoded {s['images_run']} images in {s['shards_run']} shards, {s['seconds']:.1f}s"
         )
+
+
+@app.command("import-official")
+def import_official_cmd(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="An official FlatDINO orbax checkpoint folder (noctrog/flatdino): ROOT (its "
+            "latest step), ROOT/STEP, or a folder of items. A VAE has the items encoder + "
+            "decoder, a generator model and model_ema; the config item beside them gives the "
+            "architecture (without it the shapes must match a preset)."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Checkpoint folder to write (config.json + safetensors), for encode-latents "
+            "--vae, sample --dit / --vae and the evaluations."
+        ),
+    ],
+    step: Annotated[
+        int | None, typer.Option(min=0, help="Step of ROOT to import (default: the latest).")
+    ] = None,
+    vae: Annotated[
+        Path | None,
+        typer.Option(
+            help="Generator only: the VAE its latents came from (an imported or trained VAE "
+            "folder), recorded so that `sample` needs no --vae."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace an --out written by import-official before."),
+    ] = False,
+) -> None:
+    """Official JAX checkpoint (VAE or generator) -> a flatdino checkpoint folder. Needs the
+    extra: pip install 'flatdino[official]'."""
+    from flatdino.pipeline.official import ImportConfig, import_official
+
+    cfg = ImportConfig(checkpoint=str(checkpoint), out=str(out), step=step,
+                       vae=str(vae) if vae else None, overwrite=overwrite)  # fmt: skip
+    try:
+        s = import_official(cfg)
+    except FlatDinoError as e:
+        fail(str(e))
+    params = s["parameters"]
+    total = params["total"] if isinstance(params, dict) else params
+    typer.echo(f"{out}: the official {s['kind']} ({s['preset']}, {total / 1e6:.2f}M parameters) "
+               f"from {s['checkpoint']}")  # fmt: skip
 
 
 app.command(

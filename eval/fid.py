@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 CROP = 256  # the ADM centre crop every image set gets (the generated images' size)
-IDENTITY_FIELDS = ("space", "network", "weights_sha256", "crop", "input_size")
+IDENTITY_FIELDS = ("space", "network", "weights_sha256", "crop", "input_size", "antialias")
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,8 @@ class FeatureNet:
         self.identity = {"space": cfg.space, "network": network,
                          "weights_sha256": sha, "crop": CROP,
                          "input_size": input_size}  # fmt: skip
+        if cfg.space == "dinov2":  # the resize to 224 is part of the feature space
+            self.identity["antialias"] = self.recipe.antialias
 
     def prepare(self, crop: np.ndarray) -> torch.Tensor:
         """One crop's network input, made on a loader thread: uint8 (3, 256, 256) for Inception
@@ -451,7 +453,8 @@ def _read_features(p: Path, kind: str | None, cfg: FidConfig, keep: int | None) 
         recipe = fp.get("preprocessing", {})
         identity = {"space": "dinov2", "network": fp.get("backbone"),
                     "weights_sha256": fp.get("weights_sha256"), "crop": recipe.get("crop_size"),
-                    "input_size": recipe.get("input_size")}  # fmt: skip
+                    "input_size": recipe.get("input_size"),
+                    "antialias": ViewRecipe.from_attrs(recipe).antialias}  # fmt: skip
         data, valid = store.features, np.asarray(store.group["valid"][:], bool)
         step = row_block(data)
     else:
@@ -464,6 +467,7 @@ def _read_features(p: Path, kind: str | None, cfg: FidConfig, keep: int | None) 
             "weights_sha256": None,
             "crop": None,
             "input_size": None,
+            "antialias": None,
         }  # decoded by a VAE: the backbone is not recorded here
         valid, step = np.ones(len(data), bool), 1024
     acc = _Accumulator(int(valid.sum()), keep)

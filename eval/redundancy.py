@@ -51,7 +51,8 @@ def pixel_patches(store: FeatureStore, rows: np.ndarray, patch: int = 14) -> np.
     targets = TargetImages(store, threads=4)  # view 0 at crop size, re-read through the manifest
     size = (targets.recipe.input_size, targets.recipe.input_size)
     crops = targets.batch(rows, np.zeros(len(rows), int))  # (n, 3, 256, 256)
-    x = F.interpolate(crops, size=size, mode="bicubic", align_corners=False, antialias=True)
+    aa = targets.recipe.antialias
+    x = F.interpolate(crops, size=size, mode="bicubic", align_corners=False, antialias=aa)
     return F.unfold(x, patch, stride=patch).transpose(1, 2).reshape(-1, 3 * patch * patch).numpy()
 
 

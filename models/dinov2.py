@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 # The normalisation DINOv2 was trained with (and RAE's decoder un-does).
@@ -47,10 +48,15 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def build_vit(spec: BackboneSpec) -> VisionTransformer:
-    """The timm DINOv2 ViT of `spec` (no classifier head), randomly initialised with its seed."""
+    """The timm DINOv2 ViT of `spec` (no classifier head), randomly initialised with its seed.
+
+    A preset without pretrained weights gets a unit-scale 2-D sin-cos position table instead of
+    timm's 0.02-scale random one: pretrained DINOv2 patch features tell where the patch is (the
+    FlatDINO encoder adds no position embedding of its own and relies on that), and with the
+    0.02-scale table two blank patches of the random backbone had the same features."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.init_seed)
-        return VisionTransformer(
+        vit = VisionTransformer(
             img_size=spec.img_size,
             patch_size=spec.patch_size,
             embed_dim=spec.embed_dim,
@@ -62,6 +68,12 @@ def build_vit(spec: BackboneSpec) -> VisionTransformer:
             num_classes=0,
             dynamic_img_size=False,
         )
+    if spec.timm_name is None:
+        side = spec.img_size // spec.patch_size
+        table = build_sincos2d_pos_embed((side, side), dim=spec.embed_dim, temperature=10000.0)
+        with torch.no_grad():
+            vit.pos_embed.copy_(table[None])  # (1, 256, C): no_embed_class, patches only
+    return vit
 
 
 class DinoPatchFeatures(nn.Module):

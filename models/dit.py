@@ -1,21 +1,30 @@
 """LightningDiT on FlatDINO latents: (B, T, d) noisy tokens, time, class -> velocity (B, T, d).
 
-Paper §3.3 / §4.3 and hustvl/LightningDiT: a linear token embedding d -> D, a fixed 1-D sin-cos
-position embedding plus 1-D rotary embeddings in attention (interleaved channel pairs, as the
-paper's public code), RMSNorm, QK-norm, SwiGLU (hidden 8D/3), adaLN-Zero conditioning on time and
-class, a null class for classifier-free guidance, and a zero-initialised output. Pure nn.Module.
+The official generator (noctrog/flatdino `models/dit.py`, after hustvl/LightningDiT), tensor for
+tensor: a linear token embedding d -> D with bias plus a fixed 1-D sin-cos position embedding,
+1-D rotary embeddings in attention (interleaved channel pairs), no QK-norm, RMSNorm (eps 1e-6) with
+a learnable scale, SwiGLU with bias (hidden round(8D/3)), adaLN-Zero conditioning
+([shift, scale, gate] × 2 per block, a final [shift, scale]) on the sum of a time embedding and a
+class embedding with a null class for classifier-free guidance. The time embedding is Gaussian
+Fourier features of the raw t in [0, 1] (a fixed random buffer W of 256 frequencies, saved with the
+weights) followed by Linear-SiLU-Linear. Pure nn.Module.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import RmsNorm, SwiGLU
+from timm.layers import RmsNorm, SwiGLU, trunc_normal_tf_
 from timm.layers.pos_embed_sincos import apply_rot_embed
+
+INITS = ("official", "xavier")
+EPS = 1e-6
+FOURIER = 256  # frequencies of the time embedding
 
 
 @dataclass(frozen=True)
@@ -27,12 +36,25 @@ class DiTConfig:
     dim: int = 1152  # D: width
     depth: int = 28
     heads: int = 16
-    mlp_hidden_ratio: float = 8 / 3  # SwiGLU hidden = ratio · D (3072 for D = 1152)
+    mlp_hidden_ratio: float = 8 / 3  # SwiGLU hidden = round(ratio · D) (3072 for D = 1152)
     num_classes: int = 1000  # class index num_classes is the null (unconditional) class
     rope_base: float = 10000.0
+    # "official": the official `LightningDiT.__init__` (truncated normal 0.02 for the block,
+    # time and class layers, Xavier for the token embedding). "xavier": DiT's init (Xavier for
+    # every Linear, N(0, 0.02) embeddings), which the 64-wide demo model learns faster from.
+    # Both zero the adaLN and output layers (adaLN-Zero).
+    init: str = "official"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.mlp_hidden_ratio * self.dim)
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"DiTConfig.init must be one of {', '.join(INITS)}; got {self.init!r}")
 
 
 DIT_PRESETS: dict[str, DiTConfig] = {
@@ -40,7 +62,7 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "dit-l": DiTConfig(dim=1024, depth=24, heads=16),
     "dit-b": DiTConfig(dim=768, depth=12, heads=12),
     "dit-s": DiTConfig(dim=384, depth=12, heads=6),
-    "tiny": DiTConfig(dim=64, depth=2, heads=2, num_classes=10),
+    "tiny": DiTConfig(dim=64, depth=2, heads=2, num_classes=10, init="xavier"),
 }
 
 
@@ -50,9 +72,9 @@ def dit_preset(name: str, **overrides) -> DiTConfig:
 
 def sincos_1d(length: int, dim: int) -> torch.Tensor:
     """(length, dim) fixed 1-D sin-cos position values (first half sin, second half cos)."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
-    return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    freq = 1.0 / 10000.0 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1).float()
 
 
 def rope_1d(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,14 +84,20 @@ def rope_1d(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torc
     return angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) times in [0, 1] -> (B, dim) sinusoidal features, in fp32 (DiT's TimestepEmbedder)."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
-    )
-    args = (t.float() * 1000.0)[:, None] * freqs[None]  # DiT scale: t in [0, 1000]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+class FourierTimeEmbedding(nn.Module):
+    """t (B,) in [0, 1] -> (B, D): [sin(2π t W), cos(2π t W)] -> Linear -> SiLU -> Linear.
+
+    W (256 frequencies, N(0, 1) at init) is a fixed buffer, saved with the weights."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("W", torch.randn(FOURIER))
+        self.mlp = nn.Sequential(nn.Linear(2 * FOURIER, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[:, None] * self.W.float()[None] * (2 * math.pi)  # (B, 256), in fp32
+        feats = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -77,20 +105,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class RopeAttention(nn.Module):
-    """Self-attention with QK RMSNorm and 1-D rotary embeddings, through SDPA."""
+    """Self-attention with 1-D rotary embeddings on q and k, through SDPA."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm, self.k_norm = RmsNorm(dim // heads), RmsNorm(dim // heads)
+        self.qkv = nn.Linear(dim, 3 * dim)  # the official (three heads head_dim) layout
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q = apply_rot_embed(self.q_norm(q), sin, cos)  # (B, H, T, hd)
-        k = apply_rot_embed(self.k_norm(k), sin, cos)
+        q, k = apply_rot_embed(q, sin, cos), apply_rot_embed(k, sin, cos)  # (B, H, T, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
@@ -101,10 +127,10 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         D = cfg.dim
-        self.norm1 = RmsNorm(D, affine=False)
+        self.norm1 = RmsNorm(D, eps=EPS)
         self.attn = RopeAttention(D, cfg.heads)
-        self.norm2 = RmsNorm(D, affine=False)
-        self.mlp = SwiGLU(D, int(cfg.mlp_hidden_ratio * D))
+        self.norm2 = RmsNorm(D, eps=EPS)
+        self.mlp = SwiGLU(D, cfg.mlp_hidden)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(
@@ -127,24 +153,30 @@ class LightningDiT(nn.Module):
         sin, cos = rope_1d(cfg.tokens, D // cfg.heads, cfg.rope_base)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.t_embed = FourierTimeEmbedding(D)
         self.y_embed = nn.Embedding(cfg.num_classes + 1, D)  # + the null class for CFG
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
-        self.final_norm = RmsNorm(D, affine=False)
+        self.final_norm = RmsNorm(D, eps=EPS)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, cfg.latent_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT's init: Xavier linears, N(0, 0.02) embeddings, adaLN and output zeroed (adaLN-Zero)."""
+        """adaLN-Zero either way. "official": truncated normal 0.02 (cut at ±2σ, as jax's
+        initializer) for the attention, MLP, time and class layers, Xavier-uniform for the token
+        embedding. "xavier": DiT's init, Xavier for every Linear, N(0, 0.02) for the time MLP and
+        the class table. Biases zero, norm scales one, W ~ N(0, 1)."""
+        if self.cfg.init == "official":
+            linear = embedding = partial(trunc_normal_tf_, std=0.02, a=-2.0, b=2.0)
+        else:
+            linear, embedding = nn.init.xavier_uniform_, partial(nn.init.normal_, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                linear(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embed.weight, std=0.02)
-        for lin in self.t_embed:
-            if isinstance(lin, nn.Linear):
-                nn.init.normal_(lin.weight, std=0.02)
+        nn.init.xavier_uniform_(self.embed.weight)
+        for p in (self.t_embed.mlp[0].weight, self.t_embed.mlp[2].weight, self.y_embed.weight):
+            embedding(p)
         for ada in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
             nn.init.zeros_(ada.weight)
             nn.init.zeros_(ada.bias)
@@ -156,7 +188,7 @@ class LightningDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         h = self.embed(x) + self.pos  # (B, T, D)
-        c = self.t_embed(timestep_embedding(t, 256).to(h.dtype)) + self.y_embed(y)  # (B, D)
+        c = self.t_embed(t).to(h.dtype) + self.y_embed(y)  # (B, D)
         for block in self.blocks:
             h = block(h, c, self.rope_sin, self.rope_cos)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)

@@ -75,7 +75,7 @@ def _velocity_field(
 
     def velocity(x: torch.Tensor, t: torch.Tensor, time: float) -> torch.Tensor:
         tb = t.expand(x.shape[0])
-        if cfg == 1.0 or not lo <= time <= hi:
+        if cfg == 1.0 or not lo < time < hi:  # strictly inside, as the official sampler
             return net(model, x, tb, y)
         if guide is not None:  # AutoGuidance (Karras et al. 2024): both passes conditional
             v_weak = net(guide, x, tb, y)
@@ -100,8 +100,9 @@ def flow_sample(
             (transport/integrators.py, "heun2") and EDM (Karras et al. 2022, Algorithm 1):
             x' = x + dt·v(x, t_i), x += dt·(v(x, t_i) + v(x', t_i+1)) / 2, with a plain Euler
             last step, so t = 1 is never evaluated: 2·steps - 1 evaluations.
-        cfg: the guidance weight w, applied only while the evaluation's own t is inside
-            `cfg_interval`; w = 1 runs one pass per evaluation.
+        cfg: the guidance weight w, applied only while the evaluation's own t is strictly inside
+            `cfg_interval` (lo < t < hi, the official `decoder/sampling.py`: the t = 0 step of
+            (0, 1) is unguided); w = 1 runs one pass per evaluation.
         guide: None: classifier-free guidance v_u + w·(v_c - v_u), the conditional and
             unconditional passes in one batch. A weaker model with the same signature:
             AutoGuidance v_weak + w·(v_main - v_weak), both conditional (no null class).

@@ -1,7 +1,8 @@
 """Decode any image robustly and turn it into the stored views (normalised 224×224 tensors).
 
-View 0: ADM centre crop to 256 (guided-diffusion's `center_crop_arr`, which RAE uses), then a
-bicubic, antialiased resize to 224 and ImageNet mean/std. View 1: the horizontal flip of view 0.
+View 0: ADM centre crop to 256 (guided-diffusion's `center_crop_arr`, which RAE uses), then RAE's
+`encode`: to [0, 1], a bicubic resize to 224 without antialias, ImageNet mean/std (the features the
+published pixel decoder was trained on; stores made before this recipe antialiased, and say so). View 1: the horizontal flip of view 0.
 Views >= 2: a random-resized crop (scale 0.3-1, ratio 3/4-4/3) of the 256 crop with a random flip,
 drawn from a generator seeded by (seed, image index, view), so any view can be recomputed alone.
 """
@@ -33,9 +34,18 @@ class ViewRecipe:
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the random crops
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # RAE's encode resizes 256 -> 224 bicubic without antialias. Stores made before this field
+    # resized with antialias and have no "antialias" key: `from_attrs` reads them as True.
+    antialias: bool = False
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_attrs(cls, recipe: dict) -> ViewRecipe:
+        """The recipe a store's fingerprint records (older stores: antialiased)."""
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}
+        return cls(**{"antialias": True, **values})
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -89,14 +99,15 @@ def make_views(crop: np.ndarray, index: int, recipe: ViewRecipe) -> torch.Tensor
     x = torch.from_numpy(crop).permute(2, 0, 1).float().div_(255.0)
     x = x.unsqueeze(0)  # (1, 3, 256, 256)
     size = (recipe.input_size, recipe.input_size)
-    views = [F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)]
+    aa = recipe.antialias
+    views = [F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=aa)]
     if recipe.views > 1:
         views.append(views[0].flip(-1))
     for v in range(2, recipe.views):
         rng = np.random.default_rng([recipe.seed, index, v])
         top, left, h, w = _random_crop_box(rng, recipe.crop_size, recipe)
         patch = x[:, :, top : top + h, left : left + w]
-        view = F.interpolate(patch, size=size, mode="bicubic", align_corners=False, antialias=True)
+        view = F.interpolate(patch, size=size, mode="bicubic", align_corners=False, antialias=aa)
         views.append(view.flip(-1) if rng.random() < 0.5 else view)
     out = torch.cat(views)  # (V, 3, 224, 224)
     mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
@@ -114,7 +125,7 @@ def view_pixels(crop: np.ndarray, index: int, view: int, recipe: ViewRecipe) -> 
     rng = np.random.default_rng([recipe.seed, index, view])  # the same draws as make_views
     top, left, h, w = _random_crop_box(rng, recipe.crop_size, recipe)
     patch = torch.from_numpy(crop[top : top + h, left : left + w]).permute(2, 0, 1)[None].float()
-    size = (recipe.crop_size, recipe.crop_size)
+    size = (recipe.crop_size, recipe.crop_size)  # an upscale, the same for every recipe
     out = F.interpolate(patch, size=size, mode="bicubic", align_corners=False, antialias=True)
     out = out.flip(-1) if rng.random() < 0.5 else out
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

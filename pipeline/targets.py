@@ -23,8 +23,7 @@ class TargetImages:
     def __init__(self, store: FeatureStore, threads: int):
         fp = store.attrs.get("fingerprint", {})
         self.kind, self.root = fp.get("input", {}).get("kind"), store.attrs.get("input_root", "")
-        self.recipe = ViewRecipe(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in fp.get("preprocessing", {}).items()})  # fmt: skip
+        self.recipe = ViewRecipe.from_attrs(fp.get("preprocessing", {}))
         self.paths = store.manifest().column("path").to_pylist()
         self.pool = ThreadPoolExecutor(max(1, threads))
         first = (

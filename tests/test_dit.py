@@ -13,6 +13,7 @@ from flatdino.models.dit import (
     rope_1d,
 )
 from flatdino.models.flow import euler_sample, flow_loss, shift_time
+from flatdino.models.official import OFFICIAL_PARAMETERS
 
 
 def tiny() -> LightningDiT:
@@ -22,13 +23,16 @@ def tiny() -> LightningDiT:
 
 def test_dit_xl_has_the_papers_size():
     cfg = dit_preset("dit-xl")
-    assert (cfg.dim, cfg.depth, cfg.heads, int(cfg.mlp_hidden_ratio * cfg.dim)) == (
-        1152,
-        28,
-        16,
-        3072,
-    )
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.mlp_hidden) == (1152, 28, 16, 3072)
     assert count_dit_parameters(cfg) == pytest.approx(676e6, rel=0.005)
+
+
+@pytest.mark.parametrize("name", ["dit-s", "dit-b", "dit-l", "dit-xl"])
+def test_presets_have_the_official_models_parameter_counts(name):
+    """Counted from the official modules (tests/data/official/count_parameters.py); dit-l's
+    SwiGLU hidden is round(8·1024/3) = 2731, as the official table has it."""
+    assert count_dit_parameters(dit_preset(name)) == OFFICIAL_PARAMETERS[name]
+    assert dit_preset("dit-l").mlp_hidden == 2731
 
 
 @pytest.mark.parametrize("name", sorted(DIT_PRESETS))
@@ -115,7 +119,11 @@ def test_cfg_only_inside_the_interval_and_skipped_at_weight_one():
     euler_sample(
         model, torch.zeros(2, 1, 1), y, steps=10, cfg=4.5, cfg_interval=(0.225, 1.0), null_class=10
     )
-    assert all((n == 4) == (0.225 <= t <= 1.0) for t, n in calls)  # batched cond + uncond
+    assert all((n == 4) == (0.225 < t < 1.0) for t, n in calls)  # batched cond + uncond
+    calls.clear()  # strictly inside: a step starting exactly at the interval's start is unguided
+    euler_sample(model, torch.zeros(2, 1, 1), y, steps=4, kappa=1.0, cfg=4.5,
+                 cfg_interval=(0.25, 1.0), null_class=10)  # fmt: skip
+    assert calls == [(0.0, 2), (0.25, 2), (0.5, 4), (0.75, 4)]
     calls.clear()
     out = euler_sample(model, torch.zeros(2, 1, 1), y, steps=10, cfg=1.0, null_class=10)
     assert all(n == 2 for _, n in calls) and torch.allclose(out, torch.ones_like(out))

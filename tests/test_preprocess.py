@@ -72,6 +72,30 @@ def test_view_zero_is_normalised_with_imagenet_stats():
     torch.testing.assert_close(v[0, :, 100, 100], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("image", ["astronaut", "coffee", "chelsea", "rocket"])
+def test_view_zero_is_raes_encode_on_real_images(image):
+    """RAE's transform sequence, written out as its code runs it (bytetriper/RAE: the ADM
+    `center_crop_arr` + ToTensor of its data pipeline, then `RAE.encode`: bicubic to 224 with
+    align_corners=False and no antialias, ImageNet mean/std): the default recipe is bit-identical;
+    the antialiased recipe of older stores is not."""
+    import torchvision.transforms.functional as TF
+
+    crop = adm_center_crop(to_rgb(Image.fromarray(getattr(data, image)())), 256)
+    x = TF.to_tensor(Image.fromarray(crop))[None]  # (1, 3, 256, 256) in [0, 1]
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(make_views(crop, 0, ViewRecipe(views=1)), expected, rtol=0, atol=0)
+    old = make_views(crop, 0, ViewRecipe(views=1, antialias=True))
+    assert (old - expected).abs().max() > 1e-2
+
+
+def test_stores_from_before_the_rae_recipe_read_as_antialiased():
+    assert ViewRecipe.from_attrs({"views": 2, "seed": 0}).antialias is True
+    assert ViewRecipe.from_attrs(ViewRecipe().to_dict()) == ViewRecipe()
+    assert ViewRecipe().antialias is False
+
+
 @given(n=st.integers(0, 5000), size=st.integers(1, 300))
 def test_shards_tile_the_rows_exactly(n, size):
     shards = shard_bounds(n, size)

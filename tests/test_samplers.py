@@ -156,7 +156,7 @@ def _euler_before_heun(model, x0, y, steps, kappa, cfg, cfg_interval, null_class
     for i in range(steps):
         t, dt = grid[i], grid[i + 1] - grid[i]
         tb = t.expand(x.shape[0])
-        if cfg != 1.0 and cfg_interval[0] <= times[i] <= cfg_interval[1]:
+        if cfg != 1.0 and cfg_interval[0] < times[i] < cfg_interval[1]:
             both = velocity(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null]))
             v_c, v_u = both.chunk(2)
             v = v_u + cfg * (v_c - v_u)
