@@ -359,9 +359,13 @@ def run_info(run: Path, as_json: bool) -> None:
     config = json.loads((run / "config.json").read_text())
     model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)
     kind = _run_kind(run, config, model)
-    params = {"dit": lambda: count_dit_parameters(DiTConfig(**model)),
-              "decoder": lambda: count_pixel_decoder_parameters(PixelDecoderConfig(**model)),
-              "vae": lambda: count_parameters(VAEConfig(**model))}[kind]()  # fmt: skip
+    count = {"dit": lambda: count_dit_parameters(DiTConfig(**model)),
+             "decoder": lambda: count_pixel_decoder_parameters(PixelDecoderConfig(**model)),
+             "vae": lambda: count_parameters(VAEConfig(**model))}[kind]  # fmt: skip
+    try:
+        params = count()
+    except (TypeError, ValueError) as e:  # a config of an older model layout: still readable
+        params = f"unknown: the config is of an older {kind} layout ({e})"
     summary = {"path": str(run), "kind": kind, "model": model, "parameters": params,
                "checkpoints": sorted(p.name for p in run.iterdir() if (p / "model.safetensors").exists())}  # fmt: skip
     if (run / "metrics.jsonl").exists():

@@ -41,7 +41,7 @@ class DiTConfig:
     rope_base: float = 10000.0
     # "official": the official `LightningDiT.__init__` (truncated normal 0.02 for the block,
     # time and class layers, Xavier for the token embedding). "xavier": DiT's init (Xavier for
-    # every Linear, N(0, 0.02) embeddings), which the 64-wide demo model learns faster from.
+    # every Linear, N(0, 0.02) embeddings), the one the 64-wide demo model was tuned with.
     # Both zero the adaLN and output layers (adaLN-Zero).
     init: str = "official"
 

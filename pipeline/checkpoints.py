@@ -76,12 +76,29 @@ def resolve_vae(path: str) -> Path:
     return resolve_checkpoint(path, "--vae", "train-vae")
 
 
+def _rebuild(ckpt: Path, model_cls, config_cls, weights: Path, fix: str, what: str):
+    """The model of a config.json with its weights; a config or state dict of another layout (an
+    older flatdino's, before the models became the official ones, or another model's) is one line."""
+    config = read_json(ckpt / "config.json", fix)
+    state = read_weights(weights, fix)
+    try:
+        model = model_cls(config_cls(**config))
+        model.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        detail = str(e).strip().splitlines()[0][:160]
+        raise FlatDinoError(
+            f"{str(ckpt)!r} does not fit this flatdino's {what} ({detail}); checkpoints written "
+            f"before the {what} became the official model's layout must be trained again (or "
+            "official weights imported with `flatdino import-official`)"
+        ) from e
+    return model.eval().requires_grad_(False)
+
+
 def load_vae(ckpt: Path) -> tuple[FlatDinoVAE, str]:
     """Rebuild the VAE from its config.json and load its weights; returns (model, file sha256)."""
-    fix = rewrite("train-vae")
-    model = FlatDinoVAE(VAEConfig(**read_json(ckpt / "config.json", fix)))
-    model.load_state_dict(read_weights(ckpt / "model.safetensors", fix), strict=True)
-    return model.eval().requires_grad_(False), vae_sha256(ckpt)
+    weights, fix = ckpt / "model.safetensors", rewrite("train-vae")
+    model = _rebuild(ckpt, FlatDinoVAE, VAEConfig, weights, fix, "VAE")
+    return model, vae_sha256(ckpt)
 
 
 def vae_sha256(ckpt: Path) -> str:
@@ -95,13 +112,12 @@ def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict, LatentNor
     if not (ckpt / "flow.json").exists():
         raise FlatDinoError(f"--dit {path!r} is not a train-dit checkpoint (no flow.json)")
     fix = rewrite("train-dit")
-    model = LightningDiT(DiTConfig(**read_json(ckpt / "config.json", fix)))
     weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
-    model.load_state_dict(read_weights(weights, fix), strict=True)
+    model = _rebuild(ckpt, LightningDiT, DiTConfig, weights, fix, "DiT")
     stats = read_weights(ckpt / "latent_stats.safetensors", fix)
     norm = LatentNorm(stats["mean"], stats["std"])
     flow = read_json(ckpt / "flow.json", fix)
-    return model.eval().requires_grad_(False), flow, norm, ckpt
+    return model, flow, norm, ckpt
 
 
 def _rae_preset(state: dict[str, torch.Tensor], source: str):

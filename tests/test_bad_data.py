@@ -20,7 +20,7 @@ from flatdino.pipeline.extract import extract_features
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
-FIXTURE = Path(__file__).parent / "fixtures" / "format-v1"
+FIXTURE = Path(__file__).parent / "fixtures" / "format-v2"
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
 

@@ -218,3 +218,20 @@ def test_info_lists_the_presets_beside_the_official_counts(invoke):
     paper = rows[("vae", "flatdino-32x128")]
     assert paper["parameters"] == paper["official"] == 517_915_648
     assert rows[("vae", "tiny")]["official"] is None
+
+
+def test_a_checkpoint_of_the_older_layout_is_one_line(tmp_path):
+    """VAE folders from before the official layout (a `logvar_init` field, `encoder.pos`)."""
+    from safetensors.torch import save_file
+
+    from flatdino.pipeline.checkpoints import load_vae
+    from flatdino.pipeline.errors import FlatDinoError
+
+    old = {"in_dim": 64, "num_patches": 256, "tokens": 8, "latent_dim": 16, "enc_dim": 64,
+           "enc_depth": 2, "enc_heads": 2, "dec_dim": 64, "dec_depth": 2, "dec_heads": 2,
+           "mlp_ratio": 4.0, "logvar_init": -5.0}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    save_file({"encoder.pos": torch.zeros(1, 256, 64)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(FlatDinoError, match="must be trained again") as e:
+        load_vae(tmp_path)
+    assert "\n" not in str(e.value) and "logvar_init" in str(e.value)

@@ -145,7 +145,7 @@ def test_view_pixels_are_the_crops_the_backbone_saw():
             torch.from_numpy(view_pixels(crop, 5, v, recipe)).permute(2, 0, 1)[None].float() / 255
         )
         small = torch.nn.functional.interpolate(
-            pixels, size=(224, 224), mode="bicubic", antialias=True
+            pixels, size=(224, 224), mode="bicubic", antialias=recipe.antialias
         )
         assert (small[0] - (views[v] * std + mean)).abs().mean() < 0.02, v
     assert np.array_equal(view_pixels(crop, 5, 1, recipe), crop[:, ::-1])
