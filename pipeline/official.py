@@ -16,12 +16,12 @@ import logging
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from flatdino.models.dit import count_dit_parameters
+from flatdino.models.dit import DIT_PRESETS, count_dit_parameters
 from flatdino.models.flow import LatentNorm
 from flatdino.models.official import (
     OfficialFormatError,
@@ -34,7 +34,7 @@ from flatdino.models.official import (
     vae_config_from_official,
     vae_config_from_shapes,
 )
-from flatdino.models.vae import count_parameters
+from flatdino.models.vae import VAE_PRESETS, count_parameters
 
 from .checkpoints import resolve_vae
 from .errors import FlatDinoError
@@ -161,10 +161,16 @@ def import_official(cfg: ImportConfig) -> dict:
     )
 
 
+def _preset_name(presets: dict, cfg) -> str:
+    """The preset the imported architecture is (its init aside), else "custom"."""
+    return next((n for n, p in presets.items() if replace(p, init=cfg.init) == cfg), "custom")
+
+
 def _import_vae(cfg: ImportConfig, folder: Path, official: dict | None, source: dict) -> dict:
     tree = {f"{item}/{k}": v for item in VAE_ITEMS for k, v in read_item(folder, item).items()}
     if official is not None:
-        preset, model_cfg = "custom", vae_config_from_official(official)
+        model_cfg = vae_config_from_official(official)
+        preset = _preset_name(VAE_PRESETS, model_cfg)
     else:
         preset, model_cfg = vae_config_from_shapes(tree)
     state = convert_vae(tree, model_cfg)
@@ -182,7 +188,8 @@ def _import_dit(cfg: ImportConfig, folder: Path, official: dict | None, source: 
     trees = {item: read_item(folder, item) for item in DIT_ITEMS if item in items}
     first = next(iter(trees.values()))
     if official is not None:
-        preset, model_cfg = "custom", dit_config_from_official(official)
+        model_cfg = dit_config_from_official(official)
+        preset = _preset_name(DIT_PRESETS, model_cfg)
         flow = dit_flow_from_official(official)
     else:
         preset, model_cfg = dit_config_from_shapes(first)

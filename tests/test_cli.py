@@ -183,7 +183,7 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
         "done at step 2" in result.output and (run / "checkpoints" / "model.safetensors").exists()
     )
     info = invoke("info", str(run))
-    assert info.exit_code == 0 and "'total': 312544" in info.output and "'step': 2" in info.output
+    assert info.exit_code == 0 and "'total': 287488" in info.output and "'step': 2" in info.output
     lat = tmp_path / "lat.zarr"
     enc = invoke(
         "encode-latents",
@@ -253,7 +253,7 @@ def test_train_dit_help_and_config(monkeypatch, tmp_path):
     assert result.exit_code == 0
     for option in ("--latents", "--out", "--preset", "--steps", "--epochs", "--batch-size",
                    "--micro-batch", "--lr", "--warmup-steps", "--ema-decay", "--kappa",
-                   "--time-dist", "--class-dropout", "--normalize", "--resume", "dit-xl (675.1M)"):  # fmt: skip
+                   "--time-dist", "--class-dropout", "--normalize", "--resume", "dit-xl (675.5M)"):  # fmt: skip
         assert option in result.output, option
     bad = invoke(
         "train-dit", "--latents", str(tmp_path), "--out", str(tmp_path / "r2"), "--steps", "1"

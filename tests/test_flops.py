@@ -58,4 +58,4 @@ def test_flops_command_prints_both_tables():
     result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["flops"])
     assert result.exit_code == 0, result.output
     assert "DiT-XL     FlatDINO    32     14.3" in result.output and "4.1x" in result.output
-    assert "dit-xl" in result.output and "675.1M params" in result.output
+    assert "dit-xl" in result.output and "675.5M params" in result.output

@@ -235,3 +235,15 @@ def test_a_checkpoint_of_the_older_layout_is_one_line(tmp_path):
     with pytest.raises(FlatDinoError, match="must be trained again") as e:
         load_vae(tmp_path)
     assert "\n" not in str(e.value) and "logvar_init" in str(e.value)
+
+
+def test_generator_shapes_that_match_no_preset_are_refused(ref):
+    from flatdino.models.official import dit_config_from_shapes, dit_shapes
+
+    tree = _tree(ref, "dit/")
+    assert dit_shapes(tree) == {"tokens": 4, "latent_dim": 8, "dim": 32, "depth": 2,
+                                "num_classes": 10, "mlp_hidden": 85}  # fmt: skip
+    with pytest.raises(OfficialFormatError, match="match no preset"):
+        dit_config_from_shapes(tree)
+    with pytest.raises(OfficialFormatError, match="pred_type = 'x'"):
+        dit_config_from_official({**_config(DIT_CKPT, 200), "pred_type": "x"})

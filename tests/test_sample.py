@@ -46,7 +46,7 @@ def test_guidance_only_inside_the_interval():
     out = euler_sample(model, torch.zeros(1, 1, 1), y, steps, 3.0, w, (lo, 1.0), null_class=10)
     grid = shift_time(torch.linspace(0, 1, steps + 1), 3.0)
     dt, t = grid.diff(), grid[:-1]
-    expected = (dt * torch.where(t >= lo, torch.tensor(w), torch.tensor(1.0))).sum()
+    expected = (dt * torch.where(t > lo, torch.tensor(w), torch.tensor(1.0))).sum()  # strictly
     torch.testing.assert_close(out.flatten()[0], expected)  # outside: the conditional velocity
 
 
