@@ -142,7 +142,7 @@ def test_tiny_vae_learns_digits_features(digits_train_store, digits_val_store, t
     val = zarr.open_group(str(digits_val_store))["features"][:, 0].astype(np.float32)
     baseline = float(np.sqrt(((val - train.mean(0)) ** 2).sum() / (val**2).sum()))
     cfg = small(digits_train_store, tmp_path / "learn", val_features=str(digits_val_store),
-                steps=300, batch_size=64, eval_every=100, ckpt_every=300, log_every=50)  # fmt: skip
+                steps=600, batch_size=64, eval_every=200, ckpt_every=600, log_every=50)  # fmt: skip
     metrics = train_vae(cfg)
     print(f"val relative error {metrics['val_rel_err']:.3f} vs mean predictor {baseline:.3f}")
     assert metrics["val_rel_err"] < 0.75 * baseline
