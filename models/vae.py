@@ -1,8 +1,8 @@
 """The FlatDINO VAE: 256 DINOv2 patches (P, C) <-> T one-dimensional latent tokens (T, d).
 
 The official model (noctrog/flatdino: `autoencoder.py`, `models/vit.py`, `models/transformer.py`),
-tensor for tensor. Encoder: a bias-free projection C -> D (none when C = D), T learnable tokens prepended to the
-patches (no position embedding on the patches), pre-norm ViT blocks, a final LayerNorm, a
+tensor for tensor. Encoder: a bias-free projection C -> D (none when C = D), T learnable tokens
+prepended to the patches (no position embedding on the patches), pre-norm ViT blocks, a final LayerNorm, a
 bias-free projection D -> 2d of the T tokens, split into mu | logvar. Decoder: a bias-free
 projection d -> D plus a learned position embedding on the T latents, P learnable query tokens
 prepended ([P queries, T latents]), blocks, LayerNorm, a bias-free projection D -> C of the first P
@@ -45,7 +45,7 @@ class VAEConfig:
     mlp_ratio: float = 4.0  # SwiGLU hidden = mlp_ratio · width (the official code: 4·D)
     # "official": truncated normal 0.02 for every Linear, token and position embedding (the
     # official code). "toy": the same tensors started so that a 64-wide model learns within
-    # minutes (sin-cos queries, unit-scale latent path); see `FlatDinoVAE.initialize_weights`.
+    # minutes (sin-cos queries, unit-scale latent path, logvar -5); see `FlatDinoVAE._toy_init`.
     init: str = "official"
 
     def to_dict(self) -> dict:
