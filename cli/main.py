@@ -71,7 +71,10 @@ def extract_features_cmd(
         ),
     ],
     out: Annotated[
-        Path, typer.Option(help="Feature store directory to create or resume (Zarr v3).")
+        str,
+        typer.Option(
+            help="Feature store to create or resume (Zarr v3). A local path or an s3:// / gs:// / az:// URL (`flatdino[cloud]`)."
+        ),
     ],
     split: Annotated[
         Split,
@@ -124,6 +127,14 @@ def extract_features_cmd(
             "--backend local keeps the process's setting.",
         ),
     ] = 0,
+    decode_tasks_per_cpu: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Ray backend: image-decoding tasks per CPU core the actors leave free (each "
+            "asks for 1/N CPU); 2 or more when decoding waits on storage.",
+        ),
+    ] = 1,
     ray_address: RayAddressOpt = None,
     max_failed_fraction: Annotated[
         float,
@@ -147,7 +158,7 @@ def extract_features_cmd(
         weights=str(weights) if weights else None, views=views, view_seed=seed,
         batch_size=batch_size, shard_size=shard_size, dtype=dtype.value, device=device,
         backend=backend.value, workers=workers, num_gpus_per_worker=num_gpus_per_worker,
-        torch_threads=torch_threads, ray_address=ray_address,
+        torch_threads=torch_threads, decode_per_cpu=decode_tasks_per_cpu, ray_address=ray_address,
         max_failed_fraction=max_failed_fraction, overwrite=overwrite, progress=progress,
     )  # fmt: skip
     try:
@@ -171,8 +182,11 @@ def extract_features_cmd(
 @app.command("info")
 def info_cmd(
     path: Annotated[
-        Path | None,
-        typer.Argument(help="A feature or latents store, or a train-vae / train-dit run folder."),
+        str | None,
+        typer.Argument(
+            help="A feature or latents store (a path or an s3:// / gs:// / az:// URL), or a "
+            "train-vae / train-dit run folder."
+        ),
     ] = None,
     presets: Annotated[
         bool,
@@ -202,20 +216,22 @@ def info_cmd(
         fail("info needs a store or run folder (or --presets)")
     from flatdino.pipeline.feature_store import FeatureStore
     from flatdino.pipeline.latent_store import LatentStore
+    from flatdino.pipeline.storage import is_url
     from flatdino.pipeline.store import store_kind
 
-    if (path / "config.json").exists() and not (path / "zarr.json").exists():
-        run_info(path, as_json)
+    run = None if is_url(path) else Path(path)
+    if run and (run / "config.json").exists() and not (run / "zarr.json").exists():
+        run_info(run, as_json)
         if plot:
             from flatdino.trainers.tracking import plot_curves
 
             try:
-                typer.echo(f"wrote {plot_curves(path)}")
+                typer.echo(f"wrote {plot_curves(run)}")
             except FlatDinoError as e:
                 fail(str(e))
         return
     if plot:
-        fail(f"--plot draws a run's curves; {str(path)!r} is not a run folder")
+        fail(f"--plot draws a run's curves; {path!r} is not a run folder")
     try:
         latents = store_kind(path) == LatentStore.KIND
         summary = (LatentStore if latents else FeatureStore)(path).summary()
@@ -279,7 +295,10 @@ def _presets_info(as_json: bool) -> None:
 @app.command("encode-latents")
 def encode_latents_cmd(
     features: Annotated[
-        Path, typer.Option(help="Feature store to encode (from extract-features).")
+        str,
+        typer.Option(
+            help="Feature store to encode (from extract-features). A local path or an s3:// / gs:// / az:// URL (`flatdino[cloud]`)."
+        ),
     ],
     vae: Annotated[
         Path,
@@ -288,7 +307,10 @@ def encode_latents_cmd(
         ),
     ],
     out: Annotated[
-        Path, typer.Option(help="Latents store directory to create or resume (Zarr v3).")
+        str,
+        typer.Option(
+            help="Latents store to create or resume (Zarr v3). A local path or an s3:// / gs:// / az:// URL (`flatdino[cloud]`)."
+        ),
     ],
     batch_size: Annotated[
         int, typer.Option(min=1, help="Encoder batch size (images x views).")

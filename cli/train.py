@@ -72,7 +72,12 @@ def _vae_presets_help() -> str:
 
 def train_vae_cmd(
     ctx: typer.Context,
-    features: Annotated[Path, typer.Option(help="Train feature store (from extract-features).")],
+    features: Annotated[
+        str,
+        typer.Option(
+            help="Train feature store (from extract-features). A local path or an s3:// / gs:// / az:// URL (`flatdino[cloud]`)."
+        ),
+    ],
     out: Annotated[
         Path,
         typer.Option(
@@ -80,7 +85,10 @@ def train_vae_cmd(
         ),
     ],
     val_features: Annotated[
-        Path | None, typer.Option(help="Validation feature store; its loss selects best/.")
+        str | None,
+        typer.Option(
+            help="Validation feature store; its loss selects best/. A local path or an s3:// / gs:// / az:// URL (`flatdino[cloud]`)."
+        ),
     ] = None,
     preset: Annotated[VAEPreset, typer.Option(help=_vae_presets_help())] = VAEPreset(
         "flatdino-32x128"
@@ -163,7 +171,12 @@ class TimeDist(str, Enum):
 
 def train_dit_cmd(
     ctx: typer.Context,
-    latents: Annotated[Path, typer.Option(help="Latents store (from encode-latents).")],
+    latents: Annotated[
+        str,
+        typer.Option(
+            help="Latents store (from encode-latents). A local path or an s3:// / gs:// / az:// URL (`flatdino[cloud]`)."
+        ),
+    ],
     out: Annotated[
         Path,
         typer.Option(

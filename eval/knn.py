@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 from tqdm import tqdm
 
 from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.storage import open_group
 from flatdino.pipeline.store import row_block, store_kind
 
 ARRAY = {"flatdino.features": "features", "flatdino.latents": "mu"}
@@ -26,7 +26,7 @@ def pooled(path: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     kind = store_kind(path)
     if kind not in ARRAY:
         raise FlatDinoError(f"{path!r} is neither a feature nor a latents store (kind {kind!r})")
-    group = zarr.open_group(str(path), mode="r")
+    group = open_group(path)
     data, valid = group[ARRAY[kind]], np.asarray(group["valid"][:], dtype=bool)
     step = row_block(data)  # whole storage objects (view 0 only, where views are chunked apart)
     out = []

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 from tqdm import tqdm
 
 from .checkpoints import load_vae, resolve_vae, vae_sha256
@@ -24,6 +23,7 @@ from .env import autocast, fast_matmul, inference_dtype, package_version, resolv
 from .errors import FlatDinoError
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
+from .storage import open_group
 from .store import Shard, check_finite, open_or_create
 
 
@@ -49,7 +49,7 @@ class EncodeConfig:
 
 def read_shard(features: str, shard: Shard) -> tuple[Shard, np.ndarray, np.ndarray]:
     """The CPU half: one contiguous read of a shard's features (n, V, P, C) and valid flags."""
-    group = zarr.open_group(features, mode="r")
+    group = open_group(features)
     feats = group["features"][shard.start : shard.stop]
     valid = np.asarray(group["valid"][shard.start : shard.stop], dtype=bool)
     return shard, feats, valid
@@ -133,9 +133,7 @@ def encode_latents(cfg: EncodeConfig) -> dict:
     )  # fmt: skip
     store = open_or_create(LatentStore, cfg.out, fp, cfg.overwrite, layout)
     todo = store.todo()
-    job = ShardJob(
-        read_shard, lambda s: (str(features.path), s), ShardEncoder, (cfg, str(ckpt), sha)
-    )
+    job = ShardJob(read_shard, lambda s: (features.path, s), ShardEncoder, (cfg, str(ckpt), sha))
     placement = Placement(cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address)
     start, images = time.perf_counter(), 0
     with tqdm(total=features.num_images, initial=features.num_images - sum(s.stop - s.start for s in todo),

@@ -10,11 +10,14 @@ Layout (FORMAT_VERSION 2), N images, V views, P patches, C channels:
     STORE/labels                     int32 (N,), written once at creation
     STORE/valid                      bool (N,), chunks (shard_size,): false for undecodable images
     STORE/done                       bool (S,), chunks (1,): shard s fully written
-    STORE/_errors/shard-XXXXXX.json  per-shard decode errors, written before `done`
+    STORE/_errors/shard-XXXXXX.json  a shard's decode errors (only shards that had some),
+                                     written before `done`
     STORE/manifest.parquet           index, path, label, class_name, status, error
 
-Shards, done markers, creation and resume are `pipeline.store`'s. `done[s]` is set only after
-shard s's features, valid flags and errors are on disk.
+STORE is a local directory or an object-storage prefix (`pipeline.storage`). Shards, done markers,
+creation and resume are `pipeline.store`'s. `done[s]` is set only after shard s's features, valid
+flags and errors are written. Objects per store: 3 per shard (features, valid, done) plus one per
+shard with failed images, plus ~6; 1.28M images in shards of 256 are ~15,000 objects.
 
 Format 1 (before per-view chunks) stored `features` as plain chunks (chunk_rows, V, P, C), one
 file each: such stores are still read (every view of a chunk comes with each read); they are not
@@ -23,8 +26,8 @@ resumed by a job of this version, which writes format 2 (`--overwrite` rebuilds 
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +37,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from .errors import FlatDinoError
-from .store import Shard, ShardedStore, create_atomically, shard_bounds, utc_now, write_atomic
+from .storage import Location
+from .store import Shard, ShardedStore, create, shard_bounds, utc_now
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -75,22 +79,24 @@ class FeatureStore(ShardedStore):
     def write_shard(
         self, shard: Shard, features: np.ndarray, valid: np.ndarray, errors: dict[int, str]
     ) -> None:
-        """Write one shard's rows, then its errors, then mark it done (in that order)."""
+        """Write one shard's rows, then its errors (if any), then mark it done (in that order)."""
         assert features.shape[0] == shard.stop - shard.start == valid.shape[0]
         self.group["features"][shard.start : shard.stop] = features
         self.group["valid"][shard.start : shard.stop] = valid
-        body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
-        write_atomic(self.path / ERRORS_DIR / f"shard-{shard.index:06d}.json", body.encode())
+        if errors:  # a shard without failures writes no object (fewer objects per store)
+            body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
+            self.location.write(f"{ERRORS_DIR}/shard-{shard.index:06d}.json", body.encode())
         self.group["done"][shard.index] = True
 
     def shard_errors(self) -> dict[int, str]:
         errors: dict[int, str] = {}
-        for f in sorted((self.path / ERRORS_DIR).glob("shard-*.json")):
-            errors.update({int(k): v for k, v in json.loads(f.read_text()).items()})
+        for key in self.location.keys(ERRORS_DIR):
+            raw = self.location.read(key)
+            errors.update({int(k): v for k, v in json.loads(raw).items()})
         return errors
 
     def manifest(self) -> pa.Table:
-        return pq.read_table(self.path / MANIFEST)
+        return read_parquet(self.location, MANIFEST)
 
     def finalize(self) -> None:
         """Once every shard is done: statuses and errors into the manifest, `complete` into attrs."""
@@ -102,23 +108,21 @@ class FeatureStore(ShardedStore):
         error = pa.array([errors.get(i) for i in range(self.num_images)], pa.string())
         table = table.set_column(table.schema.get_field_index("status"), "status", status)
         table = table.set_column(table.schema.get_field_index("error"), "error", error)
-        tmp = self.path / f".{MANIFEST}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.path / MANIFEST)
+        write_parquet(self.location, MANIFEST, table)  # one put; `complete` comes after it
         self.mark_complete()
 
     @staticmethod
     def layout(
         *, shape: tuple[int, int, int, int], labels: np.ndarray, paths: list[str],
         class_names: list[str], shard_size: int, chunk_rows: int, attrs: dict,
-    ) -> Callable[[zarr.Group, Path], None]:  # fmt: skip
+    ) -> Callable[[zarr.Group, Location], None]:  # fmt: skip
         """The `build` of an empty store (all shards pending), for `store.open_or_create`."""
         if shard_size % chunk_rows:
             raise FlatDinoError(
                 f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}"
             )
 
-        def build(group: zarr.Group, folder: Path) -> None:
+        def build(group: zarr.Group, location: Location) -> None:
             n, v, p, c = shape
             group.create_array(
                 "features", shape=shape, shards=(shard_size, v, p, c), chunks=(chunk_rows, 1, p, c),
@@ -138,8 +142,7 @@ class FeatureStore(ShardedStore):
                 "done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False
             )
             group["labels"][:] = labels.astype(np.int32)
-            pq.write_table(_pending_manifest(labels, paths, class_names), folder / MANIFEST)
-            (folder / ERRORS_DIR).mkdir()
+            write_parquet(location, MANIFEST, _pending_manifest(labels, paths, class_names))
             group.attrs.update({
                 "kind": KIND, "format_version": FORMAT_VERSION, "shard_size": shard_size,
                 "class_names": list(class_names), "created": utc_now(), "complete": False, **attrs,
@@ -150,8 +153,22 @@ class FeatureStore(ShardedStore):
     @classmethod
     def create(cls, path: str | Path, **layout) -> FeatureStore:
         """A new, empty store at `path` (see `layout` for the arguments)."""
-        create_atomically(Path(path), cls.layout(**layout))
+        create(Location(str(path)), KIND, FORMAT_VERSION, cls.layout(**layout))
         return cls(path, mode="r+")
+
+
+def write_parquet(location: Location, key: str, table: pa.Table) -> None:
+    """`table` as one Parquet object at `key` (a single put: no reader sees half of it)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    location.write(key, sink.getvalue())
+
+
+def read_parquet(location: Location, key: str) -> pa.Table:
+    raw = location.read(key)
+    if raw is None:
+        raise FlatDinoError(f"{location.url!r} has no {key}; rebuild the store with --overwrite")
+    return pq.read_table(pa.BufferReader(raw))
 
 
 def _pending_manifest(labels: np.ndarray, paths: list[str], class_names: list[str]) -> pa.Table:

@@ -10,18 +10,18 @@ Layout (FORMAT_VERSION 1), N images, V views, T tokens, d dims:
     STORE/done        bool (shards,)
     STORE/mu_mean, STORE/mu_std   float32 (T, d): statistics of mu over valid rows and all views
 
-Shards, done markers, creation and resume are `pipeline.store`'s.
+STORE is a local directory or an object-storage prefix (`pipeline.storage`). Shards, done markers, creation and resume are `pipeline.store`'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from .feature_store import FeatureStore
+from .storage import Location
 from .store import Shard, ShardedStore, utc_now
 
 FORMAT_VERSION = 1
@@ -89,10 +89,10 @@ class LatentStore(ShardedStore):
     @staticmethod
     def layout(
         features: FeatureStore, tokens: int, dim: int, dtype: str, save_logvar: bool, attrs: dict
-    ) -> Callable[[zarr.Group, Path], None]:
+    ) -> Callable[[zarr.Group, Location], None]:
         """The `build` of an empty store with the rows, shards and labels of `features`."""
 
-        def build(group: zarr.Group, folder: Path) -> None:
+        def build(group: zarr.Group, location: Location) -> None:
             n, v = features.features.shape[:2]
             size = features.shard_size
             for name in ("mu", "logvar") if save_logvar else ("mu",):
@@ -109,7 +109,7 @@ class LatentStore(ShardedStore):
             group["valid"][:] = features.group["valid"][:]
             group.attrs.update({
                 "kind": KIND, "format_version": FORMAT_VERSION, "shard_size": size,
-                "features_store": str(features.path.resolve()), "class_names": features.class_names,
+                "features_store": features.location.identity(), "class_names": features.class_names,
                 "complete": False, "created": utc_now(), **attrs,
             })  # fmt: skip
 

@@ -21,11 +21,11 @@ from queue import Full, Queue
 
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from .errors import InputError
+from .storage import open_group
 from .store import row_block
 
 
@@ -101,7 +101,7 @@ class _BlockReader(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        features = zarr.open_array(f"{self.path}/features", mode="r")  # opened in the worker
+        features = open_group(self.path)["features"]  # opened in the worker (path or URL)
         for b in self.blocks[worker::workers]:
             lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, features.shape[0])
             rows = np.flatnonzero(self.needed[lo:hi]) + lo
@@ -124,7 +124,7 @@ class FeatureBatches:
 
     def __init__(self, path: str, cfg: LoaderConfig):
         self.path, self.cfg = str(path), cfg
-        group = zarr.open_group(self.path, mode="r")
+        group = open_group(self.path)
         self.valid = np.asarray(group["valid"][:], dtype=bool)
         self.labels = np.asarray(group["labels"][:], dtype=np.int64)
         self.num_views = int(group["features"].shape[1])
@@ -248,7 +248,7 @@ class LatentBatches:
     ):
         """`views`: train on the first K stored views only (None: all of them)."""
         self.cfg = cfg
-        group = zarr.open_group(str(path), mode="r")
+        group = open_group(path)
         mu = group["mu"]
         self.num_views = check_views(views, int(mu.shape[1]), path)
         valid = np.flatnonzero(np.asarray(group["valid"][:], dtype=bool))

@@ -1,21 +1,29 @@
 """What every flatdino Zarr store shares: shards, done markers, its kind, and its life cycle.
 
-A store is a Zarr v3 group whose attrs carry `kind` (which store class reads it), a `fingerprint`
+A store is a Zarr v3 group, on a local disk or under an object-storage prefix
+(`pipeline.storage`), whose attrs carry `kind` (which store class reads it), a `fingerprint`
 (what must match for a job to resume it), `shard_size` and `complete`. Its rows are split into
 shards of `shard_size` consecutive rows (the unit of work of a job, a whole number of chunks of
-every array, so no two workers ever write the same chunk file); `done[s]` is set only after shard
-s is fully written, and resume reads it.
+every array, so no two workers ever write the same object); `done[s]` is set only after shard s
+is fully written, and resume reads it.
 
 `open_or_create` is the one implementation of a job's start: resume a matching store, refuse a
-mismatch, replace it with --overwrite (only a store of our kind, never anything else), or build a
-new one beside its final path and rename it into place, so a crash never leaves a half-initialised
-store. The store classes (`FeatureStore`, `LatentStore`) add their arrays and their writes.
+mismatch, replace it with --overwrite (only a store of our kind, never anything else), or create
+it. No step needs a rename (object stores have none); each is a put of whole objects, ordered:
+
+    1. zarr.json with {kind, format_version, creating: true}   the prefix is ours from here on
+    2. the arrays, labels, manifest (the class's `layout`)
+    3. zarr.json with creating: false                           the store exists (one small put)
+    4. per shard: its data, then done[s]                        the shard exists
+    5. finalize (manifest, statistics), then complete: true     the store is complete
+
+A job killed in 1-2 leaves a store marked `creating`, which the next run deletes and builds
+again; killed in 4 or 5, it resumes from the done markers.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +34,7 @@ import numpy as np
 import zarr
 
 from .errors import FlatDinoError, StoreMismatchError
+from .storage import Location, is_url
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,8 @@ def row_block(array: zarr.Array) -> int:
 
 def store_kind(path: str | Path) -> str | None:
     """The `kind` attr of a flatdino Zarr store (feature or latents store); None if not a store."""
-    if not (Path(path) / "zarr.json").exists():
-        return None
-    return zarr.open_group(str(path), mode="r").attrs.get("kind")
+    attrs = Location(str(path)).attrs()
+    return None if attrs is None else attrs.get("kind")
 
 
 def utc_now() -> str:
@@ -95,15 +103,20 @@ class ShardedStore:
     ARRAYS: tuple[str, ...] = ()  # arrays listed by `summary`, when present
 
     def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").exists():
-            raise FlatDinoError(f"{str(self.path)!r} is not a Zarr store (no zarr.json)")
-        self.group = zarr.open_group(str(self.path), mode=mode)
-        self.attrs = dict(self.group.attrs)
-        if self.attrs.get("kind") != self.KIND:
+        self.location = Location(str(path))
+        self.path = str(path)  # as given: a local path or a URL (messages, attrs)
+        attrs = self.location.attrs()
+        if attrs is None:
+            raise FlatDinoError(f"{self.path!r} is not a Zarr store (no zarr.json)")
+        if attrs.get("kind") != self.KIND:
+            raise FlatDinoError(f"{self.path!r} is not a {self.NAME} (kind={attrs.get('kind')!r})")
+        if attrs.get("creating"):
             raise FlatDinoError(
-                f"{str(self.path)!r} is not a {self.NAME} (kind={self.attrs.get('kind')!r})"
+                f"{self.path!r} is a {self.NAME} whose creation was interrupted; run "
+                f"`flatdino {self.MAKER}` again to build it"
             )
+        self.group = self.location.open_group(mode)
+        self.attrs = dict(self.group.attrs)
         self.shard_size = int(self.attrs["shard_size"])
 
     @classmethod
@@ -169,7 +182,7 @@ class ShardedStore:
             for a in [self.group[name]]
         }
         return {
-            "path": str(self.path),
+            "path": self.path,
             "arrays": arrays,
             "images": self.num_images,
             "valid": int(self.valid_mask().sum()),
@@ -179,47 +192,59 @@ class ShardedStore:
         }
 
 
-def create_atomically(path: Path, build: Callable[[zarr.Group, Path], None]) -> None:
-    """Build a store in a folder beside `path` (`build(group, folder)`), then rename it into place."""
-    for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a killed creation
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    build(zarr.create_group(str(tmp), zarr_format=3), tmp)
-    os.replace(tmp, path)
+def create(
+    location: Location, kind: str, version: int, build: Callable[[zarr.Group, Location], None]
+) -> None:
+    """Create a store at `location` (empty or absent) without a rename: zarr.json marked
+    `creating` first, then `build(group, location)`, then the one small write that ends it."""
+    group = zarr.create_group(
+        location.store, zarr_format=3, overwrite=True,
+        attributes={"kind": kind, "format_version": version, "creating": True},
+    )  # fmt: skip
+    build(group, location)
+    group.attrs.update({"creating": False})  # the last write: the store exists
 
 
 def open_or_create(
     cls: type[S], out: str, fingerprint: dict, overwrite: bool,
-    build: Callable[[zarr.Group, Path], None],
+    build: Callable[[zarr.Group, Location], None],
 ) -> S:  # fmt: skip
     """Resume the `cls` store at --out when its fingerprint matches, replace it with --overwrite,
     or create it with `build`. Anything at --out that is not a `cls` store is never deleted."""
-    path = Path(out)
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()  # an empty directory made by the user: create the store in its place
-    if path.exists():
-        try:
-            store = cls(path, mode="r+")
-        except FlatDinoError:
+    location = Location(str(out))
+    if not location.remote and location.path.is_file():
+        raise StoreMismatchError(f"--out {out!r} is a file, not a {cls.NAME}; choose another --out")
+    attrs = location.attrs()
+    if attrs is None:
+        if location.keys():  # objects or files that are not a Zarr group: never ours to touch
+            what = "objects" if is_url(out) else "files"
             raise StoreMismatchError(
-                f"--out {out!r} exists and is not a {cls.NAME}; choose another --out"
-            ) from None
-        if not overwrite:
-            version = store.attrs.get("format_version", 1)
-            if version != cls.FORMAT_VERSION:
-                raise StoreMismatchError(
-                    f"store {str(path)!r} has format {version}, this flatdino writes format "
-                    f"{cls.FORMAT_VERSION}; pass --overwrite to rebuild it, or finish it with the "
-                    "flatdino that made it"
-                )
-            check_fingerprint(store.path, store.attrs.get("fingerprint", {}), fingerprint)
-            return store
-        shutil.rmtree(path)
-    create_atomically(path, build)
-    return cls(path, mode="r+")
+                f"--out {out!r} holds {what} and is not a {cls.NAME} (no zarr.json; "
+                f"--overwrite does not delete it either); choose another --out"
+            )
+    elif attrs.get("kind") != cls.KIND:
+        raise StoreMismatchError(
+            f"--out {out!r} exists and is not a {cls.NAME} (kind={attrs.get('kind')!r}; "
+            f"--overwrite does not delete it either); choose another --out"
+        )
+    elif attrs.get("creating") or overwrite:  # an interrupted creation of ours, or asked to
+        location.delete_all()
+    else:
+        store = cls(out, mode="r+")
+        version = store.attrs.get("format_version", 1)
+        if version != cls.FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"store {out!r} has format {version}, this flatdino writes format "
+                f"{cls.FORMAT_VERSION}; pass --overwrite to rebuild it, or finish it with the "
+                "flatdino that made it"
+            )
+        check_fingerprint(out, store.attrs.get("fingerprint", {}), fingerprint)
+        return store
+    create(location, cls.KIND, cls.FORMAT_VERSION, build)
+    return cls(out, mode="r+")
 
 
-def check_fingerprint(path: Path, recorded: dict, fingerprint: dict) -> None:
+def check_fingerprint(path: str, recorded: dict, fingerprint: dict) -> None:
     """Refuse to resume a store whose recorded fingerprint differs from the one asked for now."""
     diffs = [
         k for k in sorted(set(recorded) | set(fingerprint)) if recorded.get(k) != fingerprint.get(k)
@@ -229,7 +254,7 @@ def check_fingerprint(path: Path, recorded: dict, fingerprint: dict) -> None:
             f"{k}: store has {recorded.get(k)!r}, now {fingerprint.get(k)!r}" for k in diffs
         )
         raise StoreMismatchError(
-            f"store {str(path)!r} was made with other settings ({_shorten(detail)}); "
+            f"store {path!r} was made with other settings ({_shorten(detail)}); "
             "pass --overwrite to replace it, or choose another --out"
         )
 

@@ -18,6 +18,7 @@ import zarr
 from PIL import Image
 
 from flatdino.pipeline.extract import ExtractConfig, extract_features
+from flatdino.pipeline.storage import open_group
 
 
 def tiny_config(data: str, out: Path, **overrides) -> ExtractConfig:
@@ -29,21 +30,21 @@ def tiny_config(data: str, out: Path, **overrides) -> ExtractConfig:
     return dataclasses.replace(base, **overrides)
 
 
-def read_store(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a store, for bit-level comparisons."""
-    group = zarr.open_group(str(path), mode="r")
+def read_store(path: Path | str) -> dict[str, np.ndarray]:
+    """Every array of a store (a path or a URL), for bit-level comparisons."""
+    group = open_group(path)
     return {name: group[name][:] for name in ("features", "labels", "valid", "done")}
 
 
-def assert_same_store(a: Path, b: Path) -> None:
+def assert_same_store(a: Path | str, b: Path | str) -> None:
     """Bit-identical arrays and manifest (attrs hold a creation time and may differ)."""
-    import pyarrow.parquet as pq
+    from flatdino.pipeline.feature_store import FeatureStore
 
     left, right = read_store(a), read_store(b)
     for name in left:
         assert left[name].dtype == right[name].dtype, name
         assert left[name].tobytes() == right[name].tobytes(), f"{name} differs"
-    assert pq.read_table(a / "manifest.parquet").equals(pq.read_table(b / "manifest.parquet"))
+    assert FeatureStore(a).manifest().equals(FeatureStore(b).manifest())
 
 
 @pytest.fixture(scope="session")

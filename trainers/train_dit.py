@@ -97,7 +97,7 @@ def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> dict:
     return {
         "kappa": cfg.kappa, "time_dist": cfg.time_dist, "class_dropout": cfg.class_dropout,
         "normalize": cfg.normalize, "views": check_views(cfg.views, store.num_views, cfg.latents),
-        "latents": str(Path(cfg.latents).resolve()),
+        "latents": store.location.identity(),
         "latents_fingerprint": attrs.get("fingerprint"), "vae_checkpoint": attrs.get("vae_checkpoint"),
         "class_names": attrs.get("class_names"),
     }  # fmt: skip
