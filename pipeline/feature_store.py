@@ -45,6 +45,7 @@ READABLE_FORMATS = (1, 2)
 KIND = "flatdino.features"
 MANIFEST = "manifest.parquet"
 ERRORS_DIR = "_errors"
+LABEL_CHUNK = 1 << 16  # labels are written once, at creation: few, large chunks
 
 
 class FeatureStore(ShardedStore):
@@ -130,7 +131,7 @@ class FeatureStore(ShardedStore):
                 compressors=None,  # float16 activations barely compress; spend no CPU on it
             )  # fmt: skip
             # labels are written once, here, by one process: large chunks (few files) are safe
-            label_chunk = max(1, min(n, 1 << 16))
+            label_chunk = max(1, min(n, LABEL_CHUNK))
             group.create_array(
                 "labels", shape=(n,), chunks=(label_chunk,), dtype="int32", fill_value=-1
             )
@@ -155,6 +156,15 @@ class FeatureStore(ShardedStore):
         """A new, empty store at `path` (see `layout` for the arguments)."""
         create(Location(str(path)), KIND, FORMAT_VERSION, cls.layout(**layout))
         return cls(path, mode="r+")
+
+
+def object_count(num_images: int, shard_size: int, failed_shards: int = 0) -> int:
+    """Objects (files) of a complete store of this format, from the layout alone: per shard its
+    features object, valid chunk and done marker (+1 errors object for a shard with failures);
+    zarr.json of the group and of its 4 arrays, the labels chunks and the manifest. (A shard whose
+    every image failed writes no valid chunk: zarr skips chunks equal to the fill value.)"""
+    shards = -(-num_images // shard_size)
+    return 3 * shards + failed_shards + 5 + -(-num_images // LABEL_CHUNK) + 1
 
 
 def write_parquet(location: Location, key: str, table: pa.Table) -> None:

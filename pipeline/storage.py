@@ -145,6 +145,8 @@ class Location:
             return None
         raw = self.read("zarr.json")
         if raw is None:
+            if self.remote:
+                self.keys()  # a missing bucket reads as a missing object; a listing says which
             return None
         try:
             meta = json.loads(raw)
@@ -193,11 +195,11 @@ def describe(url: str, error: BaseException) -> str | None:
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     if "NoSuchBucket" in text or "ContainerNotFound" in text or "bucket does not exist" in text:
         return f"{url!r}: the bucket {bucket!r} does not exist{where}; create it or fix the URL"
+    if "169.254.169.254" in text or "credential" in text.lower():  # fell through to the metadata
+        return f"{url!r}: no {cloud} credentials found; set {creds}"  # service of a cloud VM
     if any(k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                                "Forbidden", "AuthenticationFailed", "403")):  # fmt: skip
         return f"{url!r}: the {cloud} credentials were refused{where}; check {creds}"
-    if "169.254.169.254" in text or "credential" in text.lower():
-        return f"{url!r}: no {cloud} credentials found; set {creds}"
     if "error sending request" in text or "Connection refused" in text or "dns" in text.lower():
         shown = endpoint or f"the {cloud} endpoint"
         return (

@@ -182,6 +182,59 @@ def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}  # fmt: skip
+
+
+def start_moto(env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3 server on 127.0.0.1 and a free port: (process, endpoint URL)."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            return proc, endpoint
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server for the session (stopped at the end): its endpoint URL."""
+    proc, endpoint = start_moto()
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the session's S3 server, its credentials and endpoint in the
+    environment (as a user sets them): 's3://BUCKET'. The server forgets it afterwards."""
+    import urllib.request
+    import uuid
+
+    import boto3
+
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"flatdino-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST"))
+
+
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> Path:
     """A file shaped like pytorch-fid's pt_inception-2015-12-05 weights, with random values
