@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from .errors import FlatDinoError
-from .storage import Location
+from .storage import Location, explained
 from .store import Shard, ShardedStore, create, shard_bounds, utc_now
 
 FORMAT_VERSION = 2
@@ -82,12 +82,13 @@ class FeatureStore(ShardedStore):
     ) -> None:
         """Write one shard's rows, then its errors (if any), then mark it done (in that order)."""
         assert features.shape[0] == shard.stop - shard.start == valid.shape[0]
-        self.group["features"][shard.start : shard.stop] = features
-        self.group["valid"][shard.start : shard.stop] = valid
-        if errors:  # a shard without failures writes no object (fewer objects per store)
-            body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
-            self.location.write(f"{ERRORS_DIR}/shard-{shard.index:06d}.json", body.encode())
-        self.group["done"][shard.index] = True
+        with explained(self.path):  # a failing object store: one line, from any worker
+            self.group["features"][shard.start : shard.stop] = features
+            self.group["valid"][shard.start : shard.stop] = valid
+            if errors:  # a shard without failures writes no object (fewer objects per store)
+                body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
+                self.location.write(f"{ERRORS_DIR}/shard-{shard.index:06d}.json", body.encode())
+            self.group["done"][shard.index] = True
 
     def shard_errors(self) -> dict[int, str]:
         errors: dict[int, str] = {}

@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from .feature_store import FeatureStore
-from .storage import Location
+from .storage import Location, explained
 from .store import Shard, ShardedStore, utc_now
 
 FORMAT_VERSION = 1
@@ -64,10 +64,11 @@ class LatentStore(ShardedStore):
     def write_shard(self, shard: Shard, mu: np.ndarray, logvar: np.ndarray | None) -> None:
         """Write one shard's latents (logvar when the store keeps it), then mark it done."""
         dtype = self.mu.dtype
-        self.group["mu"][shard.start : shard.stop] = mu.astype(dtype)
-        if logvar is not None and "logvar" in self.group:
-            self.group["logvar"][shard.start : shard.stop] = logvar.astype(dtype)
-        self.group["done"][shard.index] = True  # last: the shard is complete
+        with explained(self.path):  # a failing object store: one line, from any worker
+            self.group["mu"][shard.start : shard.stop] = mu.astype(dtype)
+            if logvar is not None and "logvar" in self.group:
+                self.group["logvar"][shard.start : shard.stop] = logvar.astype(dtype)
+            self.group["done"][shard.index] = True  # last: the shard is complete
 
     def finalize(self) -> None:
         """Per-(token, dim) mean and std of mu over valid rows and all views (float64 sums)."""
