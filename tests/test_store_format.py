@@ -53,7 +53,9 @@ def test_one_object_per_job_shard_and_per_view_inner_chunks(tmp_path):
     assert store.attrs["format_version"] == 2 and store.per_view
     assert store.features.shards == (32, 2, 256, 16) and store.features.chunks == (1, 1, 256, 16)
     objects = [
-        p for p in (store.location.path / "features").rglob("*") if p.is_file() and p.name != "zarr.json"
+        p
+        for p in (store.location.path / "features").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
     ]
     assert len(objects) == 3  # 96 rows / 32 per shard; format 1 made 12 (8 rows each)
 
