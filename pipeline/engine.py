@@ -7,8 +7,9 @@ A job is a list of shards and two plain pieces of Python:
     worker(payload) -> result                      GPU work + the shard's write
 
 `run_shards` calls them in-process (backend "local", one prepare of look-ahead on a thread) or on
-Ray (prepare as CPU tasks, a pool of actors with two shards in flight each), yielding results as
-shards finish. Both backends run the same functions on the same shards.
+Ray (a pool of prepare tasks sized to the cluster's free CPUs feeding a pool of actors with two
+shards in flight each), yielding results as shards finish. Both backends run the same functions on
+the same shards.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Placement:
     # torch intra-op threads per worker. N: N threads; 0: a Ray actor (a process of its own) takes
     # its node's cpu count / workers; None, and 0 on the local backend: torch's setting is left as is
     threads: int | None = None
+    # prepare (decode) tasks per CPU core the actors leave free (Ray backend): each asks for 1/k
+    # CPU, so k > 1 oversubscribes the cores, for prepares that wait on storage
+    decode_per_cpu: int = 1
 
 
 class _Worker:
@@ -95,7 +99,54 @@ def _run_local(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterat
         torch.set_num_threads(threads)
 
 
+ACTOR_CPUS = 1  # CPUs an actor reserves (its driver thread, input copies); the rest decode
+STORAGE_ENV = ("AWS_", "GOOGLE_", "AZURE_")  # what obstore reads, forwarded to the workers
+RETRIES = 4  # re-runs of a task, restarts of an actor, after its node or process died
+
+
+def prepare_pool_size(cluster_cpus: float, workers: int, per_cpu: int) -> int:
+    """Prepare tasks kept in flight: every CPU the actors leave free, `per_cpu` tasks each, and at
+    least two per actor (one running on the actor, one ready behind it)."""
+    return max(2 * workers, int(max(cluster_cpus - workers * ACTOR_CPUS, 0) * per_cpu))
+
+
+def check_decode_cpus(cluster_cpus: float, workers: int, per_cpu: int) -> None:
+    """Refuse a placement whose actors reserve every CPU: no decode task could ever start, and
+    the job would wait forever."""
+    free = cluster_cpus - workers * ACTOR_CPUS
+    if free < 1 / per_cpu:
+        raise FlatDinoError(
+            f"--workers {workers} backbone actors reserve {workers * ACTOR_CPUS} of the Ray "
+            f"cluster's {cluster_cpus:g} CPUs and leave {max(free, 0):g} for decoding (a decode task "
+            f"needs {1 / per_cpu:g}): use fewer --workers or a cluster with more CPUs"
+        )
+
+
+def _forwarded_env() -> dict:
+    """The driver's object-storage settings (credentials, endpoint), for its tasks and actors: a
+    store on s3:// opens the same way on every node without configuring the nodes."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
+    return {"env_vars": env} if env else {}
+
+
+def _start_actors(job: ShardJob, placement: Placement, gpus: float) -> list:
+    """The worker actors; restarted (model loaded again) and their calls retried after a crash."""
+    import ray
+
+    options = {"runtime_env": _forwarded_env()}
+    if placement.workers > 1:
+        options["scheduling_strategy"] = "SPREAD"
+    actor_cls = ray.remote(
+        num_cpus=ACTOR_CPUS, num_gpus=gpus, max_restarts=RETRIES, max_task_retries=RETRIES
+    )(_Worker).options(**options)
+    args = (job.worker_cls, job.worker_args, placement.threads, placement.workers)
+    return [actor_cls.remote(*args) for _ in range(placement.workers)]
+
+
 def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator[Any]:
+    """A pool of prepare tasks as large as the free CPUs allow; finished payloads go to actors with
+    fewer than two calls outstanding. At most `pool` prepared payloads wait for an actor, so memory
+    stays bounded however far decoding runs ahead."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -106,31 +157,46 @@ def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator
     gpus = placement.num_gpus_per_worker
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    prepare = ray.remote(num_cpus=1)(job.prepare)
-    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(_Worker)
-    actors = [
-        actor_cls.remote(job.worker_cls, job.worker_args, placement.threads, placement.workers)
-        for _ in range(placement.workers)
-    ]
-    queue = list(reversed(todo))
-    inflight: dict = {}  # ObjectRef -> actor; two shards per actor: one preparing, one running
-
-    def submit(actor) -> None:
-        payload = prepare.remote(*job.prepare_args(queue.pop()))
-        inflight[actor.__call__.remote(payload)] = actor
-
-    for actor in actors * 2:
-        if queue:
-            submit(actor)
+    cpus = ray.cluster_resources().get("CPU", 0)
     try:
-        while inflight:
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            actor = inflight.pop(ref)
+        check_decode_cpus(cpus, placement.workers, placement.decode_per_cpu)
+    except FlatDinoError:
+        if started_here:
+            ray.shutdown()
+        raise
+    pool = prepare_pool_size(cpus, placement.workers, placement.decode_per_cpu)
+    prepare = ray.remote(num_cpus=1 / placement.decode_per_cpu, max_retries=RETRIES)(job.prepare)
+    prepare = prepare.options(runtime_env=_forwarded_env())
+    actors = _start_actors(job, placement, gpus)
+    queue = list(reversed(todo))
+    preparing: dict = {}  # prepare ObjectRef -> shard: running, or finished and not yet handed over
+    ready: list = []  # (prepare ObjectRef, shard) finished, oldest first
+    calls: dict = {}  # actor call ObjectRef -> (actor, shard)
+    busy = dict.fromkeys(actors, 0)  # calls outstanding per actor (at most 2)
+    finished: set[int] = set()  # shard indices yielded: a retried shard is never counted twice
+    try:
+        while queue or preparing or ready or calls:
+            while queue and len(preparing) + len(ready) < pool:
+                shard = queue.pop()
+                preparing[prepare.remote(*job.prepare_args(shard))] = shard
+            while ready and min(busy.values()) < 2:
+                actor = min(actors, key=busy.get)
+                payload, shard = ready.pop(0)
+                calls[actor.__call__.remote(payload)] = (actor, shard)
+                busy[actor] += 1
+            [ref], _ = ray.wait([*preparing, *calls], num_returns=1)
+            if ref in preparing:  # a failed prepare is handed over too: its call raises the error
+                ready.append((ref, preparing.pop(ref)))
+                continue
+            actor, shard = calls.pop(ref)
+            busy[actor] -= 1
             result = _get_unwrapped(ref)
-            if queue:
-                submit(actor)
-            yield result
+            if shard.index not in finished:
+                finished.add(shard.index)
+                yield result
     finally:
+        for ref in preparing:
+            ray.cancel(ref)
         for actor in actors:
             ray.kill(actor)
         if started_here:

@@ -27,7 +27,7 @@ from .engine import Placement, ShardJob, run_shards
 from .env import package_version, resolve_device
 from .errors import FlatDinoError, TooManyFailuresError, WeightsError
 from .feature_store import FeatureStore
-from .preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
+from .preprocess import ViewRecipe, adm_center_crop, to_rgb, views_from_crops
 from .sources import ImageSource, load_image, open_source
 from .store import Shard, check_finite, open_or_create
 
@@ -55,6 +55,7 @@ class ExtractConfig:
     workers: int = 1  # backbone actors (Ray backend)
     num_gpus_per_worker: float | None = None  # None: 1 when CUDA is visible, else 0
     torch_threads: int = 0  # threads per backbone worker; 0: Ray: cores / workers, local: as is
+    decode_per_cpu: int = 1  # Ray: decode tasks per free CPU core (speed only: no fingerprint)
     ray_address: str | None = None  # None: a local Ray instance; "auto" or ADDR: a cluster
     max_failed_fraction: float = 0.01  # exit non-zero above this fraction of undecodable images
     overwrite: bool = False  # replace an existing store made with other settings
@@ -82,49 +83,67 @@ class ExtractSummary:
 
 @dataclass
 class DecodedShard:
-    """The CPU half of a shard: normalised views of every decodable image, and the errors."""
+    """The CPU half of a shard: the uint8 crops of every decodable image, and the errors.
+
+    Crops, not views, travel to the worker: 196,608 bytes an image instead of V x 602,112 float32
+    bytes, and the resizes run on the worker's device (`preprocess.views_from_crops`)."""
 
     shard: Shard
-    pixels: np.ndarray  # (n_ok, V, 3, 224, 224) float32
+    crops: np.ndarray  # (n_ok, 256, 256, 3) uint8 ADM centre crops
     valid: np.ndarray  # (n,) bool
     errors: dict[int, str]  # image index -> "ExceptionType: message"
+    recipe: ViewRecipe  # how the worker turns the crops into views
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(n_ok,) image indices of the crops (they seed the random crops of views >= 2)."""
+        return self.shard.start + np.flatnonzero(self.valid)
 
 
 def decode_shard(
     kind: str, root: str, paths: list[str], shard: Shard, recipe: ViewRecipe
 ) -> DecodedShard:
-    """Decode, crop and normalise images [shard.start, shard.stop); bad images become errors."""
-    views, valid, errors = [], np.zeros(shard.stop - shard.start, dtype=bool), {}
+    """Decode and ADM-crop images [shard.start, shard.stop); bad images become errors."""
+    crops, valid, errors = [], np.zeros(shard.stop - shard.start, dtype=bool), {}
     for offset, path in enumerate(paths):
         index = shard.start + offset
         try:
             with load_image(kind, root, path) as img:
-                crop = adm_center_crop(to_rgb(img), recipe.crop_size)
-            views.append(make_views(crop, index, recipe).numpy())
+                crops.append(adm_center_crop(to_rgb(img), recipe.crop_size))
             valid[offset] = True
         except Exception as e:  # any decode failure marks only this image invalid
             errors[index] = f"{type(e).__name__}: {e}"[:500]
-    shape = (0, recipe.views, 3, recipe.input_size, recipe.input_size)
-    pixels = np.stack(views) if views else np.zeros(shape, np.float32)
-    return DecodedShard(shard, pixels, valid, errors)
+    shape = (0, recipe.crop_size, recipe.crop_size, 3)
+    stacked = np.stack(crops) if crops else np.zeros(shape, np.uint8)
+    return DecodedShard(shard, stacked, valid, errors, recipe)
 
 
 @torch.inference_mode()
 def embed_views(
-    model: DinoPatchFeatures, pixels: np.ndarray, batch_size: int, dtype: torch.dtype,
-    device: torch.device,
+    model: DinoPatchFeatures, crops: np.ndarray, indices: np.ndarray, recipe: ViewRecipe,
+    batch_size: int, dtype: torch.dtype, device: torch.device,
 ) -> np.ndarray:  # fmt: skip
-    """(n, V, 3, H, W) normalised views -> (n, V, P, C) float16 features, `batch_size` at a time."""
-    n, v = pixels.shape[:2]
-    if not pixels.flags.writeable:  # Ray hands over read-only, zero-copy arrays
-        pixels = pixels.copy()
-    flat = torch.from_numpy(pixels).reshape(n * v, *pixels.shape[2:])  # (n*V, 3, H, W)
+    """(n, S, S, 3) uint8 crops -> (n, V, P, C) float16 features of their views.
+
+    Views are made on `device` one backbone batch at a time, so memory holds one batch of float32
+    views whatever the shard size. Batches are the same `batch_size` slices of the flattened
+    (n*V) views as when whole views were shipped (CPU matmuls round differently for other batch
+    shapes); an image whose views straddle two batches has its views made twice.
+    """
+    n, v = len(crops), recipe.views
+    if not crops.flags.writeable:  # Ray hands over read-only, zero-copy arrays
+        crops = crops.copy()
+    pixels = torch.from_numpy(crops)  # (n, S, S, 3) uint8
     out = np.empty((n * v, model.num_patches, model.dim), np.float16)
     for i in range(0, n * v, batch_size):
-        x = flat[i : i + batch_size].to(device, non_blocking=True)
+        j = min(i + batch_size, n * v)
+        lo, hi = i // v, -(-j // v)  # the images whose views fall in [i, j)
+        crop = pixels[lo:hi].to(device, non_blocking=True)
+        views = views_from_crops(crop, indices[lo:hi], recipe, device).flatten(0, 1)
+        x = views[i - lo * v : j - lo * v]  # (b, 3, H, W) of the ((hi-lo)*V) views
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             y = model(x)  # (b, P, C)
-        out[i : i + len(x)] = y.float().cpu().numpy().astype(np.float16)
+        out[i:j] = y.float().cpu().numpy().astype(np.float16)
     return out.reshape(n, v, *out.shape[1:])  # (n, V, P, C)
 
 
@@ -147,10 +166,11 @@ class ShardEmbedder:
         shard = decoded.shard
         n = shard.stop - shard.start
         feats = np.zeros((n, *self.store.features.shape[1:]), np.float16)
-        if len(decoded.pixels):
+        if len(decoded.crops):
             feats[decoded.valid] = embed_views(
-                self.model, decoded.pixels, self.cfg.batch_size, DTYPES[self.cfg.dtype], self.device
-            )
+                self.model, decoded.crops, decoded.indices, decoded.recipe, self.cfg.batch_size,
+                DTYPES[self.cfg.dtype], self.device,
+            )  # fmt: skip
         check_finite(feats, shard, "the backbone's float16 features",
                      "check --weights, or use --dtype fp32")  # fmt: skip
         self.store.write_shard(shard, feats, decoded.valid, decoded.errors)
@@ -206,6 +226,7 @@ def validate(cfg: ExtractConfig) -> None:
         (cfg.views >= 1, "--views must be >= 1"),
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.workers >= 1, "--workers must be >= 1"),
+        (cfg.decode_per_cpu >= 1, "--decode-tasks-per-cpu must be >= 1"),
         (cfg.chunk_rows >= 1 and cfg.shard_size % cfg.chunk_rows == 0,
          f"--shard-size must be a positive multiple of {cfg.chunk_rows} (chunk rows)"),
         (cfg.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}"),
@@ -235,8 +256,9 @@ def _run_with_progress(
         worker_args=(cfg, sha),
     )
     placement = Placement(
-        cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address, cfg.torch_threads
-    )
+        cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address, cfg.torch_threads,
+        cfg.decode_per_cpu,
+    )  # fmt: skip
     remaining = sum(s.stop - s.start for s in todo)
     total = summary.images
     start = time.perf_counter()
@@ -278,7 +300,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractSummary:
     )
     del probe
     todo = store.todo()
-    summary = ExtractSummary(str(store.path), store.num_images, len(store.shards()), len(todo))
+    summary = ExtractSummary(store.path, store.num_images, len(store.shards()), len(todo))
     if todo:
         _run_with_progress(cfg, source, todo, recipe, sha, summary)
     if not store.attrs.get("complete"):
@@ -290,6 +312,6 @@ def extract_features(cfg: ExtractConfig) -> ExtractSummary:
         raise TooManyFailuresError(
             f"{summary.failed} of {store.num_images} images failed to decode (more than "
             f"--max-failed-fraction {cfg.max_failed_fraction}); the store is complete and their "
-            f"rows are marked invalid, see {store.path / 'manifest.parquet'} (first: {summary.failures[0]})"
+            f"rows are marked invalid, see {store.path}/manifest.parquet (first: {summary.failures[0]})"
         )
     return summary

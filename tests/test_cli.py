@@ -32,7 +32,8 @@ def test_extract_features_help_explains_every_option():
     assert result.exit_code == 0
     for option in ("--data", "--out", "--split", "--backbone", "--weights", "--views",
                    "--batch-size", "--workers", "--num-gpus-per-worker", "--backend",
-                   "--ray-address", "--max-failed-fraction", "--overwrite", "--dtype"):  # fmt: skip
+                   "--ray-address", "--max-failed-fraction", "--overwrite", "--dtype",
+                   "--decode-tasks-per-cpu"):  # fmt: skip
         assert option in result.output
 
 
@@ -50,7 +51,7 @@ def test_extract_features_builds_the_config_from_options(monkeypatch, tmp_path):
                     "--split", "train", "--views", "4", "--batch-size", "8", "--workers", "3",
                     "--num-gpus-per-worker", "0.5", "--backend", "local", "--ray-address", "auto",
                     "--max-failed-fraction", "0.2", "--overwrite", "--dtype", "bf16",
-                    "--weights", "w.pth", "--seed", "7")  # fmt: skip
+                    "--weights", "w.pth", "--seed", "7", "--decode-tasks-per-cpu", "3")  # fmt: skip
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.data, cfg.out, cfg.split, cfg.views, cfg.batch_size) == (
@@ -73,7 +74,7 @@ def test_extract_features_builds_the_config_from_options(monkeypatch, tmp_path):
         "w.pth",
         7,
     )
-    assert cfg.backbone == "dinov2-vitb14-reg" and cfg.progress
+    assert cfg.backbone == "dinov2-vitb14-reg" and cfg.progress and cfg.decode_per_cpu == 3
 
 
 @pytest.mark.parametrize("name", [*MISSION, "train-decoder", "info", "flops", "demo", "sweep-cfg"])

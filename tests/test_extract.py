@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import zarr
 
 from conftest import assert_same_store, read_store, tiny_config
 from flatdino.pipeline.backbone import load_backbone
@@ -23,6 +22,7 @@ from flatdino.pipeline.extract import extract_features
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
 from flatdino.pipeline.sources import load_image, open_source
+from flatdino.pipeline.storage import Location, open_group
 
 
 def test_store_contents_match_the_backbone(digits_val_store):
@@ -45,12 +45,65 @@ def test_store_contents_match_the_backbone(digits_val_store):
     assert manifest.column("path").to_pylist() == list(src.paths)
 
 
+def _features_from_shipped_views(cfg, valid: np.ndarray) -> np.ndarray:
+    """The path before crops were shipped: `make_views` per image on the decoding CPU, the shard's
+    (n_ok*V) views flattened and cut into backbone batches of `cfg.batch_size`, float16 out."""
+    src = open_source(cfg.data, cfg.split)
+    recipe = ViewRecipe(views=cfg.views, seed=cfg.view_seed)
+    model, _ = load_backbone(cfg.backbone)
+    feats = np.zeros((len(src), cfg.views, model.num_patches, model.dim), np.float16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.torch_threads)  # the job's thread count: the same matmul rounding
+    try:
+        for start in range(0, len(src), cfg.shard_size):
+            rows = [i for i in range(start, min(start + cfg.shard_size, len(src))) if valid[i]]
+            views = []
+            for i in rows:
+                crop = adm_center_crop(to_rgb(load_image(src.kind, src.root, src.paths[i])), 256)
+                views.append(make_views(crop, i, recipe))
+            flat = torch.stack(views).flatten(0, 1)  # (n_ok*V, 3, 224, 224)
+            with torch.inference_mode():
+                out = torch.cat([model(flat[j : j + cfg.batch_size])
+                                 for j in range(0, len(flat), cfg.batch_size)])  # fmt: skip
+            feats[rows] = out.numpy().astype(np.float16).reshape(len(rows), *feats.shape[1:])
+    finally:
+        torch.set_num_threads(threads)
+    return feats
+
+
+def test_views_made_by_the_worker_equal_the_shipped_views(digits_val_store, messy_folder, tmp_path):
+    """Shipping uint8 crops and making the views in the worker (batched, on its device) writes the
+    same features as shipping make_views' float32 views did: bound 0 (bit-identical float16) on
+    CPU, for digits (V=2, batches of whole images) and the messy photos (V=3 with batch 16: images
+    straddle batches; invalid rows shift the view seeds' indices)."""
+    digits = tiny_config("digits", digits_val_store, split="val")
+    arrays = read_store(digits_val_store)
+    assert np.array_equal(arrays["features"], _features_from_shipped_views(digits, arrays["valid"]))
+    messy = tiny_config(str(messy_folder), tmp_path / "m.zarr", views=3, shard_size=8,
+                        max_failed_fraction=0.25)  # fmt: skip
+    extract_features(messy)
+    arrays = read_store(tmp_path / "m.zarr")
+    assert arrays["valid"].sum() == 13
+    assert np.array_equal(arrays["features"], _features_from_shipped_views(messy, arrays["valid"]))
+
+
 def test_rerun_of_a_finished_job_does_nothing(digits_val_store):
     before = {p: p.stat().st_mtime_ns for p in digits_val_store.rglob("*") if p.is_file()}
     summary = extract_features(tiny_config("digits", digits_val_store, split="val"))
     assert summary.shards_run == 0 and summary.images_run == 0
     after = {p: p.stat().st_mtime_ns for p in digits_val_store.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_decode_tasks_per_cpu_changes_speed_not_the_store(digits_val_store, tmp_path):
+    """Not in the fingerprint: a store resumes under another --decode-tasks-per-cpu; 0 is refused."""
+    summary = extract_features(
+        tiny_config("digits", digits_val_store, split="val", decode_per_cpu=3)
+    )
+    assert summary.shards_run == 0
+    with pytest.raises(FlatDinoError, match="^--decode-tasks-per-cpu must be >= 1$"):
+        extract_features(tiny_config("digits", tmp_path / "z.zarr", split="val", decode_per_cpu=0))
+    assert not (tmp_path / "z.zarr").exists()
 
 
 @pytest.mark.parametrize(
@@ -84,7 +137,8 @@ def test_a_worker_error_surfaces_as_one_clear_error(local_ray, tmp_path):
     assert "Traceback" not in str(info.value) and len(str(info.value).splitlines()) == 1
 
 
-def _start_job(out: Path) -> subprocess.Popen:
+def start_job(out: Path | str) -> subprocess.Popen:
+    """The CLI extraction of the digits' val split (23 shards), in a process of its own."""
     args = ["extract-features", "--data", "digits", "--split", "val", "--out", str(out),
             "--backbone", "tiny", "--backend", "local", "--batch-size", "16",
             "--shard-size", "16", "--torch-threads", "2", "--no-progress"]  # fmt: skip
@@ -92,22 +146,27 @@ def _start_job(out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _done_count(out: Path) -> int:
-    done = out / "done" / "c"
-    return len(list(done.iterdir())) if done.exists() else 0
+def done_count(out: Path | str) -> int:
+    """Done markers written so far (objects of the `done` array: a path or a URL)."""
+    return len(Location(str(out)).keys("done/c"))
 
 
-@pytest.mark.parametrize("kill_at", ["creating", "first-shard", "half"])
-def test_sigkill_then_rerun_is_bit_identical(kill_at, digits_val_store, tmp_path):
-    out = tmp_path / "killed.zarr"
-    proc = _start_job(out)
+def creating(out: Path | str) -> bool:
+    """The store exists and its creation has not finished (zarr.json says so)."""
+    attrs = Location(str(out)).attrs()
+    return bool(attrs and attrs.get("creating"))
+
+
+def kill_and_resume(out: Path | str, kill_at: str, reference: Path) -> None:
+    """SIGKILL the job at `kill_at`, run it again: only missing shards run, bit-identical."""
+    proc = start_job(out)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if kill_at == "creating" and list(tmp_path.glob(".killed.zarr.creating-*")):
+        if kill_at == "creating" and creating(out):
             break
-        if kill_at == "first-shard" and _done_count(out) >= 1:
+        if kill_at == "first-shard" and done_count(out) >= 1:
             break
-        if kill_at == "half" and _done_count(out) >= 11:
+        if kill_at == "half" and done_count(out) >= 11:
             break
         time.sleep(0.002)
     assert proc.poll() is None, f"job ended before the kill point: {proc.stderr.read().decode()}"
@@ -115,16 +174,23 @@ def test_sigkill_then_rerun_is_bit_identical(kill_at, digits_val_store, tmp_path
     proc.wait()
     # Count what a reader sees, not chunk files: a kill can land while a chunk file is half written,
     # and then that shard is (correctly) not done.
+    attrs = Location(str(out)).attrs()
     done_before = (
-        int(np.asarray(zarr.open_group(str(out), mode="r")["done"][:]).sum())
-        if (out / "zarr.json").exists()
+        int(np.asarray(open_group(out)["done"][:]).sum())
+        if attrs and not attrs.get("creating")
         else 0
     )
     assert done_before < 23
     summary = extract_features(tiny_config("digits", out, split="val"))
     assert summary.shards_run == 23 - done_before  # only the missing shards ran
-    assert_same_store(out, digits_val_store)
-    assert not list(tmp_path.glob(".killed.zarr.*"))  # no leftovers of the interrupted creation
+    assert_same_store(out, reference)
+    assert not Location(str(out)).attrs()["creating"]
+
+
+@pytest.mark.parametrize("kill_at", ["creating", "first-shard", "half"])
+def test_sigkill_then_rerun_is_bit_identical(kill_at, digits_val_store, tmp_path):
+    kill_and_resume(tmp_path / "killed.zarr", kill_at, digits_val_store)
+    assert not list(tmp_path.glob("killed.zarr/**/*.partial"))  # no half-written local file
 
 
 def test_bad_images_are_marked_invalid_and_never_stop_the_job(messy_folder, tmp_path):

@@ -13,21 +13,13 @@ import zarr
 from test_extract import kill_and_resume
 from typer.testing import CliRunner
 
-from conftest import (
-    assert_same_store,
-    free_port,
-    local_ray,
-    read_store,
-    start_moto,
-    tiny_config,
-)  # fmt: skip
+from conftest import assert_same_store, free_port, read_store, start_moto, tiny_config
 from flatdino.cli.main import app
 from flatdino.pipeline.extract import extract_features
 from flatdino.pipeline.feature_store import object_count
 from flatdino.pipeline.storage import Location, open_group
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
-__all__ = ["local_ray"]  # the fixture, imported for the Ray test
 
 
 def cli(*args) -> str:
@@ -101,7 +93,7 @@ def test_the_chain_with_every_store_on_s3_equals_the_chain_on_disk(s3, digits_va
 def test_ray_extraction_on_s3_is_bit_identical_to_local(s3, local_ray, digits_val_store):
     """Ray workers open the store from the URL (credentials reach them from the driver)."""
     url = f"{s3}/ray.zarr"
-    summary = extract_features(tiny_config("digits", url, split="val", backend="ray", workers=2))
+    summary = extract_features(tiny_config("digits", url, split="val", backend="ray"))
     assert summary.shards_run == 23
     assert_same_store(url, digits_val_store)
 
