@@ -62,6 +62,7 @@ def test_features_on_s3_are_bit_identical_to_local_and_few_objects(s3, digits_va
     assert len(local) == len(objects)
 
 
+@pytest.mark.slow  # ~55 s: three trainers and an encoding, twice
 def test_the_chain_with_every_store_on_s3_equals_the_chain_on_disk(s3, digits_val_store, tmp_path):
     """extract-features -> train-vae -> encode-latents -> train-dit, all stores on S3: every
     model and store is bit-identical to the same run on local disk."""
