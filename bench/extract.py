@@ -34,10 +34,11 @@ from PIL import Image
 
 from flatdino.models.dinov2 import BACKBONES, build_vit
 from flatdino.pipeline.backbone import load_backbone
-from flatdino.pipeline.engine import ACTOR_CPUS, Placement, ShardJob, run_shards
+from flatdino.pipeline.engine import ACTOR_CPUS, Placement, run_shards
 from flatdino.pipeline.extract import (
     DecodedShard,
     ExtractConfig,
+    decode_job,
     decode_shard,
     embed_views,
     extract_features,
@@ -136,11 +137,11 @@ def decode_alone(cfg: ExtractConfig, steady_from: int) -> float:
     """images/s of `decode_shard` in this process, shard by shard: one core (PIL and numpy decode,
     crop and stack on the calling thread)."""
     source = open_source(cfg.data)
-    recipe = ViewRecipe(views=cfg.views, seed=cfg.view_seed)
+    job = decode_job(source, ViewRecipe(views=cfg.views, seed=cfg.view_seed), _FreeWorker, ())
     shards = [s for s in shard_bounds(len(source), cfg.shard_size) if s.start >= steady_from]
     start = time.perf_counter()
     for s in shards:
-        decode_shard(source.kind, source.root, list(source.paths[s.start : s.stop]), s, recipe)
+        job.prepare(*job.prepare_args(s))
     return sum(s.stop - s.start for s in shards) / (time.perf_counter() - start)
 
 
@@ -158,7 +159,8 @@ class _FreeWorker:
     rate is what the decode pool delivers (what a GPU actor would see)."""
 
     def __call__(self, decoded: DecodedShard) -> int:
-        return int(decoded.crops[:, ::32, ::32].sum() >= 0) * len(decoded.crops)
+        decoded.crops[:, ::32, ::32].sum()  # touch the crops' pages, as a copy to a GPU would
+        return len(decoded.crops)
 
 
 def pool_alone(cfg: ExtractConfig, per_cpu: int) -> float:
@@ -167,10 +169,8 @@ def pool_alone(cfg: ExtractConfig, per_cpu: int) -> float:
     import ray
 
     source = open_source(cfg.data)
-    recipe = ViewRecipe(views=cfg.views, seed=cfg.view_seed)
+    job = decode_job(source, ViewRecipe(views=cfg.views, seed=cfg.view_seed), _FreeWorker, ())
     shards = shard_bounds(len(source), cfg.shard_size)
-    job = ShardJob(decode_shard, lambda s: (source.kind, source.root,
-                   list(source.paths[s.start : s.stop]), s, recipe), _FreeWorker, ())  # fmt: skip
     placement = Placement("ray", workers=1, num_gpus_per_worker=0, decode_per_cpu=per_cpu)
     ray.init(include_dashboard=False, logging_level="ERROR")
     try:

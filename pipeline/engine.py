@@ -158,42 +158,35 @@ def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     cpus = ray.cluster_resources().get("CPU", 0)
+    actors: list = []
+    preparing: set = set()  # prepare ObjectRefs running, or finished and not yet seen by wait
     try:
         check_decode_cpus(cpus, placement.workers, placement.decode_per_cpu)
-    except FlatDinoError:
-        if started_here:
-            ray.shutdown()
-        raise
-    pool = prepare_pool_size(cpus, placement.workers, placement.decode_per_cpu)
-    prepare = ray.remote(num_cpus=1 / placement.decode_per_cpu, max_retries=RETRIES)(job.prepare)
-    prepare = prepare.options(runtime_env=_forwarded_env())
-    actors = _start_actors(job, placement, gpus)
-    queue = list(reversed(todo))
-    preparing: dict = {}  # prepare ObjectRef -> shard: running, or finished and not yet handed over
-    ready: list = []  # (prepare ObjectRef, shard) finished, oldest first
-    calls: dict = {}  # actor call ObjectRef -> (actor, shard)
-    busy = dict.fromkeys(actors, 0)  # calls outstanding per actor (at most 2)
-    finished: set[int] = set()  # shard indices yielded: a retried shard is never counted twice
-    try:
+        pool = prepare_pool_size(cpus, placement.workers, placement.decode_per_cpu)
+        prepare = ray.remote(num_cpus=1 / placement.decode_per_cpu, max_retries=RETRIES)(
+            job.prepare
+        ).options(runtime_env=_forwarded_env())
+        actors = _start_actors(job, placement, gpus)
+        queue = list(reversed(todo))
+        ready: list = []  # prepare ObjectRefs finished, oldest first
+        # actor call ObjectRef -> actor. Each shard is submitted once: Ray re-runs a call whose
+        # actor died (max_task_retries), so every ref yields one result
+        calls: dict = {}
+        busy = dict.fromkeys(actors, 0)  # calls outstanding per actor (at most 2)
         while queue or preparing or ready or calls:
             while queue and len(preparing) + len(ready) < pool:
-                shard = queue.pop()
-                preparing[prepare.remote(*job.prepare_args(shard))] = shard
+                preparing.add(prepare.remote(*job.prepare_args(queue.pop())))
             while ready and min(busy.values()) < 2:
                 actor = min(actors, key=busy.get)
-                payload, shard = ready.pop(0)
-                calls[actor.__call__.remote(payload)] = (actor, shard)
+                calls[actor.__call__.remote(ready.pop(0))] = actor
                 busy[actor] += 1
             [ref], _ = ray.wait([*preparing, *calls], num_returns=1)
             if ref in preparing:  # a failed prepare is handed over too: its call raises the error
-                ready.append((ref, preparing.pop(ref)))
+                preparing.remove(ref)
+                ready.append(ref)
                 continue
-            actor, shard = calls.pop(ref)
-            busy[actor] -= 1
-            result = _get_unwrapped(ref)
-            if shard.index not in finished:
-                finished.add(shard.index)
-                yield result
+            busy[calls.pop(ref)] -= 1
+            yield _get_unwrapped(ref)
     finally:
         for ref in preparing:
             ray.cancel(ref)

@@ -238,23 +238,23 @@ def validate(cfg: ExtractConfig) -> None:
             raise FlatDinoError(message)
 
 
+def decode_job(
+    source: ImageSource, recipe: ViewRecipe, worker_cls: type, worker_args: tuple
+) -> ShardJob:
+    """`decode_shard` of each shard of `source`, handed to `worker_cls(*worker_args)`."""
+
+    def args(s: Shard) -> tuple:
+        return source.kind, source.root, list(source.paths[s.start : s.stop]), s, recipe
+
+    return ShardJob(decode_shard, args, worker_cls, worker_args)
+
+
 def _run_with_progress(
     cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str,
     summary: ExtractSummary,
 ) -> None:  # fmt: skip
     """Run the backend over `todo` with a progress bar, filling in the summary's counters."""
-    job = ShardJob(
-        prepare=decode_shard,
-        prepare_args=lambda s: (
-            source.kind,
-            source.root,
-            list(source.paths[s.start : s.stop]),
-            s,
-            recipe,
-        ),
-        worker_cls=ShardEmbedder,
-        worker_args=(cfg, sha),
-    )
+    job = decode_job(source, recipe, ShardEmbedder, (cfg, sha))
     placement = Placement(
         cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address, cfg.torch_threads,
         cfg.decode_per_cpu,
