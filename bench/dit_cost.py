@@ -127,14 +127,19 @@ def main() -> None:
     settings = {
         "a_cached_latents": per["dit_fwd_bwd_32"] + u32,
         "b_online_flatdino_encoder": per["flatdino_encoder"] + per["dit_fwd_bwd_32"] + u32,
-        "c_online_dinov2_and_encoder": per["dinov2"] + per["flatdino_encoder"] + per["dit_fwd_bwd_32"] + u32,
+        "c_online_dinov2_and_encoder": per["dinov2"]
+        + per["flatdino_encoder"]
+        + per["dit_fwd_bwd_32"]
+        + u32,
         "d_rae_256_tokens_online_dinov2": per["dinov2"] + per["dit_fwd_bwd_256"] + u256,
-    }  # fmt: skip
+    }
     a, b, c, d = settings.values()
     ratios = {"b/a": b / a, "c/a": c / a, "d/c": d / c, "d/a": d / a}
     shape = f"{vae_cfg.tokens}x{vae_cfg.latent_dim}"
-    print(f"{args.preset} ({params32 / 1e6:.1f}M on {shape}, {params256 / 1e6:.1f}M on 256x768), "
-          f"VAE {args.vae}, batch {B}, {args.device} {args.dtype}, median of {args.repeats}")  # fmt: skip
+    print(
+        f"{args.preset} ({params32 / 1e6:.1f}M on {shape}, {params256 / 1e6:.1f}M on 256x768), "
+        f"VAE {args.vae}, batch {B}, {args.device} {args.dtype}, median of {args.repeats}"
+    )
     for name, seconds in t.items():
         print(f"  {name:20s} {seconds:8.3f} s per call")
     print(f"per training sample (update shared by a batch of {args.train_batch}):")

@@ -27,8 +27,10 @@ def write_samples(path: Path, n: int) -> None:
     """An uncompressed samples.npz of n images, written row block by row block."""
     from skimage import data
 
-    base = [np.asarray(Image.fromarray(im).resize((384, 384)))
-            for im in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket())]  # fmt: skip
+    base = [
+        np.asarray(Image.fromarray(im).resize((384, 384)))
+        for im in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket())
+    ]
     rng = np.random.default_rng(0)
     with zipfile.ZipFile(path, "w") as z:
         with z.open("labels.npy", "w") as f:
@@ -45,11 +47,26 @@ def write_samples(path: Path, n: int) -> None:
 
 
 def run(path: Path, args) -> tuple[float, float]:
-    cmd = [sys.executable, "-c", "import resource, sys; from flatdino.cli.main import main; "
-           "sys.argv = ['flatdino'] + sys.argv[1:]\ntry: main()\nfinally: "
-           "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)",
-           "eval", "fid", "--real", str(path), "--fake", str(path), "--space", args.space,
-           "--backbone", "tiny", "--device", "cpu", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "import resource, sys; from flatdino.cli.main import main; "
+        "sys.argv = ['flatdino'] + sys.argv[1:]\ntry: main()\nfinally: "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)",
+        "eval",
+        "fid",
+        "--real",
+        str(path),
+        "--fake",
+        str(path),
+        "--space",
+        args.space,
+        "--backbone",
+        "tiny",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     if args.precision_recall:
         cmd.append("--precision-recall")
     tic = time.perf_counter()
@@ -72,8 +89,10 @@ def main() -> None:
             write_samples(path, n)
             rows.append((n, path.stat().st_size / 2**30, *run(path, args)))
             path.unlink()
-    print(f"flatdino eval fid, the same samples.npz as --real and --fake, --space {args.space} "
-          "(tiny backbone), CPU")  # fmt: skip
+    print(
+        f"flatdino eval fid, the same samples.npz as --real and --fake, --space {args.space} "
+        "(tiny backbone), CPU"
+    )
     print(f"  {'images':>7}  {'npz GiB':>7}  {'seconds':>8}  {'images/s':>8}  {'peak GiB':>8}")
     for n, size, seconds, peak in rows:
         print(f"  {n:7d}  {size:7.2f}  {seconds:8.1f}  {2 * n / seconds:8.1f}  {peak:8.2f}")

@@ -113,9 +113,15 @@ def measure(
     """Best of `repeats` for each side, interleaved, so that machine noise hits all sides alike."""
     data = make_folder(work / f"images-{name}", images)
     base = ExtractConfig(
-        data=str(data), out="", backbone=name, weights=weights, batch_size=32, shard_size=16,
-        progress=False, overwrite=True,
-    )  # fmt: skip
+        data=str(data),
+        out="",
+        backbone=name,
+        weights=weights,
+        batch_size=32,
+        shard_size=16,
+        progress=False,
+        overwrite=True,
+    )
     row = {"backbone": name, "images": images, "views": base.views, "batch_size": base.batch_size}
     best: dict[str, float] = {}
     for _ in range(repeats):
@@ -189,9 +195,15 @@ def measure_decode(images: int, per_cpu: list[int], work: Path, repeats: int) ->
     """The tiny backbone on Ray (a local instance with every core), decode the slowest stage."""
     data = make_folder(work / "images-decode", images)
     base = ExtractConfig(
-        data=str(data), out=str(work / "decode.zarr"), backbone="tiny", batch_size=32,
-        shard_size=16, backend="ray", progress=False, overwrite=True,
-    )  # fmt: skip
+        data=str(data),
+        out=str(work / "decode.zarr"),
+        backbone="tiny",
+        batch_size=32,
+        shard_size=16,
+        backend="ray",
+        progress=False,
+        overwrite=True,
+    )
     cores = os.cpu_count() or 1
     runs = {
         "decode_1core": lambda: decode_alone(base, steady_from=base.shard_size),
@@ -231,19 +243,27 @@ def print_rows(rows: list[dict], backends: list[str]) -> None:
 
 def print_decode(r: dict, per_cpu: list[int]) -> None:
     cores, alone = r["cores"], r["decode_1core"]
-    print(f"decode-bound: tiny backbone, Ray, {r['images']} images, V={r['views']}: decode_shard "
-          f"alone {alone:.2f} img/s on 1 core x {cores} cores = {alone * cores:.2f} img/s; "
-          f"worker alone {r['worker_alone']:.2f} img/s; CPU ceiling {r['cpu_ceiling']:.2f} img/s")  # fmt: skip
-    print(f"{'decode tasks/core':>17s} {'job img/s':>10s} {'ratio':>6s} {'/ceiling':>8s} "
-          f"{'free-worker img/s':>17s} {'ratio':>6s} {'/free cores':>11s}  "
-          "(ratio: / (decode x cores), goal >= 0.8)")  # fmt: skip
+    print(
+        f"decode-bound: tiny backbone, Ray, {r['images']} images, V={r['views']}: decode_shard "
+        f"alone {alone:.2f} img/s on 1 core x {cores} cores = {alone * cores:.2f} img/s; "
+        f"worker alone {r['worker_alone']:.2f} img/s; CPU ceiling {r['cpu_ceiling']:.2f} img/s"
+    )
+    print(
+        f"{'decode tasks/core':>17s} {'job img/s':>10s} {'ratio':>6s} {'/ceiling':>8s} "
+        f"{'free-worker img/s':>17s} {'ratio':>6s} {'/free cores':>11s}  "
+        "(ratio: / (decode x cores), goal >= 0.8)"
+    )
     for k in per_cpu:
-        print(f"{k:17d} {r[f'job_k{k}']:10.2f} {r[f'ratio_k{k}']:6.3f} "
-              f"{r[f'ceiling_ratio_k{k}']:8.3f} {r[f'pool_k{k}']:17.2f} "
-              f"{r[f'pool_ratio_k{k}']:6.3f} {r[f'pool_free_ratio_k{k}']:11.3f}")  # fmt: skip
+        print(
+            f"{k:17d} {r[f'job_k{k}']:10.2f} {r[f'ratio_k{k}']:6.3f} "
+            f"{r[f'ceiling_ratio_k{k}']:8.3f} {r[f'pool_k{k}']:17.2f} "
+            f"{r[f'pool_ratio_k{k}']:6.3f} {r[f'pool_free_ratio_k{k}']:11.3f}"
+        )
     before, after = r["bytes_per_image_views"], r["bytes_per_image_crops"]
-    print(f"shipped per image, decode task -> actor: float32 views {before:,.0f} B before, "
-          f"uint8 crop {after:,.0f} B now ({before / after:.2f}x less)")  # fmt: skip
+    print(
+        f"shipped per image, decode task -> actor: float32 views {before:,.0f} B before, "
+        f"uint8 crop {after:,.0f} B now ({before / after:.2f}x less)"
+    )
 
 
 def main() -> None:
@@ -271,8 +291,11 @@ def main() -> None:
 
             vitb = work / "vitb-random.safetensors"
             save_file(build_vit(BACKBONES["dinov2-vitb14-reg"]).state_dict(), vitb)
-            rows.append(measure("dinov2-vitb14-reg", args.vitb_images, str(vitb), backends, work,
-                                args.repeats))  # fmt: skip
+            rows.append(
+                measure(
+                    "dinov2-vitb14-reg", args.vitb_images, str(vitb), backends, work, args.repeats
+                )
+            )
         if "decode" in cases:
             decode = measure_decode(args.decode_images, per_cpu, work, args.repeats)
     if rows:

@@ -89,27 +89,95 @@ def chain(root: Path, device: str, reduced: bool) -> list[tuple[str, Callable[[]
         return lambda: (fn(cfg), {"items": items})[1]
 
     return [
-        ("extract-features (digits, tiny)", run(extract_features, ExtractConfig(
-            data="digits", split="val", out=feats, backbone="tiny", backend="local", **quiet), 360)),
-        ("train-vae (tiny)", run(train_vae, TrainVAEConfig(
-            features=feats, out=vae, preset="tiny", steps=steps, batch_size=32, num_workers=0,
-            **quiet), 32 * steps)),
-        ("encode-latents", run(encode_latents, EncodeConfig(
-            features=feats, vae=vae, out=lat, backend="local", **quiet), 360)),
-        ("train-dit (tiny)", run(train_dit, TrainDiTConfig(
-            latents=lat, out=dit, preset="tiny", steps=steps, batch_size=32, **quiet), 32 * steps)),
-        ("train-decoder (tiny)", run(train_decoder, TrainDecoderConfig(
-            features=feats, out=dec, preset="tiny", steps=steps, batch_size=8, num_workers=0,
-            **quiet), 8 * steps)),
-        (f"sample (tiny, {sample_steps} steps)", run(sample, SampleConfig(
-            dit=dit, out=out, n=n, steps=sample_steps, decoder=dec, **quiet), n)),
-        ("eval fid (dinov2 space)", run(fid, FidConfig(
-            real=feats, fake=f"{out}/samples.npz", space="dinov2", backbone="tiny", **quiet), 360 + n)),
-    ]  # fmt: skip
+        (
+            "extract-features (digits, tiny)",
+            run(
+                extract_features,
+                ExtractConfig(
+                    data="digits", split="val", out=feats, backbone="tiny", backend="local", **quiet
+                ),
+                360,
+            ),
+        ),
+        (
+            "train-vae (tiny)",
+            run(
+                train_vae,
+                TrainVAEConfig(
+                    features=feats,
+                    out=vae,
+                    preset="tiny",
+                    steps=steps,
+                    batch_size=32,
+                    num_workers=0,
+                    **quiet,
+                ),
+                32 * steps,
+            ),
+        ),
+        (
+            "encode-latents",
+            run(
+                encode_latents,
+                EncodeConfig(features=feats, vae=vae, out=lat, backend="local", **quiet),
+                360,
+            ),
+        ),
+        (
+            "train-dit (tiny)",
+            run(
+                train_dit,
+                TrainDiTConfig(
+                    latents=lat, out=dit, preset="tiny", steps=steps, batch_size=32, **quiet
+                ),
+                32 * steps,
+            ),
+        ),
+        (
+            "train-decoder (tiny)",
+            run(
+                train_decoder,
+                TrainDecoderConfig(
+                    features=feats,
+                    out=dec,
+                    preset="tiny",
+                    steps=steps,
+                    batch_size=8,
+                    num_workers=0,
+                    **quiet,
+                ),
+                8 * steps,
+            ),
+        ),
+        (
+            f"sample (tiny, {sample_steps} steps)",
+            run(
+                sample,
+                SampleConfig(dit=dit, out=out, n=n, steps=sample_steps, decoder=dec, **quiet),
+                n,
+            ),
+        ),
+        (
+            "eval fid (dinov2 space)",
+            run(
+                fid,
+                FidConfig(
+                    real=feats, fake=f"{out}/samples.npz", space="dinov2", backbone="tiny", **quiet
+                ),
+                360 + n,
+            ),
+        ),
+    ]
 
 
-def _steps(model: torch.nn.Module, loss: Callable, batch: int, steps: int, device: torch.device,
-           compile: bool) -> dict:  # fmt: skip
+def _steps(
+    model: torch.nn.Module,
+    loss: Callable,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    compile: bool,
+) -> dict:
     """`steps` AdamW steps after one warm-up step (which compiles): the timed rate."""
     model.to(device).train()
     net = torch.compile(model) if compile else model
@@ -174,19 +242,35 @@ def full_presets(device: torch.device, reduced: bool, compile: bool) -> list:
         x0 = torch.randn(b_sample, dcfg.tokens, dcfg.latent_dim, device=device)
         y = torch.randint(0, dcfg.num_classes, (b_sample,), device=device)
         tic = time.perf_counter()
-        euler_sample(model, x0, y, n_steps, 3.0, 4.5, (0.225, 1.0), dcfg.num_classes,
-                     autocast=inference_dtype("auto", device))  # fmt: skip
+        euler_sample(
+            model,
+            x0,
+            y,
+            n_steps,
+            3.0,
+            4.5,
+            (0.225, 1.0),
+            dcfg.num_classes,
+            autocast=inference_dtype("auto", device),
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         return {"items": b_sample, "seconds": time.perf_counter() - tic}
 
-    names = (f"VAE {size or 'flatdino-32x128'}", f"DiT {size or 'dit-xl'}",
-             f"decoder {size or 'rae-vitxl'}")  # fmt: skip
+    names = (
+        f"VAE {size or 'flatdino-32x128'}",
+        f"DiT {size or 'dit-xl'}",
+        f"decoder {size or 'rae-vitxl'}",
+    )
     precision = "bf16" if device.type == "cuda" else "fp32"
     stages = []
     for name, make in zip(names, (vae, dit, decoder), strict=True):
-        stages.append((f"train {name} {precision}, batch {b_vae if 'VAE' in name else b_dit if 'DiT' in name else b_dec}",
-                       make(False)))  # fmt: skip
+        stages.append(
+            (
+                f"train {name} {precision}, batch {b_vae if 'VAE' in name else b_dit if 'DiT' in name else b_dec}",
+                make(False),
+            )
+        )
         if compile:
             stages.append((f"train {name} {precision} --compile", make(True)))
     stages.append((f"sample {names[1]}: {n_steps} Euler steps, CFG, batch {b_sample}", sampler))

@@ -44,8 +44,12 @@ def run(preset: str, steps: int, batch: int, fused: bool, out: Path) -> tuple[fl
     def loss(net, b):
         return {"loss": flow_loss(net, b[0], b[1], 3.0, 0.1, cfg.num_classes, "uniform")}, batch
 
-    hooks = LoopHooks(batches=lambda e, s: [(x, y)] * (10_000 - s), loss=loss, lr=lambda i: 1e-4,
-                      save=lambda path: None)  # fmt: skip
+    hooks = LoopHooks(
+        batches=lambda e, s: [(x, y)] * (10_000 - s),
+        loss=loss,
+        lr=lambda i: 1e-4,
+        save=lambda path: None,
+    )
     lc = LoopConfig("bench", total=steps, log_every=steps, ckpt_every=10 * steps, progress=False)
     count = {"n": 0}
     real = {name: getattr(torch.Tensor, name) for name in SYNCS}

@@ -31,28 +31,91 @@ from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 def build_chain(root: Path) -> None:
     quiet = {"progress": False}
     feats = str(root / "features.zarr")
-    extract_features(ExtractConfig(data="digits", split="val", out=feats, backbone="tiny",
-                                   backend="local", **quiet))  # fmt: skip
-    train_vae(TrainVAEConfig(features=feats, out=str(root / "vae"), preset="tiny", steps=5,
-                             batch_size=32, num_workers=0, device="cpu", **quiet))  # fmt: skip
-    encode_latents(EncodeConfig(features=feats, vae=str(root / "vae"), out=str(root / "lat.zarr"),
-                                backend="local", device="cpu", **quiet))  # fmt: skip
-    train_dit(TrainDiTConfig(latents=str(root / "lat.zarr"), out=str(root / "dit"), preset="tiny",
-                             steps=5, batch_size=32, device="cpu", **quiet))  # fmt: skip
-    train_decoder(TrainDecoderConfig(features=feats, out=str(root / "decoder"), preset="tiny",
-                                     steps=3, batch_size=8, num_workers=0, device="cpu", **quiet))  # fmt: skip
+    extract_features(
+        ExtractConfig(
+            data="digits", split="val", out=feats, backbone="tiny", backend="local", **quiet
+        )
+    )
+    train_vae(
+        TrainVAEConfig(
+            features=feats,
+            out=str(root / "vae"),
+            preset="tiny",
+            steps=5,
+            batch_size=32,
+            num_workers=0,
+            device="cpu",
+            **quiet,
+        )
+    )
+    encode_latents(
+        EncodeConfig(
+            features=feats,
+            vae=str(root / "vae"),
+            out=str(root / "lat.zarr"),
+            backend="local",
+            device="cpu",
+            **quiet,
+        )
+    )
+    train_dit(
+        TrainDiTConfig(
+            latents=str(root / "lat.zarr"),
+            out=str(root / "dit"),
+            preset="tiny",
+            steps=5,
+            batch_size=32,
+            device="cpu",
+            **quiet,
+        )
+    )
+    train_decoder(
+        TrainDecoderConfig(
+            features=feats,
+            out=str(root / "decoder"),
+            preset="tiny",
+            steps=3,
+            batch_size=8,
+            num_workers=0,
+            device="cpu",
+            **quiet,
+        )
+    )
 
 
 def run(ranks: int, root: Path, args) -> dict:
     out = root / f"samples-{ranks}"
-    cmd = ["sample", "--dit", str(root / "dit"), "--decoder", str(root / "decoder"),
-           "--out", str(out), "--num-samples", str(args.n), "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--writers", str(args.writers), "--device", "cpu",
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        "sample",
+        "--dit",
+        str(root / "dit"),
+        "--decoder",
+        str(root / "decoder"),
+        "--out",
+        str(out),
+        "--num-samples",
+        str(args.n),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--writers",
+        str(args.writers),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     launcher = [sys.executable, "-m", "flatdino.cli.main"]
     if ranks > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                    "-m", "flatdino.cli.main"]  # fmt: skip
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(ranks),
+            "-m",
+            "flatdino.cli.main",
+        ]
     threads = max(1, (os.cpu_count() or 1) // ranks)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     tic = time.perf_counter()
@@ -74,13 +137,17 @@ def main() -> None:
         root = Path(tmp)
         build_chain(root)
         rows = {ranks: run(ranks, root, args) for ranks in (1, 2)}
-    print(f"flatdino sample: {args.n} samples of 256x256, tiny DiT/VAE/decoder, {args.steps} Euler "
-          f"steps, batch {args.batch_size}, CPU ({os.cpu_count()} cores)")  # fmt: skip
+    print(
+        f"flatdino sample: {args.n} samples of 256x256, tiny DiT/VAE/decoder, {args.steps} Euler "
+        f"steps, batch {args.batch_size}, CPU ({os.cpu_count()} cores)"
+    )
     print(f"  {'ranks':>5}  {'samples/s':>10}  {'run s':>7}  {'networks s':>10}  {'outside':>8}")
     for ranks, r in rows.items():
         outside = 1 - r["network_seconds_rank0"] / r["seconds"]
-        print(f"  {ranks:5d}  {args.n / r['seconds']:10.2f}  {r['seconds']:7.2f}  "
-              f"{r['network_seconds_rank0']:10.2f}  {100 * outside:7.1f}%")  # fmt: skip
+        print(
+            f"  {ranks:5d}  {args.n / r['seconds']:10.2f}  {r['seconds']:7.2f}  "
+            f"{r['network_seconds_rank0']:10.2f}  {100 * outside:7.1f}%"
+        )
     speedup = rows[1]["seconds"] / rows[2]["seconds"]
     print(f"  2 ranks / 1 rank: {speedup:.2f}x (run time, without start-up and model loading)")
 

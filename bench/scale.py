@@ -53,9 +53,16 @@ def measured(fn) -> int:
 
 
 def feature_store(path: Path, rows: int) -> FeatureStore:
-    store = FeatureStore.create(path, shape=(rows, V, P, C), labels=np.zeros(rows, np.int32),
-                                paths=[str(i) for i in range(rows)], class_names=["a"],
-                                shard_size=SHARD, chunk_rows=1, attrs={"fingerprint": {}})  # fmt: skip
+    store = FeatureStore.create(
+        path,
+        shape=(rows, V, P, C),
+        labels=np.zeros(rows, np.int32),
+        paths=[str(i) for i in range(rows)],
+        class_names=["a"],
+        shard_size=SHARD,
+        chunk_rows=1,
+        attrs={"fingerprint": {}},
+    )
     block = np.ones((SHARD, V, P, C), np.float16)
     for s in store.shards():
         store.write_shard(s, block[: s.stop - s.start], np.ones(s.stop - s.start, bool), {})
@@ -119,9 +126,11 @@ def main() -> None:
         files = sum(1 for p in store.path.rglob("*") if p.is_file())
         print(f"feature store files: {files} measured ({n} rows, shards of {SHARD})")
         shards = -(-1_281_167 // SHARD)
-        print(f"  1.28M images x 2 views: format 2 {4 * shards + 8:,} files "
-              f"(features, valid, done, errors: one per shard), format 1 "
-              f"{-(-1_281_167 // 8) + 3 * shards + 8:,} (8-row feature chunks)")  # fmt: skip
+        print(
+            f"  1.28M images x 2 views: format 2 {4 * shards + 8:,} files "
+            f"(features, valid, done, errors: one per shard), format 1 "
+            f"{-(-1_281_167 // 8) + 3 * shards + 8:,} (8-row feature chunks)"
+        )
         row_bytes = P * C * 2
         print(f"\nread amplification, {w} simulated ranks (bytes read / bytes needed):")
         print(f"  {'reader':22s} {'now (max rank)':>15s} {'before (max rank)':>18s}")
@@ -146,8 +155,11 @@ def main() -> None:
             lat_old.append(
                 measured(lambda r=r: old_latents_pattern(str(latent_path), r, w)) / lat_need
             )
-        for name, now, old in (("VAE loader", vae_now, vae_old), ("VAE validation", val_now, val_old),
-                               ("LatentBatches", lat_now, lat_old)):  # fmt: skip
+        for name, now, old in (
+            ("VAE loader", vae_now, vae_old),
+            ("VAE validation", val_now, val_old),
+            ("LatentBatches", lat_now, lat_old),
+        ):
             print(f"  {name:22s} {max(now):15.3f} {max(old):18.3f}")
         cfg = LoaderConfig(256, seed=0, shuffle_buffer=1024, num_workers=0, rank=0, world=w)
         loader = FeatureBatches(str(store.path), cfg)
@@ -159,8 +171,10 @@ def main() -> None:
         for lo in range(share[0], share[-1] + 1, SHARD):
             store.features[lo : min(lo + SHARD, share[-1] + 1), 0]
         seq_rate = len(share) / (time.perf_counter() - tic)
-        print(f"\nVAE loader, rank 0 of {w}: {loader_rate:,.0f} samples/s; a sequential read of the "
-              f"same number of rows (view 0): {seq_rate:,.0f} rows/s; ratio {loader_rate / seq_rate:.2f}")  # fmt: skip
+        print(
+            f"\nVAE loader, rank 0 of {w}: {loader_rate:,.0f} samples/s; a sequential read of the "
+            f"same number of rows (view 0): {seq_rate:,.0f} rows/s; ratio {loader_rate / seq_rate:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,16 @@ from flatdino.trainers.optim import param_groups
 
 
 def make_store(path: Path, n: int) -> Path:
-    store = FeatureStore.create(path, shape=(n, 2, 256, 768), labels=np.zeros(n, np.int32),
-                         paths=[str(i) for i in range(n)], class_names=["x"], shard_size=64,
-                         chunk_rows=1, attrs={"fingerprint": {}})  # fmt: skip
+    store = FeatureStore.create(
+        path,
+        shape=(n, 2, 256, 768),
+        labels=np.zeros(n, np.int32),
+        paths=[str(i) for i in range(n)],
+        class_names=["x"],
+        shard_size=64,
+        chunk_rows=1,
+        attrs={"fingerprint": {}},
+    )
     rng = np.random.default_rng(0)
     for shard in store.shards():
         k = shard.stop - shard.start

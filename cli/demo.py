@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flatdino.pipeline.errors import FlatDinoError
-
+from ..pipeline.errors import FlatDinoError
 from .options import Backend, BackendOpt, DeviceOpt, ProgressOpt, fail
 
 
@@ -48,13 +47,21 @@ def demo_cmd(
 
     extract-features (train, val) -> train-vae -> encode-latents -> train-dit -> train-decoder -> sample -> evaluations. Re-running reuses the finished stages and resumes an interrupted one; changing a step count needs --fresh.
     """
-    from flatdino.cli.demo_run import DemoConfig, run_demo
+    from .demo_run import DemoConfig, run_demo
 
     config = DemoConfig(
-        out=str(out), fresh=fresh, vae_steps=vae_steps, dit_steps=dit_steps,
-        decoder_steps=decoder_steps, per_class=per_class, sample_steps=sample_steps, cfg=cfg,
-        backend=backend.value, device=device, progress=progress,
-    )  # fmt: skip
+        out=str(out),
+        fresh=fresh,
+        vae_steps=vae_steps,
+        dit_steps=dit_steps,
+        decoder_steps=decoder_steps,
+        per_class=per_class,
+        sample_steps=sample_steps,
+        cfg=cfg,
+        backend=backend.value,
+        device=device,
+        progress=progress,
+    )
     try:
         r = run_demo(config, echo=typer.echo)
     except FlatDinoError as e:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flatdino.pipeline.errors import InputError
-from flatdino.pipeline.store import write_atomic
+from ..pipeline.errors import InputError
+from ..pipeline.store import write_atomic
 
 STATE = "demo-state.json"
 
@@ -45,8 +45,11 @@ class DemoConfig:
 
     def recipe(self) -> dict:
         """The settings that decide the outputs: a re-run with other values needs --fresh."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("out", "fresh", "backend", "device", "progress")}  # fmt: skip
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("out", "fresh", "backend", "device", "progress")
+        }
 
 
 @dataclass
@@ -74,7 +77,7 @@ def digit_judge():
     on the real val split: the judge knows digits, not anything the pipeline made."""
     from sklearn.linear_model import LogisticRegression
 
-    from flatdino.pipeline.sources import digits_split
+    from ..pipeline.sources import digits_split
 
     (x_train, y_train), (x_val, y_val) = digits_split("train"), digits_split("val")
     clf = LogisticRegression(max_iter=5000).fit(x_train / 16.0, y_train)
@@ -105,74 +108,131 @@ class Demo:
     def stages(self) -> list[Stage]:
         c = self.cfg
         return [
-            Stage("extract-train", "DINOv2-structured tiny backbone on 1,438 train digits, 2 views",
-                  lambda: self._extract("train")),
+            Stage(
+                "extract-train",
+                "DINOv2-structured tiny backbone on 1,438 train digits, 2 views",
+                lambda: self._extract("train"),
+            ),
             Stage("extract-val", "the same on 359 val digits", lambda: self._extract("val")),
             Stage("train-vae", f"tiny FlatDINO VAE, {c.vae_steps} steps", self._train_vae),
             Stage("encode-train", "train features -> latents", lambda: self._encode("train")),
             Stage("encode-val", "val features -> latents", lambda: self._encode("val")),
-            Stage("train-decoder", f"tiny pixel decoder, {c.decoder_steps} steps", self._train_decoder),
-            Stage("train-dit", f"tiny LightningDiT on the latents, {c.dit_steps} steps, "
-                  f"FD-DINOv2 and a grid {c.watch_points} times", self._train_dit),
-            Stage("sample", f"{c.per_class} digits per class, {c.sample_steps} Euler steps, CFG {c.cfg}",
-                  self._sample),
-            Stage("guidance", "sweep-cfg; Heun vs Euler at 10 and 50 steps; AutoGuidance",
-                  self._guidance),
-            Stage("evaluate", "VAE error, k-NN, FD, token ablation, generated-digit accuracy",
-                  self._evaluate),
-        ]  # fmt: skip
+            Stage(
+                "train-decoder", f"tiny pixel decoder, {c.decoder_steps} steps", self._train_decoder
+            ),
+            Stage(
+                "train-dit",
+                f"tiny LightningDiT on the latents, {c.dit_steps} steps, "
+                f"FD-DINOv2 and a grid {c.watch_points} times",
+                self._train_dit,
+            ),
+            Stage(
+                "sample",
+                f"{c.per_class} digits per class, {c.sample_steps} Euler steps, CFG {c.cfg}",
+                self._sample,
+            ),
+            Stage(
+                "guidance",
+                "sweep-cfg; Heun vs Euler at 10 and 50 steps; AutoGuidance",
+                self._guidance,
+            ),
+            Stage(
+                "evaluate",
+                "VAE error, k-NN, FD, token ablation, generated-digit accuracy",
+                self._evaluate,
+            ),
+        ]
 
     # Each stage is the same function its command calls, with the demo's small settings.
 
     def _extract(self, split: str) -> dict:
-        from flatdino.pipeline.extract import ExtractConfig, extract_features
+        from ..pipeline.extract import ExtractConfig, extract_features
 
-        s = extract_features(ExtractConfig(
-            data="digits", out=self.p(f"features-{split}.zarr"), split=split, backbone="tiny",
-            views=2, backend=self.cfg.backend, device=self.cfg.device, progress=self.cfg.progress,
-        ))  # fmt: skip
+        s = extract_features(
+            ExtractConfig(
+                data="digits",
+                out=self.p(f"features-{split}.zarr"),
+                split=split,
+                backbone="tiny",
+                views=2,
+                backend=self.cfg.backend,
+                device=self.cfg.device,
+                progress=self.cfg.progress,
+            )
+        )
         return {"items": s.images, "unit": "images"}
 
     def _train_vae(self) -> dict:
-        from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
+        from ..trainers.train_vae import TrainVAEConfig, train_vae
 
         batch = 32
-        train_vae(TrainVAEConfig(
-            features=self.p("features-train.zarr"), val_features=self.p("features-val.zarr"),
-            out=self.p("runs/vae"), preset="tiny", steps=self.cfg.vae_steps, batch_size=batch,
-            lr=1e-3, num_workers=0, log_every=50, eval_every=10**9, ckpt_every=100,
-            device=self.cfg.device, resume=True, progress=self.cfg.progress,
-        ))  # fmt: skip
+        train_vae(
+            TrainVAEConfig(
+                features=self.p("features-train.zarr"),
+                val_features=self.p("features-val.zarr"),
+                out=self.p("runs/vae"),
+                preset="tiny",
+                steps=self.cfg.vae_steps,
+                batch_size=batch,
+                lr=1e-3,
+                num_workers=0,
+                log_every=50,
+                eval_every=10**9,
+                ckpt_every=100,
+                device=self.cfg.device,
+                resume=True,
+                progress=self.cfg.progress,
+            )
+        )
         return {"items": self.cfg.vae_steps * batch, "unit": "samples"}
 
     def _encode(self, split: str) -> dict:
-        from flatdino.pipeline.encode import EncodeConfig, encode_latents
+        from ..pipeline.encode import EncodeConfig, encode_latents
 
-        s = encode_latents(EncodeConfig(
-            features=self.p(f"features-{split}.zarr"), vae=self.p("runs/vae"),
-            out=self.p(f"latents-{split}.zarr"), backend=self.cfg.backend, device=self.cfg.device,
-            progress=self.cfg.progress,
-        ))  # fmt: skip
+        s = encode_latents(
+            EncodeConfig(
+                features=self.p(f"features-{split}.zarr"),
+                vae=self.p("runs/vae"),
+                out=self.p(f"latents-{split}.zarr"),
+                backend=self.cfg.backend,
+                device=self.cfg.device,
+                progress=self.cfg.progress,
+            )
+        )
         return {"items": s["images"], "unit": "images"}
 
     def _train_dit(self) -> dict:
-        from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
+        from ..trainers.train_dit import TrainDiTConfig, train_dit
 
         batch = 64
-        train_dit(TrainDiTConfig(
-            latents=self.p("latents-train.zarr"), out=self.p("runs/dit"), preset="tiny",
-            steps=self.cfg.dit_steps, batch_size=batch, lr=1e-3, ema_decay=0.995, normalize=True,
-            # View 1 is the horizontal flip: fine for ImageNet, but a mirrored 5 is no 5. Trained
-            # on both views, 79–83% of the generated digits were recognised (5, 6 the worst);
-            # on view 0 alone, 100%. The VAE still learns from both views.
-            views=1,
-            log_every=200, ckpt_every=500, device=self.cfg.device, resume=True,
-            progress=self.cfg.progress,
-            # watched: EMA samples through the pixel decoder and their FD against the val features
-            sample_every=self._every(), fd_samples=10 * self.cfg.per_class, sample_steps=20,
-            fd_features=self.p("features-val.zarr"), decoder=self.p("runs/decoder"),
-            keep_every=self._guide_step(),  # steps/ keeps the weak model of AutoGuidance
-        ))  # fmt: skip
+        train_dit(
+            TrainDiTConfig(
+                latents=self.p("latents-train.zarr"),
+                out=self.p("runs/dit"),
+                preset="tiny",
+                steps=self.cfg.dit_steps,
+                batch_size=batch,
+                lr=1e-3,
+                ema_decay=0.995,
+                normalize=True,
+                # View 1 is the horizontal flip: fine for ImageNet, but a mirrored 5 is no 5. Trained
+                # on both views, 79–83% of the generated digits were recognised (5, 6 the worst);
+                # on view 0 alone, 100%. The VAE still learns from both views.
+                views=1,
+                log_every=200,
+                ckpt_every=500,
+                device=self.cfg.device,
+                resume=True,
+                progress=self.cfg.progress,
+                # watched: EMA samples through the pixel decoder and their FD against the val features
+                sample_every=self._every(),
+                fd_samples=10 * self.cfg.per_class,
+                sample_steps=20,
+                fd_features=self.p("features-val.zarr"),
+                decoder=self.p("runs/decoder"),
+                keep_every=self._guide_step(),  # steps/ keeps the weak model of AutoGuidance
+            )
+        )
         return {"items": self.cfg.dit_steps * batch, "unit": "samples"}
 
     def _every(self) -> int:
@@ -183,15 +243,26 @@ class Demo:
         return max(1, self.cfg.dit_steps // 4)
 
     def _train_decoder(self) -> dict:
-        from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
+        from ..trainers.train_decoder import TrainDecoderConfig, train_decoder
 
         batch = 32
-        train_decoder(TrainDecoderConfig(
-            features=self.p("features-train.zarr"), out=self.p("runs/decoder"), preset="tiny",
-            steps=self.cfg.decoder_steps, batch_size=batch, lr=1e-3, noise_tau=0.0, num_workers=0,
-            log_every=50, ckpt_every=100, device=self.cfg.device, resume=True,
-            progress=self.cfg.progress,
-        ))  # fmt: skip
+        train_decoder(
+            TrainDecoderConfig(
+                features=self.p("features-train.zarr"),
+                out=self.p("runs/decoder"),
+                preset="tiny",
+                steps=self.cfg.decoder_steps,
+                batch_size=batch,
+                lr=1e-3,
+                noise_tau=0.0,
+                num_workers=0,
+                log_every=50,
+                ckpt_every=100,
+                device=self.cfg.device,
+                resume=True,
+                progress=self.cfg.progress,
+            )
+        )
         return {"items": self.cfg.decoder_steps * batch, "unit": "samples"}
 
     def _sample(self) -> dict:
@@ -200,36 +271,55 @@ class Demo:
 
     def _sample_into(self, folder: str, cfg: float, save_features: bool, **options):
         """`flatdino sample` of every class into OUT/folder; returns its samples.npz."""
-        from flatdino.sampling.sample import SampleConfig, sample
+        from ..sampling.sample import SampleConfig, sample
 
         settings = {"steps": self.cfg.sample_steps, **options}
-        sample(SampleConfig(
-            dit=self.p("runs/dit"), out=self.p(folder), decoder=self.p("runs/decoder"),
-            classes="all", per_class=self.cfg.per_class, cfg=cfg, save_features=save_features,
-            device=self.cfg.device, progress=self.cfg.progress, **settings,
-        ))  # fmt: skip
+        sample(
+            SampleConfig(
+                dit=self.p("runs/dit"),
+                out=self.p(folder),
+                decoder=self.p("runs/decoder"),
+                classes="all",
+                per_class=self.cfg.per_class,
+                cfg=cfg,
+                save_features=save_features,
+                device=self.cfg.device,
+                progress=self.cfg.progress,
+                **settings,
+            )
+        )
         return np.load(self.p(f"{folder}/samples.npz"))
 
     def _guidance(self) -> dict:
         """The guidance sweep (paper Fig. 14), Heun against Euler, and AutoGuidance with the
         quarter-way checkpoint as the weak model: digit accuracy and FD-DINOv2 against val."""
-        from flatdino.eval.fid import FidConfig, frechet_distance, load_set
-        from flatdino.eval.sweep import SweepConfig, sweep_cfg
+        from ..eval.fid import FidConfig, frechet_distance, load_set
+        from ..eval.sweep import SweepConfig, sweep_cfg
 
         p, c = self.p, self.cfg
-        sweep = sweep_cfg(SweepConfig(
-            dit=p("runs/dit"), features=p("features-val.zarr"), out=p("sweep"),
-            scales=(1.0, 2.0, 4.5, 6.0), interval_starts=(0.0, 0.225, 0.5), n=10 * c.per_class,
-            steps=max(1, c.sample_steps // 2), device=c.device, progress=c.progress,
-        ))  # fmt: skip
+        sweep = sweep_cfg(
+            SweepConfig(
+                dit=p("runs/dit"),
+                features=p("features-val.zarr"),
+                out=p("sweep"),
+                scales=(1.0, 2.0, 4.5, 6.0),
+                interval_starts=(0.0, 0.225, 0.5),
+                n=10 * c.per_class,
+                steps=max(1, c.sample_steps // 2),
+                device=c.device,
+                progress=c.progress,
+            )
+        )
         clf, _ = digit_judge()
         space = FidConfig(real="", space="dinov2", progress=False)
         val = load_set(p("features-val.zarr"), space).stats
 
         def measured(folder: str, samples) -> dict:
             fd = frechet_distance(load_set(p(f"{folder}/features.npy"), space).stats, val)
-            return {"accuracy": judge(clf, samples["arr_0"], samples["labels"])["accuracy"],
-                    "fd_dinov2": fd}  # fmt: skip
+            return {
+                "accuracy": judge(clf, samples["arr_0"], samples["labels"])["accuracy"],
+                "fd_dinov2": fd,
+            }
 
         samplers = []
         for sampler, steps in [("euler", 10), ("heun", 10), ("euler", 50), ("heun", 50)]:
@@ -242,35 +332,54 @@ class Demo:
         guide = p(f"runs/dit/steps/{self._guide_step():07d}")
         auto = self._sample_into("samples-autoguidance", 2.0, True, guide_dit=guide)
         return {
-            "items": 0, "unit": "",
-            "sweep": {"best": sweep["best"], "heatmap": "sweep/heatmap.png", "csv": "sweep/sweep.csv"},
+            "items": 0,
+            "unit": "",
+            "sweep": {
+                "best": sweep["best"],
+                "heatmap": "sweep/heatmap.png",
+                "csv": "sweep/sweep.csv",
+            },
             "samplers": samplers,
-            "autoguidance": {"guide_step": self._guide_step(), "weight": 2.0,
-                             **measured("samples-autoguidance", auto)},
-        }  # fmt: skip
+            "autoguidance": {
+                "guide_step": self._guide_step(),
+                "weight": 2.0,
+                **measured("samples-autoguidance", auto),
+            },
+        }
 
     def _evaluate(self) -> dict:
         import torch
 
-        from flatdino.eval.ablate import ablate, plot_ablation
-        from flatdino.eval.fid import FidConfig, frechet_distance, load_set, reconstructions
-        from flatdino.eval.knn import knn_eval
-        from flatdino.pipeline.checkpoints import load_vae, resolve_vae
-        from flatdino.trainers.runner import Dist
-        from flatdino.trainers.train_vae import evaluate
+        from ..eval.ablate import ablate, plot_ablation
+        from ..eval.fid import FidConfig, frechet_distance, load_set, reconstructions
+        from ..eval.knn import knn_eval
+        from ..pipeline.checkpoints import load_vae, resolve_vae
+        from ..trainers.runner import Dist
+        from ..trainers.train_vae import evaluate
 
         p = self.p
         vae = load_vae(resolve_vae(p("runs/vae")))[0]
         with torch.no_grad():
             vae_err = evaluate(vae, p("features-val.zarr"), Dist(), batch=64)
-        knn = knn_eval([(p("features-train.zarr"), p("features-val.zarr")),
-                        (p("latents-train.zarr"), p("latents-val.zarr"))])  # fmt: skip
+        knn = knn_eval(
+            [
+                (p("features-train.zarr"), p("features-val.zarr")),
+                (p("latents-train.zarr"), p("latents-val.zarr")),
+            ]
+        )
         space = FidConfig(real="", space="dinov2", progress=False)
-        stats = {k: load_set(path, space).stats for k, path in
-                 [("train", p("features-train.zarr")), ("val", p("features-val.zarr")),
-                  ("generated", p("samples/features.npy"))]}  # fmt: skip
-        fd = {"generated_vs_val": frechet_distance(stats["generated"], stats["val"]),
-              "train_vs_val": frechet_distance(stats["train"], stats["val"])}  # fmt: skip
+        stats = {
+            k: load_set(path, space).stats
+            for k, path in [
+                ("train", p("features-train.zarr")),
+                ("val", p("features-val.zarr")),
+                ("generated", p("samples/features.npy")),
+            ]
+        }
+        fd = {
+            "generated_vs_val": frechet_distance(stats["generated"], stats["val"]),
+            "train_vs_val": frechet_distance(stats["train"], stats["val"]),
+        }
         heat = ablate(p("features-val.zarr"), p("runs/vae"), images=128)
         plot_ablation(heat, p("ablation.png"))
 
@@ -286,23 +395,34 @@ class Demo:
         labels = np.asarray(load_store_labels(p("features-val.zarr")))[: len(rec["images"])]
         ceilings = {k: judge(clf, v, labels)["accuracy"] for k, v in rec.items()}
         return {
-            "items": 0, "unit": "",
+            "items": 0,
+            "unit": "",
             "vae_val": vae_err,
-            "knn": [{"space": r["kind"].rsplit(".", 1)[-1], "dim": r["dim"], "top1": r["top1"],
-                     "top5": r["top5"]} for r in knn],
+            "knn": [
+                {
+                    "space": r["kind"].rsplit(".", 1)[-1],
+                    "dim": r["dim"],
+                    "top1": r["top1"],
+                    "top5": r["top5"],
+                }
+                for r in knn
+            ],
             "fd_dinov2_space": fd,
             "ablation_png": "ablation.png",
-            "generated": {**generated, "accuracy_without_cfg": unguided_acc,
-                          "judge_on_real_val_8x8": real_val,
-                          "judge_on_val_crops": ceilings["images"],
-                          "judge_on_val_decoder": ceilings["decoder"],
-                          "judge_on_val_vae_decoder": ceilings["vae_decoder"]},
-        }  # fmt: skip
+            "generated": {
+                **generated,
+                "accuracy_without_cfg": unguided_acc,
+                "judge_on_real_val_8x8": real_val,
+                "judge_on_val_crops": ceilings["images"],
+                "judge_on_val_decoder": ceilings["decoder"],
+                "judge_on_val_vae_decoder": ceilings["vae_decoder"],
+            },
+        }
 
 
 def load_store_labels(path: str) -> np.ndarray:
     """Labels of a store's valid rows, in row order (the order `reconstructions` reads them)."""
-    from flatdino.pipeline.feature_store import FeatureStore
+    from ..pipeline.feature_store import FeatureStore
 
     store = FeatureStore(path)
     return np.asarray(store.group["labels"][:])[store.valid_rows()]
@@ -392,8 +512,11 @@ def build_report(cfg: DemoConfig, state: dict) -> dict:
     for name, rec in state["stages"].items():
         row = {"seconds": round(rec["seconds"], 1), "attempts": rec.get("attempts", 1)}
         if rec.get("items"):
-            row.update(items=rec["items"], unit=rec["unit"],
-                       per_second=round(rec["items"] / max(rec["seconds"], 1e-9), 1))  # fmt: skip
+            row.update(
+                items=rec["items"],
+                unit=rec["unit"],
+                per_second=round(rec["items"] / max(rec["seconds"], 1e-9), 1),
+            )
         stages[name] = row
     ev = state["stages"]["evaluate"]
     fd_curve = []
@@ -419,7 +542,7 @@ def build_report(cfg: DemoConfig, state: dict) -> dict:
             "ablation": "ablation.png",
             "samples": "samples/samples.npz",
             "runs": "runs/",
-        },  # fmt: skip
+        },
     }
 
 
@@ -479,26 +602,38 @@ def _render_watching(r: dict) -> list[str]:
     lines = []
     if r.get("fd_during_training"):
         curve = ", ".join(f"{s}: {v:.3f}" for s, v in r["fd_during_training"])
-        lines += ["## Watching the DiT train", "",
-                  f"FD-DINOv2 of the EMA samples against val, by step: {curve}. Grids: "
-                  "`runs/dit/grids/`; curves: `flatdino info runs/dit --plot`.", ""]  # fmt: skip
+        lines += [
+            "## Watching the DiT train",
+            "",
+            f"FD-DINOv2 of the EMA samples against val, by step: {curve}. Grids: "
+            "`runs/dit/grids/`; curves: `flatdino info runs/dit --plot`.",
+            "",
+        ]
     if r.get("guidance_sweep"):
         b = r["guidance_sweep"]["best"]
-        lines += ["## Guidance", "",
-                  f"- `sweep-cfg` (`sweep/heatmap.png`, `sweep/sweep.csv`): the lowest "
-                  f"{b['metric']} {b['value']:.4f} is at CFG {b['cfg']:g} from t = "
-                  f"{b['interval_start']:g}.", ""]  # fmt: skip
+        lines += [
+            "## Guidance",
+            "",
+            f"- `sweep-cfg` (`sweep/heatmap.png`, `sweep/sweep.csv`): the lowest "
+            f"{b['metric']} {b['value']:.4f} is at CFG {b['cfg']:g} from t = "
+            f"{b['interval_start']:g}.",
+            "",
+        ]
     if r.get("samplers"):
         lines += [
             "| sampler | steps | digits recognised | FD-DINOv2 vs val |",
             "|---|---:|---:|---:|",
         ]
-        lines += [f"| {s['sampler']} | {s['steps']} | {s['accuracy']:.1%} | {s['fd_dinov2']:.4f} |"
-                  for s in r["samplers"]]  # fmt: skip
+        lines += [
+            f"| {s['sampler']} | {s['steps']} | {s['accuracy']:.1%} | {s['fd_dinov2']:.4f} |"
+            for s in r["samplers"]
+        ]
         lines.append("")
     if r.get("autoguidance"):
         a = r["autoguidance"]
-        lines += [f"- AutoGuidance, guided by the step-{a['guide_step']} checkpoint at weight "
-                  f"{a['weight']:g}: {a['accuracy']:.1%} recognised, FD-DINOv2 {a['fd_dinov2']:.4f}.",
-                  ""]  # fmt: skip
+        lines += [
+            f"- AutoGuidance, guided by the step-{a['guide_step']} checkpoint at weight "
+            f"{a['weight']:g}: {a['accuracy']:.1%} recognised, FD-DINOv2 {a['fd_dinov2']:.4f}.",
+            "",
+        ]
     return lines

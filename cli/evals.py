@@ -9,8 +9,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from flatdino.pipeline.errors import FlatDinoError
-
+from ..pipeline.errors import FlatDinoError
 from .options import DeviceOpt, ProgressOpt, fail
 
 eval_app = typer.Typer(
@@ -38,7 +37,7 @@ def knn_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda for the similarity search.")] = "cpu",
 ) -> None:
     """Weighted k-NN top-1/top-5 on mean-pooled, L2-normalised view-0 vectors of each store pair."""
-    from flatdino.eval.knn import knn_eval
+    from ..eval.knn import knn_eval
 
     if len(train) != len(val):
         fail(f"give one --val per --train; got {len(train)} --train and {len(val)} --val")
@@ -49,8 +48,10 @@ def knn_cmd(
     except FlatDinoError as e:
         fail(str(e))
     for r in results:
-        typer.echo(f"{r['kind']:18s} dim {r['dim']:5d}  top-1 {100 * r['top1']:6.2f}%  "
-                   f"top-5 {100 * r['top5']:6.2f}%  ({r['n_train']} train, {r['n_val']} val)  {r['train']}")  # fmt: skip
+        typer.echo(
+            f"{r['kind']:18s} dim {r['dim']:5d}  top-1 {100 * r['top1']:6.2f}%  "
+            f"top-5 {100 * r['top5']:6.2f}%  ({r['n_train']} train, {r['n_val']} val)  {r['train']}"
+        )
     if out:
         out.write_text(json.dumps(results, indent=2))
 
@@ -67,7 +68,7 @@ def redundancy_cmd(
     ] = 0.95,
 ) -> None:
     """PCA dims of DINOv2 patch features vs raw pixel patches, and similarity vs patch distance."""
-    from flatdino.eval.redundancy import plot_redundancy, redundancy
+    from ..eval.redundancy import plot_redundancy, redundancy
 
     try:
         result = redundancy(str(features), images, fraction)
@@ -76,12 +77,16 @@ def redundancy_cmd(
     out.mkdir(parents=True, exist_ok=True)
     (out / "redundancy.json").write_text(json.dumps(result, indent=2))
     plot_redundancy(result, str(out / "redundancy.png"))
-    typer.echo(f"PCA components for {fraction:.0%} of the variance ({result['images']} images): "
-               f"DINOv2 patches {result['feature_pca_dims']}/{result['feature_dims']}, "
-               f"pixel patches {result['pixel_pca_dims']}/{result['pixel_dims']}")  # fmt: skip
+    typer.echo(
+        f"PCA components for {fraction:.0%} of the variance ({result['images']} images): "
+        f"DINOv2 patches {result['feature_pca_dims']}/{result['feature_dims']}, "
+        f"pixel patches {result['pixel_pca_dims']}/{result['pixel_dims']}"
+    )
     near = dict(zip(result["distance"], result["cosine_similarity"], strict=True))
-    typer.echo("mean cosine similarity by patch distance: "
-               + ", ".join(f"{d}: {near[d]:.3f}" for d in list(near)[:6]))  # fmt: skip
+    typer.echo(
+        "mean cosine similarity by patch distance: "
+        + ", ".join(f"{d}: {near[d]:.3f}" for d in list(near)[:6])
+    )
     typer.echo(f"wrote {out / 'redundancy.json'} and {out / 'redundancy.png'}")
 
 
@@ -97,7 +102,7 @@ def ablate_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Zero one latent token at a time: the L2 change of every reconstructed patch, per token."""
-    from flatdino.eval.ablate import ablate, plot_ablation
+    from ..eval.ablate import ablate, plot_ablation
 
     try:
         heat = ablate(str(features), str(vae), images, batch_size, device)
@@ -106,13 +111,21 @@ def ablate_cmd(
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "ablation.npy", heat)  # (T, P)
     peaks = [int(i) for i in heat.argmax(1)]
-    summary = {"features": str(features), "vae": str(vae), "images": images, "shape": list(heat.shape),
-               "peak_patch": peaks, "mean_change": heat.mean(1).tolist()}  # fmt: skip
+    summary = {
+        "features": str(features),
+        "vae": str(vae),
+        "images": images,
+        "shape": list(heat.shape),
+        "peak_patch": peaks,
+        "mean_change": heat.mean(1).tolist(),
+    }
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     plot_ablation(heat, str(out / "ablation.png"))
-    typer.echo(f"{heat.shape[0]} tokens x {heat.shape[1]} patches; mean change per token "
-               f"{heat.mean():.4f} (min {heat.mean(1).min():.4f}, max {heat.mean(1).max():.4f}); "
-               f"wrote {out / 'ablation.png'}")  # fmt: skip
+    typer.echo(
+        f"{heat.shape[0]} tokens x {heat.shape[1]} patches; mean change per token "
+        f"{heat.mean():.4f} (min {heat.mean(1).min():.4f}, max {heat.mean(1).max():.4f}); "
+        f"wrote {out / 'ablation.png'}"
+    )
 
 
 @eval_app.command("noise")
@@ -129,7 +142,7 @@ def noise_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Gaussian noise on the latents vs on the DINOv2 features: feature error (and PSNR) vs sigma."""
-    from flatdino.eval.noise import noise_eval, plot_noise
+    from ..eval.noise import noise_eval, plot_noise
 
     try:
         result = noise_eval(
@@ -169,8 +182,8 @@ def throughput_cmd(
     """DiT forward passes per second against batch size, 32 vs 256 tokens (Figures 15-17)."""
     import csv
 
-    from flatdino.eval.throughput import plot_throughput, throughput
-    from flatdino.models.dit import DIT_PRESETS
+    from ..eval.throughput import plot_throughput, throughput
+    from ..models.dit import DIT_PRESETS
 
     if preset not in DIT_PRESETS or dtype not in ("fp32", "bf16"):
         fail(f"--preset must be one of {sorted(DIT_PRESETS)} and --dtype fp32 or bf16")
@@ -271,17 +284,24 @@ def fid_cmd(
     Memory stays bounded (images stream through in batches; the statistics accumulate in
     float64), so a 1.28M-image ImageNet folder works as --real; save its statistics once with
     --save-stats and pass the .npz afterwards."""
-    from flatdino.eval.fid import FidConfig, fid
+    from ..eval.fid import FidConfig, fid
 
     cfg = FidConfig(
-        real=str(real), fake=str(fake) if fake else None, space=space, backbone=backbone,
+        real=str(real),
+        fake=str(fake) if fake else None,
+        space=space,
+        backbone=backbone,
         weights=str(weights) if weights else None,
         inception_weights=str(inception_weights) if inception_weights else None,
-        device=device, batch_size=batch_size, workers=workers,
-        max_failed_fraction=max_failed_fraction, precision_recall=precision_recall,
-        pr_samples=pr_samples, save_stats=str(save_stats) if save_stats else None,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        max_failed_fraction=max_failed_fraction,
+        precision_recall=precision_recall,
+        pr_samples=pr_samples,
+        save_stats=str(save_stats) if save_stats else None,
         progress=progress,
-    )  # fmt: skip
+    )
     try:
         result = fid(cfg)
     except FlatDinoError as e:
@@ -318,22 +338,32 @@ def rfid_cmd(
     ] = None,
 ) -> None:
     """rFID: images vs decoder(VAE(features)), and vs decoder(features) to isolate the VAE's cost."""
-    from flatdino.eval import fid as eval_fid
+    from ..eval import fid as eval_fid
 
     try:
         sets = eval_fid.reconstructions(
             str(features), str(vae), str(decoder), images, device=device
         )
-        net = eval_fid.FeatureNet(eval_fid.FidConfig(
-            real="", space=space, backbone=backbone, weights=str(weights) if weights else None,
-            inception_weights=str(inception_weights) if inception_weights else None, device=device))  # fmt: skip
+        net = eval_fid.FeatureNet(
+            eval_fid.FidConfig(
+                real="",
+                space=space,
+                backbone=backbone,
+                weights=str(weights) if weights else None,
+                inception_weights=str(inception_weights) if inception_weights else None,
+                device=device,
+            )
+        )
         stats = {name: eval_fid.array_stats(x, net) for name, x in sets.items()}
     except FlatDinoError as e:
         fail(str(e))
-    result = {"space": space, "images": int(len(sets["images"])),
-              "rfid": eval_fid.frechet_distance(stats["images"], stats["vae_decoder"]),
-              "rfid_decoder_only": eval_fid.frechet_distance(stats["images"], stats["decoder"]),
-              "fd_vae_vs_decoder_only": eval_fid.frechet_distance(stats["decoder"], stats["vae_decoder"])}  # fmt: skip
+    result = {
+        "space": space,
+        "images": int(len(sets["images"])),
+        "rfid": eval_fid.frechet_distance(stats["images"], stats["vae_decoder"]),
+        "rfid_decoder_only": eval_fid.frechet_distance(stats["images"], stats["decoder"]),
+        "fd_vae_vs_decoder_only": eval_fid.frechet_distance(stats["decoder"], stats["vae_decoder"]),
+    }
     typer.echo(
         "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )

@@ -10,9 +10,8 @@ from typing import Annotated
 
 import typer
 
-from flatdino.models.dinov2 import BACKBONES
-from flatdino.pipeline.errors import FlatDinoError
-
+from ..models.dinov2 import BACKBONES
+from ..pipeline.errors import FlatDinoError
 from .demo import demo_cmd
 from .evals import bench_app, eval_app
 from .options import (
@@ -151,16 +150,30 @@ def extract_features_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     """Images -> DINOv2 patch features (N, V, 256, C) float16 in a resumable Zarr store."""
-    from flatdino.pipeline.extract import ExtractConfig, extract_features
+    from ..pipeline.extract import ExtractConfig, extract_features
 
     cfg = ExtractConfig(
-        data=data, out=str(out), split=split.value, backbone=backbone.value,
-        weights=str(weights) if weights else None, views=views, view_seed=seed,
-        batch_size=batch_size, shard_size=shard_size, dtype=dtype.value, device=device,
-        backend=backend.value, workers=workers, num_gpus_per_worker=num_gpus_per_worker,
-        torch_threads=torch_threads, decode_per_cpu=decode_tasks_per_cpu, ray_address=ray_address,
-        max_failed_fraction=max_failed_fraction, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        data=data,
+        out=str(out),
+        split=split.value,
+        backbone=backbone.value,
+        weights=str(weights) if weights else None,
+        views=views,
+        view_seed=seed,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        dtype=dtype.value,
+        device=device,
+        backend=backend.value,
+        workers=workers,
+        num_gpus_per_worker=num_gpus_per_worker,
+        torch_threads=torch_threads,
+        decode_per_cpu=decode_tasks_per_cpu,
+        ray_address=ray_address,
+        max_failed_fraction=max_failed_fraction,
+        overwrite=overwrite,
+        progress=progress,
+    )
     try:
         s = extract_features(cfg)
     except FlatDinoError as e:
@@ -214,16 +227,16 @@ def info_cmd(
         return
     if path is None:
         fail("info needs a store or run folder (or --presets)")
-    from flatdino.pipeline.feature_store import FeatureStore
-    from flatdino.pipeline.latent_store import LatentStore
-    from flatdino.pipeline.storage import is_url
-    from flatdino.pipeline.store import store_kind
+    from ..pipeline.feature_store import FeatureStore
+    from ..pipeline.latent_store import LatentStore
+    from ..pipeline.storage import is_url
+    from ..pipeline.store import store_kind
 
     run = None if is_url(path) else Path(path)
     if run and (run / "config.json").exists() and not (run / "zarr.json").exists():
         run_info(run, as_json)
         if plot:
-            from flatdino.trainers.tracking import plot_curves
+            from ..trainers.tracking import plot_curves
 
             try:
                 typer.echo(f"wrote {plot_curves(run)}")
@@ -268,9 +281,9 @@ class LatentDtype(str, Enum):
 
 
 def _presets_info(as_json: bool) -> None:
-    from flatdino.models.dit import DIT_PRESETS, count_dit_parameters
-    from flatdino.models.official import OFFICIAL_PARAMETERS
-    from flatdino.models.vae import VAE_PRESETS, count_parameters
+    from ..models.dit import DIT_PRESETS, count_dit_parameters
+    from ..models.official import OFFICIAL_PARAMETERS
+    from ..models.vae import VAE_PRESETS, count_parameters
 
     rows = [
         {
@@ -281,8 +294,15 @@ def _presets_info(as_json: bool) -> None:
         }
         for n, c in VAE_PRESETS.items()
     ]
-    rows += [{"preset": n, "model": "dit", "parameters": count_dit_parameters(c),
-              "official": OFFICIAL_PARAMETERS.get(n)} for n, c in DIT_PRESETS.items()]  # fmt: skip
+    rows += [
+        {
+            "preset": n,
+            "model": "dit",
+            "parameters": count_dit_parameters(c),
+            "official": OFFICIAL_PARAMETERS.get(n),
+        }
+        for n, c in DIT_PRESETS.items()
+    ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -334,15 +354,24 @@ def encode_latents_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     """Feature store -> FlatDINO latents (N, V, T, d) with per-(token, dim) statistics, resumable."""
-    from flatdino.pipeline.encode import EncodeConfig, encode_latents
+    from ..pipeline.encode import EncodeConfig, encode_latents
 
     cfg = EncodeConfig(
-        features=str(features), vae=str(vae), out=str(out), batch_size=batch_size,
-        dtype=dtype.value, save_logvar=save_logvar, device=device, precision=precision,
+        features=str(features),
+        vae=str(vae),
+        out=str(out),
+        batch_size=batch_size,
+        dtype=dtype.value,
+        save_logvar=save_logvar,
+        device=device,
+        precision=precision,
         backend=backend.value,
-        workers=workers, num_gpus_per_worker=num_gpus_per_worker, ray_address=ray_address,
-        overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        workers=workers,
+        num_gpus_per_worker=num_gpus_per_worker,
+        ray_address=ray_address,
+        overwrite=overwrite,
+        progress=progress,
+    )
     try:
         s = encode_latents(cfg)
     except FlatDinoError as e:
@@ -390,18 +419,25 @@ def import_official_cmd(
 ) -> None:
     """Official JAX checkpoint (VAE or generator) -> a flatdino checkpoint folder. Needs the
     extra: pip install 'flatdino[official]'."""
-    from flatdino.pipeline.official import ImportConfig, import_official
+    from ..pipeline.official import ImportConfig, import_official
 
-    cfg = ImportConfig(checkpoint=str(checkpoint), out=str(out), step=step,
-                       vae=str(vae) if vae else None, overwrite=overwrite)  # fmt: skip
+    cfg = ImportConfig(
+        checkpoint=str(checkpoint),
+        out=str(out),
+        step=step,
+        vae=str(vae) if vae else None,
+        overwrite=overwrite,
+    )
     try:
         s = import_official(cfg)
     except FlatDinoError as e:
         fail(str(e))
     params = s["parameters"]
     total = params["total"] if isinstance(params, dict) else params
-    typer.echo(f"{out}: the official {s['kind']} ({s['preset']}, {total / 1e6:.2f}M parameters) "
-               f"from {s['checkpoint']}")  # fmt: skip
+    typer.echo(
+        f"{out}: the official {s['kind']} ({s['preset']}, {total / 1e6:.2f}M parameters) "
+        f"from {s['checkpoint']}"
+    )
 
 
 app.command(
@@ -431,24 +467,30 @@ def flops_cmd(
     """The paper's FLOP accounting (Appendix H, Tables 7-9) beside this project's modules, counted."""
     from dataclasses import asdict
 
-    from flatdino.eval.flops import paper_table, project_table
+    from ..eval.flops import paper_table, project_table
 
     paper, ours = paper_table(), project_table()
     if as_json:
         typer.echo(json.dumps({"paper": [asdict(r) for r in paper], "project": ours}, indent=2))
         return
     typer.echo("Paper, Appendix H formula: GFLOPs per sample, one multiply-add = one FLOP")
-    typer.echo(f"  {'model':10s} {'latent':9s} {'S':>4s} {'forward':>8s} {'train':>8s} "
-               f"{'encoding':>9s} {'total':>8s} {'reduction':>9s}")  # fmt: skip
+    typer.echo(
+        f"  {'model':10s} {'latent':9s} {'S':>4s} {'forward':>8s} {'train':>8s} "
+        f"{'encoding':>9s} {'total':>8s} {'reduction':>9s}"
+    )
     for r in paper:
         red = f"{r.reduction:8.1f}x" if r.reduction else ""
-        typer.echo(f"  {r.model:10s} {r.latent:9s} {r.seq:4d} {r.forward:8.1f} {r.train:8.1f} "
-                   f"{r.encoding:9.1f} {r.total:8.1f} {red:>9s}")  # fmt: skip
+        typer.echo(
+            f"  {r.model:10s} {r.latent:9s} {r.seq:4d} {r.forward:8.1f} {r.train:8.1f} "
+            f"{r.encoding:9.1f} {r.total:8.1f} {red:>9s}"
+        )
     typer.echo("This project's modules, forward multiply-adds counted by torch.utils.flop_counter")
     for r in ours:
         seq = f"S={r['seq']}" if r["seq"] else ""
-        typer.echo(f"  {r['module']:17s} {r['latent']:9s} {seq:6s} {r['params_M']:8.1f}M params "
-                   f"{r['forward_G']:8.1f} GFLOPs")  # fmt: skip
+        typer.echo(
+            f"  {r['module']:17s} {r['latent']:9s} {seq:6s} {r['params_M']:8.1f}M params "
+            f"{r['forward_G']:8.1f} GFLOPs"
+        )
 
 
 def main() -> None:
@@ -462,9 +504,13 @@ def main() -> None:
         if e.errno != errno.ENOSPC:
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        typer.secho(f"error: no space left on the device{where}; free some space or write to a "
-                    "larger disk, then run again (stores continue from their finished shards, "
-                    "sample from its finished batches, trainers with --resume)", fg=typer.colors.RED, err=True)  # fmt: skip
+        typer.secho(
+            f"error: no space left on the device{where}; free some space or write to a "
+            "larger disk, then run again (stores continue from their finished shards, "
+            "sample from its finished batches, trainers with --resume)",
+            fg=typer.colors.RED,
+            err=True,
+        )
         raise SystemExit(1) from None
 
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from flatdino.pipeline.errors import FlatDinoError
+from ..pipeline.errors import FlatDinoError
 
 
 class Backend(str, Enum):
@@ -77,8 +77,11 @@ def config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Cont
         saved = json.loads(Path(config).read_text()).get("train", {})
     except (OSError, ValueError) as e:
         raise FlatDinoError(f"cannot read --config {str(config)!r}: {e}") from e
-    typed = {k: v for k, v in values.items()
-             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}  # fmt: skip
+    typed = {
+        k: v
+        for k, v in values.items()
+        if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"
+    }
     fields = {f.name for f in dataclasses.fields(cls)}  # saved fields without an option kept too
     merged = {**values, **{k: v for k, v in saved.items() if k in fields}, **typed}
     if "betas" in saved:

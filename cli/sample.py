@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flatdino.pipeline.errors import FlatDinoError
-
+from ..pipeline.errors import FlatDinoError
 from .options import DeviceOpt, PrecisionOpt, ProgressOpt, fail
 
 
@@ -123,17 +122,31 @@ def sample_cmd(
     Under `torchrun --nproc-per-node G flatdino sample ...` the batches are shared across the G
     ranks and the outputs are identical to a one-process run. An interrupted run continues from
     the batches already written when the same command is run again."""
-    from flatdino.sampling.sample import SampleConfig, sample
+    from ..sampling.sample import SampleConfig, sample
 
     try:
         config = SampleConfig(
-            dit=str(dit), out=str(out), classes=classes, per_class=per_class, n=n, seed=seed,
-            steps=steps, sampler=sampler, cfg=cfg, cfg_interval=_interval(cfg_interval), ema=ema,
+            dit=str(dit),
+            out=str(out),
+            classes=classes,
+            per_class=per_class,
+            n=n,
+            seed=seed,
+            steps=steps,
+            sampler=sampler,
+            cfg=cfg,
+            cfg_interval=_interval(cfg_interval),
+            ema=ema,
             guide_dit=str(guide_dit) if guide_dit else None,
-            decoder=str(decoder) if decoder else None, vae=str(vae) if vae else None,
-            batch_size=batch_size, save_features=save_features, device=device, precision=precision,
-            writers=writers, progress=progress,
-        )  # fmt: skip
+            decoder=str(decoder) if decoder else None,
+            vae=str(vae) if vae else None,
+            batch_size=batch_size,
+            save_features=save_features,
+            device=device,
+            precision=precision,
+            writers=writers,
+            progress=progress,
+        )
         s = sample(config)
     except FlatDinoError as e:
         fail(str(e))

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flatdino.pipeline.errors import FlatDinoError
-
+from ..pipeline.errors import FlatDinoError
 from .options import DeviceOpt, PrecisionOpt, ProgressOpt, fail
 
 
@@ -84,18 +83,28 @@ def sweep_cmd(
     """Sample every (w, interval start) cell from the same noise and measure FD-DINOv2 (and FID).
 
     Rerun the same command after an interruption: the cells already in sweep.csv are skipped."""
-    from flatdino.eval.sweep import SweepConfig, sweep_cfg
+    from ..eval.sweep import SweepConfig, sweep_cfg
 
     try:
         config = SweepConfig(
-            dit=str(dit), features=str(features), out=str(out),
+            dit=str(dit),
+            features=str(features),
+            out=str(out),
             scales=_floats(scales, "--scales"),
-            interval_starts=_floats(interval_starts, "--interval-starts"), n=n, seed=seed,
-            steps=steps, batch_size=batch_size, ema=ema, vae=str(vae) if vae else None,
+            interval_starts=_floats(interval_starts, "--interval-starts"),
+            n=n,
+            seed=seed,
+            steps=steps,
+            batch_size=batch_size,
+            ema=ema,
+            vae=str(vae) if vae else None,
             decoder=str(decoder) if decoder else None,
             inception_weights=str(inception_weights) if inception_weights else None,
-            device=device, precision=precision, overwrite=overwrite, progress=progress,
-        )  # fmt: skip
+            device=device,
+            precision=precision,
+            overwrite=overwrite,
+            progress=progress,
+        )
         s = sweep_cfg(config)
     except FlatDinoError as e:
         fail(str(e))

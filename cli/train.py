@@ -9,11 +9,10 @@ from typing import Annotated
 
 import typer
 
-from flatdino.models.dit import DIT_PRESETS
-from flatdino.models.pixel_decoder import PIXEL_DECODER_PRESETS
-from flatdino.models.vae import VAE_PRESETS
-from flatdino.pipeline.errors import FlatDinoError
-
+from ..models.dit import DIT_PRESETS
+from ..models.pixel_decoder import PIXEL_DECODER_PRESETS
+from ..models.vae import VAE_PRESETS
+from ..pipeline.errors import FlatDinoError
 from .options import (
     CkptEveryOpt,
     CompileOpt,
@@ -64,7 +63,7 @@ def _report(out: str, metrics: dict) -> None:
 
 
 def _vae_presets_help() -> str:
-    from flatdino.models.vae import VAE_PRESETS, count_parameters
+    from ..models.vae import VAE_PRESETS, count_parameters
 
     counts = (f"{n} ({count_parameters(c)['total'] / 1e6:.1f}M)" for n, c in VAE_PRESETS.items())
     return "VAE preset, parameters at C=768: " + ", ".join(counts) + "."
@@ -151,17 +150,20 @@ def train_vae_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
-    from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
+    from ..trainers.train_vae import TrainVAEConfig, train_vae
 
     _train(TrainVAEConfig, train_vae, given, config, ctx)
 
 
 def _dit_presets_help() -> str:
-    from flatdino.models.dit import count_dit_parameters
+    from ..models.dit import count_dit_parameters
 
     counts = (f"{n} ({count_dit_parameters(c) / 1e6:.1f}M)" for n, c in DIT_PRESETS.items())
-    return ("LightningDiT preset, parameters on 32x128 latents: " + ", ".join(counts)
-            + ". T, d and the class count are read from --latents.")  # fmt: skip
+    return (
+        "LightningDiT preset, parameters on 32x128 latents: "
+        + ", ".join(counts)
+        + ". T, d and the class count are read from --latents."
+    )
 
 
 class TimeDist(str, Enum):
@@ -271,13 +273,13 @@ def train_dit_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
-    from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
+    from ..trainers.train_dit import TrainDiTConfig, train_dit
 
     _train(TrainDiTConfig, train_dit, given, config, ctx)
 
 
 def _decoder_presets_help() -> str:
-    from flatdino.models.pixel_decoder import (
+    from ..models.pixel_decoder import (
         PIXEL_DECODER_PRESETS,
         count_pixel_decoder_parameters,
     )
@@ -351,7 +353,7 @@ def train_decoder_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     given = {k: v for k, v in locals().items() if k not in ("config", "ctx")}  # the options
-    from flatdino.trainers.train_decoder import TrainDecoderConfig, train_decoder
+    from ..trainers.train_decoder import TrainDecoderConfig, train_decoder
 
     _train(TrainDecoderConfig, train_decoder, given, config, ctx)
 
@@ -365,22 +367,29 @@ def _run_kind(run: Path, config: dict, model: dict) -> str:
 
 def run_info(run: Path, as_json: bool) -> None:
     """Model config and parameter count, last metrics and checkpoints of a run folder."""
-    from flatdino.models.dit import DiTConfig, count_dit_parameters
-    from flatdino.models.pixel_decoder import PixelDecoderConfig, count_pixel_decoder_parameters
-    from flatdino.models.vae import VAEConfig, count_parameters
+    from ..models.dit import DiTConfig, count_dit_parameters
+    from ..models.pixel_decoder import PixelDecoderConfig, count_pixel_decoder_parameters
+    from ..models.vae import VAEConfig, count_parameters
 
     config = json.loads((run / "config.json").read_text())
     model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)
     kind = _run_kind(run, config, model)
-    count = {"dit": lambda: count_dit_parameters(DiTConfig(**model)),
-             "decoder": lambda: count_pixel_decoder_parameters(PixelDecoderConfig(**model)),
-             "vae": lambda: count_parameters(VAEConfig(**model))}[kind]  # fmt: skip
+    count = {
+        "dit": lambda: count_dit_parameters(DiTConfig(**model)),
+        "decoder": lambda: count_pixel_decoder_parameters(PixelDecoderConfig(**model)),
+        "vae": lambda: count_parameters(VAEConfig(**model)),
+    }[kind]
     try:
         params = count()
     except (TypeError, ValueError) as e:  # a config of an older model layout: still readable
         params = f"unknown: the config is of an older {kind} layout ({e})"
-    summary = {"path": str(run), "kind": kind, "model": model, "parameters": params,
-               "checkpoints": sorted(p.name for p in run.iterdir() if (p / "model.safetensors").exists())}  # fmt: skip
+    summary = {
+        "path": str(run),
+        "kind": kind,
+        "model": model,
+        "parameters": params,
+        "checkpoints": sorted(p.name for p in run.iterdir() if (p / "model.safetensors").exists()),
+    }
     if (run / "metrics.jsonl").exists():
         lines = (run / "metrics.jsonl").read_text().splitlines()
         summary["last_metrics"] = json.loads(lines[-1]) if lines else None

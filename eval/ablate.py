@@ -12,9 +12,9 @@ import math
 import numpy as np
 import torch
 
-from flatdino.pipeline.checkpoints import load_vae, resolve_vae
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.feature_store import FeatureStore
+from ..pipeline.checkpoints import load_vae, resolve_vae
+from ..pipeline.errors import FlatDinoError
+from ..pipeline.feature_store import FeatureStore
 
 
 @torch.no_grad()
@@ -40,8 +40,9 @@ def token_ablation(vae, batches) -> np.ndarray:
     return (total / count).cpu().numpy()
 
 
-def ablate(features: str, vae_path: str, images: int = 256, batch_size: int = 32,
-           device: str = "cpu") -> np.ndarray:  # fmt: skip
+def ablate(
+    features: str, vae_path: str, images: int = 256, batch_size: int = 32, device: str = "cpu"
+) -> np.ndarray:
     """Token ablation of the VAE at `vae_path` on the first `images` valid images of a store."""
     vae, _ = load_vae(resolve_vae(vae_path))
     store = FeatureStore(features)

@@ -40,17 +40,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flatdino.models.dinov2 import state_sha256
-from flatdino.pipeline.backbone import load_backbone
-from flatdino.pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
-from flatdino.pipeline.env import resolve_device
-from flatdino.pipeline.errors import FlatDinoError, WeightsError
-from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.pipeline.frechet import RunningStats, frechet_distance, statistics  # noqa: F401  (eval fid's API)
-from flatdino.pipeline.preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
-from flatdino.pipeline.sources import IMAGE_EXTENSIONS, load_image, open_source
-from flatdino.pipeline.store import row_block, store_kind
-from flatdino.pipeline.targets import TargetImages
+from ..models.dinov2 import state_sha256
+from ..pipeline.backbone import load_backbone
+from ..pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
+from ..pipeline.env import resolve_device
+from ..pipeline.errors import FlatDinoError, WeightsError
+from ..pipeline.feature_store import FeatureStore
+from ..pipeline.frechet import RunningStats, frechet_distance, statistics  # noqa: F401  (eval fid's API)
+from ..pipeline.preprocess import ViewRecipe, adm_center_crop, make_views, to_rgb
+from ..pipeline.sources import IMAGE_EXTENSIONS, load_image, open_source
+from ..pipeline.store import row_block, store_kind
+from ..pipeline.targets import TargetImages
 
 log = logging.getLogger(__name__)
 
@@ -92,29 +92,40 @@ def _rows(n: int, m: int, budget: int) -> int:
 def knn_radii(x: torch.Tensor, k: int, budget: int = 256 << 20) -> torch.Tensor:
     """Distance of each row of x to its k-th nearest other row, one block of rows at a time."""
     step = _rows(len(x), len(x), budget)
-    return torch.cat([torch.cdist(x[i : i + step], x).kthvalue(k + 1, dim=1).values
-                      for i in range(0, len(x), step)])  # fmt: skip
+    return torch.cat(
+        [
+            torch.cdist(x[i : i + step], x).kthvalue(k + 1, dim=1).values
+            for i in range(0, len(x), step)
+        ]
+    )
 
 
 @torch.no_grad()
-def coverage(points: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor,
-             budget: int = 256 << 20) -> float:  # fmt: skip
+def coverage(
+    points: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, budget: int = 256 << 20
+) -> float:
     """The fraction of `points` inside at least one k-NN ball of `ref`, block by block."""
     step = _rows(len(points), len(ref), budget)
-    inside = [(torch.cdist(points[i : i + step], ref) <= radii[None]).any(1)
-              for i in range(0, len(points), step)]  # fmt: skip
+    inside = [
+        (torch.cdist(points[i : i + step], ref) <= radii[None]).any(1)
+        for i in range(0, len(points), step)
+    ]
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, device: str = "cpu",
-                     budget: int = 256 << 20) -> dict[str, float]:  # fmt: skip
+def precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int = 3, device: str = "cpu", budget: int = 256 << 20
+) -> dict[str, float]:
     """Kynkäänniemi et al.: a sample counts when it falls in the k-NN ball of a sample of the
     other set; precision for fake in real's manifold, recall for real in fake's. Distances in
     float32 blocks of at most `budget` bytes."""
     r = torch.as_tensor(np.asarray(real, np.float32), device=device)
     f = torch.as_tensor(np.asarray(fake, np.float32), device=device)
-    return {"precision": coverage(f, r, knn_radii(r, k, budget), budget),
-            "recall": coverage(r, f, knn_radii(f, k, budget), budget), "k": k}  # fmt: skip
+    return {
+        "precision": coverage(f, r, knn_radii(r, k, budget), budget),
+        "recall": coverage(r, f, knn_radii(f, k, budget), budget),
+        "k": k,
+    }
 
 
 # -- feature networks ----------------------------------------------------------------------------
@@ -166,9 +177,13 @@ class FeatureNet:
         else:
             raise FlatDinoError(f"--space must be inception or dinov2; got {cfg.space!r}")
         self.model.to(self.device)
-        self.identity = {"space": cfg.space, "network": network,
-                         "weights_sha256": sha, "crop": CROP,
-                         "input_size": input_size}  # fmt: skip
+        self.identity = {
+            "space": cfg.space,
+            "network": network,
+            "weights_sha256": sha,
+            "crop": CROP,
+            "input_size": input_size,
+        }
         if cfg.space == "dinov2":  # the resize to 224 is part of the feature space
             self.identity["antialias"] = self.recipe.antialias
 
@@ -228,8 +243,11 @@ def image_files(root: Path) -> list[str]:
             continue
         seen.add((here.st_dev, here.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if f.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
+        found += [
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     return found
 
 
@@ -250,13 +268,24 @@ def _read_npz(path: Path, cfg: FidConfig, model: FeatureNet, keep: int | None) -
                 f"{str(path)!r}: arr_0 must be uint8 (N, H, W, 3) images; found {dtype} {shape}"
             )
         row, step = int(np.prod(shape[1:])), cfg.batch_size
-        blocks = (np.frombuffer(bytearray(f.read(min(step, shape[0] - lo) * row)), np.uint8).reshape(-1, *shape[1:])
-                  for lo in range(0, shape[0], step))  # fmt: skip
+        blocks = (
+            np.frombuffer(bytearray(f.read(min(step, shape[0] - lo) * row)), np.uint8).reshape(
+                -1, *shape[1:]
+            )
+            for lo in range(0, shape[0], step)
+        )
         return _array_blocks(blocks, shape[0], model, keep, str(path), cfg.progress, cfg.workers)
 
 
-def _array_blocks(blocks: Iterable[np.ndarray], n: int, model: FeatureNet, keep: int | None,
-                  path: str, progress: bool, workers: int = 4) -> SetStats:  # fmt: skip
+def _array_blocks(
+    blocks: Iterable[np.ndarray],
+    n: int,
+    model: FeatureNet,
+    keep: int | None,
+    path: str,
+    progress: bool,
+    workers: int = 4,
+) -> SetStats:
     """Statistics of `n` uint8 images given in blocks, ADM-cropped to 256 where needed; the
     crops and network inputs are made by `workers` threads, a few blocks ahead."""
     acc = _Accumulator(n, keep)
@@ -369,8 +398,13 @@ def _check_failures(path: str, failures: list, total: int, cfg: FidConfig) -> No
             "or raise --max-failed-fraction"
         )
     if failures:
-        log.warning("%s: skipped %d unreadable image(s) of %d (first: %s: %s)", path,
-                    len(failures), total, *failures[0])  # fmt: skip
+        log.warning(
+            "%s: skipped %d unreadable image(s) of %d (first: %s: %s)",
+            path,
+            len(failures),
+            total,
+            *failures[0],
+        )
 
 
 def _npz_members(p: Path) -> set[str]:
@@ -417,8 +451,9 @@ def load_set(path: str, cfg: FidConfig, net: Callable[[], FeatureNet] | None = N
     )
 
 
-def _read_images(path: str, reader: _Reader, cfg: FidConfig, model: FeatureNet,
-                 keep: int | None) -> SetStats:  # fmt: skip
+def _read_images(
+    path: str, reader: _Reader, cfg: FidConfig, model: FeatureNet, keep: int | None
+) -> SetStats:
     def load(item):
         try:
             return model.prepare(reader.load(item))
@@ -429,8 +464,13 @@ def _read_images(path: str, reader: _Reader, cfg: FidConfig, model: FeatureNet,
     acc, batch = _Accumulator(len(reader.items), keep), []
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
         futures = _bounded_map(pool, load, reader.items, ahead=2 * cfg.batch_size)
-        for future in tqdm(futures, desc=f"fid {Path(path).name}", unit="img", total=len(reader.items),
-                           disable=not cfg.progress):  # fmt: skip
+        for future in tqdm(
+            futures,
+            desc=f"fid {Path(path).name}",
+            unit="img",
+            total=len(reader.items),
+            disable=not cfg.progress,
+        ):
             crop = future.result()
             if crop is not None:
                 batch.append(crop)
@@ -451,10 +491,14 @@ def _read_features(p: Path, kind: str | None, cfg: FidConfig, keep: int | None) 
         store = FeatureStore.open_complete(str(p), "the set")
         fp = store.attrs.get("fingerprint", {})
         recipe = fp.get("preprocessing", {})
-        identity = {"space": "dinov2", "network": fp.get("backbone"),
-                    "weights_sha256": fp.get("weights_sha256"), "crop": recipe.get("crop_size"),
-                    "input_size": recipe.get("input_size"),
-                    "antialias": ViewRecipe.from_attrs(recipe).antialias}  # fmt: skip
+        identity = {
+            "space": "dinov2",
+            "network": fp.get("backbone"),
+            "weights_sha256": fp.get("weights_sha256"),
+            "crop": recipe.get("crop_size"),
+            "input_size": recipe.get("input_size"),
+            "antialias": ViewRecipe.from_attrs(recipe).antialias,
+        }
         data, valid = store.features, np.asarray(store.group["valid"][:], bool)
         step = row_block(data)
     else:
@@ -484,8 +528,11 @@ def _saved_stats(p: Path) -> SetStats:
         meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
         mu, sigma = z["mu"], z["sigma"]
     if not meta:
-        log.warning("%s: saved statistics without a record of how they were computed; "
-                    "comparing them unchecked", p)  # fmt: skip
+        log.warning(
+            "%s: saved statistics without a record of how they were computed; "
+            "comparing them unchecked",
+            p,
+        )
     identity = {k: meta.get("identity", {}).get(k) for k in IDENTITY_FIELDS}
     return SetStats(str(p), mu, sigma, identity, meta.get("count"))
 
@@ -530,14 +577,27 @@ def fid(cfg: FidConfig) -> dict:
     if cfg.save_stats:  # kept at once: a failure on --fake does not lose the --real pass
         save_stats(real, cfg.save_stats)
     if not cfg.fake:  # the reference's statistics only, to save and reuse
-        return {"real": cfg.real, "space": cfg.space, "real_count": real.count,
-                "real_failed": real.failed, "saved": cfg.save_stats, "identity": real.identity}  # fmt: skip
+        return {
+            "real": cfg.real,
+            "space": cfg.space,
+            "real_count": real.count,
+            "real_failed": real.failed,
+            "saved": cfg.save_stats,
+            "identity": real.identity,
+        }
     fake = load_set(cfg.fake, cfg, net)
     check_comparable(real, fake)
-    result = {"real": cfg.real, "fake": cfg.fake, "space": cfg.space,
-              "fd": frechet_distance(real.stats, fake.stats), "real_count": real.count,
-              "fake_count": fake.count, "real_failed": real.failed, "fake_failed": fake.failed,
-              "identity": {k: real.identity.get(k) or fake.identity.get(k) for k in IDENTITY_FIELDS}}  # fmt: skip
+    result = {
+        "real": cfg.real,
+        "fake": cfg.fake,
+        "space": cfg.space,
+        "fd": frechet_distance(real.stats, fake.stats),
+        "real_count": real.count,
+        "fake_count": fake.count,
+        "real_failed": real.failed,
+        "fake_failed": fake.failed,
+        "identity": {k: real.identity.get(k) or fake.identity.get(k) for k in IDENTITY_FIELDS},
+    }
     if cfg.precision_recall:
         for side in (real, fake):
             if side.vectors is None or len(side.vectors) <= cfg.k:
@@ -573,8 +633,14 @@ def _check_request(cfg: FidConfig) -> None:
 
 
 @torch.no_grad()
-def reconstructions(features: str, vae_path: str, decoder_path: str, images: int = 1000,
-                    batch: int = 32, device: str = "cpu") -> dict[str, np.ndarray]:  # fmt: skip
+def reconstructions(
+    features: str,
+    vae_path: str,
+    decoder_path: str,
+    images: int = 1000,
+    batch: int = 32,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
     """uint8 (N, H, W, 3) sets for rFID on view 0 of a store's first `images` valid images: the
     true crops, the pixel decoder on the features, and the decoder on the VAE's reconstruction."""
     store = FeatureStore(features)

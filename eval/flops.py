@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flatdino.models.dinov2 import BACKBONES, DinoPatchFeatures, build_vit
-from flatdino.models.dit import LightningDiT, dit_preset
-from flatdino.models.vae import FlatDinoVAE, vae_preset
+from ..models.dinov2 import BACKBONES, DinoPatchFeatures, build_vit
+from ..models.dit import LightningDiT, dit_preset
+from ..models.vae import FlatDinoVAE, vae_preset
 
 # (width, layers) of each stage of the paper's generators (Table 7); DH-XL adds a 2-layer head.
 PAPER_MODELS: dict[str, list[tuple[int, int]]] = {
@@ -94,14 +94,28 @@ def project_table() -> list[dict]:
             for latent, (seq, dim) in {"RAE": (256, 768), "FlatDINO": (32, 128)}.items():
                 model = LightningDiT(dit_preset(preset, tokens=seq, latent_dim=dim))
                 x, t, y = torch.empty(1, seq, dim), torch.empty(1), torch.zeros(1, dtype=torch.long)
-                rows.append({"module": preset, "latent": latent, "seq": seq,
-                             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-                             "forward_G": count_forward_flops(model, x, t, y) / 1e9})  # fmt: skip
+                rows.append(
+                    {
+                        "module": preset,
+                        "latent": latent,
+                        "seq": seq,
+                        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+                        "forward_G": count_forward_flops(model, x, t, y) / 1e9,
+                    }
+                )
         dino = DinoPatchFeatures(build_vit(BACKBONES["dinov2-vitb14-reg"]))
         encoder = FlatDinoVAE(vae_preset("flatdino-32x128", in_dim=768, num_patches=256)).encoder
-        for name, module, x in (("DINOv2 ViT-B/14", dino, torch.empty(1, 3, 224, 224)),
-                                ("FlatDINO encoder", encoder, torch.empty(1, 256, 768))):  # fmt: skip
-            rows.append({"module": name, "latent": "-", "seq": None,
-                         "params_M": sum(p.numel() for p in module.parameters()) / 1e6,
-                         "forward_G": count_forward_flops(module, x) / 1e9})  # fmt: skip
+        for name, module, x in (
+            ("DINOv2 ViT-B/14", dino, torch.empty(1, 3, 224, 224)),
+            ("FlatDINO encoder", encoder, torch.empty(1, 256, 768)),
+        ):
+            rows.append(
+                {
+                    "module": name,
+                    "latent": "-",
+                    "seq": None,
+                    "params_M": sum(p.numel() for p in module.parameters()) / 1e6,
+                    "forward_G": count_forward_flops(module, x) / 1e9,
+                }
+            )
     return rows

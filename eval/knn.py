@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.storage import open_group
-from flatdino.pipeline.store import row_block, store_kind
+from ..pipeline.errors import FlatDinoError
+from ..pipeline.storage import open_group
+from ..pipeline.store import row_block, store_kind
 
 ARRAY = {"flatdino.features": "features", "flatdino.latents": "mu"}
 
@@ -38,9 +38,16 @@ def pooled(path: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def knn_classify(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray,
-                 val_labels: np.ndarray, k: int = 20, temperature: float = 0.07,
-                 chunk: int = 1024, device: str = "cpu") -> dict[str, float]:  # fmt: skip
+def knn_classify(
+    train: np.ndarray,
+    train_labels: np.ndarray,
+    val: np.ndarray,
+    val_labels: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+    device: str = "cpu",
+) -> dict[str, float]:
     """Top-1 and top-5 accuracy of temperature-weighted k-NN votes (cosine similarity)."""
     if train.shape[1] != val.shape[1]:
         raise FlatDinoError(
@@ -60,19 +67,38 @@ def knn_classify(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray,
         truth = torch.from_numpy(val_labels[lo : lo + chunk]).to(device)[:, None]
         top1 += (ranked[:, :1] == truth).sum().item()
         top5 += (ranked == truth).any(1).sum().item()
-    return {"top1": top1 / len(val), "top5": top5 / len(val), "k": k, "temperature": temperature,
-            "train": len(train), "val": len(val)}  # fmt: skip
+    return {
+        "top1": top1 / len(val),
+        "top5": top5 / len(val),
+        "k": k,
+        "temperature": temperature,
+        "train": len(train),
+        "val": len(val),
+    }
 
 
-def knn_eval(pairs: list[tuple[str, str]], k: int = 20, temperature: float = 0.07,
-             device: str = "cpu", progress: bool = False) -> list[dict]:  # fmt: skip
+def knn_eval(
+    pairs: list[tuple[str, str]],
+    k: int = 20,
+    temperature: float = 0.07,
+    device: str = "cpu",
+    progress: bool = False,
+) -> list[dict]:
     """One result per (train store, val store) pair, e.g. DINOv2 features and FlatDINO latents."""
     results = []
     for train_path, val_path in pairs:
         train, train_labels = pooled(train_path, progress)
         val, val_labels = pooled(val_path, progress)
         row = knn_classify(train, train_labels, val, val_labels, k, temperature, device=device)
-        results.append({"train": train_path, "val": val_path, "kind": store_kind(train_path),
-                        "dim": int(train.shape[1]), **{k_: v for k_, v in row.items() if k_ not in ("train", "val")},
-                        "n_train": row["train"], "n_val": row["val"]})  # fmt: skip
+        results.append(
+            {
+                "train": train_path,
+                "val": val_path,
+                "kind": store_kind(train_path),
+                "dim": int(train.shape[1]),
+                **{k_: v for k_, v in row.items() if k_ not in ("train", "val")},
+                "n_train": row["train"],
+                "n_val": row["val"],
+            }
+        )
     return results

@@ -11,14 +11,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flatdino.pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
-from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.pipeline.targets import TargetImages
+from ..pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
+from ..pipeline.feature_store import FeatureStore
+from ..pipeline.targets import TargetImages
 
 
 @torch.no_grad()
-def noise_curves(vae, x: torch.Tensor, sigmas: list[float], decoder=None, images=None,
-                 seed: int = 0) -> dict[str, list[float]]:  # fmt: skip
+def noise_curves(
+    vae, x: torch.Tensor, sigmas: list[float], decoder=None, images=None, seed: int = 0
+) -> dict[str, list[float]]:
     """Per σ: relative feature error through the latents and on the features (and PSNRs).
 
     `vae` needs encode/decode; x (B, P, C) clean features; images (B, 3, H, W) in [0, 1].
@@ -46,8 +47,14 @@ def noise_curves(vae, x: torch.Tensor, sigmas: list[float], decoder=None, images
     return curves
 
 
-def noise_eval(features: str, vae_path: str, decoder_path: str | None = None, images: int = 64,
-               steps: int = 11, device: str = "cpu") -> dict:  # fmt: skip
+def noise_eval(
+    features: str,
+    vae_path: str,
+    decoder_path: str | None = None,
+    images: int = 64,
+    steps: int = 11,
+    device: str = "cpu",
+) -> dict:
     """The curves on the first `images` valid images of a feature store."""
     store = FeatureStore(features)
     vae = load_vae(resolve_vae(vae_path))[0].to(device)

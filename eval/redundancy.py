@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.pipeline.targets import TargetImages
+from ..pipeline.errors import FlatDinoError
+from ..pipeline.feature_store import FeatureStore
+from ..pipeline.targets import TargetImages
 
 
 def pca_dims(x: np.ndarray, fraction: float = 0.95) -> int:
@@ -66,11 +66,16 @@ def redundancy(features: str, images: int = 256, fraction: float = 0.95) -> dict
     pixels = pixel_patches(store, rows)
     distances, similarity = similarity_by_distance(feats)
     return {
-        "features": features, "images": int(len(rows)), "fraction": fraction,
-        "feature_dims": int(feats.shape[-1]), "feature_pca_dims": pca_dims(feats.reshape(-1, feats.shape[-1]), fraction),
-        "pixel_dims": int(pixels.shape[1]), "pixel_pca_dims": pca_dims(pixels, fraction),
-        "distance": distances.tolist(), "cosine_similarity": similarity.tolist(),
-    }  # fmt: skip
+        "features": features,
+        "images": int(len(rows)),
+        "fraction": fraction,
+        "feature_dims": int(feats.shape[-1]),
+        "feature_pca_dims": pca_dims(feats.reshape(-1, feats.shape[-1]), fraction),
+        "pixel_dims": int(pixels.shape[1]),
+        "pixel_pca_dims": pca_dims(pixels, fraction),
+        "distance": distances.tolist(),
+        "cosine_similarity": similarity.tolist(),
+    }
 
 
 def plot_redundancy(result: dict, path: str) -> None:

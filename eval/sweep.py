@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flatdino.models.flow import euler_sample
-from flatdino.pipeline.checkpoints import load_dit, load_pixel_decoder, resolve_checkpoint
-from flatdino.pipeline.env import autocast, fast_matmul, inference_dtype, resolve_device
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.sampling.sample import (
+from ..models.flow import euler_sample
+from ..pipeline.checkpoints import load_dit, load_pixel_decoder, resolve_checkpoint
+from ..pipeline.env import autocast, fast_matmul, inference_dtype, resolve_device
+from ..pipeline.errors import FlatDinoError
+from ..pipeline.feature_store import FeatureStore
+from ..sampling.sample import (
     SampleConfig,
     _check_pair,
     _identity,
@@ -44,7 +44,6 @@ from flatdino.sampling.sample import (
     class_labels,
     sample_noise,
 )
-
 from .fid import FeatureNet, FidConfig, RunningStats, _npz_crop, frechet_distance, load_set
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,22 @@ class SweepConfig:
 
     def cell(self, w: float, start: float) -> SampleConfig:
         """The `flatdino sample` config that draws cell (w, start)'s samples."""
-        return SampleConfig(dit=self.dit, out=self.out, n=self.n, seed=self.seed, steps=self.steps,
-                            cfg=w, cfg_interval=(start, 1.0), ema=self.ema, decoder=self.decoder,
-                            vae=self.vae, batch_size=self.batch_size, device=self.device,
-                            precision=self.precision, progress=False)  # fmt: skip
+        return SampleConfig(
+            dit=self.dit,
+            out=self.out,
+            n=self.n,
+            seed=self.seed,
+            steps=self.steps,
+            cfg=w,
+            cfg_interval=(start, 1.0),
+            ema=self.ema,
+            decoder=self.decoder,
+            vae=self.vae,
+            batch_size=self.batch_size,
+            device=self.device,
+            precision=self.precision,
+            progress=False,
+        )
 
 
 def check_config(cfg: SweepConfig) -> None:
@@ -167,14 +178,28 @@ def _load(cfg: SweepConfig, device: torch.device) -> _Run:
             m.to(device)
     dtype = inference_dtype(cfg.precision, device)
     fields = asdict(cfg)
-    for name in ("dit", "features", "out", "vae", "decoder", "inception_weights", "device",
-                 "precision", "overwrite", "progress"):  # fmt: skip
+    for name in (
+        "dit",
+        "features",
+        "out",
+        "vae",
+        "decoder",
+        "inception_weights",
+        "device",
+        "precision",
+        "overwrite",
+        "progress",
+    ):
         fields.pop(name)  # replaced by the canonical forms below
     files = [Path(ckpt), vae_ckpt, Path(cfg.features)] + ([decoder_path] if decoder_path else [])
     inception = Path(cfg.inception_weights) if cfg.inception_weights else None
-    identity = {**fields, "dtype": str(dtype), "device": device.type,
-                "files": [_identity(f) for f in files],
-                "inception": _identity(inception) if inception else None}  # fmt: skip
+    identity = {
+        **fields,
+        "dtype": str(dtype),
+        "device": device.type,
+        "files": [_identity(f) for f in files],
+        "inception": _identity(inception) if inception else None,
+    }
     labels = class_labels(top, dit.cfg.num_classes)
     return _Run(dit, norm, vae, decoder, float(flow["kappa"]), labels, dtype, identity)
 
@@ -193,8 +218,12 @@ class _Reference:
 def _reference(cfg: SweepConfig) -> _Reference:
     """FD-DINOv2's reference exactly as `eval fid --space dinov2 --real STORE` reads it; with a
     decoder, also the store's source images in the Inception space."""
-    common = {"real": cfg.features, "device": cfg.device, "batch_size": cfg.batch_size,
-              "progress": cfg.progress}  # fmt: skip
+    common = {
+        "real": cfg.features,
+        "device": cfg.device,
+        "batch_size": cfg.batch_size,
+        "progress": cfg.progress,
+    }
     dino = load_set(cfg.features, FidConfig(space="dinov2", **common))
     ref = _Reference(dino.stats, int(dino.count))
     if cfg.decoder:
@@ -206,8 +235,9 @@ def _reference(cfg: SweepConfig) -> _Reference:
 
 
 @torch.no_grad()
-def measure(cfg: SweepConfig, run: _Run, ref: _Reference, w: float, start: float,
-            device: torch.device) -> dict[str, float]:  # fmt: skip
+def measure(
+    cfg: SweepConfig, run: _Run, ref: _Reference, w: float, start: float, device: torch.device
+) -> dict[str, float]:
     """FD-DINOv2 (and FID) of cell (w, start): `sample`'s batches, computed as `generate` does."""
     shape = (run.dit.cfg.tokens, run.dit.cfg.latent_dim)
     dino = RunningStats(run.vae.cfg.in_dim)
@@ -215,8 +245,17 @@ def measure(cfg: SweepConfig, run: _Run, ref: _Reference, w: float, start: float
     for rows in batches_of(cfg.n, cfg.batch_size):
         x0 = torch.from_numpy(np.stack([sample_noise(cfg.seed, i, shape) for i in rows]))
         y = torch.from_numpy(run.labels[rows.start : rows.stop])
-        x1 = euler_sample(run.dit, x0.to(device), y.to(device), cfg.steps, run.kappa, w,
-                          (start, 1.0), run.dit.null_class, autocast=run.dtype)  # fmt: skip
+        x1 = euler_sample(
+            run.dit,
+            x0.to(device),
+            y.to(device),
+            cfg.steps,
+            run.kappa,
+            w,
+            (start, 1.0),
+            run.dit.null_class,
+            autocast=run.dtype,
+        )
         z = run.norm.denormalize(x1)  # (B, T, d) in the VAE's latent space
         with autocast(run.dtype, device):
             feats = run.vae.decode(z).float()  # (B, P, C)
@@ -275,8 +314,11 @@ def _open_out(cfg: SweepConfig, out: Path, run: _Run) -> dict:
         return record
     if not cfg.overwrite:
         old, new = record.get("identity", {}), json.loads(json.dumps(run.identity, default=str))
-        names = [k.replace("files", "the checkpoints' or the store's files")
-                 for k in new if old.get(k) != new[k]]  # fmt: skip
+        names = [
+            k.replace("files", "the checkpoints' or the store's files")
+            for k in new
+            if old.get(k) != new[k]
+        ]
         raise FlatDinoError(
             f"--out {str(out)!r} holds a sweep of another config ({', '.join(names)} differ); "
             "pass --overwrite to replace it, or choose another --out"
@@ -308,8 +350,15 @@ def plot_heatmap(cfg: SweepConfig, rows: dict, path: Path) -> None:
         image = ax.imshow(grid, cmap="viridis_r", aspect="auto")  # low (good): bright
         for i, j in np.ndindex(grid.shape):
             dark = image.norm(grid[i, j]) > 0.5
-            ax.text(j, i, f"{grid[i, j]:.4g}", ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{grid[i, j]:.4g}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else "black",
+            )
         i, j = np.unravel_index(np.argmin(grid), grid.shape)
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.5))
         ax.set_xticks(range(len(cfg.scales)), [f"{w:g}" for w in cfg.scales])
@@ -350,31 +399,50 @@ def _sweep(cfg: SweepConfig, out: Path, device: torch.device) -> dict:
     run = _load(cfg, device)
     previous = _open_out(cfg, out, run)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"config": asdict(cfg), "key": run.key, "identity": run.identity,
-              "reference": previous.get("reference"), "best": None}  # fmt: skip
+    record = {
+        "config": asdict(cfg),
+        "key": run.key,
+        "identity": run.identity,
+        "reference": previous.get("reference"),
+        "best": None,
+    }
     _write_json(out / "sweep.json", record)  # first: a crashed --out is recognised as a sweep
     rows = _read_csv(out / "sweep.csv")
     columns = ["cfg", "interval_start", "fd_dinov2"] + (["fid"] if cfg.decoder else [])
     todo = _todo(cfg, rows)
     if todo or record["reference"] is None:
         ref = _reference(cfg)
-        record["reference"] = {"features": cfg.features, "count": ref.count,
-                               "inception_count": ref.inception_count}  # fmt: skip
+        record["reference"] = {
+            "features": cfg.features,
+            "count": ref.count,
+            "inception_count": ref.inception_count,
+        }
     for w, s in tqdm(todo, desc="sweep", unit="cell", disable=not cfg.progress):
         t0 = time.perf_counter()
         result = measure(cfg, run, ref, w, s, device)
         for start in cfg.interval_starts if w == 1.0 else (s,):
             rows[w, start] = {"cfg": w, "interval_start": start, **result}
         _write_csv(out / "sweep.csv", cfg, rows, columns)
-        log.info("cfg=%g interval_start=%g %s seconds=%.1f", w, s,
-                 " ".join(f"{k}={v:.4f}" for k, v in result.items()), time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "cfg=%g interval_start=%g %s seconds=%.1f",
+            w,
+            s,
+            " ".join(f"{k}={v:.4f}" for k, v in result.items()),
+            time.perf_counter() - t0,
+        )
     cells = {(w, s): rows[w, s] for w in cfg.scales for s in cfg.interval_starts}
     (w, s), metric, value = best_cell(cells)
     plot_heatmap(cfg, cells, out / "heatmap.png")
     record["best"] = {"cfg": w, "interval_start": s, "metric": metric, "value": value}
     record["seconds"] = time.perf_counter() - tic
     _write_json(out / "sweep.json", record)
-    return {"out": cfg.out, "cells": len(cells), "cells_run": len(todo),
-            "cells_skipped": len(_todo(cfg, {})) - len(todo), "best": record["best"],
-            "reference_count": record["reference"]["count"], "seconds": record["seconds"],
-            "written": list(FILES)}  # fmt: skip
+    return {
+        "out": cfg.out,
+        "cells": len(cells),
+        "cells_run": len(todo),
+        "cells_skipped": len(_todo(cfg, {})) - len(todo),
+        "best": record["best"],
+        "reference_count": record["reference"]["count"],
+        "seconds": record["seconds"],
+        "written": list(FILES),
+    }

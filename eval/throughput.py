@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import torch
 
-from flatdino.models.dit import LightningDiT, dit_preset
+from ..models.dit import LightningDiT, dit_preset
 
 SHAPES = {"FlatDINO": (32, 128), "RAE": (256, 768)}  # latent (tokens, dim)
 
@@ -35,8 +35,9 @@ def forward_rate(
     return runs * batch / (time.perf_counter() - tic)
 
 
-def throughput(preset: str, batches: list[int], device: str = "cpu", dtype: str = "fp32",
-               seconds: float = 2.0) -> list[dict]:  # fmt: skip
+def throughput(
+    preset: str, batches: list[int], device: str = "cpu", dtype: str = "fp32", seconds: float = 2.0
+) -> list[dict]:
     """One row per (latent, batch): samples/s of forward passes."""
     dev = torch.device(device)
     rows = []
@@ -45,9 +46,17 @@ def throughput(preset: str, batches: list[int], device: str = "cpu", dtype: str 
             torch.manual_seed(0)
             model = LightningDiT(dit_preset(preset, tokens=tokens, latent_dim=dim)).to(dev).eval()
         for b in batches:
-            rows.append({"preset": preset, "latent": latent, "tokens": tokens, "batch": b,
-                         "samples_per_s": forward_rate(model, b, dev, dtype, seconds),
-                         "device": device, "dtype": dtype})  # fmt: skip
+            rows.append(
+                {
+                    "preset": preset,
+                    "latent": latent,
+                    "tokens": tokens,
+                    "batch": b,
+                    "samples_per_s": forward_rate(model, b, dev, dtype, seconds),
+                    "device": device,
+                    "dtype": dtype,
+                }
+            )
         del model
     return rows
 
@@ -59,8 +68,12 @@ def plot_throughput(rows: list[dict], path: str) -> None:
     ax = fig.subplots()
     for latent in SHAPES:
         mine = [r for r in rows if r["latent"] == latent]
-        ax.plot([r["batch"] for r in mine], [r["samples_per_s"] for r in mine], marker="o",
-                label=f"{latent} ({mine[0]['tokens']} tokens)")  # fmt: skip
+        ax.plot(
+            [r["batch"] for r in mine],
+            [r["samples_per_s"] for r in mine],
+            marker="o",
+            label=f"{latent} ({mine[0]['tokens']} tokens)",
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")

@@ -31,8 +31,13 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (x.dim() - 1)))
 
 
-def sample_time(batch: int, device: torch.device, kappa: float, dist: str = "uniform",
-                generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def sample_time(
+    batch: int,
+    device: torch.device,
+    kappa: float,
+    dist: str = "uniform",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """t ~ U(0, 1) (or logit-normal(0, 1)), then shifted by κ."""
     if dist == "logit-normal":
         t = torch.sigmoid(torch.randn(batch, device=device, generator=generator))
@@ -42,9 +47,14 @@ def sample_time(batch: int, device: torch.device, kappa: float, dist: str = "uni
 
 
 def flow_loss(
-    model: Callable, x1: torch.Tensor, y: torch.Tensor, kappa: float = 3.0, class_dropout: float = 0.1,
-    null_class: int = 1000, time_dist: str = "uniform",
-) -> torch.Tensor:  # fmt: skip
+    model: Callable,
+    x1: torch.Tensor,
+    y: torch.Tensor,
+    kappa: float = 3.0,
+    class_dropout: float = 0.1,
+    null_class: int = 1000,
+    time_dist: str = "uniform",
+) -> torch.Tensor:
     """MSE between the predicted and the true velocity at a random time; labels dropped to null."""
     B = x1.shape[0]
     t = sample_time(B, x1.device, kappa, time_dist)
@@ -60,9 +70,14 @@ SAMPLERS = ("euler", "heun")  # first order; second order (SiT's "heun2", EDM's 
 
 
 def _velocity_field(
-    model: Callable, y: torch.Tensor, cfg: float, cfg_interval: tuple[float, float],
-    null_class: int, autocast: torch.dtype | None, guide: Callable | None,
-) -> Callable:  # fmt: skip
+    model: Callable,
+    y: torch.Tensor,
+    cfg: float,
+    cfg_interval: tuple[float, float],
+    null_class: int,
+    autocast: torch.dtype | None,
+    guide: Callable | None,
+) -> Callable:
     """v(x, t, time): the guided velocity at state x and time t (a 0-dim tensor on x's device),
     `time` being t's host copy for the interval test. Every network call runs under autocast and
     returns float32."""
@@ -89,10 +104,18 @@ def _velocity_field(
 
 @torch.no_grad()
 def flow_sample(
-    model: Callable, x0: torch.Tensor, y: torch.Tensor, steps: int = 50, kappa: float = 3.0,
-    cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), null_class: int = 1000,
-    autocast: torch.dtype | None = None, sampler: str = "euler", guide: Callable | None = None,
-) -> torch.Tensor:  # fmt: skip
+    model: Callable,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 50,
+    kappa: float = 3.0,
+    cfg: float = 1.0,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
+    null_class: int = 1000,
+    autocast: torch.dtype | None = None,
+    sampler: str = "euler",
+    guide: Callable | None = None,
+) -> torch.Tensor:
     """Integrate dx/dt = v from t = 0 (noise x0) to t = 1 on the κ-shifted grid t_0 .. t_steps.
 
     Args:
@@ -126,10 +149,16 @@ def flow_sample(
 
 @torch.no_grad()
 def euler_sample(
-    model: Callable, x0: torch.Tensor, y: torch.Tensor, steps: int = 50, kappa: float = 3.0,
-    cfg: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), null_class: int = 1000,
+    model: Callable,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 50,
+    kappa: float = 3.0,
+    cfg: float = 1.0,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
+    null_class: int = 1000,
     autocast: torch.dtype | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """`flow_sample` with the Euler sampler and classifier-free guidance."""
     return flow_sample(model, x0, y, steps, kappa, cfg, cfg_interval, null_class, autocast)
 

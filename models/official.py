@@ -154,17 +154,25 @@ def vae_config_from_official(cfg: Mapping) -> VAEConfig:
     try:
         enc, dec = cfg["encoder"], cfg["decoder"]
         et, dt = enc["transformer"], dec["transformer"]
-        for key, allowed in (("encoder_disposable_registers", (0,)),
-                             ("decoder_disposable_registers", (0,)), ("tanh", (False,)),
-                             ("intermediate_layer", (None,))):  # fmt: skip
+        for key, allowed in (
+            ("encoder_disposable_registers", (0,)),
+            ("decoder_disposable_registers", (0,)),
+            ("tanh", (False,)),
+            ("intermediate_layer", (None,)),
+        ):
             _require(cfg, key, allowed, "VAE")
         for part, vit in (("encoder", enc), ("decoder", dec)):
             _require(vit, "patch", (None,), f"VAE {part}")
             _require(vit, "use_cls", (False,), f"VAE {part}")
             t = vit["transformer"]
-            for key, allowed in (("mlp_type", ("swiglu",)), ("norm_type", ("ln",)),
-                                 ("qk_norm", (True,)), ("qkv_bias", (True,)),
-                                 ("mlp_bias", (True,)), ("head_dim", (None,))):  # fmt: skip
+            for key, allowed in (
+                ("mlp_type", ("swiglu",)),
+                ("norm_type", ("ln",)),
+                ("qk_norm", (True,)),
+                ("qkv_bias", (True,)),
+                ("mlp_bias", (True,)),
+                ("head_dim", (None,)),
+            ):
                 _require(t, key, allowed, f"VAE {part}")
         _require(enc, "use_pos_embeds", (False,), "VAE encoder")
         _require(dec, "use_pos_embeds", (True,), "VAE decoder")
@@ -177,11 +185,19 @@ def vae_config_from_official(cfg: Mapping) -> VAEConfig:
             )
         out_dim = enc["output_dim"] or et["embed_dim"]  # None: no projection, mu | logvar of D
         return VAEConfig(
-            in_dim=enc["input_dim"] or et["embed_dim"], num_patches=dec["num_registers"],
-            tokens=enc["num_registers"], latent_dim=out_dim // 2, enc_dim=et["embed_dim"], enc_depth=et["num_layers"],
-            enc_heads=et["num_heads"], dec_dim=dt["embed_dim"], dec_depth=dt["num_layers"],
-            dec_heads=dt["num_heads"], mlp_ratio=ratios.pop(), init="official",
-        )  # fmt: skip
+            in_dim=enc["input_dim"] or et["embed_dim"],
+            num_patches=dec["num_registers"],
+            tokens=enc["num_registers"],
+            latent_dim=out_dim // 2,
+            enc_dim=et["embed_dim"],
+            enc_depth=et["num_layers"],
+            enc_heads=et["num_heads"],
+            dec_dim=dt["embed_dim"],
+            dec_depth=dt["num_layers"],
+            dec_heads=dt["num_heads"],
+            mlp_ratio=ratios.pop(),
+            init="official",
+        )
     except (KeyError, TypeError) as e:
         raise OfficialFormatError(f"the config is not an official FlatDinoConfig (no {e})") from e
 
@@ -197,13 +213,16 @@ def vae_shapes(tree: Tree) -> dict:
             tree.get("decoder/input_proj/kernel"),
         )
         return {
-            "in_dim": enc_dim if enc_in is None else enc_in.shape[0], "enc_dim": enc_dim,
+            "in_dim": enc_dim if enc_in is None else enc_in.shape[0],
+            "enc_dim": enc_dim,
             "tokens": tree["encoder/reg_tokens"].shape[1],
-            "latent_dim": dec_dim if dec_in is None else dec_in.shape[0], "dec_dim": dec_dim,
+            "latent_dim": dec_dim if dec_in is None else dec_in.shape[0],
+            "dec_dim": dec_dim,
             "num_patches": tree["decoder/reg_tokens"].shape[1],
-            "enc_depth": _blocks(tree, "encoder/"), "dec_depth": _blocks(tree, "decoder/"),
+            "enc_depth": _blocks(tree, "encoder/"),
+            "dec_depth": _blocks(tree, "decoder/"),
             "mlp_ratio": tree["encoder/blocks/0/mlp/up_proj/kernel"].shape[1] / enc_dim,
-        }  # fmt: skip
+        }
     except KeyError as e:
         raise OfficialFormatError(f"not an official FlatDINO VAE (no {e.args[0]!r})") from e
 
@@ -228,8 +247,10 @@ def _describe(found: dict) -> str:
 def convert_vae(tree: Tree, cfg: VAEConfig) -> dict[str, torch.Tensor]:
     """Official `encoder/...` + `decoder/...` tree -> a FlatDinoVAE state dict."""
     r, out = _Reader(tree, "the official VAE"), {}
-    widths = {"encoder": (cfg.in_dim, cfg.enc_dim, 2 * cfg.latent_dim),
-              "decoder": (cfg.latent_dim, cfg.dec_dim, cfg.in_dim)}  # fmt: skip
+    widths = {
+        "encoder": (cfg.in_dim, cfg.enc_dim, 2 * cfg.latent_dim),
+        "decoder": (cfg.latent_dim, cfg.dec_dim, cfg.in_dim),
+    }
     out["encoder.latent_tokens"] = r.get("encoder/reg_tokens")
     for part, depth in (("encoder", cfg.enc_depth), ("decoder", cfg.dec_depth)):
         w_in, width, w_out = widths[part]
@@ -261,8 +282,11 @@ def dit_flow_from_official(cfg: Mapping) -> dict:
     base = cfg.get("time_dist_shift_base")
     if kappa is None:
         kappa = math.sqrt(dit["num_patches"] * dit["in_channels"] / base) if base else 1.0
-    return {"kappa": float(kappa), "class_dropout": float(dit.get("class_dropout_prob", 0.0)),
-            "normalize": bool(cfg.get("use_latent_norm", False))}  # fmt: skip
+    return {
+        "kappa": float(kappa),
+        "class_dropout": float(dit.get("class_dropout_prob", 0.0)),
+        "normalize": bool(cfg.get("use_latent_norm", False)),
+    }
 
 
 def dit_config_from_official(cfg: Mapping) -> DiTConfig:
@@ -272,13 +296,23 @@ def dit_config_from_official(cfg: Mapping) -> DiTConfig:
         _require(cfg, "pred_type", ("v",), "generator")
         dit = cfg["dit"]
         t = dit["transformer"]
-        for key, allowed in (("patch_embed", (None,)), ("num_registers", (0,)),
-                             ("wo_shift", (False,)), ("learn_sigma", (False,)),
-                             ("use_rope", (True,)), ("in_cls_dim", (None,))):  # fmt: skip
+        for key, allowed in (
+            ("patch_embed", (None,)),
+            ("num_registers", (0,)),
+            ("wo_shift", (False,)),
+            ("learn_sigma", (False,)),
+            ("use_rope", (True,)),
+            ("in_cls_dim", (None,)),
+        ):
             _require(dit, key, allowed, "generator")
-        for key, allowed in (("mlp_type", ("swiglu",)), ("norm_type", ("rms",)),
-                             ("qk_norm", (False,)), ("qkv_bias", (True,)), ("mlp_bias", (True,)),
-                             ("head_dim", (None,))):  # fmt: skip
+        for key, allowed in (
+            ("mlp_type", ("swiglu",)),
+            ("norm_type", ("rms",)),
+            ("qk_norm", (False,)),
+            ("qkv_bias", (True,)),
+            ("mlp_bias", (True,)),
+            ("head_dim", (None,)),
+        ):
             _require(t, key, allowed, "generator")
         if not dit.get("class_dropout_prob"):
             raise OfficialFormatError(
@@ -286,10 +320,16 @@ def dit_config_from_official(cfg: Mapping) -> DiTConfig:
                 "row, and flatdino's DiT always has one"
             )
         dim = t["embed_dim"]
-        return DiTConfig(tokens=dit["num_patches"], latent_dim=dit["in_channels"], dim=dim,
-                         depth=t["num_layers"], heads=t["num_heads"],
-                         mlp_hidden_ratio=_ratio(t["mlp_hidden_dim"], dim),
-                         num_classes=dit["num_classes"], init="official")  # fmt: skip
+        return DiTConfig(
+            tokens=dit["num_patches"],
+            latent_dim=dit["in_channels"],
+            dim=dim,
+            depth=t["num_layers"],
+            heads=t["num_heads"],
+            mlp_hidden_ratio=_ratio(t["mlp_hidden_dim"], dim),
+            num_classes=dit["num_classes"],
+            init="official",
+        )
     except (KeyError, TypeError) as e:
         raise OfficialFormatError(f"the config is not an official GeneratorConfig (no {e})") from e
 
@@ -303,11 +343,13 @@ def dit_shapes(tree: Tree) -> dict:
     try:
         latent_dim, dim = tree["x_embedder/kernel"].shape
         return {
-            "tokens": tree["pos_embed"].shape[-2], "latent_dim": latent_dim, "dim": dim,
+            "tokens": tree["pos_embed"].shape[-2],
+            "latent_dim": latent_dim,
+            "dim": dim,
             "depth": _blocks(tree, ""),
             "num_classes": tree["y_embedder/embedding_table/embedding"].shape[0] - 1,
             "mlp_hidden": tree["blocks/0/mlp/up_proj/kernel"].shape[1],
-        }  # fmt: skip
+        }
     except KeyError as e:
         raise OfficialFormatError(f"not an official LightningDiT (no {e.args[0]!r})") from e
 
@@ -349,8 +391,10 @@ def convert_dit(tree: Tree, cfg: DiTConfig) -> tuple[dict[str, torch.Tensor], di
     stats = None
     if "latent_mean" in tree or "latent_std" in tree:
         shape = (cfg.tokens, cfg.latent_dim)
-        stats = {k: torch.from_numpy(np.broadcast_to(r.get(f"latent_{k}"), shape).copy())
-                 for k in ("mean", "std")}  # fmt: skip
+        stats = {
+            k: torch.from_numpy(np.broadcast_to(r.get(f"latent_{k}"), shape).copy())
+            for k in ("mean", "std")
+        }
     r.check_all_used()
     state = _to_torch(out)
     with torch.device("meta"):

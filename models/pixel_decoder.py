@@ -85,8 +85,10 @@ class _Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         a = self.attention
-        q, k, v = (p(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)
-                   for p in (a.query, a.key, a.value))  # fmt: skip
+        q, k, v = (
+            p(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)
+            for p in (a.query, a.key, a.value)
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
         return self.output.dense(out.transpose(1, 2).reshape(B, N, D))
 

@@ -69,7 +69,7 @@ VAE_PRESETS: dict[str, VAEConfig] = {
         dec_depth=2,
         dec_heads=2,
         init="toy",
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -111,7 +111,7 @@ def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential
                 mlp_layer=SwiGLU,
             )
             for _ in range(depth)
-        ]  # fmt: skip
+        ]
     )
     for block in blocks:
         block.attn.q_norm = nn.LayerNorm(dim // heads, eps=EPS, bias=False)
@@ -232,9 +232,14 @@ class FlatDinoVAE(nn.Module):
 
 
 def vae_loss(
-    x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float,
-    recon: str = "mse", reduce_over: int | None = None,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: float,
+    recon: str = "mse",
+    reduce_over: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Reconstruction (per element) + β · KL(q(z|x) || N(0, I)) (summed over T·d, per sample).
 
     `reduce_over`: divide per-sample sums by this many samples instead of the batch size, so that

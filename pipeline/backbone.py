@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from flatdino.models.dinov2 import (
+from ..models.dinov2 import (
     BACKBONES,
     BackboneSpec,
     DinoPatchFeatures,
@@ -21,7 +21,6 @@ from flatdino.models.dinov2 import (
     hf_to_dinov2,
     state_sha256,
 )
-
 from .errors import WeightsError
 
 HUB_HINT = (

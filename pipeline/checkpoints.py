@@ -11,16 +11,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from flatdino.models.dit import DiTConfig, LightningDiT
-from flatdino.models.flow import LatentNorm
-from flatdino.models.pixel_decoder import (
+from ..models.dit import DiTConfig, LightningDiT
+from ..models.flow import LatentNorm
+from ..models.pixel_decoder import (
     PIXEL_DECODER_PRESETS,
     PixelDecoder,
     PixelDecoderConfig,
     pixel_decoder_preset,
 )
-from flatdino.models.vae import FlatDinoVAE, VAEConfig
-
+from ..models.vae import FlatDinoVAE, VAEConfig
 from .errors import FlatDinoError, WeightsError
 
 

@@ -127,22 +127,40 @@ def encode_latents(cfg: EncodeConfig) -> dict:
     sha = vae_sha256(ckpt)
     fp = _fingerprint(cfg, features, vae_cfg, sha)
     layout = LatentStore.layout(
-        features, vae_cfg["tokens"], vae_cfg["latent_dim"], cfg.dtype, cfg.save_logvar,
-        {"fingerprint": fp, "vae_checkpoint": str(ckpt.resolve()), "config": asdict(cfg),
-         "package_version": package_version()},
-    )  # fmt: skip
+        features,
+        vae_cfg["tokens"],
+        vae_cfg["latent_dim"],
+        cfg.dtype,
+        cfg.save_logvar,
+        {
+            "fingerprint": fp,
+            "vae_checkpoint": str(ckpt.resolve()),
+            "config": asdict(cfg),
+            "package_version": package_version(),
+        },
+    )
     store = open_or_create(LatentStore, cfg.out, fp, cfg.overwrite, layout)
     todo = store.todo()
     job = ShardJob(read_shard, lambda s: (features.path, s), ShardEncoder, (cfg, str(ckpt), sha))
     placement = Placement(cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address)
     start, images = time.perf_counter(), 0
-    with tqdm(total=features.num_images, initial=features.num_images - sum(s.stop - s.start for s in todo),
-              unit="img", desc="encode-latents", disable=not cfg.progress) as bar:  # fmt: skip
+    with tqdm(
+        total=features.num_images,
+        initial=features.num_images - sum(s.stop - s.start for s in todo),
+        unit="img",
+        desc="encode-latents",
+        disable=not cfg.progress,
+    ) as bar:
         for _, n, _ in run_shards(job, todo, placement) if todo else ():
             images += n
             bar.update(n)
     if not store.attrs.get("complete"):
         store.finalize()
     seconds = time.perf_counter() - start
-    return {"store": cfg.out, "images": features.num_images, "shards_run": len(todo),
-            "images_run": images, "seconds": seconds}  # fmt: skip
+    return {
+        "store": cfg.out,
+        "images": features.num_images,
+        "shards_run": len(todo),
+        "images_run": images,
+        "seconds": seconds,
+    }

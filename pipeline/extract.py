@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flatdino.models.dinov2 import BACKBONES, DinoPatchFeatures
-
+from ..models.dinov2 import BACKBONES, DinoPatchFeatures
 from .backbone import load_backbone
 from .engine import Placement, ShardJob, run_shards
 from .env import package_version, resolve_device
@@ -120,9 +119,14 @@ def decode_shard(
 
 @torch.inference_mode()
 def embed_views(
-    model: DinoPatchFeatures, crops: np.ndarray, indices: np.ndarray, recipe: ViewRecipe,
-    batch_size: int, dtype: torch.dtype, device: torch.device,
-) -> np.ndarray:  # fmt: skip
+    model: DinoPatchFeatures,
+    crops: np.ndarray,
+    indices: np.ndarray,
+    recipe: ViewRecipe,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> np.ndarray:
     """(n, S, S, 3) uint8 crops -> (n, V, P, C) float16 features of their views.
 
     Views are made on `device` one backbone batch at a time, so memory holds one batch of float32
@@ -168,11 +172,17 @@ class ShardEmbedder:
         feats = np.zeros((n, *self.store.features.shape[1:]), np.float16)
         if len(decoded.crops):
             feats[decoded.valid] = embed_views(
-                self.model, decoded.crops, decoded.indices, decoded.recipe, self.cfg.batch_size,
-                DTYPES[self.cfg.dtype], self.device,
-            )  # fmt: skip
-        check_finite(feats, shard, "the backbone's float16 features",
-                     "check --weights, or use --dtype fp32")  # fmt: skip
+                self.model,
+                decoded.crops,
+                decoded.indices,
+                decoded.recipe,
+                self.cfg.batch_size,
+                DTYPES[self.cfg.dtype],
+                self.device,
+            )
+        check_finite(
+            feats, shard, "the backbone's float16 features", "check --weights, or use --dtype fp32"
+        )
         self.store.write_shard(shard, feats, decoded.valid, decoded.errors)
         return shard.index, n, decoded.errors
 
@@ -187,12 +197,16 @@ def fingerprint(cfg: ExtractConfig, source: ImageSource, recipe: ViewRecipe, sha
         "weights_sha256": sha,
         "dtype": cfg.dtype,
         "preprocessing": recipe.to_dict(),
-        "input": {"kind": source.kind, "split": source.split, "images": len(source),
-                  "sha256": source.fingerprint()},
+        "input": {
+            "kind": source.kind,
+            "split": source.split,
+            "images": len(source),
+            "sha256": source.fingerprint(),
+        },
         "batch_size": cfg.batch_size,  # CPU matmuls round differently for other batch shapes
         "shard_size": cfg.shard_size,
         "chunk_rows": cfg.chunk_rows,
-    }  # fmt: skip
+    }
     return json.loads(json.dumps(fp))  # the form it takes after a round trip through zarr.json
 
 
@@ -227,12 +241,14 @@ def validate(cfg: ExtractConfig) -> None:
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.workers >= 1, "--workers must be >= 1"),
         (cfg.decode_per_cpu >= 1, "--decode-tasks-per-cpu must be >= 1"),
-        (cfg.chunk_rows >= 1 and cfg.shard_size % cfg.chunk_rows == 0,
-         f"--shard-size must be a positive multiple of {cfg.chunk_rows} (chunk rows)"),
+        (
+            cfg.chunk_rows >= 1 and cfg.shard_size % cfg.chunk_rows == 0,
+            f"--shard-size must be a positive multiple of {cfg.chunk_rows} (chunk rows)",
+        ),
         (cfg.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}"),
         (cfg.backend in ("ray", "local"), "--backend must be ray or local"),
         (0.0 <= cfg.max_failed_fraction <= 1.0, "--max-failed-fraction must be in [0, 1]"),
-    ]  # fmt: skip
+    ]
     for ok, message in checks:
         if not ok:
             raise FlatDinoError(message)
@@ -250,23 +266,34 @@ def decode_job(
 
 
 def _run_with_progress(
-    cfg: ExtractConfig, source: ImageSource, todo: list[Shard], recipe: ViewRecipe, sha: str,
+    cfg: ExtractConfig,
+    source: ImageSource,
+    todo: list[Shard],
+    recipe: ViewRecipe,
+    sha: str,
     summary: ExtractSummary,
-) -> None:  # fmt: skip
+) -> None:
     """Run the backend over `todo` with a progress bar, filling in the summary's counters."""
     job = decode_job(source, recipe, ShardEmbedder, (cfg, sha))
     placement = Placement(
-        cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address, cfg.torch_threads,
+        cfg.backend,
+        cfg.workers,
+        cfg.num_gpus_per_worker,
+        cfg.ray_address,
+        cfg.torch_threads,
         cfg.decode_per_cpu,
-    )  # fmt: skip
+    )
     remaining = sum(s.stop - s.start for s in todo)
     total = summary.images
     start = time.perf_counter()
     first_done, steady_images = None, 0
     with tqdm(
-        total=total, initial=total - remaining, unit="img", desc="extract-features",
+        total=total,
+        initial=total - remaining,
+        unit="img",
+        desc="extract-features",
         disable=not cfg.progress,
-    ) as bar:  # fmt: skip
+    ) as bar:
         for _, n, errors in run_shards(job, todo, placement):
             summary.images_run += n
             summary.failed += len(errors)

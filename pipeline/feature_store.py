@@ -115,9 +115,15 @@ class FeatureStore(ShardedStore):
 
     @staticmethod
     def layout(
-        *, shape: tuple[int, int, int, int], labels: np.ndarray, paths: list[str],
-        class_names: list[str], shard_size: int, chunk_rows: int, attrs: dict,
-    ) -> Callable[[zarr.Group, Location], None]:  # fmt: skip
+        *,
+        shape: tuple[int, int, int, int],
+        labels: np.ndarray,
+        paths: list[str],
+        class_names: list[str],
+        shard_size: int,
+        chunk_rows: int,
+        attrs: dict,
+    ) -> Callable[[zarr.Group, Location], None]:
         """The `build` of an empty store (all shards pending), for `store.open_or_create`."""
         if shard_size % chunk_rows:
             raise FlatDinoError(
@@ -127,10 +133,14 @@ class FeatureStore(ShardedStore):
         def build(group: zarr.Group, location: Location) -> None:
             n, v, p, c = shape
             group.create_array(
-                "features", shape=shape, shards=(shard_size, v, p, c), chunks=(chunk_rows, 1, p, c),
-                dtype="float16", fill_value=0,
+                "features",
+                shape=shape,
+                shards=(shard_size, v, p, c),
+                chunks=(chunk_rows, 1, p, c),
+                dtype="float16",
+                fill_value=0,
                 compressors=None,  # float16 activations barely compress; spend no CPU on it
-            )  # fmt: skip
+            )
             # labels are written once, here, by one process: large chunks (few files) are safe
             label_chunk = max(1, min(n, LABEL_CHUNK))
             group.create_array(
@@ -145,10 +155,17 @@ class FeatureStore(ShardedStore):
             )
             group["labels"][:] = labels.astype(np.int32)
             write_parquet(location, MANIFEST, _pending_manifest(labels, paths, class_names))
-            group.attrs.update({
-                "kind": KIND, "format_version": FORMAT_VERSION, "shard_size": shard_size,
-                "class_names": list(class_names), "created": utc_now(), "complete": False, **attrs,
-            })  # fmt: skip
+            group.attrs.update(
+                {
+                    "kind": KIND,
+                    "format_version": FORMAT_VERSION,
+                    "shard_size": shard_size,
+                    "class_names": list(class_names),
+                    "created": utc_now(),
+                    "complete": False,
+                    **attrs,
+                }
+            )
 
         return build
 

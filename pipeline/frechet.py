@@ -17,8 +17,9 @@ from .store import row_block
 log = logging.getLogger(__name__)
 
 
-def frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
-                     eps: float = 1e-6) -> float:  # fmt: skip
+def frechet_distance(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], eps: float = 1e-6
+) -> float:
     """‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½), all in float64 (Heusel et al. 2017).
 
     The standard fix for a near-singular product (as pytorch-fid and the ADM evaluator): when the

@@ -98,9 +98,12 @@ class LatentStore(ShardedStore):
             size = features.shard_size
             for name in ("mu", "logvar") if save_logvar else ("mu",):
                 group.create_array(
-                    name, shape=(n, v, tokens, dim), chunks=(size, v, tokens, dim), dtype=dtype,
+                    name,
+                    shape=(n, v, tokens, dim),
+                    chunks=(size, v, tokens, dim),
+                    dtype=dtype,
                     fill_value=0,
-                )  # fmt: skip
+                )
             group.create_array("labels", shape=(n,), chunks=(max(1, n),), dtype="int32")
             group.create_array("valid", shape=(n,), chunks=(max(1, n),), dtype="bool")
             group.create_array(
@@ -108,10 +111,17 @@ class LatentStore(ShardedStore):
             )
             group["labels"][:] = features.group["labels"][:]
             group["valid"][:] = features.group["valid"][:]
-            group.attrs.update({
-                "kind": KIND, "format_version": FORMAT_VERSION, "shard_size": size,
-                "features_store": features.location.identity(), "class_names": features.class_names,
-                "complete": False, "created": utc_now(), **attrs,
-            })  # fmt: skip
+            group.attrs.update(
+                {
+                    "kind": KIND,
+                    "format_version": FORMAT_VERSION,
+                    "shard_size": size,
+                    "features_store": features.location.identity(),
+                    "class_names": features.class_names,
+                    "complete": False,
+                    "created": utc_now(),
+                    **attrs,
+                }
+            )
 
         return build

@@ -66,8 +66,11 @@ def plan_epoch(
         np.flatnonzero(valid[b * block_rows : (b + 1) * block_rows]) + b * block_rows
         for b in blocks
     ]
-    rows = _shuffle_buffer(np.concatenate(stream) if stream else np.zeros(0, np.int64), cfg.shuffle_buffer,
-                           np.random.default_rng([cfg.seed, epoch, 2, cfg.rank]))  # fmt: skip
+    rows = _shuffle_buffer(
+        np.concatenate(stream) if stream else np.zeros(0, np.int64),
+        cfg.shuffle_buffer,
+        np.random.default_rng([cfg.seed, epoch, 2, cfg.rank]),
+    )
     batches = [rows[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps)]
     return EpochPlan(batches, views, blocks)
 
@@ -91,9 +94,14 @@ class _BlockReader(IterableDataset):
     """Yields (rows, features[rows, view]) per block; worker w reads blocks w, w + W, ..."""
 
     def __init__(
-        self, path: str, blocks: np.ndarray, block_rows: int, needed: np.ndarray, views: np.ndarray,
+        self,
+        path: str,
+        blocks: np.ndarray,
+        block_rows: int,
+        needed: np.ndarray,
+        views: np.ndarray,
         per_view: bool = False,
-    ):  # fmt: skip
+    ):
         self.path, self.blocks, self.block_rows = path, blocks, block_rows
         self.needed, self.views = needed, views  # needed: (N,) bool, rows still to deliver
         self.per_view = per_view  # the store reads one view of a row alone (format 2)
@@ -262,8 +270,12 @@ class LatentBatches:
         block = row_block(mu)
         first, last = (rows[0] // block, rows[-1] // block + 1) if len(rows) else (0, 0)
         at = 0
-        for lo in tqdm(range(first * block, last * block, block), desc="load latents",
-                       unit="chunk", disable=not progress):  # fmt: skip
+        for lo in tqdm(
+            range(first * block, last * block, block),
+            desc="load latents",
+            unit="chunk",
+            disable=not progress,
+        ):
             mine = rows[(rows >= lo) & (rows < lo + block)]
             if len(mine):
                 chunk = mu[lo : lo + block]  # whole chunk

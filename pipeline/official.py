@@ -21,9 +21,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from flatdino.models.dit import DIT_PRESETS, count_dit_parameters
-from flatdino.models.flow import LatentNorm
-from flatdino.models.official import (
+from ..models.dit import DIT_PRESETS, count_dit_parameters
+from ..models.flow import LatentNorm
+from ..models.official import (
     OfficialFormatError,
     convert_dit,
     convert_vae,
@@ -34,8 +34,7 @@ from flatdino.models.official import (
     vae_config_from_official,
     vae_config_from_shapes,
 )
-from flatdino.models.vae import VAE_PRESETS, count_parameters
-
+from ..models.vae import VAE_PRESETS, count_parameters
 from .checkpoints import resolve_vae
 from .errors import FlatDinoError
 
@@ -68,13 +67,17 @@ def _orbax():
 def step_folder(path: Path, step: int | None) -> Path:
     """The folder that holds the items: PATH itself, or PATH/STEP (the latest or --step)."""
     if not path.is_dir():
-        raise FlatDinoError(f"checkpoint {str(path)!r} is not a folder; pass an official orbax "
-                            "checkpoint folder (ROOT or ROOT/STEP)")  # fmt: skip
+        raise FlatDinoError(
+            f"checkpoint {str(path)!r} is not a folder; pass an official orbax "
+            "checkpoint folder (ROOT or ROOT/STEP)"
+        )
     steps = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
     if step is not None:
         if step not in steps:
-            raise FlatDinoError(f"checkpoint {str(path)!r} has no step {step}; it has "
-                                f"{steps or 'no numbered steps'}")  # fmt: skip
+            raise FlatDinoError(
+                f"checkpoint {str(path)!r} has no step {step}; it has "
+                f"{steps or 'no numbered steps'}"
+            )
         return path / str(step)
     if _items(path):
         return path
@@ -110,8 +113,10 @@ def read_item(folder: Path, item: str) -> dict:
             warnings.simplefilter("ignore", UserWarning)
             tree = ocp.PyTreeCheckpointer().restore((folder / item).absolute())
     except Exception as e:  # orbax raises many types for a damaged or foreign item
-        raise FlatDinoError(f"{str(folder / item)!r} is not a readable orbax item "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e  # fmt: skip
+        raise FlatDinoError(
+            f"{str(folder / item)!r} is not a readable orbax item "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
     return flatten(tree)
 
 
@@ -121,8 +126,10 @@ def _write_folder(out: Path, files: dict, overwrite: bool) -> None:
         if not overwrite:
             raise FlatDinoError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
         if not (out / MARKER).exists():
-            raise FlatDinoError(f"--out {str(out)!r} is not a folder of `flatdino import-official` "
-                                "(no official.json); refusing to delete it")  # fmt: skip
+            raise FlatDinoError(
+                f"--out {str(out)!r} is not a folder of `flatdino import-official` "
+                "(no official.json); refusing to delete it"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -176,15 +183,22 @@ def _import_vae(cfg: ImportConfig, folder: Path, official: dict | None, source: 
     state = convert_vae(tree, model_cfg)
     params = count_parameters(model_cfg)
     summary = {"kind": "vae", "preset": preset, "parameters": params, **source}
-    _write_folder(Path(cfg.out), {"model.safetensors": state,
-                                  "config.json": json.dumps(model_cfg.to_dict(), indent=2),
-                                  MARKER: json.dumps(summary, indent=2)}, cfg.overwrite)  # fmt: skip
+    _write_folder(
+        Path(cfg.out),
+        {
+            "model.safetensors": state,
+            "config.json": json.dumps(model_cfg.to_dict(), indent=2),
+            MARKER: json.dumps(summary, indent=2),
+        },
+        cfg.overwrite,
+    )
     log.info("imported the official VAE (%.1fM parameters) into %s", params["total"] / 1e6, cfg.out)
     return summary
 
 
-def _import_dit(cfg: ImportConfig, folder: Path, official: dict | None, source: dict,
-                items: set[str]) -> dict:  # fmt: skip
+def _import_dit(
+    cfg: ImportConfig, folder: Path, official: dict | None, source: dict, items: set[str]
+) -> dict:
     trees = {item: read_item(folder, item) for item in DIT_ITEMS if item in items}
     first = next(iter(trees.values()))
     if official is not None:
@@ -200,19 +214,35 @@ def _import_dit(cfg: ImportConfig, folder: Path, official: dict | None, source: 
     ema, _ = states.get("model_ema", (raw, stats))
     if "model_ema" not in states:
         log.warning("the checkpoint has no model_ema item: ema.safetensors holds the raw weights")
-    norm = LatentNorm(stats["mean"], stats["std"]) if stats else LatentNorm.identity(
-        model_cfg.tokens, model_cfg.latent_dim)  # fmt: skip
+    norm = (
+        LatentNorm(stats["mean"], stats["std"])
+        if stats
+        else LatentNorm.identity(model_cfg.tokens, model_cfg.latent_dim)
+    )
     vae = str(resolve_vae(cfg.vae).resolve()) if cfg.vae else None
-    flow_json = {**flow, "time_dist": "uniform", "views": None, "latents": None,
-                 "latents_fingerprint": None, "vae_checkpoint": vae, "class_names": None,
-                 "official": source}  # fmt: skip
+    flow_json = {
+        **flow,
+        "time_dist": "uniform",
+        "views": None,
+        "latents": None,
+        "latents_fingerprint": None,
+        "vae_checkpoint": vae,
+        "class_names": None,
+        "official": source,
+    }
     params = count_dit_parameters(model_cfg)
     summary = {"kind": "dit", "preset": preset, "parameters": params, "flow": flow, **source}
-    _write_folder(Path(cfg.out), {
-        "model.safetensors": raw, "ema.safetensors": ema,
-        "latent_stats.safetensors": {"mean": norm.mean, "std": norm.std},
-        "config.json": json.dumps(model_cfg.to_dict(), indent=2),
-        "flow.json": json.dumps(flow_json, indent=2), MARKER: json.dumps(summary, indent=2),
-    }, cfg.overwrite)  # fmt: skip
+    _write_folder(
+        Path(cfg.out),
+        {
+            "model.safetensors": raw,
+            "ema.safetensors": ema,
+            "latent_stats.safetensors": {"mean": norm.mean, "std": norm.std},
+            "config.json": json.dumps(model_cfg.to_dict(), indent=2),
+            "flow.json": json.dumps(flow_json, indent=2),
+            MARKER: json.dumps(summary, indent=2),
+        },
+        cfg.overwrite,
+    )
     log.info("imported the official generator (%.1fM parameters) into %s", params / 1e6, cfg.out)
     return summary

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flatdino.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+from ..models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
 MAX_PIXELS = 16_384 * 16_384  # larger images are refused (marked invalid), not decoded into RAM
 
@@ -96,9 +96,11 @@ def _random_crop_box(rng: np.random.Generator, size: int, recipe: ViewRecipe) ->
 
 
 def views_from_crops(
-    crops: torch.Tensor, indices: Sequence[int], recipe: ViewRecipe,
+    crops: torch.Tensor,
+    indices: Sequence[int],
+    recipe: ViewRecipe,
     device: torch.device | str | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """(n, S, S, 3) uint8 crops of images `indices` -> (n, V, 3, 224, 224) float32 normalised views.
 
     Runs on `device` (default: the crops'), so a GPU worker makes its own views from uint8 crops

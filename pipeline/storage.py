@@ -28,8 +28,15 @@ from zarr.core.sync import collect_aiterator, sync
 from .errors import FlatDinoError
 
 # URL schemes obstore's `from_url` understands, and the cloud each belongs to (for messages)
-SCHEMES = {"s3": "S3", "s3a": "S3", "gs": "GCS", "az": "Azure", "abfs": "Azure",
-           "abfss": "Azure", "azure": "Azure"}  # fmt: skip
+SCHEMES = {
+    "s3": "S3",
+    "s3a": "S3",
+    "gs": "GCS",
+    "az": "Azure",
+    "abfs": "Azure",
+    "abfss": "Azure",
+    "azure": "Azure",
+}
 CREDENTIALS = {
     "S3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS endpoint)",
     "GCS": "GOOGLE_APPLICATION_CREDENTIALS (a service-account JSON file)",
@@ -197,8 +204,17 @@ def describe(url: str, error: BaseException) -> str | None:
         return f"{url!r}: the bucket {bucket!r} does not exist{where}; create it or fix the URL"
     if "169.254.169.254" in text or "credential" in text.lower():  # fell through to the metadata
         return f"{url!r}: no {cloud} credentials found; set {creds}"  # service of a cloud VM
-    if any(k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
-                               "Forbidden", "AuthenticationFailed", "403")):  # fmt: skip
+    if any(
+        k in text
+        for k in (
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+            "Forbidden",
+            "AuthenticationFailed",
+            "403",
+        )
+    ):
         return f"{url!r}: the {cloud} credentials were refused{where}; check {creds}"
     if "error sending request" in text or "Connection refused" in text or "dns" in text.lower():
         shown = endpoint or f"the {cloud} endpoint"

@@ -176,7 +176,7 @@ class ShardedStore:
                 "dtype": str(a.dtype),
                 "chunks": list(a.chunks),
                 **({"shards": list(a.shards)} if a.shards else {}),
-            }  # fmt: skip
+            }
             for name in self.ARRAYS
             if name in self.group
             for a in [self.group[name]]
@@ -198,17 +198,22 @@ def create(
     """Create a store at `location` (empty or absent) without a rename: zarr.json marked
     `creating` first, then `build(group, location)`, then the one small write that ends it."""
     group = zarr.create_group(
-        location.store, zarr_format=3, overwrite=True,
+        location.store,
+        zarr_format=3,
+        overwrite=True,
         attributes={"kind": kind, "format_version": version, "creating": True},
-    )  # fmt: skip
+    )
     build(group, location)
     group.attrs.update({"creating": False})  # the last write: the store exists
 
 
 def open_or_create(
-    cls: type[S], out: str, fingerprint: dict, overwrite: bool,
+    cls: type[S],
+    out: str,
+    fingerprint: dict,
+    overwrite: bool,
     build: Callable[[zarr.Group, Location], None],
-) -> S:  # fmt: skip
+) -> S:
     """Resume the `cls` store at --out when its fingerprint matches, replace it with --overwrite,
     or create it with `build`. Anything at --out that is not a `cls` store is never deleted."""
     location = Location(str(out))

@@ -52,17 +52,17 @@ import torch.distributed as torch_dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from flatdino.models.flow import SAMPLERS, flow_sample, sample_noise
-from flatdino.pipeline.checkpoints import (
+from ..models.flow import SAMPLERS, flow_sample, sample_noise
+from ..pipeline.checkpoints import (
     load_dit,
     load_pixel_decoder,
     load_vae,
     resolve_checkpoint,
     resolve_vae,
 )
-from flatdino.pipeline.env import autocast, fast_matmul, inference_dtype
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.trainers.runner import Dist, setup_distributed, teardown_distributed
+from ..pipeline.env import autocast, fast_matmul, inference_dtype
+from ..pipeline.errors import FlatDinoError
+from ..trainers.runner import Dist, setup_distributed, teardown_distributed
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,11 @@ class NpyWriter:
 
     def __init__(self, file: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]):
         self.file = file
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                  "shape": tuple(shape)}  # fmt: skip
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": tuple(shape),
+        }
         np.lib.format.write_array_header_2_0(file, header)
 
     def write(self, rows: np.ndarray) -> None:
@@ -232,9 +235,21 @@ def batch_file(work: Path, b: int) -> Path:
 
 
 @torch.no_grad()
-def generate(cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kappa: float,
-             device: torch.device, work: Path, todo: list[int], dtype: torch.dtype | None = None,
-             show_progress: bool = True, guide=None) -> float:  # fmt: skip
+def generate(
+    cfg: SampleConfig,
+    dit,
+    norm,
+    vae,
+    decoder,
+    labels: np.ndarray,
+    kappa: float,
+    device: torch.device,
+    work: Path,
+    todo: list[int],
+    dtype: torch.dtype | None = None,
+    show_progress: bool = True,
+    guide=None,
+) -> float:
     """Generate the batches `todo` (numbers into `batches_of`) into `work`: per batch its PNGs
     (with a decoder) and batches/BBBBBB.npz holding `pixels` uint8 (B, H, W, 3) with a decoder,
     `latents` float32 (B, T, d) and `features` float16 (B, P, C) with --save-features or without
@@ -254,9 +269,19 @@ def generate(cfg: SampleConfig, dit, norm, vae, decoder, labels: np.ndarray, kap
             x0 = torch.from_numpy(np.stack([sample_noise(cfg.seed, i, shape) for i in rows]))
             y = torch.from_numpy(labels[rows.start : rows.stop])
             tic = time.perf_counter()
-            x1 = flow_sample(dit, x0.to(device), y.to(device), cfg.steps, kappa, cfg.cfg,
-                             cfg.cfg_interval, dit.null_class, autocast=dtype,
-                             sampler=cfg.sampler, guide=guide)  # fmt: skip
+            x1 = flow_sample(
+                dit,
+                x0.to(device),
+                y.to(device),
+                cfg.steps,
+                kappa,
+                cfg.cfg,
+                cfg.cfg_interval,
+                dit.null_class,
+                autocast=dtype,
+                sampler=cfg.sampler,
+                guide=guide,
+            )
             z = norm.denormalize(x1)  # (B, T, d) in the VAE's latent space
             with autocast(dtype, device):
                 feats = vae.decode(z).float()  # (B, P, C)
@@ -304,8 +329,9 @@ def assemble(work: Path, labels: np.ndarray, batch_size: int, shown: frozenset[i
     return kept
 
 
-def _open_array(files: ExitStack, path: Path, name: str, first: np.ndarray,
-                labels: np.ndarray) -> NpyWriter:  # fmt: skip
+def _open_array(
+    files: ExitStack, path: Path, name: str, first: np.ndarray, labels: np.ndarray
+) -> NpyWriter:
     """An NpyWriter for all N rows of `name`: into a plain .npy, or, for pixels, into arr_0.npy of
     samples.npz (an uncompressed zip, the layout the ADM evaluator reads) beside labels.npy."""
     if name == "pixels":
@@ -329,8 +355,9 @@ def grid_indices(labels: np.ndarray, by_class: bool, per_row: int = 16, rows: in
     return [np.arange(i, min(i + cols, n)) for i in range(0, n, cols)]
 
 
-def make_grid(images, labels: np.ndarray, rows: list, names: list[str] | None,
-              by_class: bool) -> Image.Image:  # fmt: skip
+def make_grid(
+    images, labels: np.ndarray, rows: list, names: list[str] | None, by_class: bool
+) -> Image.Image:
     """The chosen samples in rows (`images[i]`: sample i, H x W x 3); each class row labelled on
     the left when `by_class`."""
     h, w = np.asarray(images[rows[0][0]]).shape[:2]
@@ -363,16 +390,33 @@ def _identity(path: Path) -> list:
     return [str(path.resolve()), *[(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
 
 
-def run_key(cfg: SampleConfig, labels: np.ndarray, dtype: torch.dtype | None,
-            device: torch.device, checkpoints: list[Path]) -> str:  # fmt: skip
+def run_key(
+    cfg: SampleConfig,
+    labels: np.ndarray,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    checkpoints: list[Path],
+) -> str:
     """What decides the outputs' bits, each in a canonical form so that two spellings of one run
     (a relative or absolute path, "1,2" or "1, 2", --precision auto or what it resolves to) share
     the key: the config's numbers, the labels drawn, the autocast dtype, the device type and the
     identities of the DiT, VAE, decoder and guide checkpoints. Not --out, the progress bar, the
     writer threads or the number of ranks."""
     fields = asdict(cfg)
-    for name in ("out", "progress", "writers", "device", "dit", "vae", "decoder", "guide_dit",
-                 "classes", "per_class", "n", "precision"):  # fmt: skip
+    for name in (
+        "out",
+        "progress",
+        "writers",
+        "device",
+        "dit",
+        "vae",
+        "decoder",
+        "guide_dit",
+        "classes",
+        "per_class",
+        "n",
+        "precision",
+    ):
         fields.pop(name)
     fields["labels"] = hashlib.sha256(np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()
     fields["dtype"] = str(dtype)
@@ -413,8 +457,11 @@ def _open_work(out: Path, key: str, names: set[str]) -> tuple[Path, set[int]]:
     work = _work_folder(out, key)
     for stale in _stale_work(out, key):
         batches = len(list((stale / "batches").glob("*.npz")))
-        log.warning("removing %s (%d batch files): an unfinished sample run with another config",
-                    stale, batches)  # fmt: skip
+        log.warning(
+            "removing %s (%d batch files): an unfinished sample run with another config",
+            stale,
+            batches,
+        )
         shutil.rmtree(stale, ignore_errors=True)
     (work / "images").mkdir(parents=True, exist_ok=True)
     (work / "batches").mkdir(exist_ok=True)
@@ -442,7 +489,9 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def _check_pair(decoder, vae, flow: dict, cfg: SampleConfig) -> None:
     if decoder is not None and (decoder.cfg.num_patches, decoder.cfg.in_dim) != (
-        vae.cfg.num_patches, vae.cfg.in_dim):  # fmt: skip
+        vae.cfg.num_patches,
+        vae.cfg.in_dim,
+    ):
         raise FlatDinoError(
             f"--decoder expects ({decoder.cfg.num_patches}, {decoder.cfg.in_dim}) features but the "
             f"VAE produces ({vae.cfg.num_patches}, {vae.cfg.in_dim}); use a decoder for this backbone"
@@ -631,9 +680,21 @@ def _sample(cfg: SampleConfig, d: Dist, group) -> dict:
     tic = time.perf_counter()
     network, error = 0.0, None
     try:
-        network = generate(cfg, run.dit, run.norm, run.vae, run.decoder, labels,
-                           float(run.flow["kappa"]), d.device, work, todo, run.dtype,
-                           show_progress=d.main, guide=run.guide)  # fmt: skip
+        network = generate(
+            cfg,
+            run.dit,
+            run.norm,
+            run.vae,
+            run.decoder,
+            labels,
+            float(run.flow["kappa"]),
+            d.device,
+            work,
+            todo,
+            run.dtype,
+            show_progress=d.main,
+            guide=run.guide,
+        )
     except Exception as e:
         error = e
     generated = time.perf_counter() - tic
@@ -648,8 +709,16 @@ def _sample(cfg: SampleConfig, d: Dist, group) -> dict:
     return _summary(cfg, run, record, network)
 
 
-def _finish(cfg: SampleConfig, run: _Run, work: Path, resumed: int, generated: float,
-            network: float, tic: float, world: int) -> dict:  # fmt: skip
+def _finish(
+    cfg: SampleConfig,
+    run: _Run,
+    work: Path,
+    resumed: int,
+    generated: float,
+    network: float,
+    tic: float,
+    world: int,
+) -> dict:
     """Rank 0: assemble the outputs and the grid in the work folder and swap it in as --out."""
     labels, by_class = run.labels, cfg.classes is not None
     rows = grid_indices(labels, by_class)
@@ -662,22 +731,40 @@ def _finish(cfg: SampleConfig, run: _Run, work: Path, resumed: int, generated: f
         grid.save(work / "grid.png")
     shutil.rmtree(work / "batches")
     guide = str(run.guide_ckpt.resolve()) if run.guide_ckpt else None
-    record = {"config": asdict(cfg), "key": run.key, "sampler": cfg.sampler, "guide": guide,
-              "checkpoints": [str(p.resolve()) for p in run.checkpoints],
-              "flow": run.flow, "samples": len(labels),
-              "world": world, "resumed_batches": resumed, "seconds": time.perf_counter() - tic,
-              "generate_seconds": generated, "network_seconds_rank0": network}  # fmt: skip
+    record = {
+        "config": asdict(cfg),
+        "key": run.key,
+        "sampler": cfg.sampler,
+        "guide": guide,
+        "checkpoints": [str(p.resolve()) for p in run.checkpoints],
+        "flow": run.flow,
+        "samples": len(labels),
+        "world": world,
+        "resumed_batches": resumed,
+        "seconds": time.perf_counter() - tic,
+        "generate_seconds": generated,
+        "network_seconds_rank0": network,
+    }
     (work / "sample.json").write_text(json.dumps(record, indent=2, default=str))
     _swap_in(work, Path(cfg.out))
     return record
 
 
 def _summary(cfg: SampleConfig, run: _Run, record: dict, network: float) -> dict:
-    written = (["grid.png", f"images/ ({len(run.labels)} PNGs)", "samples.npz"]
-               if run.decoder is not None else [])  # fmt: skip
+    written = (
+        ["grid.png", f"images/ ({len(run.labels)} PNGs)", "samples.npz"]
+        if run.decoder is not None
+        else []
+    )
     if "latents" in run.arrays(cfg.save_features):
         written += ["latents.npy", "features.npy"]
-    return {"out": cfg.out, "samples": len(run.labels), "seconds": record.get("seconds", 0.0),
-            "written": written, "images": run.decoder is not None, "network_seconds": network,
-            "generate_seconds": record.get("generate_seconds", 0.0),
-            "resumed_batches": record.get("resumed_batches", 0)}  # fmt: skip
+    return {
+        "out": cfg.out,
+        "samples": len(run.labels),
+        "seconds": record.get("seconds", 0.0),
+        "written": written,
+        "images": run.decoder is not None,
+        "network_seconds": network,
+        "generate_seconds": record.get("generate_seconds", 0.0),
+        "resumed_batches": record.get("resumed_batches", 0),
+    }

@@ -24,9 +24,15 @@ from flatdino.pipeline.storage import open_group
 def tiny_config(data: str, out: Path, **overrides) -> ExtractConfig:
     """A fast CPU config: tiny backbone, local backend, small shards, no progress bar."""
     base = ExtractConfig(
-        data=data, out=str(out), backbone="tiny", backend="local", batch_size=16,
-        shard_size=16, torch_threads=2, progress=False,
-    )  # fmt: skip
+        data=data,
+        out=str(out),
+        backbone="tiny",
+        backend="local",
+        batch_size=16,
+        shard_size=16,
+        torch_threads=2,
+        progress=False,
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -110,9 +116,16 @@ def fake_feature_store(path: Path, channels: int, n: int = 4) -> Path:
     """A complete feature store of ones with C = `channels` (to test shape refusals)."""
     from flatdino.pipeline.feature_store import FeatureStore
 
-    store = FeatureStore.create(path, shape=(n, 1, 256, channels), labels=np.zeros(n, np.int32),
-                                 paths=[str(i) for i in range(n)], class_names=["a"], shard_size=8,
-                                 chunk_rows=8, attrs={"fingerprint": {}})  # fmt: skip
+    store = FeatureStore.create(
+        path,
+        shape=(n, 1, 256, channels),
+        labels=np.zeros(n, np.int32),
+        paths=[str(i) for i in range(n)],
+        class_names=["a"],
+        shard_size=8,
+        chunk_rows=8,
+        attrs={"fingerprint": {}},
+    )
     store.write_shard(
         store.shards()[0], np.ones((n, 1, 256, channels), np.float16), np.ones(n, bool), {}
     )
@@ -121,9 +134,14 @@ def fake_feature_store(path: Path, channels: int, n: int = 4) -> Path:
 
 
 def fake_latents_store(
-    path: Path, mu: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None,
-    shard_size: int = 16, class_names: list[str] | None = None, fingerprint: dict | None = None,
-) -> Path:  # fmt: skip
+    path: Path,
+    mu: np.ndarray,
+    labels: np.ndarray,
+    valid: np.ndarray | None = None,
+    shard_size: int = 16,
+    class_names: list[str] | None = None,
+    fingerprint: dict | None = None,
+) -> Path:
     """A complete latents store (encode-latents' layout) holding the given mu (N, V, T, d)."""
     n, v, t, d = mu.shape
     valid = np.ones(n, bool) if valid is None else valid
@@ -138,9 +156,16 @@ def fake_latents_store(
         group.create_array(name, shape=(t, d), dtype="float32")
         group[name][:] = value.astype(np.float32)
     classes = class_names or [str(c) for c in range(int(labels.max()) + 1)]
-    group.attrs.update({"kind": "flatdino.latents", "complete": True, "shard_size": shard_size,
-                        "class_names": classes, "fingerprint": fingerprint or {"vae_sha256": "x"},
-                        "vae_checkpoint": "/nowhere/vae"})  # fmt: skip
+    group.attrs.update(
+        {
+            "kind": "flatdino.latents",
+            "complete": True,
+            "shard_size": shard_size,
+            "class_names": classes,
+            "fingerprint": fingerprint or {"vae_sha256": "x"},
+            "vae_checkpoint": "/nowhere/vae",
+        }
+    )
     return path
 
 
@@ -150,18 +175,82 @@ def build_chain(root: Path, invoke, dit: tuple = ("--steps", "5"), decoder: bool
     sweep-cfg's need. `invoke(*args)` runs one command and checks it succeeded; `dit` are
     train-dit's run-length and learning options."""
     feats, vae, lat = root / "features.zarr", root / "vae", root / "latents.zarr"
-    invoke("extract-features", "--data", "digits", "--split", "val", "--backbone", "tiny", "--out", feats,
-           "--backend", "local", "--no-progress")  # fmt: skip
-    invoke("train-vae", "--features", feats, "--out", vae, "--preset", "tiny", "--steps", "5",
-           "--batch-size", "32", "--num-workers", "0", "--no-progress")  # fmt: skip
-    invoke("encode-latents", "--features", feats, "--vae", vae, "--out", lat, "--backend", "local",
-           "--no-progress")  # fmt: skip
-    invoke("train-dit", "--latents", lat, "--out", root / "dit", "--preset", "tiny", *dit,
-           "--batch-size", "32", "--device", "cpu", "--no-progress")  # fmt: skip
+    invoke(
+        "extract-features",
+        "--data",
+        "digits",
+        "--split",
+        "val",
+        "--backbone",
+        "tiny",
+        "--out",
+        feats,
+        "--backend",
+        "local",
+        "--no-progress",
+    )
+    invoke(
+        "train-vae",
+        "--features",
+        feats,
+        "--out",
+        vae,
+        "--preset",
+        "tiny",
+        "--steps",
+        "5",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    )
+    invoke(
+        "encode-latents",
+        "--features",
+        feats,
+        "--vae",
+        vae,
+        "--out",
+        lat,
+        "--backend",
+        "local",
+        "--no-progress",
+    )
+    invoke(
+        "train-dit",
+        "--latents",
+        lat,
+        "--out",
+        root / "dit",
+        "--preset",
+        "tiny",
+        *dit,
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     if decoder:
-        invoke("train-decoder", "--features", feats, "--out", root / "decoder", "--preset", "tiny",
-               "--steps", "3", "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
-               "--no-progress")  # fmt: skip
+        invoke(
+            "train-decoder",
+            "--features",
+            feats,
+            "--out",
+            root / "decoder",
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
     return root
 
 
@@ -176,14 +265,28 @@ def free_port() -> str:
 
 def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node n flatdino ARGS` on CPU (gloo), one thread per rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-           "--master-port", free_port(), "-m", "flatdino.cli.main", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(n),
+        "--master-port",
+        free_port(),
+        "-m",
+        "flatdino.cli.main",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}  # fmt: skip
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_ALLOW_HTTP": "true",
+}
 
 
 def start_moto(env: dict | None = None) -> tuple[subprocess.Popen, str]:
@@ -194,8 +297,10 @@ def start_moto(env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -23,10 +23,16 @@ def hf_model():
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     cfg = Dinov2WithRegistersConfig(
-        hidden_size=TINY.embed_dim, num_hidden_layers=TINY.depth, num_attention_heads=TINY.num_heads,
-        intermediate_size=4 * TINY.embed_dim, num_register_tokens=4, patch_size=14,
-        image_size=518, layerscale_value=1.0, attn_implementation="eager",
-    )  # fmt: skip
+        hidden_size=TINY.embed_dim,
+        num_hidden_layers=TINY.depth,
+        num_attention_heads=TINY.num_heads,
+        intermediate_size=4 * TINY.embed_dim,
+        num_register_tokens=4,
+        patch_size=14,
+        image_size=518,
+        layerscale_value=1.0,
+        attn_implementation="eager",
+    )
     torch.manual_seed(1)
     model = Dinov2WithRegistersModel(cfg).eval()
     with torch.no_grad():  # every parameter random and O(1): biases, norms, layer scales too
@@ -64,10 +70,16 @@ def save_format(fmt: str, model, tmp_path: Path) -> Path:
         return tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     # timm's hub files hold the model at its native 518 pixels (37x37 grid, no CLS position)
     vit518 = VisionTransformer(
-        img_size=518, patch_size=14, embed_dim=TINY.embed_dim, depth=TINY.depth,
-        num_heads=TINY.num_heads, init_values=1e-5, reg_tokens=4, no_embed_class=True,
+        img_size=518,
+        patch_size=14,
+        embed_dim=TINY.embed_dim,
+        depth=TINY.depth,
+        num_heads=TINY.num_heads,
+        init_values=1e-5,
+        reg_tokens=4,
+        no_embed_class=True,
         num_classes=0,
-    )  # fmt: skip
+    )
     vit518.load_state_dict(checkpoint_filter_fn(original, vit518))
     save_file(vit518.state_dict(), tmp_path / "model.safetensors")
     return tmp_path / "model.safetensors"
@@ -162,10 +174,15 @@ def test_parity_at_vitb_size(tmp_path):
 
     vitb = BACKBONES["dinov2-vitb14-reg"]
     cfg = Dinov2WithRegistersConfig(
-        hidden_size=vitb.embed_dim, num_hidden_layers=vitb.depth, num_attention_heads=vitb.num_heads,
-        intermediate_size=4 * vitb.embed_dim, num_register_tokens=4, patch_size=14, image_size=518,
+        hidden_size=vitb.embed_dim,
+        num_hidden_layers=vitb.depth,
+        num_attention_heads=vitb.num_heads,
+        intermediate_size=4 * vitb.embed_dim,
+        num_register_tokens=4,
+        patch_size=14,
+        image_size=518,
         attn_implementation="eager",
-    )  # fmt: skip
+    )
     torch.manual_seed(3)
     hf = Dinov2WithRegistersModel(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")

@@ -43,9 +43,25 @@ def test_sample_with_a_damaged_dit_file_is_one_line(tmp_path, name):
     dit = tmp_path / "dit"
     shutil.copytree(FIXTURE / "dit", dit)
     truncate(dit / "checkpoints" / name)
-    result = runner.invoke(app, ["sample", "--dit", str(dit), "--out", str(tmp_path / "s"),
-                                 "--vae", str(FIXTURE / "vae"), "--n", "2", "--steps", "2",
-                                 "--device", "cpu", "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--dit",
+            str(dit),
+            "--out",
+            str(tmp_path / "s"),
+            "--vae",
+            str(FIXTURE / "vae"),
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     one_line_error(result, name, "truncated or corrupt", "flatdino train-dit")
     assert not (tmp_path / "s").exists()
 
@@ -54,16 +70,40 @@ def test_encode_with_a_damaged_vae_is_one_line(tmp_path):
     vae = tmp_path / "vae"
     shutil.copytree(FIXTURE / "vae", vae)
     truncate(vae / "checkpoints" / "model.safetensors")
-    result = runner.invoke(app, ["encode-latents", "--features", str(FIXTURE / "features.zarr"),
-                                 "--vae", str(vae), "--out", str(tmp_path / "l.zarr"),
-                                 "--backend", "local", "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "encode-latents",
+            "--features",
+            str(FIXTURE / "features.zarr"),
+            "--vae",
+            str(vae),
+            "--out",
+            str(tmp_path / "l.zarr"),
+            "--backend",
+            "local",
+            "--no-progress",
+        ],
+    )
     one_line_error(result, "model.safetensors", "flatdino train-vae")
 
 
 def test_resume_with_a_damaged_trainer_state_is_one_line(tmp_path):
     run = tmp_path / "dit"
-    args = ["train-dit", "--latents", str(FIXTURE / "latents.zarr"), "--out", str(run),
-            "--preset", "tiny", "--batch-size", "8", "--device", "cpu", "--no-progress"]  # fmt: skip
+    args = [
+        "train-dit",
+        "--latents",
+        str(FIXTURE / "latents.zarr"),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert runner.invoke(app, [*args, "--steps", "2"]).exit_code == 0
     truncate(run / "checkpoints" / "trainer.pt")
     result = runner.invoke(app, [*args, "--steps", "4", "--resume"])
@@ -92,15 +132,31 @@ def test_encode_refuses_to_write_non_finite_latents(tmp_path):
     features = fake_feature_store(tmp_path / "f.zarr", channels=64)
     FeatureStore(features, mode="r+").features[2, 0, 7] = np.nan
     with pytest.raises(FlatDinoError, match=r"latents \(mu\) are not finite .*rows 2\)"):
-        encode_latents(EncodeConfig(features=str(features), vae=str(FIXTURE / "vae"),
-                                    out=str(tmp_path / "l.zarr"), backend="local",
-                                    device="cpu", progress=False))  # fmt: skip
+        encode_latents(
+            EncodeConfig(
+                features=str(features),
+                vae=str(FIXTURE / "vae"),
+                out=str(tmp_path / "l.zarr"),
+                backend="local",
+                device="cpu",
+                progress=False,
+            )
+        )
 
 
 def test_a_non_finite_step_from_the_data_names_the_rows(tmp_path):
     features = fake_feature_store(tmp_path / "f.zarr", channels=64)
     FeatureStore(features, mode="r+").features[2, 0, 0, 0] = np.nan
     with pytest.raises(FlatDinoError, match=r"holds NaN or inf in row\(s\) 2,.*extract-features"):
-        train_vae(TrainVAEConfig(features=str(features), out=str(tmp_path / "vae"), preset="tiny",
-                                 steps=2, batch_size=4, num_workers=0, device="cpu",
-                                 progress=False))  # fmt: skip
+        train_vae(
+            TrainVAEConfig(
+                features=str(features),
+                out=str(tmp_path / "vae"),
+                preset="tiny",
+                steps=2,
+                batch_size=4,
+                num_workers=0,
+                device="cpu",
+                progress=False,
+            )
+        )

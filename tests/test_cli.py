@@ -30,10 +30,23 @@ def test_help_lists_every_mission_command():
 def test_extract_features_help_explains_every_option():
     result = invoke("extract-features", "--help")
     assert result.exit_code == 0
-    for option in ("--data", "--out", "--split", "--backbone", "--weights", "--views",
-                   "--batch-size", "--workers", "--num-gpus-per-worker", "--backend",
-                   "--ray-address", "--max-failed-fraction", "--overwrite", "--dtype",
-                   "--decode-tasks-per-cpu"):  # fmt: skip
+    for option in (
+        "--data",
+        "--out",
+        "--split",
+        "--backbone",
+        "--weights",
+        "--views",
+        "--batch-size",
+        "--workers",
+        "--num-gpus-per-worker",
+        "--backend",
+        "--ray-address",
+        "--max-failed-fraction",
+        "--overwrite",
+        "--dtype",
+        "--decode-tasks-per-cpu",
+    ):
         assert option in result.output
 
 
@@ -47,11 +60,38 @@ def test_extract_features_builds_the_config_from_options(monkeypatch, tmp_path):
         return extract.ExtractSummary(cfg.out, 10, 1, 1, images_run=10)
 
     monkeypatch.setattr(extract, "extract_features", fake)
-    result = invoke("extract-features", "--data", "digits", "--out", str(tmp_path / "s"),
-                    "--split", "train", "--views", "4", "--batch-size", "8", "--workers", "3",
-                    "--num-gpus-per-worker", "0.5", "--backend", "local", "--ray-address", "auto",
-                    "--max-failed-fraction", "0.2", "--overwrite", "--dtype", "bf16",
-                    "--weights", "w.pth", "--seed", "7", "--decode-tasks-per-cpu", "3")  # fmt: skip
+    result = invoke(
+        "extract-features",
+        "--data",
+        "digits",
+        "--out",
+        str(tmp_path / "s"),
+        "--split",
+        "train",
+        "--views",
+        "4",
+        "--batch-size",
+        "8",
+        "--workers",
+        "3",
+        "--num-gpus-per-worker",
+        "0.5",
+        "--backend",
+        "local",
+        "--ray-address",
+        "auto",
+        "--max-failed-fraction",
+        "0.2",
+        "--overwrite",
+        "--dtype",
+        "bf16",
+        "--weights",
+        "w.pth",
+        "--seed",
+        "7",
+        "--decode-tasks-per-cpu",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.data, cfg.out, cfg.split, cfg.views, cfg.batch_size) == (
@@ -89,8 +129,20 @@ def test_every_command_explains_its_options(name):
 
 def test_extract_then_info_then_rerun(tmp_path):
     out = tmp_path / "d.zarr"
-    args = ("extract-features", "--data", "digits", "--split", "val", "--out", str(out),
-            "--backbone", "tiny", "--backend", "local", "--no-progress")  # fmt: skip
+    args = (
+        "extract-features",
+        "--data",
+        "digits",
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--backend",
+        "local",
+        "--no-progress",
+    )
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "wrote 359 images in 6/6 shards, 0 failed" in result.output
@@ -110,8 +162,16 @@ def test_extract_then_info_then_rerun(tmp_path):
     ],
 )
 def test_user_errors_are_one_line_and_exit_1(args, message, tmp_path):
-    result = invoke("extract-features", "--out", str(tmp_path / "o.zarr"), "--backbone", "tiny",
-                    "--backend", "local", *args)  # fmt: skip
+    result = invoke(
+        "extract-features",
+        "--out",
+        str(tmp_path / "o.zarr"),
+        "--backbone",
+        "tiny",
+        "--backend",
+        "local",
+        *args,
+    )
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
@@ -119,8 +179,18 @@ def test_user_errors_are_one_line_and_exit_1(args, message, tmp_path):
 
 
 def test_too_many_failures_exit_1_naming_the_option(messy_folder, tmp_path):
-    result = invoke("extract-features", "--data", str(messy_folder), "--out", str(tmp_path / "m"),
-                    "--backbone", "tiny", "--backend", "local", "--no-progress")  # fmt: skip
+    result = invoke(
+        "extract-features",
+        "--data",
+        str(messy_folder),
+        "--out",
+        str(tmp_path / "m"),
+        "--backbone",
+        "tiny",
+        "--backend",
+        "local",
+        "--no-progress",
+    )
     assert result.exit_code == 1 and "--max-failed-fraction" in result.output
 
 
@@ -152,11 +222,22 @@ def test_plain_install_into_a_fresh_venv(tmp_path):
     deps = site.getsitepackages()[0] if site.getsitepackages() else sysconfig.get_path("purelib")
     (fresh_site / "_flatdino_test_deps.pth").write_text(deps + "\n")
     subprocess.run(
-        [fresh / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps",
-         "--no-build-isolation", "--no-index", str(root)],
-        check=True, capture_output=True, cwd=tmp_path,
+        [
+            fresh / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": deps},  # build with this venv's setuptools and pip
-    )  # fmt: skip
+    )
     before = {"pip", "setuptools", "pkg_resources", "_distutils_hack", "_vendor"}
     installed = {
         p.name for p in fresh_site.iterdir() if not p.name.endswith((".dist-info", ".pth"))
@@ -164,20 +245,47 @@ def test_plain_install_into_a_fresh_venv(tmp_path):
     assert installed - before == {"flatdino"}
     assert {p.name for p in (fresh_site / "flatdino").iterdir()} >= {"pipeline", "trainers", "cli"}
     probe = "import flatdino.pipeline, flatdino.cli, flatdino.trainers; print(flatdino.pipeline.__file__)"
-    out = subprocess.run([fresh / "bin" / "python", "-c", probe], cwd=tmp_path, check=True,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [fresh / "bin" / "python", "-c", probe],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout.startswith(str(fresh_site / "flatdino"))
-    help_ = subprocess.run([fresh / "bin" / "flatdino", "--help"], cwd=tmp_path,
-                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    help_ = subprocess.run(
+        [fresh / "bin" / "flatdino", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert help_.returncode == 0, help_.stderr
     assert all(name in help_.stdout for name in MISSION)
 
 
 def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    args = ("train-vae", "--features", str(digits_val_store), "--out", str(run), "--preset", "tiny",
-            "--steps", "2", "--batch-size", "8", "--num-workers", "0", "--log-every", "1",
-            "--lr", "3e-4", "--no-progress")  # fmt: skip
+    args = (
+        "train-vae",
+        "--features",
+        str(digits_val_store),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--lr",
+        "3e-4",
+        "--no-progress",
+    )
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert (
@@ -206,11 +314,40 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
         lat_info.exit_code == 0 and "mu         float16  shape=(359, 2, 8, 16)" in lat_info.output
     )
     assert "shards_done: 23/23" in lat_info.output and f"vae: {run.resolve()}" in lat_info.output
-    dit = invoke("train-dit", "--latents", str(lat), "--out", str(tmp_path / "dit"), "--preset", "tiny",
-                 "--steps", "2", "--batch-size", "16", "--device", "cpu", "--no-progress")  # fmt: skip
+    dit = invoke(
+        "train-dit",
+        "--latents",
+        str(lat),
+        "--out",
+        str(tmp_path / "dit"),
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert dit.exit_code == 0 and "done at step 2" in dit.output, dit.output
-    again = invoke("train-dit", "--latents", str(lat), "--out", str(tmp_path / "dit"), "--preset", "tiny",
-                   "--steps", "2", "--batch-size", "16", "--device", "cpu", "--no-progress", "--resume")  # fmt: skip
+    again = invoke(
+        "train-dit",
+        "--latents",
+        str(lat),
+        "--out",
+        str(tmp_path / "dit"),
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--resume",
+    )
     assert again.exit_code == 0 and "at step 2 already; nothing to do" in again.output
     info = invoke("info", str(tmp_path / "dit"))
     assert info.exit_code == 0 and "kind: dit" in info.output and "'latent_dim': 16" in info.output
@@ -235,8 +372,17 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
         return {"step": 0}
 
     monkeypatch.setattr(tv, "train_vae", fake)
-    again = invoke("train-vae", "--config", str(run / "config.json"), "--features",
-                   str(digits_val_store), "--out", str(tmp_path / "other"), "--steps", "5")  # fmt: skip
+    again = invoke(
+        "train-vae",
+        "--config",
+        str(run / "config.json"),
+        "--features",
+        str(digits_val_store),
+        "--out",
+        str(tmp_path / "other"),
+        "--steps",
+        "5",
+    )
     assert again.exit_code == 0, again.output
     cfg = seen["cfg"]
     assert (cfg.preset, cfg.lr, cfg.batch_size, cfg.num_workers) == ("tiny", 3e-4, 8, 0)  # saved
@@ -244,17 +390,39 @@ def test_train_vae_runs_and_a_saved_config_is_overridden(digits_val_store, tmp_p
 
 
 def test_train_vae_without_a_length_is_a_clear_error(digits_val_store, tmp_path):
-    result = invoke("train-vae", "--features", str(digits_val_store), "--out", str(tmp_path / "r"),
-                    "--preset", "tiny")  # fmt: skip
+    result = invoke(
+        "train-vae",
+        "--features",
+        str(digits_val_store),
+        "--out",
+        str(tmp_path / "r"),
+        "--preset",
+        "tiny",
+    )
     assert result.exit_code == 1 and "--steps N or --epochs E" in result.output
 
 
 def test_train_dit_help_and_config(monkeypatch, tmp_path):
     result = invoke("train-dit", "--help")
     assert result.exit_code == 0
-    for option in ("--latents", "--out", "--preset", "--steps", "--epochs", "--batch-size",
-                   "--micro-batch", "--lr", "--warmup-steps", "--ema-decay", "--kappa",
-                   "--time-dist", "--class-dropout", "--normalize", "--resume", "dit-xl (675.5M)"):  # fmt: skip
+    for option in (
+        "--latents",
+        "--out",
+        "--preset",
+        "--steps",
+        "--epochs",
+        "--batch-size",
+        "--micro-batch",
+        "--lr",
+        "--warmup-steps",
+        "--ema-decay",
+        "--kappa",
+        "--time-dist",
+        "--class-dropout",
+        "--normalize",
+        "--resume",
+        "dit-xl (675.5M)",
+    ):
         assert option in result.output, option
     bad = invoke(
         "train-dit", "--latents", str(tmp_path), "--out", str(tmp_path / "r2"), "--steps", "1"
@@ -264,8 +432,20 @@ def test_train_dit_help_and_config(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(td, "train_dit", lambda cfg: seen.update(cfg=cfg) or {"step": 0})
-    ok = invoke("train-dit", "--latents", "l.zarr", "--out", str(tmp_path / "r"), "--steps", "9",
-                "--time-dist", "logit-normal", "--normalize", "--kappa", "1")  # fmt: skip
+    ok = invoke(
+        "train-dit",
+        "--latents",
+        "l.zarr",
+        "--out",
+        str(tmp_path / "r"),
+        "--steps",
+        "9",
+        "--time-dist",
+        "logit-normal",
+        "--normalize",
+        "--kappa",
+        "1",
+    )
     assert ok.exit_code == 0, ok.output
     cfg = seen["cfg"]
     paper = ("dit-xl", 1024, 2e-4, 0.9995, 0.1)

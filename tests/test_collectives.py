@@ -14,8 +14,15 @@ from flatdino.models.vae import FlatDinoVAE, vae_preset
 from flatdino.trainers.runner import Dist, all_reduce_mean
 from flatdino.trainers.train_vae import evaluate
 
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce",
-               "reduce_scatter", "reduce_scatter_tensor")  # fmt: skip
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+)
 META = Dist(rank=1, world=2, device=torch.device("meta"))
 
 

@@ -114,15 +114,34 @@ def test_reduced_demo_writes_every_output_with_sane_numbers_and_reuses_stages(tm
     result = runner.invoke(app, ["demo", "--out", str(out), "--no-progress", *args])
     assert result.exit_code == 0, result.output
     assert "generated digits recognised" in result.output
-    for name in ("features-train.zarr", "features-val.zarr", "latents-train.zarr",
-                 "latents-val.zarr", "runs/vae/config.json", "runs/dit/checkpoints/ema.safetensors",
-                 "runs/decoder/config.json", "samples/grid.png", "samples/samples.npz",
-                 "ablation.png", "report.md", "report.json"):  # fmt: skip
+    for name in (
+        "features-train.zarr",
+        "features-val.zarr",
+        "latents-train.zarr",
+        "latents-val.zarr",
+        "runs/vae/config.json",
+        "runs/dit/checkpoints/ema.safetensors",
+        "runs/decoder/config.json",
+        "samples/grid.png",
+        "samples/samples.npz",
+        "ablation.png",
+        "report.md",
+        "report.json",
+    ):
         assert (out / name).exists(), name
     r = json.loads((out / "report.json").read_text())
-    assert list(r["stages"]) == ["extract-train", "extract-val", "train-vae", "encode-train",
-                                 "encode-val", "train-decoder", "train-dit", "sample", "guidance",
-                                 "evaluate"]  # fmt: skip
+    assert list(r["stages"]) == [
+        "extract-train",
+        "extract-val",
+        "train-vae",
+        "encode-train",
+        "encode-val",
+        "train-decoder",
+        "train-dit",
+        "sample",
+        "guidance",
+        "evaluate",
+    ]
     assert r["stages"]["extract-train"]["items"] == 1438
     assert r["stages"]["extract-val"]["items"] == 359
     assert r["stages"]["sample"]["items"] == 40
@@ -148,7 +167,11 @@ def test_reduced_demo_writes_every_output_with_sane_numbers_and_reuses_stages(tm
     assert len((out / "sweep/sweep.csv").read_text().splitlines()) == 1 + 4 * 3
     assert r["guidance_sweep"]["best"]["cfg"] in (1.0, 2.0, 4.5, 6.0)
     assert [(s["sampler"], s["steps"]) for s in r["samplers"]] == [
-        ("euler", 10), ("heun", 10), ("euler", 50), ("heun", 50)]  # fmt: skip
+        ("euler", 10),
+        ("heun", 10),
+        ("euler", 50),
+        ("heun", 50),
+    ]
     assert all(0.0 <= s["accuracy"] <= 1.0 and s["fd_dinov2"] > 0 for s in r["samplers"])
     assert 0.0 <= r["autoguidance"]["accuracy"] <= 1.0 and "AutoGuidance" in md
 
@@ -195,8 +218,16 @@ def test_ctrl_c_in_training_then_rerun_continues_from_the_checkpoint(tmp_path):
     the same command finishes the demo, resuming the VAE from step 100 (not from 0)."""
     out = tmp_path / "demo-out"
     steps = dict(REDUCED, vae_steps=300)
-    cmd = [sys.executable, "-m", "flatdino.cli.main", "demo", "--out", str(out), "--no-progress",
-           *[f"--{k.replace('_', '-')}={v}" for k, v in steps.items()]]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flatdino.cli.main",
+        "demo",
+        "--out",
+        str(out),
+        "--no-progress",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in steps.items()],
+    ]
     log = tmp_path / "first.log"
     # A job started in the background by a non-interactive shell (as CI may be) inherits an ignored
     # SIGINT, and Python then never raises KeyboardInterrupt: give the child the default, as a

@@ -121,8 +121,16 @@ def test_cfg_only_inside_the_interval_and_skipped_at_weight_one():
     )
     assert all((n == 4) == (0.225 < t < 1.0) for t, n in calls)  # batched cond + uncond
     calls.clear()  # strictly inside: a step starting exactly at the interval's start is unguided
-    euler_sample(model, torch.zeros(2, 1, 1), y, steps=4, kappa=1.0, cfg=4.5,
-                 cfg_interval=(0.25, 1.0), null_class=10)  # fmt: skip
+    euler_sample(
+        model,
+        torch.zeros(2, 1, 1),
+        y,
+        steps=4,
+        kappa=1.0,
+        cfg=4.5,
+        cfg_interval=(0.25, 1.0),
+        null_class=10,
+    )
     assert calls == [(0.0, 2), (0.25, 2), (0.5, 4), (0.75, 4)]
     calls.clear()
     out = euler_sample(model, torch.zeros(2, 1, 1), y, steps=10, cfg=1.0, null_class=10)

@@ -49,9 +49,16 @@ def test_local_engine_runs_every_shard_once_in_order():
 
 @pytest.mark.parametrize(
     "cpus, workers, per_cpu, size",
-    [(2, 1, 1, 2), (2, 1, 2, 2), (16, 1, 1, 15), (16, 1, 2, 30), (64, 8, 1, 56), (4, 4, 3, 8),
-     (1, 2, 1, 4)],
-)  # fmt: skip
+    [
+        (2, 1, 1, 2),
+        (2, 1, 2, 2),
+        (16, 1, 1, 15),
+        (16, 1, 2, 30),
+        (64, 8, 1, 56),
+        (4, 4, 3, 8),
+        (1, 2, 1, 4),
+    ],
+)
 def test_the_prepare_pool_fills_the_cpus_the_actors_leave(cpus, workers, per_cpu, size):
     """One prepare per free CPU (x per_cpu), never fewer than two per actor."""
     assert prepare_pool_size(cpus, workers, per_cpu) == size
@@ -62,8 +69,9 @@ def test_ray_engine_runs_every_shard_once_with_bounded_look_ahead(local_ray, tmp
     2-CPU test cluster: 1 free CPU, 2 per actor) + 2 calls per actor shards have been prepared,
     not all of them; every shard's result comes back exactly once."""
     shards = shard_bounds(96, 8)  # 12 shards
-    job = ShardJob(_prepare_and_mark, lambda s: (s.start, s.stop, str(tmp_path)), _Recorder,
-                   ("w", 0.3))  # fmt: skip
+    job = ShardJob(
+        _prepare_and_mark, lambda s: (s.start, s.stop, str(tmp_path)), _Recorder, ("w", 0.3)
+    )
     placement = Placement(backend="ray", workers=1, num_gpus_per_worker=0)
     results, prepared_at_first = [], None
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers lack tests/
@@ -84,8 +92,11 @@ def test_actors_that_take_every_cpu_are_refused_not_left_waiting(local_ray):
     decode tasks per CPU."""
     job = ShardJob(_prepare, lambda s: (s.start, s.stop), _Recorder, ("w",))
     placement = Placement(backend="ray", workers=2, num_gpus_per_worker=0)
-    with pytest.raises(FlatDinoError, match=r"^--workers 2 backbone actors reserve 2 of the Ray "
-                       r"cluster's 2 CPUs and leave 0 for decoding .*use fewer --workers"):  # fmt: skip
+    with pytest.raises(
+        FlatDinoError,
+        match=r"^--workers 2 backbone actors reserve 2 of the Ray "
+        r"cluster's 2 CPUs and leave 0 for decoding .*use fewer --workers",
+    ):
         list(run_shards(job, shard_bounds(16, 8), placement))
     check_decode_cpus(2.5, 2, 2)  # 0.5 CPU free, tasks of 0.5 CPU
     with pytest.raises(FlatDinoError, match="leave 0.5 for decoding"):

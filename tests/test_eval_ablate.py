@@ -38,10 +38,32 @@ def test_token_i_lights_up_region_i():
 
 def test_command_writes_the_grid(digits_val_store, tmp_path):
     vae = tmp_path / "vae"
-    train_vae(TrainVAEConfig(features=str(digits_val_store), out=str(vae), preset="tiny", steps=2,
-                             batch_size=16, num_workers=0, progress=False))  # fmt: skip
-    result = CliRunner().invoke(app, ["eval", "ablate", "--features", str(digits_val_store), "--vae", str(vae),
-                                      "--out", str(tmp_path / "abl"), "--images", "20"])  # fmt: skip
+    train_vae(
+        TrainVAEConfig(
+            features=str(digits_val_store),
+            out=str(vae),
+            preset="tiny",
+            steps=2,
+            batch_size=16,
+            num_workers=0,
+            progress=False,
+        )
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "ablate",
+            "--features",
+            str(digits_val_store),
+            "--vae",
+            str(vae),
+            "--out",
+            str(tmp_path / "abl"),
+            "--images",
+            "20",
+        ],
+    )
     assert result.exit_code == 0, result.output
     heat = np.load(tmp_path / "abl" / "ablation.npy")
     assert heat.shape == (8, 256) and np.all(heat >= 0) and heat.sum() > 0

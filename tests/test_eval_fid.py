@@ -71,8 +71,11 @@ def dense_precision_recall(real, fake, k=3):
         torch.cdist(r, r).kthvalue(k + 1, 1).values,
         torch.cdist(f, f).kthvalue(k + 1, 1).values,
     )
-    return {"precision": (torch.cdist(f, r) <= rr[None]).any(1).double().mean().item(),
-            "recall": (torch.cdist(r, f) <= rf[None]).any(1).double().mean().item(), "k": k}  # fmt: skip
+    return {
+        "precision": (torch.cdist(f, r) <= rr[None]).any(1).double().mean().item(),
+        "recall": (torch.cdist(r, f) <= rf[None]).any(1).double().mean().item(),
+        "k": k,
+    }
 
 
 def test_precision_recall_in_blocks_equals_the_dense_one_and_never_holds_n_squared(monkeypatch):
@@ -99,8 +102,18 @@ def test_precision_recall_in_blocks_equals_the_dense_one_and_never_holds_n_squar
 
 
 def _cfg(**kw) -> FidConfig:
-    return FidConfig(**{"real": "", "fake": "", "space": "dinov2", "backbone": "tiny", "device": "cpu",
-                        "progress": False, "batch_size": 5, **kw})  # fmt: skip
+    return FidConfig(
+        **{
+            "real": "",
+            "fake": "",
+            "space": "dinov2",
+            "backbone": "tiny",
+            "device": "cpu",
+            "progress": False,
+            "batch_size": 5,
+            **kw,
+        }
+    )
 
 
 def test_images_pass_through_the_same_view_0_as_extract_features(digits_val_store, tmp_path):
@@ -142,8 +155,14 @@ def test_an_image_tree_of_mixed_sizes_and_a_manifest_give_the_same_statistics(tm
     _mixed_folder(tmp_path / "tree")
     files = image_files(tmp_path / "tree")
     names = [str(Path(f).relative_to(tmp_path / "tree")) for f in files]  # recursive, in walk order
-    assert names == ["class0/im0.png", "class0/im2.jpg", "class0/deeper/im4.png", "class1/broken.png",
-                     "class1/im1.png", "class1/im3.png"]  # fmt: skip
+    assert names == [
+        "class0/im0.png",
+        "class0/im2.jpg",
+        "class0/deeper/im4.png",
+        "class1/broken.png",
+        "class1/im1.png",
+        "class1/im3.png",
+    ]
     with pytest.raises(
         FlatDinoError, match=r"1 of 6 images could not be read \(first: .*broken.png"
     ):
@@ -164,9 +183,24 @@ def test_the_result_counts_unreadable_files_and_refuses_mismatched_sides(
     _mixed_folder(tmp_path / "tree")
     runner = CliRunner()
     common = ["--space", "dinov2", "--backbone", "tiny", "--device", "cpu", "--no-progress"]
-    ok = runner.invoke(app, ["eval", "fid", "--real", str(digits_val_store), "--fake", str(tmp_path / "tree"),
-                             *common, "--max-failed-fraction", "0.2", "--save-stats", str(tmp_path / "ref.npz"),
-                             "--out", str(tmp_path / "r.json")])  # fmt: skip
+    ok = runner.invoke(
+        app,
+        [
+            "eval",
+            "fid",
+            "--real",
+            str(digits_val_store),
+            "--fake",
+            str(tmp_path / "tree"),
+            *common,
+            "--max-failed-fraction",
+            "0.2",
+            "--save-stats",
+            str(tmp_path / "ref.npz"),
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["fake_failed"] == 1 and r["fake_count"] == 5 and r["real_count"] == 359 and r["fd"] > 0
@@ -175,8 +209,18 @@ def test_the_result_counts_unreadable_files_and_refuses_mismatched_sides(
         meta = json.loads(str(z["meta"]))
         mu, sigma = z["mu"], z["sigma"]
     assert meta["identity"]["network"] == "tiny" and meta["count"] == 359
-    alone = runner.invoke(app, ["eval", "fid", "--real", str(digits_val_store), *common,
-                                "--save-stats", str(tmp_path / "alone.npz")])  # fmt: skip
+    alone = runner.invoke(
+        app,
+        [
+            "eval",
+            "fid",
+            "--real",
+            str(digits_val_store),
+            *common,
+            "--save-stats",
+            str(tmp_path / "alone.npz"),
+        ],
+    )
     assert alone.exit_code == 0 and "real_count=359" in alone.output
     with np.load(tmp_path / "alone.npz") as z:
         np.testing.assert_array_equal(z["sigma"], sigma)
@@ -184,14 +228,41 @@ def test_the_result_counts_unreadable_files_and_refuses_mismatched_sides(
     assert nothing.exit_code == 1 and "give --fake" in nothing.output
     meta["identity"]["crop"] = 224
     np.savez(tmp_path / "other.npz", mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
-    refused = runner.invoke(app, ["eval", "fid", "--real", str(tmp_path / "other.npz"), "--fake",
-                                  str(digits_val_store), *common])  # fmt: skip
+    refused = runner.invoke(
+        app,
+        [
+            "eval",
+            "fid",
+            "--real",
+            str(tmp_path / "other.npz"),
+            "--fake",
+            str(digits_val_store),
+            *common,
+        ],
+    )
     assert refused.exit_code == 1
     assert "computed differently: crop 224 for" in refused.output and "256 for" in refused.output
-    other_weights = runner.invoke(app, ["eval", "fid", "--real", str(tmp_path / "ref.npz"), "--fake",
-                                        str(tmp_path / "tree"), *common[:2], "--backbone", "tiny",
-                                        "--weights", str(_reseeded_tiny(tmp_path)), "--device", "cpu",
-                                        "--max-failed-fraction", "0.2", "--no-progress"])  # fmt: skip
+    other_weights = runner.invoke(
+        app,
+        [
+            "eval",
+            "fid",
+            "--real",
+            str(tmp_path / "ref.npz"),
+            "--fake",
+            str(tmp_path / "tree"),
+            *common[:2],
+            "--backbone",
+            "tiny",
+            "--weights",
+            str(_reseeded_tiny(tmp_path)),
+            "--device",
+            "cpu",
+            "--max-failed-fraction",
+            "0.2",
+            "--no-progress",
+        ],
+    )
     assert (
         other_weights.exit_code == 1
         and "computed differently: weights_sha256" in other_weights.output
@@ -214,8 +285,14 @@ def _reseeded_tiny(tmp_path: Path) -> Path:
 def test_inception_space_reads_the_images_a_store_came_from(
     digits_val_store, inception_weights, tmp_path
 ):
-    cfg = FidConfig(real=str(digits_val_store), space="inception", device="cpu", progress=False,
-                    inception_weights=str(inception_weights), batch_size=32)  # fmt: skip
+    cfg = FidConfig(
+        real=str(digits_val_store),
+        space="inception",
+        device="cpu",
+        progress=False,
+        inception_weights=str(inception_weights),
+        batch_size=32,
+    )
     store = load_set(str(digits_val_store), cfg)
     assert store.count == 359 and store.mu.shape == (2048,) and np.isfinite(store.sigma).all()
     assert store.identity["network"].startswith("pytorch-fid InceptionV3")
@@ -234,14 +311,40 @@ def test_missing_inception_weights_are_an_error_not_a_download(tmp_path):
 
 def test_command_on_stores_and_saved_statistics(digits_val_store, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["eval", "fid", "--real", str(digits_val_store), "--fake", str(digits_val_store),
-                                 "--space", "dinov2", "--save-stats", str(tmp_path / "ref.npz"),
-                                 "--precision-recall", "--out", str(tmp_path / "fd.json")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "fid",
+            "--real",
+            str(digits_val_store),
+            "--fake",
+            str(digits_val_store),
+            "--space",
+            "dinov2",
+            "--save-stats",
+            str(tmp_path / "ref.npz"),
+            "--precision-recall",
+            "--out",
+            str(tmp_path / "fd.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     fd = json.loads((tmp_path / "fd.json").read_text())
     assert abs(fd["fd"]) < 1e-6 and fd["precision"] == 1.0 and fd["recall"] == 1.0
-    again = runner.invoke(app, ["eval", "fid", "--real", str(tmp_path / "ref.npz"), "--fake",
-                                str(digits_val_store), "--space", "dinov2"])  # fmt: skip
+    again = runner.invoke(
+        app,
+        [
+            "eval",
+            "fid",
+            "--real",
+            str(tmp_path / "ref.npz"),
+            "--fake",
+            str(digits_val_store),
+            "--space",
+            "dinov2",
+        ],
+    )
     assert again.exit_code == 0 and "fd=" in again.output
     assert abs(float(again.output.split("fd=")[1].split()[0])) < 1e-4
 
@@ -251,17 +354,46 @@ def test_rfid_command_separates_the_vaes_cost(digits_val_store, tmp_path):
     from flatdino.trainers.runner import Dist, save_checkpoint
     from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
-    train_vae(TrainVAEConfig(features=str(digits_val_store), out=str(tmp_path / "vae"), preset="tiny",
-                             steps=2, batch_size=16, num_workers=0, progress=False))  # fmt: skip
+    train_vae(
+        TrainVAEConfig(
+            features=str(digits_val_store),
+            out=str(tmp_path / "vae"),
+            preset="tiny",
+            steps=2,
+            batch_size=16,
+            num_workers=0,
+            progress=False,
+        )
+    )
     cfg = pixel_decoder_preset("tiny", in_dim=64)
     save_checkpoint(tmp_path / "dec", PixelDecoder(cfg), cfg.to_dict(), None, Dist())
-    result = CliRunner().invoke(app, ["eval", "rfid", "--features", str(digits_val_store), "--vae", str(tmp_path / "vae"),
-                                      "--decoder", str(tmp_path / "dec"), "--space", "dinov2", "--backbone", "tiny",
-                                      "--images", "12", "--out", str(tmp_path / "r.json")])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "rfid",
+            "--features",
+            str(digits_val_store),
+            "--vae",
+            str(tmp_path / "vae"),
+            "--decoder",
+            str(tmp_path / "dec"),
+            "--space",
+            "dinov2",
+            "--backbone",
+            "tiny",
+            "--images",
+            "12",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["images"] == 12 and all(np.isfinite(r[k]) and r[k] >= -1e-6 for k in
-                                     ("rfid", "rfid_decoder_only", "fd_vae_vs_decoder_only"))  # fmt: skip
+    assert r["images"] == 12 and all(
+        np.isfinite(r[k]) and r[k] >= -1e-6
+        for k in ("rfid", "rfid_decoder_only", "fd_vae_vs_decoder_only")
+    )
 
 
 def test_images_are_decoded_a_bounded_number_ahead():
@@ -298,13 +430,27 @@ def test_requests_are_checked_before_any_set_is_read(digits_val_store, tmp_path,
     with monkeypatch.context() as m:
         m.setattr(eval_fid, "FeatureNet", never)
         for cfg, message in [
-            (_cfg(real=str(digits_val_store), save_stats=str(tmp_path / "ref")), "must name a .npz"),
-            (_cfg(real=str(digits_val_store), fake=str(tmp_path / "ref.npz"), precision_recall=True),
-             "--fake .* is saved statistics"),
-            (_cfg(real=str(digits_val_store), fake=str(tmp_path / "none")), "--fake .* does not exist"),
-            (_cfg(real=str(tmp_path / "broken.npz"), fake=str(digits_val_store)),
-             "is not a readable .npz"),
-        ]:  # fmt: skip
+            (
+                _cfg(real=str(digits_val_store), save_stats=str(tmp_path / "ref")),
+                "must name a .npz",
+            ),
+            (
+                _cfg(
+                    real=str(digits_val_store),
+                    fake=str(tmp_path / "ref.npz"),
+                    precision_recall=True,
+                ),
+                "--fake .* is saved statistics",
+            ),
+            (
+                _cfg(real=str(digits_val_store), fake=str(tmp_path / "none")),
+                "--fake .* does not exist",
+            ),
+            (
+                _cfg(real=str(tmp_path / "broken.npz"), fake=str(digits_val_store)),
+                "is not a readable .npz",
+            ),
+        ]:
             with pytest.raises(FlatDinoError, match=message):
                 fid(cfg)
 
@@ -313,8 +459,13 @@ def test_the_reference_is_saved_before_the_fake_side_fails(digits_val_store, tmp
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(FlatDinoError, match="1 of 1 images could not be read"):
-        fid(_cfg(real=str(digits_val_store), fake=str(tmp_path / "bad"),
-                 save_stats=str(tmp_path / "ref.npz")))  # fmt: skip
+        fid(
+            _cfg(
+                real=str(digits_val_store),
+                fake=str(tmp_path / "bad"),
+                save_stats=str(tmp_path / "ref.npz"),
+            )
+        )
     assert load_set(str(tmp_path / "ref.npz"), _cfg()).count == 359
     few = tmp_path / "few"
     few.mkdir()

@@ -52,8 +52,19 @@ def test_pooling_is_the_view_0_mean_over_valid_rows(digits_val_store):
 def test_command_writes_json(tmp_path):
     train = fake_latents_store(tmp_path / "t.zarr", *gaussians(100, 1))
     val = fake_latents_store(tmp_path / "v.zarr", *gaussians(50, 2))
-    result = CliRunner().invoke(app, ["eval", "knn", "--train", str(train), "--val", str(val),
-                                      "--out", str(tmp_path / "knn.json")])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "knn",
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--out",
+            str(tmp_path / "knn.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     row = json.loads((tmp_path / "knn.json").read_text())[0]
     assert row["top1"] > 0.95 and row["kind"] == "flatdino.latents" and row["n_val"] == 50

@@ -33,16 +33,41 @@ def test_identity_vae_gives_equal_curves_growing_as_sigma_squared():
 
 def test_command_with_a_pixel_decoder(digits_val_store, tmp_path):
     vae = tmp_path / "vae"
-    train_vae(TrainVAEConfig(features=str(digits_val_store), out=str(vae), preset="tiny", steps=2,
-                             batch_size=16, num_workers=0, progress=False))  # fmt: skip
+    train_vae(
+        TrainVAEConfig(
+            features=str(digits_val_store),
+            out=str(vae),
+            preset="tiny",
+            steps=2,
+            batch_size=16,
+            num_workers=0,
+            progress=False,
+        )
+    )
     from flatdino.models.pixel_decoder import PixelDecoder, pixel_decoder_preset
     from flatdino.trainers.runner import Dist, save_checkpoint
 
     cfg = pixel_decoder_preset("tiny", in_dim=64)
     save_checkpoint(tmp_path / "dec", PixelDecoder(cfg), cfg.to_dict(), None, Dist())
-    result = CliRunner().invoke(app, ["eval", "noise", "--features", str(digits_val_store), "--vae", str(vae),
-                                      "--decoder", str(tmp_path / "dec"), "--out", str(tmp_path / "n"),
-                                      "--images", "8", "--steps", "3"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "noise",
+            "--features",
+            str(digits_val_store),
+            "--vae",
+            str(vae),
+            "--decoder",
+            str(tmp_path / "dec"),
+            "--out",
+            str(tmp_path / "n"),
+            "--images",
+            "8",
+            "--steps",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "n" / "noise.json").read_text())
     assert data["sigma"] == [0.0, 0.5, 1.0] and data["feature_rel_err"][0] == 0

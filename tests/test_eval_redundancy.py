@@ -30,8 +30,19 @@ def test_similarity_falls_with_distance_for_smooth_features():
 
 
 def test_command_writes_json_and_plot(digits_val_store, tmp_path):
-    result = CliRunner().invoke(app, ["eval", "redundancy", "--features", str(digits_val_store),
-                                      "--out", str(tmp_path), "--images", "16"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "redundancy",
+            "--features",
+            str(digits_val_store),
+            "--out",
+            str(tmp_path),
+            "--images",
+            "16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "redundancy.json").read_text())
     assert data["images"] == 16 and data["pixel_dims"] == 588 and data["feature_dims"] == 64

@@ -63,8 +63,12 @@ def _features_from_shipped_views(cfg, valid: np.ndarray) -> np.ndarray:
                 views.append(make_views(crop, i, recipe))
             flat = torch.stack(views).flatten(0, 1)  # (n_ok*V, 3, 224, 224)
             with torch.inference_mode():
-                out = torch.cat([model(flat[j : j + cfg.batch_size])
-                                 for j in range(0, len(flat), cfg.batch_size)])  # fmt: skip
+                out = torch.cat(
+                    [
+                        model(flat[j : j + cfg.batch_size])
+                        for j in range(0, len(flat), cfg.batch_size)
+                    ]
+                )
             feats[rows] = out.numpy().astype(np.float16).reshape(len(rows), *feats.shape[1:])
     finally:
         torch.set_num_threads(threads)
@@ -79,8 +83,9 @@ def test_views_made_by_the_worker_equal_the_shipped_views(digits_val_store, mess
     digits = tiny_config("digits", digits_val_store, split="val")
     arrays = read_store(digits_val_store)
     assert np.array_equal(arrays["features"], _features_from_shipped_views(digits, arrays["valid"]))
-    messy = tiny_config(str(messy_folder), tmp_path / "m.zarr", views=3, shard_size=8,
-                        max_failed_fraction=0.25)  # fmt: skip
+    messy = tiny_config(
+        str(messy_folder), tmp_path / "m.zarr", views=3, shard_size=8, max_failed_fraction=0.25
+    )
     extract_features(messy)
     arrays = read_store(tmp_path / "m.zarr")
     assert arrays["valid"].sum() == 13
@@ -139,9 +144,26 @@ def test_a_worker_error_surfaces_as_one_clear_error(local_ray, tmp_path):
 
 def start_job(out: Path | str) -> subprocess.Popen:
     """The CLI extraction of the digits' val split (23 shards), in a process of its own."""
-    args = ["extract-features", "--data", "digits", "--split", "val", "--out", str(out),
-            "--backbone", "tiny", "--backend", "local", "--batch-size", "16",
-            "--shard-size", "16", "--torch-threads", "2", "--no-progress"]  # fmt: skip
+    args = [
+        "extract-features",
+        "--data",
+        "digits",
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--backend",
+        "local",
+        "--batch-size",
+        "16",
+        "--shard-size",
+        "16",
+        "--torch-threads",
+        "2",
+        "--no-progress",
+    ]
     cmd = [sys.executable, "-m", "flatdino.cli.main", *args]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

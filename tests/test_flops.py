@@ -12,10 +12,13 @@ from flatdino.eval.flops import count_forward_flops, layer_flops, paper_table
 
 # (model, latent): (forward, train, encoding, total) in GFLOPs, Tables 7-9 of the paper.
 PAPER = {
-    ("DiT-L", "RAE"): (80.5, 241.5, 23.4, 264.9), ("DiT-L", "FlatDINO"): (9.7, 29.1, 49.4, 78.5),
-    ("DiT-XL", "RAE"): (118.4, 355.2, 23.4, 378.6), ("DiT-XL", "FlatDINO"): (14.3, 42.9, 49.4, 92.3),
-    ("DiT-DH-XL", "RAE"): (144.7, 434.1, 23.4, 457.5), ("DiT-DH-XL", "FlatDINO"): (17.5, 52.5, 49.4, 101.9),
-}  # fmt: skip
+    ("DiT-L", "RAE"): (80.5, 241.5, 23.4, 264.9),
+    ("DiT-L", "FlatDINO"): (9.7, 29.1, 49.4, 78.5),
+    ("DiT-XL", "RAE"): (118.4, 355.2, 23.4, 378.6),
+    ("DiT-XL", "FlatDINO"): (14.3, 42.9, 49.4, 92.3),
+    ("DiT-DH-XL", "RAE"): (144.7, 434.1, 23.4, 457.5),
+    ("DiT-DH-XL", "FlatDINO"): (17.5, 52.5, 49.4, 101.9),
+}
 REDUCTION = {"DiT-L": 3.4, "DiT-XL": 4.1, "DiT-DH-XL": 4.5}
 
 
@@ -24,7 +27,9 @@ def test_formula_reproduces_tables_7_to_9():
     assert {(r.model, r.latent) for r in rows} == set(PAPER)
     for r in rows:
         # the paper rounds (and truncates 17.56 to 17.5), so compare to 0.5%
-        for ours, theirs in zip((r.forward, r.train, r.encoding, r.total), PAPER[r.model, r.latent], strict=True):  # fmt: skip
+        for ours, theirs in zip(
+            (r.forward, r.train, r.encoding, r.total), PAPER[r.model, r.latent], strict=True
+        ):
             assert ours == pytest.approx(theirs, rel=5e-3), (r.model, r.latent, ours, theirs)
         if r.latent == "FlatDINO":
             assert round(r.reduction, 1) == REDUCTION[r.model]

@@ -50,8 +50,16 @@ def test_old_latents_store_opens():
 def test_latents_store_is_what_encode_latents_writes_now(tmp_path):
     old = LatentStore.open_complete(str(FIXTURE2 / "latents.zarr"), "--latents")
     out = tmp_path / "latents.zarr"
-    encode_latents(EncodeConfig(features=str(FIXTURE2 / "features.zarr"), vae=str(FIXTURE2 / "vae"),
-                                out=str(out), backend="local", device="cpu", progress=False))  # fmt: skip
+    encode_latents(
+        EncodeConfig(
+            features=str(FIXTURE2 / "features.zarr"),
+            vae=str(FIXTURE2 / "vae"),
+            out=str(out),
+            backend="local",
+            device="cpu",
+            progress=False,
+        )
+    )
     new = LatentStore(out)
     for name in ("mu", "labels", "valid", "done", "mu_mean", "mu_std"):
         assert new.group[name][:].tobytes() == old.group[name][:].tobytes(), name
@@ -67,17 +75,26 @@ def test_runs_load_and_sample_as_before(tmp_path):
     vae, _ = load_vae(resolve_vae(str(FIXTURE2 / "vae")))
     dit, flow, norm, _ = load_dit(str(FIXTURE2 / "dit"))
     assert vae.cfg.tokens == dit.cfg.tokens == 8 and flow["views"] == 1
-    cfg = SampleConfig(dit=str(FIXTURE2 / "dit"), out=str(tmp_path / "samples"), n=4, steps=4,
-                       batch_size=4, vae=str(FIXTURE2 / "vae"), device="cpu", progress=False,
-                       save_features=True)  # fmt: skip
+    cfg = SampleConfig(
+        dit=str(FIXTURE2 / "dit"),
+        out=str(tmp_path / "samples"),
+        n=4,
+        steps=4,
+        batch_size=4,
+        vae=str(FIXTURE2 / "vae"),
+        device="cpu",
+        progress=False,
+        save_features=True,
+    )
     shape = (4, dit.cfg.tokens, dit.cfg.latent_dim)
     y = torch.from_numpy(class_labels(cfg, dit.cfg.num_classes))
     sample(cfg)
     got = np.load(tmp_path / "samples" / "latents.npy")
     np.testing.assert_array_equal(got, np.load(FIXTURE2 / "expected-sample-latents.npy"))
     noise = torch.from_numpy(np.stack([sample_noise(0, i, shape[1:]) for i in range(4)]))
-    x1 = euler_sample(dit, noise, y, cfg.steps, float(flow["kappa"]), cfg.cfg, cfg.cfg_interval,
-                      dit.null_class)  # fmt: skip
+    x1 = euler_sample(
+        dit, noise, y, cfg.steps, float(flow["kappa"]), cfg.cfg, cfg.cfg_interval, dit.null_class
+    )
     np.testing.assert_allclose(got, norm.denormalize(x1).numpy(), rtol=0, atol=1e-6)
 
 
@@ -90,9 +107,17 @@ def test_v1_checkpoints_of_the_older_model_layout_are_one_line(run):
 
 
 def test_old_latents_store_trains_a_dit(tmp_path):
-    metrics = train_dit(TrainDiTConfig(latents=str(FIXTURE / "latents.zarr"), out=str(tmp_path / "dit"),
-                                       preset="tiny", steps=2, batch_size=8, device="cpu",
-                                       progress=False))  # fmt: skip
+    metrics = train_dit(
+        TrainDiTConfig(
+            latents=str(FIXTURE / "latents.zarr"),
+            out=str(tmp_path / "dit"),
+            preset="tiny",
+            steps=2,
+            batch_size=8,
+            device="cpu",
+            progress=False,
+        )
+    )
     assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
 
 

@@ -16,9 +16,14 @@ def test_the_gpu_check_runs_every_stage_on_cpu(tmp_path, capsys):
     spec.loader.exec_module(module)
     rows = module.main(["--device", "cpu", "--reduced", "--out", str(tmp_path / "rows.json")])
     assert [r.stage.split(" (")[0].split(" ")[0] for r in rows[:7]] == [
-        "extract-features", "train-vae", "encode-latents", "train-dit", "train-decoder", "sample",
+        "extract-features",
+        "train-vae",
+        "encode-latents",
+        "train-dit",
+        "train-decoder",
+        "sample",
         "eval",
-    ]  # fmt: skip
+    ]
     assert len(rows) == 11 and all(r.ok for r in rows), [r.error for r in rows if not r.ok]
     assert all(r.samples_per_s and r.samples_per_s > 0 for r in rows)
     table = capsys.readouterr().out

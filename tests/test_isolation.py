@@ -24,9 +24,19 @@ def test_a_trainer_keeps_the_callers_rng_and_logging(digits_val_store, tmp_path)
     torch.manual_seed(1234)
     before_rng, before_logging = torch.get_rng_state(), _logging_state()
     out = tmp_path / "vae"
-    train_vae(TrainVAEConfig(features=str(digits_val_store), out=str(out), preset="tiny", steps=2,
-                             batch_size=16, num_workers=0, device="cpu", log_every=1,
-                             progress=False))  # fmt: skip
+    train_vae(
+        TrainVAEConfig(
+            features=str(digits_val_store),
+            out=str(out),
+            preset="tiny",
+            steps=2,
+            batch_size=16,
+            num_workers=0,
+            device="cpu",
+            log_every=1,
+            progress=False,
+        )
+    )
     assert torch.equal(torch.get_rng_state(), before_rng)
     assert _logging_state() == before_logging
     lines = (out / "log.txt").read_text().splitlines()
@@ -38,9 +48,18 @@ def test_a_trainer_is_reproducible_whatever_the_callers_rng(digits_val_store, tm
     losses = []
     for i, seed in enumerate((0, 999)):
         torch.manual_seed(seed)
-        m = train_vae(TrainVAEConfig(features=str(digits_val_store), out=str(tmp_path / f"r{i}"),
-                                     preset="tiny", steps=2, batch_size=16, num_workers=0,
-                                     device="cpu", progress=False))  # fmt: skip
+        m = train_vae(
+            TrainVAEConfig(
+                features=str(digits_val_store),
+                out=str(tmp_path / f"r{i}"),
+                preset="tiny",
+                steps=2,
+                batch_size=16,
+                num_workers=0,
+                device="cpu",
+                progress=False,
+            )
+        )
         losses.append(m["loss"])
     assert losses[0] == losses[1]
 

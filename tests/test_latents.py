@@ -23,8 +23,18 @@ from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
 
 def _train(store: Path, out: Path, seed: int) -> Path:
-    train_vae(TrainVAEConfig(features=str(store), out=str(out), preset="tiny", steps=2, batch_size=16,
-                             num_workers=0, seed=seed, progress=False))  # fmt: skip
+    train_vae(
+        TrainVAEConfig(
+            features=str(store),
+            out=str(out),
+            preset="tiny",
+            steps=2,
+            batch_size=16,
+            num_workers=0,
+            seed=seed,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -34,8 +44,14 @@ def vae_run(digits_val_store, tmp_path_factory) -> Path:
 
 
 def cfg(features: Path, vae: Path, out: Path, **kw) -> EncodeConfig:
-    base = EncodeConfig(features=str(features), vae=str(vae), out=str(out), backend="local",
-                        batch_size=64, progress=False)  # fmt: skip
+    base = EncodeConfig(
+        features=str(features),
+        vae=str(vae),
+        out=str(out),
+        backend="local",
+        batch_size=64,
+        progress=False,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -119,9 +135,24 @@ def test_ray_is_bit_identical_to_local(local_ray, latents, digits_val_store, vae
 
 def test_sigkill_then_rerun_is_bit_identical(latents, digits_val_store, vae_run, tmp_path):
     out = tmp_path / "killed.zarr"
-    cmd = [sys.executable, "-m", "flatdino.cli.main", "encode-latents", "--features",
-           str(digits_val_store), "--vae", str(vae_run), "--out", str(out), "--backend", "local",
-           "--batch-size", "64", "--save-logvar", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flatdino.cli.main",
+        "encode-latents",
+        "--features",
+        str(digits_val_store),
+        "--vae",
+        str(vae_run),
+        "--out",
+        str(out),
+        "--backend",
+        "local",
+        "--batch-size",
+        "64",
+        "--save-logvar",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:

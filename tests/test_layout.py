@@ -33,8 +33,10 @@ def project_imports(path: Path) -> list[tuple[str, int, bool]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             names = [node.module or ""]
-            if node.level:  # relative: `from .x import y` stays in this layer
+            if node.level == 1:  # `from .x import y` stays in this layer
                 names = [f"flatdino.{layer}.{node.module or ''}"]
+            elif node.level == 2:  # `from ..pipeline.x import y`: another layer
+                names = [f"flatdino.{node.module or ''}"]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         else:
@@ -65,6 +67,25 @@ def test_imports_run_one_way():
     assert violations(ROOT) == []
 
 
+def test_library_imports_are_relative():
+    """Layers import each other relatively (`from ..pipeline.store import x`), so a static tool
+    resolves them from the source tree; `flatdino.*` exists only once installed (`make lint` runs
+    basedpyright's import resolution over the layers)."""
+    absolute = []
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module or ""]
+                absolute += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}"
+                    for n in names
+                    if n.split(".")[0] == "flatdino"
+                ]
+    assert absolute == []
+
+
 def test_every_layer_is_a_package_folder_and_installed():
     pyproject = (ROOT / "pyproject.toml").read_text()
     for layer in LAYERS:
@@ -92,6 +113,7 @@ def test_models_import_nothing_of_the_project():
             "models imports pipeline",
         ),
         ("eval", "def f():\n    from flatdino.models import vae\n", "inside a function"),
+        ("pipeline", "from ..trainers.loop import train_loop\n", "pipeline imports trainers"),
         ("trainers", "def f():\n    from .loop import train_loop\n", "inside a function"),
     ],
 )

@@ -13,10 +13,14 @@ from flatdino.pipeline.loader import FeatureBatches, LoaderConfig, _shuffle_buff
 
 
 @given(
-    n=st.integers(0, 300), block=st.integers(1, 17), world=st.integers(1, 4),
-    batch=st.integers(1, 40), buffer=st.integers(0, 64), epoch=st.integers(0, 3),
+    n=st.integers(0, 300),
+    block=st.integers(1, 17),
+    world=st.integers(1, 4),
+    batch=st.integers(1, 40),
+    buffer=st.integers(0, 64),
+    epoch=st.integers(0, 3),
     invalid=st.integers(0, 2**31),
-)  # fmt: skip
+)
 @settings(max_examples=60, deadline=None)
 def test_every_valid_row_once_per_epoch_disjoint_ranks_equal_steps(
     n, block, world, batch, buffer, epoch, invalid

@@ -19,7 +19,7 @@ from flatdino.trainers.runner import (
     run_setup,
     save_checkpoint,
     trainer_state,
-)  # fmt: skip
+)
 
 D = Dist()
 
@@ -41,8 +41,9 @@ def toy(out: Path, losses: list[float] | None = None, **loop):
     def save(path):
         save_checkpoint(path, model, {"toy": 1}, trainer_state(opt, state, D, setup), D)
 
-    hooks = LoopHooks(batches=lambda e, s: [torch.ones(2, 2)] * (4 - s), loss=loss, lr=lambda i: 0.1,
-                      save=save)  # fmt: skip
+    hooks = LoopHooks(
+        batches=lambda e, s: [torch.ones(2, 2)] * (4 - s), loss=loss, lr=lambda i: 0.1, save=save
+    )
     cfg = LoopConfig(
         "toy", **{"total": 6, "log_every": 100, "ckpt_every": 2, "progress": False, **loop}
     )
@@ -85,8 +86,9 @@ def test_micro_batches_short_of_a_step_at_epoch_end_are_dropped(tmp_path):
     hooks = LoopHooks(
         batches=lambda e, s: [torch.ones(1, 1)] * (3 - s),  # 3 micro batches per epoch
         loss=lambda net, x: ({"loss": net(x).mean()}, 1),  # d loss / d w = 1 per micro batch
-        lr=lambda i: 1.0, save=lambda path: None,
-    )  # fmt: skip
+        lr=lambda i: 1.0,
+        save=lambda path: None,
+    )
     cfg = LoopConfig("toy", total=3, accum=2, grad_clip=0, ckpt_every=100, progress=False)
     train_loop(cfg, D, tmp_path, model, opt, hooks, state)
     assert model.weight.item() == -3.0  # three steps of mean gradient 1; a carried-over half: -3.5
@@ -113,8 +115,12 @@ def fused_toy(out: Path, total: int, nan_at: int | None = None, log_every: int =
         calls["n"] += 1
         return {"loss": net(batch).pow(2).mean() * scale}, len(batch)
 
-    hooks = LoopHooks(batches=lambda e, s: [torch.ones(2, 2)] * (100 - s), loss=loss,
-                      lr=lambda i: 0.1, save=lambda path: None)  # fmt: skip
+    hooks = LoopHooks(
+        batches=lambda e, s: [torch.ones(2, 2)] * (100 - s),
+        loss=loss,
+        lr=lambda i: 0.1,
+        save=lambda path: None,
+    )
     cfg = LoopConfig("toy", total=total, log_every=log_every, ckpt_every=1000, progress=False)
     out.mkdir(exist_ok=True)
     state = {"step": 0, "micro_step": 0, "epoch": 0}

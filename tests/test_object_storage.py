@@ -72,13 +72,58 @@ def test_the_chain_with_every_store_on_s3_equals_the_chain_on_disk(s3, digits_va
     for where, features in (("s3", feats), ("disk", str(digits_val_store))):
         root = tmp_path / where
         latents = f"{s3}/latents.zarr" if where == "s3" else str(root / "latents.zarr")
-        cli("train-vae", "--features", features, "--val-features", features, "--out", root / "vae",
-            "--preset", "tiny", "--steps", "4", "--eval-every", "2", "--batch-size", "32",
-            "--num-workers", "0", "--device", "cpu", "--no-progress")  # fmt: skip
-        cli("encode-latents", "--features", features, "--vae", root / "vae", "--out", latents,
-            "--backend", "local", "--device", "cpu", "--no-progress")  # fmt: skip
-        cli("train-dit", "--latents", latents, "--out", root / "dit", "--preset", "tiny",
-            "--steps", "3", "--batch-size", "32", "--device", "cpu", "--no-progress")  # fmt: skip
+        cli(
+            "train-vae",
+            "--features",
+            features,
+            "--val-features",
+            features,
+            "--out",
+            root / "vae",
+            "--preset",
+            "tiny",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "32",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
+        cli(
+            "encode-latents",
+            "--features",
+            features,
+            "--vae",
+            root / "vae",
+            "--out",
+            latents,
+            "--backend",
+            "local",
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
+        cli(
+            "train-dit",
+            "--latents",
+            latents,
+            "--out",
+            root / "dit",
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--no-progress",
+        )
         runs[where] = root, latents
     (s3_root, s3_latents), (disk_root, disk_latents) = runs["s3"], runs["disk"]
     same_files(s3_root / "vae", disk_root / "vae", "**/*.safetensors")
@@ -115,38 +160,73 @@ def test_overwrite_on_s3_replaces_only_its_own_store(s3):
     assert neighbour.read("keep.txt") == b"mine"
 
 
-EXTRACT = ("extract-features", "--data", "digits", "--split", "val", "--backbone", "tiny",
-           "--backend", "local", "--no-progress")  # fmt: skip
+EXTRACT = (
+    "extract-features",
+    "--data",
+    "digits",
+    "--split",
+    "val",
+    "--backbone",
+    "tiny",
+    "--backend",
+    "local",
+    "--no-progress",
+)
 
 
 def test_a_prefix_holding_other_objects_is_refused_even_with_overwrite(s3):
     Location(f"{s3}/data").write("readme.txt", b"not a store")
     for extra in ((), ("--overwrite",)):
-        one_line_error(*EXTRACT, "--out", f"{s3}/data", *extra,
-                       fragments=("holds objects and is not a flatdino feature store",
-                                  "--overwrite does not delete it"))  # fmt: skip
+        one_line_error(
+            *EXTRACT,
+            "--out",
+            f"{s3}/data",
+            *extra,
+            fragments=(
+                "holds objects and is not a flatdino feature store",
+                "--overwrite does not delete it",
+            ),
+        )
     assert Location(f"{s3}/data").keys() == ["readme.txt"]
 
 
 def test_a_missing_bucket_is_one_line(s3):
-    one_line_error(*EXTRACT, "--out", "s3://no-such-bucket-here/f.zarr",
-                   fragments=("the bucket 'no-such-bucket-here' does not exist",))  # fmt: skip
-    one_line_error("train-vae", "--features", "s3://no-such-bucket-here/f.zarr", "--out", "x",
-                   fragments=("does not exist",))  # fmt: skip
+    one_line_error(
+        *EXTRACT,
+        "--out",
+        "s3://no-such-bucket-here/f.zarr",
+        fragments=("the bucket 'no-such-bucket-here' does not exist",),
+    )
+    one_line_error(
+        "train-vae",
+        "--features",
+        "s3://no-such-bucket-here/f.zarr",
+        "--out",
+        "x",
+        fragments=("does not exist",),
+    )
 
 
 def test_an_unreachable_endpoint_is_one_line(s3, monkeypatch, tmp_path):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    one_line_error(*EXTRACT, "--out", f"{s3}/f.zarr",
-                   fragments=(f"cannot reach {endpoint}", "AWS_ENDPOINT_URL"))  # fmt: skip
+    one_line_error(
+        *EXTRACT,
+        "--out",
+        f"{s3}/f.zarr",
+        fragments=(f"cannot reach {endpoint}", "AWS_ENDPOINT_URL"),
+    )
 
 
 def test_missing_credentials_are_one_line(s3, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    one_line_error(*EXTRACT, "--out", f"{s3}/f.zarr",
-                   fragments=("no S3 credentials found", "AWS_ACCESS_KEY_ID"))  # fmt: skip
+    one_line_error(
+        *EXTRACT,
+        "--out",
+        f"{s3}/f.zarr",
+        fragments=("no S3 credentials found", "AWS_ACCESS_KEY_ID"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +234,19 @@ def s3_with_auth():
     """A second moto server that checks credentials: (endpoint, bucket URL, key id, secret)."""
     proc, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "4"})  # then auth is enforced
     try:
-        kw = {"endpoint_url": endpoint, "region_name": "us-east-1",
-              "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}  # fmt: skip
+        kw = {
+            "endpoint_url": endpoint,
+            "region_name": "us-east-1",
+            "aws_access_key_id": "setup",
+            "aws_secret_access_key": "setup",
+        }
         boto3.client("s3", **kw).create_bucket(Bucket="authbucket")
         iam = boto3.client("iam", **kw)
         iam.create_user(UserName="flatdino")
-        allow = {"Version": "2012-10-17",
-                 "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}  # fmt: skip
+        allow = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+        }
         iam.put_user_policy(UserName="flatdino", PolicyName="all", PolicyDocument=json.dumps(allow))
         key = iam.create_access_key(UserName="flatdino")["AccessKey"]
         yield endpoint, "s3://authbucket", key["AccessKeyId"], key["SecretAccessKey"]
@@ -177,8 +263,9 @@ def test_wrong_credentials_are_one_line(s3_with_auth, monkeypatch, wrong):
     monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEY" if wrong == "key" else key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret + "x" if wrong == "secret" else secret)
-    one_line_error(*EXTRACT, "--out", f"{bucket}/f.zarr",
-                   fragments=("credentials were refused", endpoint))  # fmt: skip
+    one_line_error(
+        *EXTRACT, "--out", f"{bucket}/f.zarr", fragments=("credentials were refused", endpoint)
+    )
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)  # the right ones work on the same server
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     Location(f"{bucket}/probe").write("x", b"1")
@@ -189,13 +276,21 @@ def test_wrong_credentials_are_one_line(s3_with_auth, monkeypatch, wrong):
 def test_a_scheme_without_its_library_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "obstore", None)  # as if flatdino[cloud] were not installed
     monkeypatch.setitem(sys.modules, "obstore.store", None)
-    one_line_error(*EXTRACT, "--out", "gs://bucket/f.zarr",
-                   fragments=("obstore", "pip install 'flatdino[cloud]'"))  # fmt: skip
+    one_line_error(
+        *EXTRACT,
+        "--out",
+        "gs://bucket/f.zarr",
+        fragments=("obstore", "pip install 'flatdino[cloud]'"),
+    )
 
 
 def test_an_unknown_scheme_is_one_line():
-    one_line_error(*EXTRACT, "--out", "hdfs://cluster/f.zarr",
-                   fragments=("unsupported URL scheme 'hdfs'", "s3://"))  # fmt: skip
+    one_line_error(
+        *EXTRACT,
+        "--out",
+        "hdfs://cluster/f.zarr",
+        fragments=("unsupported URL scheme 'hdfs'", "s3://"),
+    )
 
 
 class CountingStore(zarr.storage.WrapperStore):

@@ -103,8 +103,16 @@ def test_sampler_trajectory_with_cfg_matches_the_official_sampler(dit, ref, out,
     t = 0 step of (0, 1) unguided, and so must we."""
     steps, shift, cfg, _, hi = ref["traj/meta"][:5]
     x0, labels = torch.from_numpy(ref["traj_in/x0"]), torch.from_numpy(ref["traj_in/labels"])
-    x = flow_sample(dit, x0, labels.long(), steps=int(steps), kappa=float(shift), cfg=float(cfg),
-                    cfg_interval=(lo, float(hi)), null_class=dit.null_class)  # fmt: skip
+    x = flow_sample(
+        dit,
+        x0,
+        labels.long(),
+        steps=int(steps),
+        kappa=float(shift),
+        cfg=float(cfg),
+        cfg_interval=(lo, float(hi)),
+        null_class=dit.null_class,
+    )
     assert _rel(x, ref[f"{out}/x"]) < 1e-5
 
 
@@ -145,8 +153,16 @@ def test_import_official_round_trip_to_sample(tmp_path, ref, vae, dit, invoke):
     for k, v in vae.state_dict().items():
         torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
 
-    r = invoke(["import-official", str(DIT_CKPT), "--out", str(tmp_path / "dit"),
-                "--vae", str(tmp_path / "vae")])  # fmt: skip
+    r = invoke(
+        [
+            "import-official",
+            str(DIT_CKPT),
+            "--out",
+            str(tmp_path / "dit"),
+            "--vae",
+            str(tmp_path / "vae"),
+        ]
+    )
     assert r.exit_code == 0, r.output
     raw = load_file(str(tmp_path / "dit" / "model.safetensors"))
     ema = load_file(str(tmp_path / "dit" / "ema.safetensors"))
@@ -156,9 +172,27 @@ def test_import_official_round_trip_to_sample(tmp_path, ref, vae, dit, invoke):
         torch.testing.assert_close(ema[k], v * scale, rtol=0, atol=0)
 
     out = tmp_path / "samples"
-    r = invoke(["sample", "--dit", str(tmp_path / "dit"), "--out", str(out), "--classes", "2,5",
-                "--per-class", "1", "--steps", "6", "--cfg", "4.5", "--no-ema",
-                "--device", "cpu", "--no-progress"])  # fmt: skip
+    r = invoke(
+        [
+            "sample",
+            "--dit",
+            str(tmp_path / "dit"),
+            "--out",
+            str(out),
+            "--classes",
+            "2,5",
+            "--per-class",
+            "1",
+            "--steps",
+            "6",
+            "--cfg",
+            "4.5",
+            "--no-ema",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert r.exit_code == 0, r.output
     latents = np.load(out / "latents.npy")
     features = np.load(out / "features.npy")
@@ -227,9 +261,20 @@ def test_a_checkpoint_of_the_older_layout_is_one_line(tmp_path):
     from flatdino.pipeline.checkpoints import load_vae
     from flatdino.pipeline.errors import FlatDinoError
 
-    old = {"in_dim": 64, "num_patches": 256, "tokens": 8, "latent_dim": 16, "enc_dim": 64,
-           "enc_depth": 2, "enc_heads": 2, "dec_dim": 64, "dec_depth": 2, "dec_heads": 2,
-           "mlp_ratio": 4.0, "logvar_init": -5.0}  # fmt: skip
+    old = {
+        "in_dim": 64,
+        "num_patches": 256,
+        "tokens": 8,
+        "latent_dim": 16,
+        "enc_dim": 64,
+        "enc_depth": 2,
+        "enc_heads": 2,
+        "dec_dim": 64,
+        "dec_depth": 2,
+        "dec_heads": 2,
+        "mlp_ratio": 4.0,
+        "logvar_init": -5.0,
+    }
     (tmp_path / "config.json").write_text(json.dumps(old))
     save_file({"encoder.pos": torch.zeros(1, 256, 64)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(FlatDinoError, match="must be trained again") as e:
@@ -241,8 +286,14 @@ def test_generator_shapes_that_match_no_preset_are_refused(ref):
     from flatdino.models.official import dit_config_from_shapes, dit_shapes
 
     tree = _tree(ref, "dit/")
-    assert dit_shapes(tree) == {"tokens": 4, "latent_dim": 8, "dim": 32, "depth": 2,
-                                "num_classes": 10, "mlp_hidden": 85}  # fmt: skip
+    assert dit_shapes(tree) == {
+        "tokens": 4,
+        "latent_dim": 8,
+        "dim": 32,
+        "depth": 2,
+        "num_classes": 10,
+        "mlp_hidden": 85,
+    }
     with pytest.raises(OfficialFormatError, match="match no preset"):
         dit_config_from_shapes(tree)
     with pytest.raises(OfficialFormatError, match="pred_type = 'x'"):

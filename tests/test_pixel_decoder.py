@@ -38,11 +38,15 @@ def rae_state_dict_shapes(
     """The tensors of RAE's GeneralDecoder (bytetriper/RAE src/stage1/decoders/decoder.py, built on
     its copy of the transformers-4 ViTMAELayer) as `torch.save(decoder.state_dict())` writes them."""
     shapes = {
-        "decoder_pos_embed": (1, patches + 1, dim), "trainable_cls_token": (1, 1, dim),
-        "decoder_embed.weight": (dim, in_dim), "decoder_embed.bias": (dim,),
-        "decoder_norm.weight": (dim,), "decoder_norm.bias": (dim,),
-        "decoder_pred.weight": (patch * patch * 3, dim), "decoder_pred.bias": (patch * patch * 3,),
-    }  # fmt: skip
+        "decoder_pos_embed": (1, patches + 1, dim),
+        "trainable_cls_token": (1, 1, dim),
+        "decoder_embed.weight": (dim, in_dim),
+        "decoder_embed.bias": (dim,),
+        "decoder_norm.weight": (dim,),
+        "decoder_norm.bias": (dim,),
+        "decoder_pred.weight": (patch * patch * 3, dim),
+        "decoder_pred.bias": (patch * patch * 3,),
+    }
     for i in range(depth):
         p = f"decoder_layers.{i}."
         for name in ("query", "key", "value"):
@@ -70,8 +74,15 @@ def test_state_dict_matches_raes_decoder(name):
 
 def test_published_decoder_size():
     cfg = PIXEL_DECODER_PRESETS["rae-vitxl"]
-    assert (cfg.dim, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.patch_size, cfg.image_size, cfg.eps) == (
-        1152, 28, 16, 4096, 16, 256, 1e-12)  # fmt: skip
+    assert (
+        cfg.dim,
+        cfg.depth,
+        cfg.heads,
+        cfg.mlp_dim,
+        cfg.patch_size,
+        cfg.image_size,
+        cfg.eps,
+    ) == (1152, 28, 16, 4096, 16, 256, 1e-12)
     assert count_pixel_decoder_parameters(cfg) == 415_352_704  # 456 tensors, as RAE's builds
 
 
@@ -79,14 +90,25 @@ def test_layer_matches_transformers_vit_mae_layer():
     from transformers.models.vit_mae.modeling_vit_mae import ViTMAEConfig, ViTMAELayer
 
     cfg = PixelDecoderConfig(dim=64, heads=4, mlp_dim=128, depth=1)
-    hf_cfg = ViTMAEConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                          layer_norm_eps=1e-12, hidden_act="gelu", qkv_bias=True)  # fmt: skip
+    hf_cfg = ViTMAEConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+        qkv_bias=True,
+    )
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     ours, theirs = DecoderLayer(cfg).eval(), ViTMAELayer(hf_cfg).eval()
-    rename = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
-              "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj",
-              "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}  # fmt: skip
+    rename = {
+        "attention.attention.query": "attention.q_proj",
+        "attention.attention.key": "attention.k_proj",
+        "attention.attention.value": "attention.v_proj",
+        "attention.output.dense": "attention.o_proj",
+        "intermediate.dense": "mlp.fc1",
+        "output.dense": "mlp.fc2",
+    }
     state = {k: torch.randn_like(v) * 0.2 for k, v in ours.state_dict().items()}
     ours.load_state_dict(state)
     hf_state = {}
@@ -128,7 +150,9 @@ def test_rae_file_loads_strictly_and_a_renamed_key_is_refused(tmp_path):
         model.decoder_pos_embed, state["decoder_pos_embed"]
     )  # loaded, not recomputed
     (tmp_path / "vitb.pt").unlink()  # 350 MB: keep the suite's disk use small
-    state["decoder_layers.0.attention.attention.q.weight"] = state.pop("decoder_layers.0.attention.attention.query.weight")  # fmt: skip
+    state["decoder_layers.0.attention.attention.q.weight"] = state.pop(
+        "decoder_layers.0.attention.attention.query.weight"
+    )
     torch.save(state, tmp_path / "renamed.pt")
     with pytest.raises(WeightsError, match="does not match"):
         load_pixel_decoder(str(tmp_path / "renamed.pt"))
@@ -152,9 +176,19 @@ def test_view_pixels_are_the_crops_the_backbone_saw():
 
 
 def test_train_decoder_learns_the_digits(digits_val_store, tmp_path):
-    cfg = TrainDecoderConfig(features=str(digits_val_store), out=str(tmp_path / "dec"), preset="tiny",
-                             steps=40, batch_size=16, lr=1e-3, num_workers=0, log_every=10,
-                             progress=False, device="cpu", noise_tau=0.0)  # fmt: skip
+    cfg = TrainDecoderConfig(
+        features=str(digits_val_store),
+        out=str(tmp_path / "dec"),
+        preset="tiny",
+        steps=40,
+        batch_size=16,
+        lr=1e-3,
+        num_workers=0,
+        log_every=10,
+        progress=False,
+        device="cpu",
+        noise_tau=0.0,
+    )
     metrics = train_decoder(cfg)
     model, _ = load_pixel_decoder(str(tmp_path / "dec"))
     store = FeatureStore(digits_val_store)

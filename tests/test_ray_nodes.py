@@ -45,8 +45,9 @@ def start_node(log: Path, *args: str) -> subprocess.Popen:
     """`ray start --block ARGS` in a session of its own; its output into `log`."""
     cmd = [RAY, "start", "--block", "--disable-usage-stats", *args]
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
+        )
 
 
 def cluster_nodes(address: str, alive: int) -> dict[str, dict]:
@@ -105,13 +106,37 @@ def still_running(processes: dict[int, tuple[int, str]], within: float = 10) -> 
 
 
 def start_job(out: Path, address: str, log: Path) -> subprocess.Popen:
-    args = ["extract-features", "--data", "digits", "--split", "val", "--out", str(out),
-            "--backbone", "tiny", "--backend", "ray", "--ray-address", address, "--workers", "2",
-            "--batch-size", "16", "--shard-size", "8", "--torch-threads", "1",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "extract-features",
+        "--data",
+        "digits",
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--backend",
+        "ray",
+        "--ray-address",
+        address,
+        "--workers",
+        "2",
+        "--batch-size",
+        "16",
+        "--shard-size",
+        "8",
+        "--torch-threads",
+        "1",
+        "--no-progress",
+    ]
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "flatdino.cli.main", *args], stdout=f,
-                                stderr=subprocess.STDOUT, env=ENV)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "flatdino.cli.main", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+        )
 
 
 @pytest.mark.slow
@@ -122,19 +147,43 @@ def test_a_killed_ray_node_loses_no_shard(tmp_path):
     # The head has room for both backbone actors (1 CPU each) and a decode task (1 CPU) once node 2
     # is gone. Own ports for the services that default to fixed ones: another Ray on this machine
     # is never in the way.
-    head = start_node(tmp_path / "head.log", "--head", "--port", port, "--num-cpus", "3",
-                      "--temp-dir", str(ray_tmp / "head"), "--include-dashboard", "false",
-                      "--dashboard-port", free_port(),
-                      "--ray-client-server-port", free_port())  # fmt: skip
+    head = start_node(
+        tmp_path / "head.log",
+        "--head",
+        "--port",
+        port,
+        "--num-cpus",
+        "3",
+        "--temp-dir",
+        str(ray_tmp / "head"),
+        "--include-dashboard",
+        "false",
+        "--dashboard-port",
+        free_port(),
+        "--ray-client-server-port",
+        free_port(),
+    )
     nodes, job, on_node2, seen = [head], None, set(), set()
     try:
         # 3 CPUs: the engine's 4 decode tasks (1 CPU each; Ray keeps 2 on the head, < 50% busy,
         # then sends each to the least busy node) leave one for an actor, which SPREAD puts here.
         # With 2, decode tasks can fill node 2 before the actors are placed, and both go to the head.
-        nodes.append(start_node(tmp_path / "node2.log", "--address", address, "--num-cpus", "3",
-                                "--temp-dir", str(ray_tmp / "node2")))  # fmt: skip
-        [node2] = [i for i, n in cluster_nodes(address, 2).items()
-                   if "node:__internal_head__" not in n["Resources"]]  # fmt: skip
+        nodes.append(
+            start_node(
+                tmp_path / "node2.log",
+                "--address",
+                address,
+                "--num-cpus",
+                "3",
+                "--temp-dir",
+                str(ray_tmp / "node2"),
+            )
+        )
+        [node2] = [
+            i
+            for i, n in cluster_nodes(address, 2).items()
+            if "node:__internal_head__" not in n["Resources"]
+        ]
         job = start_job(out, address, log)
         deadline = time.monotonic() + 120
         while job.poll() is None and time.monotonic() < deadline:

@@ -69,12 +69,30 @@ def test_no_row_is_seen_twice_in_an_epoch_across_a_change_of_ranks(before, after
 )
 def test_a_gloo_run_resumes_on_another_number_of_ranks(tmp_path, before, after, stop):
     rng = np.random.default_rng(0)
-    store = fake_latents_store(tmp_path / "lat.zarr", rng.standard_normal((64, 1, 8, 16)).astype(np.float32),
-                               np.arange(64) % 4)  # fmt: skip
+    store = fake_latents_store(
+        tmp_path / "lat.zarr",
+        rng.standard_normal((64, 1, 8, 16)).astype(np.float32),
+        np.arange(64) % 4,
+    )
     run = tmp_path / "run"
-    common = ["train-dit", "--latents", str(store), "--out", str(run), "--preset", "tiny",
-              "--batch-size", "16", "--steps", "8", "--log-every", "1", "--device", "cpu",
-              "--no-progress"]  # fmt: skip
+    common = [
+        "train-dit",
+        "--latents",
+        str(store),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "16",
+        "--steps",
+        "8",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     first = torchrun(before, *common, "--stop-after", str(stop))
     assert first.returncode == 0, first.stderr[-2000:]
     second = torchrun(after, *common, "--resume")

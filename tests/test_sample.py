@@ -79,8 +79,24 @@ def chain(tmp_path_factory) -> Path:
 
 def test_all_five_commands_end_in_pngs(chain, tmp_path):
     out = tmp_path / "samples"
-    result = invoke("sample", "--dit", chain / "dit", "--out", out, "--classes", "2,7", "--per-class", "3",
-                    "--decoder", chain / "decoder", "--steps", "4", "--device", "cpu", "--no-progress")  # fmt: skip
+    result = invoke(
+        "sample",
+        "--dit",
+        chain / "dit",
+        "--out",
+        out,
+        "--classes",
+        "2,7",
+        "--per-class",
+        "3",
+        "--decoder",
+        chain / "decoder",
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert "6 samples" in result.output
     npz = np.load(out / "samples.npz")
     assert npz["arr_0"].shape == (6, 256, 256, 3) and npz["arr_0"].dtype == np.uint8
@@ -91,20 +107,54 @@ def test_all_five_commands_end_in_pngs(chain, tmp_path):
     assert grid.size == (64 + 3 * 256, 2 * 256)  # a label margin, rows = classes
     info = runner.invoke(app, ["info", str(chain / "decoder")])
     assert info.exit_code == 0 and "kind: decoder" in info.output
-    invoke("sample", "--dit", chain / "dit", "--out", out, "--n", "2", "--steps", "2", "--device", "cpu",
-           "--no-progress")  # fmt: skip  # the same --out again, without a decoder
+    invoke(
+        "sample",
+        "--dit",
+        chain / "dit",
+        "--out",
+        out,
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )  # the same --out again, without a decoder
     assert sorted(p.name for p in out.iterdir()) == ["features.npy", "latents.npy", "sample.json"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("keep me")
-    refused = runner.invoke(app, ["sample", "--dit", str(chain / "dit"), "--out", str(tmp_path / "mine"),
-                                  "--n", "1", "--steps", "1", "--device", "cpu"])  # fmt: skip
+    refused = runner.invoke(
+        app,
+        [
+            "sample",
+            "--dit",
+            str(chain / "dit"),
+            "--out",
+            str(tmp_path / "mine"),
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert refused.exit_code == 1 and "not a sample run" in refused.output
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep me"
 
 
 def test_seeds_reproduce_at_any_batch_size_and_no_decoder_writes_features(chain, tmp_path):
-    base = SampleConfig(dit=str(chain / "dit"), out=str(tmp_path / "a"), n=5, steps=3, batch_size=5,
-                        device="cpu", progress=False, cfg=2.0)  # fmt: skip
+    base = SampleConfig(
+        dit=str(chain / "dit"),
+        out=str(tmp_path / "a"),
+        n=5,
+        steps=3,
+        batch_size=5,
+        device="cpu",
+        progress=False,
+        cfg=2.0,
+    )
     summary = sample(base)
     assert not summary["images"] and summary["written"] == ["latents.npy", "features.npy"]
     sample(dataclasses.replace(base, out=str(tmp_path / "b"), batch_size=2))
@@ -113,17 +163,55 @@ def test_seeds_reproduce_at_any_batch_size_and_no_decoder_writes_features(chain,
     assert a.shape == (5, 8, 16) and np.allclose(a, b, atol=1e-6) and not np.allclose(a, c)
     feats = np.load(tmp_path / "a" / "features.npy")
     assert feats.shape == (5, 256, 64) and feats.dtype == np.float16
-    result = runner.invoke(app, ["sample", "--dit", str(chain / "dit"), "--out", str(tmp_path / "d"),
-                                 "--n", "2", "--steps", "2", "--device", "cpu", "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--dit",
+            str(chain / "dit"),
+            "--out",
+            str(tmp_path / "d"),
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0 and "pass --decoder" in result.output
 
 
 def test_sample_refuses_a_wrong_vae_and_a_missing_dit(chain, tmp_path):
     other = tmp_path / "vae2"
-    invoke("train-vae", "--features", chain / "features.zarr", "--out", other, "--preset", "tiny",
-           "--steps", "1", "--batch-size", "32", "--num-workers", "0", "--seed", "5", "--no-progress")  # fmt: skip
-    cfg = SampleConfig(dit=str(chain / "dit"), out=str(tmp_path / "s"), n=1, steps=1, vae=str(other),
-                       device="cpu", progress=False)  # fmt: skip
+    invoke(
+        "train-vae",
+        "--features",
+        chain / "features.zarr",
+        "--out",
+        other,
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--seed",
+        "5",
+        "--no-progress",
+    )
+    cfg = SampleConfig(
+        dit=str(chain / "dit"),
+        out=str(tmp_path / "s"),
+        n=1,
+        steps=1,
+        vae=str(other),
+        device="cpu",
+        progress=False,
+    )
     with pytest.raises(FlatDinoError, match="not the one the DiT's latents were encoded with"):
         sample(cfg)
     with pytest.raises(FlatDinoError, match="--dit .* holds no checkpoint"):
@@ -146,8 +234,18 @@ def test_latents_are_denormalised_before_the_vae(tmp_path):
 
     cfg = SampleConfig(dit="", out="", n=3, steps=2, cfg=1.0, batch_size=2, progress=False)
     (tmp_path / "batches").mkdir()
-    generate(cfg, dit, norm, StubVAE(), None, np.zeros(3, np.int64), 3.0, torch.device("cpu"),
-             tmp_path, todo=[0, 1])  # fmt: skip
+    generate(
+        cfg,
+        dit,
+        norm,
+        StubVAE(),
+        None,
+        np.zeros(3, np.int64),
+        3.0,
+        torch.device("cpu"),
+        tmp_path,
+        todo=[0, 1],
+    )
     noise = torch.from_numpy(np.stack([sample_noise(0, i, (4, 3)) for i in range(3)]))
     torch.testing.assert_close(torch.cat(seen), noise * 2.0 + 5.0)
     latents = [np.load(batch_file(tmp_path, b))["latents"] for b in (0, 1)]  # batches of 2 + 1
@@ -216,9 +314,25 @@ def test_two_ranks_write_the_same_bytes_as_one_and_a_run_resumes(chain, tmp_path
     then a run killed after its first batch continues from it and ends identical too."""
     from conftest import torchrun
 
-    common = ["sample", "--dit", str(chain / "dit"), "--num-samples", "10", "--batch-size", "3", "--steps", "3",
-              "--cfg", "2", "--decoder", str(chain / "decoder"), "--save-features", "--device", "cpu",
-              "--no-progress"]  # fmt: skip
+    common = [
+        "sample",
+        "--dit",
+        str(chain / "dit"),
+        "--num-samples",
+        "10",
+        "--batch-size",
+        "3",
+        "--steps",
+        "3",
+        "--cfg",
+        "2",
+        "--decoder",
+        str(chain / "decoder"),
+        "--save-features",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     invoke(*common, "--out", tmp_path / "one")
     two = torchrun(2, *common, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -237,9 +351,18 @@ def test_two_ranks_write_the_same_bytes_as_one_and_a_run_resumes(chain, tmp_path
             raise KeyboardInterrupt
         real_submit(self, b, *args)
 
-    cfg = SampleConfig(dit=str(chain / "dit"), out=str(tmp_path / "again"), n=10, batch_size=3, steps=3,
-                       cfg=2.0, decoder=str(chain / "decoder"), save_features=True, device="cpu",
-                       progress=False)  # fmt: skip
+    cfg = SampleConfig(
+        dit=str(chain / "dit"),
+        out=str(tmp_path / "again"),
+        n=10,
+        batch_size=3,
+        steps=3,
+        cfg=2.0,
+        decoder=str(chain / "decoder"),
+        save_features=True,
+        device="cpu",
+        progress=False,
+    )
     with monkeypatch.context() as m:
         m.setattr(sampling.BatchWriter, "submit", killed_after_two)
         with pytest.raises(KeyboardInterrupt):
@@ -278,8 +401,23 @@ def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_bat
     import flatdino.sampling.sample as sampling
 
     out = tmp_path / "samples"
-    args = ["flatdino", "sample", "--dit", str(chain / "dit"), "--out", str(out), "--n", "64",
-            "--decoder", str(chain / "decoder"), "--steps", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+    args = [
+        "flatdino",
+        "sample",
+        "--dit",
+        str(chain / "dit"),
+        "--out",
+        str(out),
+        "--n",
+        "64",
+        "--decoder",
+        str(chain / "decoder"),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     free = shutil.disk_usage(tmp_path)._replace(free=10 * 2**20)
     with monkeypatch.context() as m:
         m.setattr(sampling.shutil, "disk_usage", lambda path: free)
@@ -307,8 +445,17 @@ def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_bat
     assert (
         partial.name.startswith(".samples.partial-") and len(list(partial.glob("batches/*"))) == 1
     )
-    summary = sample(SampleConfig(dit=str(chain / "dit"), out=str(out), n=64, steps=1,
-                                  decoder=str(chain / "decoder"), device="cpu", progress=False))  # fmt: skip
+    summary = sample(
+        SampleConfig(
+            dit=str(chain / "dit"),
+            out=str(out),
+            n=64,
+            steps=1,
+            decoder=str(chain / "decoder"),
+            device="cpu",
+            progress=False,
+        )
+    )
     assert summary["resumed_batches"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == [
         "samples"
     ]
@@ -354,8 +501,9 @@ def test_ranks_share_an_error_instead_of_waiting_for_each_other():
     port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
-    procs = [ctx.Process(target=_agree_rank, args=(r, port, results), daemon=True)
-             for r in range(2)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_agree_rank, args=(r, port, results), daemon=True) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

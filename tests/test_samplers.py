@@ -31,8 +31,9 @@ def _grid(steps: int, kappa: float) -> list[float]:
 def _linear_error(sampler: str, a: float, steps: int, kappa: float) -> float:
     """Relative error at t = 1 on dx/dt = a·x, whose exact solution is x0·exp(a) on any grid."""
     x0 = torch.tensor([[1.0, -0.5, 2.0]])
-    out = flow_sample(lambda x, t, y: a * x, x0, torch.zeros(1, dtype=torch.long), steps, kappa,
-                      sampler=sampler)  # fmt: skip
+    out = flow_sample(
+        lambda x, t, y: a * x, x0, torch.zeros(1, dtype=torch.long), steps, kappa, sampler=sampler
+    )
     exact = x0 * math.exp(a)
     return ((out - exact).abs().max() / exact.abs().max()).item()
 
@@ -59,8 +60,14 @@ def test_heun_is_second_order_and_euler_first_on_a_linear_ode(a, kappa):
 @pytest.mark.parametrize("kappa", [1.0, 3.0])
 def test_a_constant_field_is_exact(sampler, kappa):
     x0 = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
-    out = flow_sample(lambda x, t, y: torch.full_like(x, -1.3), x0, torch.zeros(3, dtype=torch.long),
-                      7, kappa, sampler=sampler)  # fmt: skip
+    out = flow_sample(
+        lambda x, t, y: torch.full_like(x, -1.3),
+        x0,
+        torch.zeros(3, dtype=torch.long),
+        7,
+        kappa,
+        sampler=sampler,
+    )
     torch.testing.assert_close(out, x0 - 1.3)
 
 
@@ -186,8 +193,9 @@ def test_euler_sample_is_flow_sample_euler_bit_for_bit(autocast):
 
 def test_an_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="sampler must be one of euler, heun; got 'rk4'"):
-        flow_sample(lambda x, t, y: x, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 2,
-                    sampler="rk4")  # fmt: skip
+        flow_sample(
+            lambda x, t, y: x, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 2, sampler="rk4"
+        )
     with pytest.raises(FlatDinoError, match="^--sampler must be one of euler, heun; got 'rk4'$"):
         sample(SampleConfig(dit="", out="", sampler="rk4"))
 
@@ -241,9 +249,28 @@ def chain(tmp_path_factory) -> Path:
 
 
 def _sample_args(chain: Path, out: Path, *extra) -> list[str]:
-    return [str(a) for a in ("sample", "--dit", chain / "dit", "--out", out, "--n", "4", "--steps", "3",
-                             "--cfg", "2.5", "--cfg-interval", "0.2,1.0", "--device", "cpu",
-                             "--no-progress", *extra)]  # fmt: skip
+    return [
+        str(a)
+        for a in (
+            "sample",
+            "--dit",
+            chain / "dit",
+            "--out",
+            out,
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--cfg",
+            "2.5",
+            "--cfg-interval",
+            "0.2,1.0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        )
+    ]
 
 
 def test_sample_with_heun_and_autoguidance_end_to_end(chain, tmp_path):
@@ -265,8 +292,18 @@ def test_sample_with_heun_and_autoguidance_end_to_end(chain, tmp_path):
     guide = load_dit(str(weak))[0]
     shape = (dit.cfg.tokens, dit.cfg.latent_dim)
     x0 = torch.from_numpy(np.stack([sample_noise(0, i, shape) for i in range(4)]))
-    x1 = flow_sample(dit, x0, torch.arange(4), 3, float(flow["kappa"]), 2.5, (0.2, 1.0),
-                     dit.null_class, sampler="heun", guide=guide)  # fmt: skip
+    x1 = flow_sample(
+        dit,
+        x0,
+        torch.arange(4),
+        3,
+        float(flow["kappa"]),
+        2.5,
+        (0.2, 1.0),
+        dit.null_class,
+        sampler="heun",
+        guide=guide,
+    )
     np.testing.assert_allclose(auto, norm.denormalize(x1).numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -296,10 +333,16 @@ def test_a_guide_for_other_latents_or_shapes_is_refused_in_one_line(chain, tmp_p
     (other / "flow.json").write_text(json.dumps(flow))
     cases = [
         (other, "was not trained on the latents --dit was (their flow.json's latents_fingerprint"),
-        (_copy_dit(weak, tmp_path / "classes", num_classes=3), "(tokens, latent_dim, classes) = (8, 16, 3)"),
-        (_copy_dit(weak, tmp_path / "tokens", tokens=4), "(tokens, latent_dim, classes) = (4, 16, 10)"),
+        (
+            _copy_dit(weak, tmp_path / "classes", num_classes=3),
+            "(tokens, latent_dim, classes) = (8, 16, 3)",
+        ),
+        (
+            _copy_dit(weak, tmp_path / "tokens", tokens=4),
+            "(tokens, latent_dim, classes) = (4, 16, 10)",
+        ),
         (tmp_path, "--guide-dit"),  # no checkpoint at all
-    ]  # fmt: skip
+    ]
     for guide, message in cases:
         result = runner.invoke(app, _sample_args(chain, tmp_path / "s", "--guide-dit", guide))
         assert result.exit_code == 1, result.output

@@ -38,9 +38,16 @@ def bytes_read(monkeypatch):
 
 def two_view_store(path: Path, n: int = 96, shard: int = 32, c: int = 16) -> Path:
     rng = np.random.default_rng(0)
-    store = FeatureStore.create(path, shape=(n, 2, 256, c), labels=np.zeros(n, np.int32),
-                                paths=[str(i) for i in range(n)], class_names=["a"],
-                                shard_size=shard, chunk_rows=1, attrs={"fingerprint": {}})  # fmt: skip
+    store = FeatureStore.create(
+        path,
+        shape=(n, 2, 256, c),
+        labels=np.zeros(n, np.int32),
+        paths=[str(i) for i in range(n)],
+        class_names=["a"],
+        shard_size=shard,
+        chunk_rows=1,
+        attrs={"fingerprint": {}},
+    )
     for s in store.shards():
         rows = rng.standard_normal((s.stop - s.start, 2, 256, c)).astype(np.float16)
         store.write_shard(s, rows, np.ones(len(rows), bool), {})

@@ -70,8 +70,22 @@ def test_cells_are_sample_runs_from_the_same_noise_and_a_rerun_skips_them(
 ):
     out = tmp_path / "sweep"
     # κ = 3, 4 steps: t = 0, 0.1, 0.25, 0.5, so start 0.3 guides only the last step
-    args = ["sweep-cfg", "--dit", chain / "dit", "--features", chain / "features.zarr", "--out", out,
-            "--scales", "1,2", "--interval-starts", "0,0.3", "--n", "80", *FAST]  # fmt: skip
+    args = [
+        "sweep-cfg",
+        "--dit",
+        chain / "dit",
+        "--features",
+        chain / "features.zarr",
+        "--out",
+        out,
+        "--scales",
+        "1,2",
+        "--interval-starts",
+        "0,0.3",
+        "--n",
+        "80",
+        *FAST,
+    ]
     result = invoke(*args)
     assert "3 cells computed, 0 already in sweep.csv" in result.output  # w = 1 once
     rows = read_csv(out / "sweep.csv")
@@ -91,8 +105,21 @@ def test_cells_are_sample_runs_from_the_same_noise_and_a_rerun_skips_them(
     reference = load_set(str(chain / "features.zarr"), dinov2)
     for w, start in ((2.0, 0.3), (1.0, 0.0)):  # the same cells through `sample` and `eval fid`
         samples = tmp_path / f"sample-{w}-{start}"
-        invoke("sample", "--dit", chain / "dit", "--out", samples, "--cfg", w, "--cfg-interval",
-               f"{start},1", "--n", "80", "--save-features", *FAST)  # fmt: skip
+        invoke(
+            "sample",
+            "--dit",
+            chain / "dit",
+            "--out",
+            samples,
+            "--cfg",
+            w,
+            "--cfg-interval",
+            f"{start},1",
+            "--n",
+            "80",
+            "--save-features",
+            *FAST,
+        )
         fake = load_set(str(samples / "features.npy"), dinov2)
         assert frechet_distance(reference.stats, fake.stats) == pytest.approx(
             fd[w, start], abs=1e-9
@@ -114,9 +141,19 @@ def test_cells_are_sample_runs_from_the_same_noise_and_a_rerun_skips_them(
 def test_an_interrupted_sweep_resumes_from_its_csv(chain, tmp_path, monkeypatch):
     import flatdino.eval.sweep as sweep
 
-    cfg = SweepConfig(dit=str(chain / "dit"), features=str(chain / "features.zarr"),
-                      out=str(tmp_path / "sweep"), scales=(2.0, 3.0), interval_starts=(0.0,), n=8,
-                      steps=4, batch_size=32, ema=False, device="cpu", progress=False)  # fmt: skip
+    cfg = SweepConfig(
+        dit=str(chain / "dit"),
+        features=str(chain / "features.zarr"),
+        out=str(tmp_path / "sweep"),
+        scales=(2.0, 3.0),
+        interval_starts=(0.0,),
+        n=8,
+        steps=4,
+        batch_size=32,
+        ema=False,
+        device="cpu",
+        progress=False,
+    )
     real, calls = sweep.measure, []
 
     def dies_on_the_second(*a, **k):
@@ -158,19 +195,60 @@ def test_fid_on_decoded_pixels_is_eval_fid_of_the_sample_run(chain, tmp_path, mo
     for i in range(24):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     store = tmp_path / "small.zarr"
-    invoke("extract-features", "--data", folder.parent, "--backbone", "tiny", "--out", store,
-           "--backend", "local", "--no-progress")  # fmt: skip
+    invoke(
+        "extract-features",
+        "--data",
+        folder.parent,
+        "--backbone",
+        "tiny",
+        "--out",
+        store,
+        "--backend",
+        "local",
+        "--no-progress",
+    )
     out = tmp_path / "sweep"
-    result = invoke("sweep-cfg", "--dit", chain / "dit", "--features", store, "--out", out,
-                    "--scales", "1,2", "--interval-starts", "0", "--n", "40", "--decoder", chain / "decoder",
-                    "--inception-weights", weights, *FAST)  # fmt: skip
+    result = invoke(
+        "sweep-cfg",
+        "--dit",
+        chain / "dit",
+        "--features",
+        store,
+        "--out",
+        out,
+        "--scales",
+        "1,2",
+        "--interval-starts",
+        "0",
+        "--n",
+        "40",
+        "--decoder",
+        chain / "decoder",
+        "--inception-weights",
+        weights,
+        *FAST,
+    )
     rows = read_csv(out / "sweep.csv")
     fids = {k: r["fid"] for k, r in rows.items()}
     assert sorted(fids) == [(1.0, 0.0), (2.0, 0.0)] and fids[1.0, 0.0] != fids[2.0, 0.0]
     assert printed_best(result.output) == min(fids, key=fids.get) and "(fid " in result.output
     samples = tmp_path / "samples"
-    invoke("sample", "--dit", chain / "dit", "--out", samples, "--cfg", "2", "--cfg-interval", "0,1",
-           "--n", "40", "--decoder", chain / "decoder", *FAST)  # fmt: skip
+    invoke(
+        "sample",
+        "--dit",
+        chain / "dit",
+        "--out",
+        samples,
+        "--cfg",
+        "2",
+        "--cfg-interval",
+        "0,1",
+        "--n",
+        "40",
+        "--decoder",
+        chain / "decoder",
+        *FAST,
+    )
     cfg = FidConfig(real="", space="inception", inception_weights=str(weights), progress=False)
     real, fake = load_set(str(store), cfg), load_set(str(samples / "samples.npz"), cfg)
     assert frechet_distance(real.stats, fake.stats) == pytest.approx(fids[2.0, 0.0], rel=1e-6)
@@ -193,12 +271,15 @@ def test_the_cli_builds_the_papers_grid_by_default(monkeypatch):
         (["--scales", "2,x"], "comma-separated numbers"),
         (["--interval-starts", "0,1.5"], "must be in [0, 1]"),
         (["--inception-weights", "w.pth"], "needs --decoder"),
-        (["--features", "WRONG_STORE"], "holds (256, 32) patch features but the VAE decodes (256, 64)"),
+        (
+            ["--features", "WRONG_STORE"],
+            "holds (256, 32) patch features but the VAE decodes (256, 64)",
+        ),
         (["--dit", "NO_DROPOUT"], "without class dropout"),
         (["--out", "NOT_A_SWEEP"], "not a sweep"),
         (["--seed", "1"], "another config (seed differ)"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_one_line_and_exit_1(chain, tmp_path, options, message):
     import shutil
 
@@ -215,8 +296,14 @@ def test_bad_input_is_one_line_and_exit_1(chain, tmp_path, options, message):
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "thesis.tex").write_text("keep me")
         options = ["--out", tmp_path / "mine"]
-    base = {"--dit": chain / "dit", "--features": chain / "features.zarr", "--out": tmp_path / "s",
-            "--scales": "2", "--interval-starts": "0", "--n": "4"}  # fmt: skip
+    base = {
+        "--dit": chain / "dit",
+        "--features": chain / "features.zarr",
+        "--out": tmp_path / "s",
+        "--scales": "2",
+        "--interval-starts": "0",
+        "--n": "4",
+    }
     if "--seed" in options:  # a finished sweep of seed 0 in --out first
         invoke("sweep-cfg", *[x for kv in base.items() for x in kv], *FAST)
     base.update(zip(options[::2], options[1::2], strict=True))

@@ -25,16 +25,51 @@ STEPS = 20  # enough that the kill (at the first checkpoint, step 2) lands in th
 
 def start_node(i: int, port: str, run: Path, store: Path, *extra: str) -> subprocess.Popen:
     """One node: its own torchrun agent, one gloo rank; stdout and stderr into RUN/../node{i}.log."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job15",
-           "--max-restarts", "0", "-m", "flatdino.cli.main", "train-dit", "--latents", str(store),
-           "--out", str(run), "--preset", "tiny", "--batch-size", "16", "--steps", str(STEPS),
-           "--log-every", "1", "--ckpt-every", "2", "--log-to", "none", "--device", "cpu",
-           "--no-progress", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "job15",
+        "--max-restarts",
+        "0",
+        "-m",
+        "flatdino.cli.main",
+        "train-dit",
+        "--latents",
+        str(store),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "16",
+        "--steps",
+        str(STEPS),
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        "2",
+        "--log-to",
+        "none",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(run.parent / f"node{i}{'-resume' if extra else ''}.log", "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
 
 def wait_listening(port: str, proc: subprocess.Popen, within: float = 60) -> None:
@@ -88,8 +123,11 @@ def metrics_steps(run: Path) -> list[int]:
 @pytest.mark.slow
 def test_a_dead_node_fails_the_other_and_both_resume_from_the_last_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
-    store = fake_latents_store(tmp_path / "lat.zarr", rng.standard_normal((64, 1, 8, 16)).astype(np.float32),
-                               np.arange(64) % 4)  # fmt: skip
+    store = fake_latents_store(
+        tmp_path / "lat.zarr",
+        rng.standard_normal((64, 1, 8, 16)).astype(np.float32),
+        np.arange(64) % 4,
+    )
     run, port = tmp_path / "run", free_port()  # one --out for both nodes: the shared filesystem
     nodes: list[subprocess.Popen] = []
     try:

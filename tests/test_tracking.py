@@ -28,13 +28,50 @@ def invoke(*args, code: int = 0):
 def stores(tmp_path_factory) -> Path:
     """The digits' val features (tiny backbone), a tiny VAE and its latents."""
     root = tmp_path_factory.mktemp("watch")
-    invoke("extract-features", "--data", "digits", "--split", "val", "--backbone", "tiny", "--out",
-           root / "f.zarr", "--backend", "local", "--no-progress")  # fmt: skip
-    invoke("train-vae", "--features", root / "f.zarr", "--out", root / "vae", "--preset", "tiny",
-           "--steps", "4", "--batch-size", "32", "--num-workers", "0", "--no-progress",
-           "--log-to", "none")  # fmt: skip
-    invoke("encode-latents", "--features", root / "f.zarr", "--vae", root / "vae", "--out",
-           root / "l.zarr", "--backend", "local", "--no-progress")  # fmt: skip
+    invoke(
+        "extract-features",
+        "--data",
+        "digits",
+        "--split",
+        "val",
+        "--backbone",
+        "tiny",
+        "--out",
+        root / "f.zarr",
+        "--backend",
+        "local",
+        "--no-progress",
+    )
+    invoke(
+        "train-vae",
+        "--features",
+        root / "f.zarr",
+        "--out",
+        root / "vae",
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--log-to",
+        "none",
+    )
+    invoke(
+        "encode-latents",
+        "--features",
+        root / "f.zarr",
+        "--vae",
+        root / "vae",
+        "--out",
+        root / "l.zarr",
+        "--backend",
+        "local",
+        "--no-progress",
+    )
     return root
 
 
@@ -48,10 +85,32 @@ def events(folder: Path):
 
 def test_tensorboard_holds_every_metric_and_the_vae_reconstruction_grid(stores, tmp_path):
     run = tmp_path / "vae"
-    invoke("train-vae", "--features", stores / "f.zarr", "--val-features", stores / "f.zarr",
-           "--out", run, "--preset", "tiny", "--steps", "4", "--eval-every", "2", "--log-every", "1",
-           "--batch-size", "32", "--num-workers", "0", "--lr", "1e-2", "--no-progress",
-           "--log-to", "tensorboard")  # fmt: skip
+    invoke(
+        "train-vae",
+        "--features",
+        stores / "f.zarr",
+        "--val-features",
+        stores / "f.zarr",
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--log-every",
+        "1",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        "--log-to",
+        "tensorboard",
+    )
     acc = events(run / "tensorboard")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]
@@ -93,8 +152,12 @@ def wandb_history(run_file: Path) -> list[dict]:
             record.ParseFromString(parts)
             parts = b""
             if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                             for i in record.history.item})  # fmt: skip
+                rows.append(
+                    {
+                        i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                        for i in record.history.item
+                    }
+                )
     return rows
 
 
@@ -104,10 +167,35 @@ def test_wandb_offline_without_a_login_and_fd_during_train_dit(stores, tmp_path,
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: never a login prompt
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "dit"
-    common = ["train-dit", "--latents", stores / "l.zarr", "--out", run, "--preset", "tiny",
-              "--batch-size", "32", "--device", "cpu", "--no-progress", "--log-to", "wandb",
-              "--lr", "1e-2", "--ema-decay", "0", "--log-every", "2", "--sample-every", "2",
-              "--fd-samples", "40", "--sample-steps", "4", "--best-by-fd"]  # fmt: skip
+    common = [
+        "train-dit",
+        "--latents",
+        stores / "l.zarr",
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--log-to",
+        "wandb",
+        "--lr",
+        "1e-2",
+        "--ema-decay",
+        "0",
+        "--log-every",
+        "2",
+        "--sample-every",
+        "2",
+        "--fd-samples",
+        "40",
+        "--sample-steps",
+        "4",
+        "--best-by-fd",
+    ]
     invoke(*common, "--steps", "4")
     (offline,) = (run / "wandb").glob("offline-run-*")
     rows = wandb_history(next(offline.glob("run-*.wandb")))
@@ -151,11 +239,35 @@ def test_train_vae_draws_its_grid_through_a_pixel_decoder(stores, tmp_path):
 
     cfg = pixel_decoder_preset("tiny", in_dim=64)
     save_checkpoint(tmp_path / "dec", PixelDecoder(cfg), cfg.to_dict(), None, Dist())
-    common = ["train-vae", "--features", stores / "f.zarr", "--preset", "tiny", "--steps", "2",
-              "--eval-every", "2", "--batch-size", "32", "--num-workers", "0", "--no-progress",
-              "--log-to", "none", "--grid-images", "3"]  # fmt: skip
-    invoke(*common, "--val-features", stores / "f.zarr", "--out", tmp_path / "v", "--decoder",
-           tmp_path / "dec")  # fmt: skip
+    common = [
+        "train-vae",
+        "--features",
+        stores / "f.zarr",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--log-to",
+        "none",
+        "--grid-images",
+        "3",
+    ]
+    invoke(
+        *common,
+        "--val-features",
+        stores / "f.zarr",
+        "--out",
+        tmp_path / "v",
+        "--decoder",
+        tmp_path / "dec",
+    )
     grid = np.asarray(Image.open(tmp_path / "v" / "grids" / "val-reconstructions-0000002.png"))
     side = cfg.image_size
     assert grid.shape == (2 * (side + 2) + 2, 3 * (side + 2) + 2, 3)  # pixels, not PCA colours
@@ -165,9 +277,30 @@ def test_train_vae_draws_its_grid_through_a_pixel_decoder(stores, tmp_path):
 
 def test_train_decoder_shows_reconstructions_beside_their_targets(stores, tmp_path):
     run = tmp_path / "dec"
-    invoke("train-decoder", "--features", stores / "f.zarr", "--out", run, "--preset", "tiny",
-           "--steps", "2", "--grid-every", "1", "--grid-images", "4", "--batch-size", "8",
-           "--num-workers", "0", "--device", "cpu", "--no-progress", "--log-to", "none")  # fmt: skip
+    invoke(
+        "train-decoder",
+        "--features",
+        stores / "f.zarr",
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--grid-every",
+        "1",
+        "--grid-images",
+        "4",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--log-to",
+        "none",
+    )
     grids = sorted((run / "grids").glob("reconstructions-*.png"))
     assert [g.name for g in grids] == ["reconstructions-0000001.png", "reconstructions-0000002.png"]
     a, b = (np.asarray(Image.open(g)) for g in grids)
@@ -181,19 +314,45 @@ def test_a_missing_backend_is_one_line_before_anything_is_written(stores, tmp_pa
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real(name, *a))  # fmt: skip
-    result = invoke("train-dit", "--latents", stores / "l.zarr", "--out", tmp_path / "r", "--preset",
-                    "tiny", "--steps", "2", "--batch-size", "32", "--device", "cpu", "--log-to",
-                    "wandb", code=1)  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    result = invoke(
+        "train-dit",
+        "--latents",
+        stores / "l.zarr",
+        "--out",
+        tmp_path / "r",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--log-to",
+        "wandb",
+        code=1,
+    )
     assert "pip install 'flatdino[wandb]'" in result.output and not (tmp_path / "r").exists()
     from flatdino.trainers.tracking import resolve_log_to
 
     assert resolve_log_to("auto") == "tensorboard"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert resolve_log_to("auto") == "none"
-    result = invoke("train-dit", "--latents", stores / "l.zarr", "--out", tmp_path / "r",
-                    "--steps", "2", "--log-to", "mlflow", code=1)  # fmt: skip
+    result = invoke(
+        "train-dit",
+        "--latents",
+        stores / "l.zarr",
+        "--out",
+        tmp_path / "r",
+        "--steps",
+        "2",
+        "--log-to",
+        "mlflow",
+        code=1,
+    )
     assert "--log-to must be one of auto, tensorboard, wandb, none" in result.output
 
 

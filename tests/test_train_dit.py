@@ -48,8 +48,18 @@ def store(tmp_path_factory) -> Path:
 
 
 def small(store: Path, out: Path, **kw) -> TrainDiTConfig:
-    base = TrainDiTConfig(latents=str(store), out=str(out), preset="tiny", steps=6, batch_size=16,
-                          lr=1e-3, log_every=1, ckpt_every=3, progress=False, device="cpu")  # fmt: skip
+    base = TrainDiTConfig(
+        latents=str(store),
+        out=str(out),
+        preset="tiny",
+        steps=6,
+        batch_size=16,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=3,
+        progress=False,
+        device="cpu",
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -160,8 +170,14 @@ def test_run_folder_checkpoint_and_ema(store, tmp_path):
     run = tmp_path / "run"
     train_dit(small(store, run, ema_decay=0.0, normalize=True, warmup_steps=2))
     ck = run / "checkpoints"
-    for name in ("model.safetensors", "ema.safetensors", "latent_stats.safetensors",
-                 "config.json", "flow.json", "trainer.pt"):  # fmt: skip
+    for name in (
+        "model.safetensors",
+        "ema.safetensors",
+        "latent_stats.safetensors",
+        "config.json",
+        "flow.json",
+        "trainer.pt",
+    ):
         assert (ck / name).exists(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -217,10 +233,33 @@ def test_refusals(store, tmp_path):
 
 def test_two_process_ddp_on_cpu(store, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
-           "-m", "flatdino.cli.main", "train-dit", "--latents", str(store), "--out", str(run),
-           "--preset", "tiny", "--steps", "4", "--batch-size", "16", "--log-every", "1",
-           "--device", "cpu", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        free_port(),
+        "-m",
+        "flatdino.cli.main",
+        "train-dit",
+        "--latents",
+        str(store),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -253,8 +292,11 @@ def test_tiny_dit_learns_the_class_distributions(tmp_path, request):
     torch.set_num_threads(1)  # a tiny model: one thread is fastest and immune to other load
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     run = tmp_path / "run"
-    train_dit(small(store, run, steps=3000, batch_size=64, ema_decay=0.995, log_every=500,
-                    ckpt_every=10_000))  # fmt: skip
+    train_dit(
+        small(
+            store, run, steps=3000, batch_size=64, ema_decay=0.995, log_every=500, ckpt_every=10_000
+        )
+    )
     ck = run / "checkpoints"
     model = LightningDiT(DiTConfig(**json.loads((ck / "config.json").read_text())))
     norm = LatentNorm.identity(T, D)

@@ -25,9 +25,18 @@ from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
 def small(store: Path, out: Path, **kw) -> TrainVAEConfig:
     base = TrainVAEConfig(
-        features=str(store), out=str(out), preset="tiny", steps=6, batch_size=16, lr=1e-3,
-        num_workers=0, log_every=1, ckpt_every=3, progress=False, shuffle_buffer=16,
-    )  # fmt: skip
+        features=str(store),
+        out=str(out),
+        preset="tiny",
+        steps=6,
+        batch_size=16,
+        lr=1e-3,
+        num_workers=0,
+        log_every=1,
+        ckpt_every=3,
+        progress=False,
+        shuffle_buffer=16,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -37,8 +46,17 @@ def weights(run: Path, sub: str = "checkpoints") -> dict[str, torch.Tensor]:
 
 def test_run_folder_and_metrics(digits_val_store, tmp_path):
     run = tmp_path / "run"
-    train_vae(small(digits_val_store, run, val_features=str(digits_val_store), eval_every=3, steps=6,
-                    warmup_steps=2, decay_steps=2))  # fmt: skip
+    train_vae(
+        small(
+            digits_val_store,
+            run,
+            val_features=str(digits_val_store),
+            eval_every=3,
+            steps=6,
+            warmup_steps=2,
+            decay_steps=2,
+        )
+    )
     for name in ("config.json", "log.txt", "metrics.jsonl", "checkpoints", "best", "pre-decay"):
         assert (run / name).exists(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -112,11 +130,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
 
 def test_two_process_ddp_on_cpu(digits_val_store, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
-           "-m", "flatdino.cli.main", "train-vae", "--features", str(digits_val_store),
-           "--val-features", str(digits_val_store), "--out", str(run), "--preset", "tiny",
-           "--steps", "4", "--batch-size", "16", "--num-workers", "0", "--log-every", "1",
-           "--eval-every", "4", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        free_port(),
+        "-m",
+        "flatdino.cli.main",
+        "train-vae",
+        "--features",
+        str(digits_val_store),
+        "--val-features",
+        str(digits_val_store),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "4",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -141,8 +185,16 @@ def test_tiny_vae_learns_digits_features(digits_train_store, digits_val_store, t
     train = zarr.open_group(str(digits_train_store))["features"][:, 0].astype(np.float32)
     val = zarr.open_group(str(digits_val_store))["features"][:, 0].astype(np.float32)
     baseline = float(np.sqrt(((val - train.mean(0)) ** 2).sum() / (val**2).sum()))
-    cfg = small(digits_train_store, tmp_path / "learn", val_features=str(digits_val_store),
-                steps=600, batch_size=64, eval_every=200, ckpt_every=600, log_every=50)  # fmt: skip
+    cfg = small(
+        digits_train_store,
+        tmp_path / "learn",
+        val_features=str(digits_val_store),
+        steps=600,
+        batch_size=64,
+        eval_every=200,
+        ckpt_every=600,
+        log_every=50,
+    )
     metrics = train_vae(cfg)
     print(f"val relative error {metrics['val_rel_err']:.3f} vs mean predictor {baseline:.3f}")
     assert metrics["val_rel_err"] < 0.75 * baseline
@@ -162,8 +214,15 @@ def test_a_finished_run_is_extended_from_pre_decay(digits_val_store, tmp_path):
     train_vae(small(digits_val_store, run, steps=10, warmup_steps=2, decay_steps=2, log_every=1))
     assert torch.load(run / "pre-decay" / "trainer.pt", weights_only=True)["state"]["step"] == 8
     finished = weights(run)
-    longer = small(digits_val_store, run, steps=14, warmup_steps=2, decay_steps=2, log_every=1,
-                   resume_from=str(run / "pre-decay"))  # fmt: skip
+    longer = small(
+        digits_val_store,
+        run,
+        steps=14,
+        warmup_steps=2,
+        decay_steps=2,
+        log_every=1,
+        resume_from=str(run / "pre-decay"),
+    )
     train_vae(longer)
     kept = weights(run, "steps/0000010")  # the finished run's checkpoint survives the extension
     assert kept.keys() == finished.keys() and all(torch.equal(kept[k], finished[k]) for k in kept)

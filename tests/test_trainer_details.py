@@ -23,8 +23,10 @@ def test_step_valued_phases_under_epochs_are_kept_exactly():
     cfg = SimpleNamespace(epochs=4, steps=None, lr=1e-4, warmup_steps=5, decay_steps=7)
     s = make_schedule(cfg, steps_per_epoch=10)
     assert (s.warmup, s.stable, s.decay, s.total) == (5, 28, 7, 40)  # before: warmup 0, decay 0
-    paper = make_schedule(SimpleNamespace(epochs=50, steps=None, lr=1e-4, warmup_steps=None,
-                                          decay_steps=None), steps_per_epoch=10)  # fmt: skip
+    paper = make_schedule(
+        SimpleNamespace(epochs=50, steps=None, lr=1e-4, warmup_steps=None, decay_steps=None),
+        steps_per_epoch=10,
+    )
     assert (paper.warmup, paper.decay, paper.total) == (50, 50, 500)  # the epoch table as before
 
 
@@ -37,8 +39,12 @@ def test_logged_parts_are_means_over_the_step_like_the_loss(tmp_path):
         value = net(batch).sum() * 0 + 1.0
         return {"loss": value, "recon": torch.tensor(next(recon))}, len(batch)
 
-    hooks = LoopHooks(batches=lambda e, s: [torch.ones(2, 1)] * (4 - s), loss=loss,
-                      lr=lambda i: 0.0, save=lambda path: None)  # fmt: skip
+    hooks = LoopHooks(
+        batches=lambda e, s: [torch.ones(2, 1)] * (4 - s),
+        loss=loss,
+        lr=lambda i: 0.0,
+        save=lambda path: None,
+    )
     lc = LoopConfig("toy", total=2, accum=2, log_every=1, ckpt_every=100, progress=False)
     train_loop(lc, Dist(), tmp_path, model, opt, hooks, {"step": 0, "micro_step": 0, "epoch": 0})
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -48,9 +54,22 @@ def test_logged_parts_are_means_over_the_step_like_the_loss(tmp_path):
 def test_train_vae_takes_grad_clip_and_weight_decay(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(tv, "train_vae", lambda cfg: seen.update(cfg=cfg) or {"step": 0})
-    result = CliRunner().invoke(app, ["train-vae", "--features", str(tmp_path), "--out",
-                                      str(tmp_path / "r"), "--steps", "1", "--grad-clip", "0.5",
-                                      "--weight-decay", "0.1"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-vae",
+            "--features",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "1",
+            "--grad-clip",
+            "0.5",
+            "--weight-decay",
+            "0.1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (seen["cfg"].grad_clip, seen["cfg"].weight_decay) == (0.5, 0.1)
 
@@ -80,8 +99,9 @@ def test_only_a_group_the_run_created_is_destroyed(monkeypatch):
     assert destroyed == [1]
 
 
-def test_train_decoder_decodes_its_targets_off_the_training_thread(digits_val_store, tmp_path,
-                                                                   monkeypatch):  # fmt: skip
+def test_train_decoder_decodes_its_targets_off_the_training_thread(
+    digits_val_store, tmp_path, monkeypatch
+):
     import threading
 
     from flatdino.pipeline.targets import TargetImages
@@ -95,8 +115,17 @@ def test_train_decoder_decodes_its_targets_off_the_training_thread(digits_val_st
         return real(self, rows, views)
 
     monkeypatch.setattr(TargetImages, "batch", batch)
-    train_decoder(TrainDecoderConfig(features=str(digits_val_store), out=str(tmp_path / "dec"),
-                                     preset="tiny", steps=2, batch_size=8, num_workers=0,
-                                     device="cpu", progress=False,
-                                     grid_every=0))  # fmt: skip  # the grid's targets: once, at set-up
+    train_decoder(
+        TrainDecoderConfig(
+            features=str(digits_val_store),
+            out=str(tmp_path / "dec"),
+            preset="tiny",
+            steps=2,
+            batch_size=8,
+            num_workers=0,
+            device="cpu",
+            progress=False,
+            grid_every=0,
+        )
+    )  # the grid's targets: once, at set-up
     assert threads == {"flatdino-prefetch"}  # one batch ahead, while the step before trains

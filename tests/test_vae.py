@@ -109,8 +109,14 @@ def test_weight_decay_mask_is_2d_weights_only():
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     assert all(n.endswith("weight") and "norm" not in n for n in decayed)
-    for n in ("encoder.latent_tokens", "decoder.queries", "decoder.pos_embed", "encoder.norm.bias",
-              "decoder.norm.weight", "encoder.blocks.0.attn.q_norm.weight"):  # fmt: skip
+    for n in (
+        "encoder.latent_tokens",
+        "decoder.queries",
+        "decoder.pos_embed",
+        "encoder.norm.bias",
+        "decoder.norm.weight",
+        "encoder.blocks.0.attn.q_norm.weight",
+    ):
         assert n not in decayed
     assert "encoder.blocks.0.attn.qkv.weight" in decayed and "decoder.output_proj.weight" in decayed
 

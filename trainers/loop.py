@@ -24,10 +24,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from flatdino.pipeline.env import autocast, inference_dtype
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.loader import prefetch
-
+from ..pipeline.env import autocast, inference_dtype
+from ..pipeline.errors import FlatDinoError
+from ..pipeline.loader import prefetch
 from .optim import set_lr
 from .runner import Dist, NonFiniteLossError, all_reduce_mean, append_metrics
 from .tracking import Tracker
@@ -104,9 +103,15 @@ def _check_finite(pending: list[tuple[int, torch.Tensor]], out: Path) -> None:
 
 
 def train_loop(
-    lc: LoopConfig, d: Dist, out: Path, net: nn.Module, opt: torch.optim.Optimizer,
-    hooks: LoopHooks, state: dict, tracker: Tracker | None = None,
-) -> dict:  # fmt: skip
+    lc: LoopConfig,
+    d: Dist,
+    out: Path,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    hooks: LoopHooks,
+    state: dict,
+    tracker: Tracker | None = None,
+) -> dict:
     """Run optimiser steps from state["step"] to the end (or --stop-after); returns the last metrics.
 
     `state` holds step, epoch and micro_step (the position inside the epoch) and is updated in
@@ -118,8 +123,13 @@ def train_loop(
     if state["step"] >= end:  # e.g. --resume of a finished run: keep its final.json as it is
         log.info("%s: at step %d of %d already; nothing to do", lc.name, state["step"], lc.total)
         return {"step": state["step"]}
-    bar = tqdm(total=lc.total, initial=state["step"], unit="step", desc=lc.name,
-               disable=not (lc.progress and d.main))  # fmt: skip
+    bar = tqdm(
+        total=lc.total,
+        initial=state["step"],
+        unit="step",
+        desc=lc.name,
+        disable=not (lc.progress and d.main),
+    )
     metrics: dict = {}
     tic, seen, summed = time.perf_counter(), 0, 0.0
     bad = torch.zeros((), dtype=torch.bool, device=d.device)  # a non-finite step since the start
@@ -168,9 +178,15 @@ def train_loop(
             if logs:
                 rate = seen * d.world / (time.perf_counter() - tic)
                 values = dict(zip(names, means.tolist(), strict=True))
-                metrics = {"step": step, "epoch": state["epoch"], "loss": values.pop("loss"),
-                           **values, "lr": lr, "grad_norm": grad_norm.item(),
-                           "samples_per_s": rate}  # fmt: skip
+                metrics = {
+                    "step": step,
+                    "epoch": state["epoch"],
+                    "loss": values.pop("loss"),
+                    **values,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "samples_per_s": rate,
+                }
                 _log_step(out, d, metrics, bar, tracker)
                 tic, seen = time.perf_counter(), 0
             metrics.update(hooks.after_step(step))

@@ -56,9 +56,12 @@ class WSDSchedule:
 
 
 def wsd_from_epochs(
-    epochs: int, steps_per_epoch: int, peak: float, warmup_epochs: int | None = None,
+    epochs: int,
+    steps_per_epoch: int,
+    peak: float,
+    warmup_epochs: int | None = None,
     decay_epochs: int | None = None,
-) -> WSDSchedule:  # fmt: skip
+) -> WSDSchedule:
     """The paper's phase split: 50 epochs -> 5/40/5, 150 -> 5/123/22; otherwise 10%/80%/10%."""
     table = {50: (5, 5), 150: (5, 22)}
     default_w, default_d = table.get(epochs, (max(1, epochs // 10), max(1, epochs // 10)))
@@ -67,9 +70,11 @@ def wsd_from_epochs(
     if w + d > epochs:
         w, d = 0, min(d, epochs)
     return WSDSchedule(
-        peak=peak, warmup=w * steps_per_epoch, stable=(epochs - w - d) * steps_per_epoch,
+        peak=peak,
+        warmup=w * steps_per_epoch,
+        stable=(epochs - w - d) * steps_per_epoch,
         decay=d * steps_per_epoch,
-    )  # fmt: skip
+    )
 
 
 def make_schedule(cfg, steps_per_epoch: int) -> WSDSchedule:

@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from flatdino.pipeline.checkpoints import read_json
-from flatdino.pipeline.errors import FlatDinoError
-
+from ..pipeline.checkpoints import read_json
+from ..pipeline.errors import FlatDinoError
 from .runner import RESUME_FIX, Dist, load_trainer_state, load_weights
 
 log = logging.getLogger("flatdino.train")
@@ -91,8 +90,10 @@ def _agree(step: int | None, where: Path, d: Dist) -> None:
     found: list = [None] * d.world
     dist.all_gather_object(found, (step, str(where)))
     if len({s for s, _ in found}) > 1:
-        seen = "; ".join(f"rank {r}: {'no checkpoint' if s is None else f'step {s}'} in {w}"
-                         for r, (s, w) in enumerate(found))  # fmt: skip
+        seen = "; ".join(
+            f"rank {r}: {'no checkpoint' if s is None else f'step {s}'} in {w}"
+            for r, (s, w) in enumerate(found)
+        )
         raise FlatDinoError(
             f"the ranks do not agree on where to resume ({seen}); put the run folder on a "
             "filesystem that every node reads, or pass --resume-from with a path every rank sees"
@@ -112,15 +113,25 @@ def keep_finished(out: Path, resume_from: Path, d: Dist) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(own, tmp)
         os.replace(tmp, kept)
-        log.info("kept the checkpoint of step %d as %s before continuing from %s", step, kept,
-                 resume_from)  # fmt: skip
+        log.info(
+            "kept the checkpoint of step %d as %s before continuing from %s",
+            step,
+            kept,
+            resume_from,
+        )
 
 
 def resume_run(
-    resume_from: str | None, out: Path, model: nn.Module, model_config: dict,
-    opt: torch.optim.Optimizer, state: dict, d: Dist, setup: dict,
+    resume_from: str | None,
+    out: Path,
+    model: nn.Module,
+    model_config: dict,
+    opt: torch.optim.Optimizer,
+    state: dict,
+    d: Dist,
+    setup: dict,
     extra_weights: dict[str, nn.Module] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Load weights (+ extras such as the EMA), optimiser, RNG and loop position.
 
     From `resume_from` when given (e.g. RUN/pre-decay, to extend a run), else RUN/checkpoints (or

@@ -40,7 +40,7 @@ from .runner import (
     teardown_distributed,
     trainer_state,
     wrap_model,
-)  # fmt: skip
+)
 from .tracking import Tracker, open_tracker, resolve_log_to
 
 log = logging.getLogger("flatdino.train")
@@ -72,8 +72,13 @@ class TrainingRun:
         resumed run continues its curves from its step."""
         if self._tracker is None:
             config = {"train": asdict(self.cfg), "model": self.model_config}
-            self._tracker = open_tracker(getattr(self.cfg, "log_to", "none"), self.out, config,
-                                         self.state.get("step", 0), self.d.main)  # fmt: skip
+            self._tracker = open_tracker(
+                getattr(self.cfg, "log_to", "none"),
+                self.out,
+                config,
+                self.state.get("step", 0),
+                self.d.main,
+            )
         return self._tracker
 
     def record(self, row: dict) -> None:
@@ -90,9 +95,11 @@ class TrainingRun:
         return bool(self.cfg.resume or getattr(self.cfg, "resume_from", None))
 
     def build(
-        self, make_model: Callable[[], nn.Module], state: dict | None = None,
+        self,
+        make_model: Callable[[], nn.Module],
+        state: dict | None = None,
         extras: Callable[[nn.Module], dict[str, nn.Module]] | None = None,
-    ) -> nn.Module:  # fmt: skip
+    ) -> nn.Module:
         """Seeded model, AdamW, per-rank RNG, resume, DDP; returns the (unwrapped) model.
 
         `extras(model)` builds modules that live beside the model and resume with it (the EMA)."""
@@ -114,16 +121,26 @@ class TrainingRun:
             resume_from = getattr(cfg, "resume_from", None)  # train-vae only
             if resume_from:
                 keep_finished(self.out, Path(resume_from), d)
-            resume_run(resume_from, self.out, model, self.model_config, self.opt, self.state, d,
-                       self.setup, resumed)  # fmt: skip
+            resume_run(
+                resume_from,
+                self.out,
+                model,
+                self.model_config,
+                self.opt,
+                self.state,
+                d,
+                self.setup,
+                resumed,
+            )
         self.net = wrap_model(model, d, cfg.compile)
         return model
 
     def save(self, path: Path) -> None:
         """A resumable checkpoint: weights (+ extras), config.json, trainer.pt."""
         state = trainer_state(self.opt, self.state, self.d, self.setup)
-        save_checkpoint(path, self.model, self.model_config, state, self.d,
-                        self.extra_weights, self.extra_json)  # fmt: skip
+        save_checkpoint(
+            path, self.model, self.model_config, state, self.d, self.extra_weights, self.extra_json
+        )
 
     def save_weights(self, path: Path) -> None:
         """Weights and config.json only (best/): what a downstream stage loads."""
@@ -132,8 +149,17 @@ class TrainingRun:
     def loop(self, name: str, total: int, hooks: LoopHooks) -> dict:
         """Run the shared loop to `total` optimiser steps; returns the last metrics."""
         cfg = self.cfg
-        lc = LoopConfig(name, total, self.accum, cfg.grad_clip, cfg.log_every, cfg.ckpt_every,
-                        cfg.keep_every, cfg.stop_after, cfg.progress)  # fmt: skip
+        lc = LoopConfig(
+            name,
+            total,
+            self.accum,
+            cfg.grad_clip,
+            cfg.log_every,
+            cfg.ckpt_every,
+            cfg.keep_every,
+            cfg.stop_after,
+            cfg.progress,
+        )
         tracker = self.tracker
         try:
             return train_loop(lc, self.d, self.out, self.net, self.opt, hooks, self.state, tracker)

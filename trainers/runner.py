@@ -27,9 +27,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from flatdino.pipeline.checkpoints import read_torch, read_weights
-from flatdino.pipeline.env import resolve_device
-from flatdino.pipeline.errors import FlatDinoError
+from ..pipeline.checkpoints import read_torch, read_weights
+from ..pipeline.env import resolve_device
+from ..pipeline.errors import FlatDinoError
 
 log = logging.getLogger("flatdino.train")
 
@@ -141,9 +141,14 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, model_config: dict, trainer_state: dict | None, d: Dist,
-    extra_weights: dict[str, nn.Module] | None = None, extra_json: dict[str, dict] | None = None,
-) -> None:  # fmt: skip
+    path: Path,
+    model: nn.Module,
+    model_config: dict,
+    trainer_state: dict | None,
+    d: Dist,
+    extra_weights: dict[str, nn.Module] | None = None,
+    extra_json: dict[str, dict] | None = None,
+) -> None:
     """Write model.safetensors + config.json (+ trainer.pt) to `path` atomically (rank 0).
 
     `extra_weights` {"ema": module} adds ema.safetensors; `extra_json` {"flow": {...}} adds

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flatdino.pipeline.errors import FlatDinoError
+from ..pipeline.errors import FlatDinoError
 
 log = logging.getLogger("flatdino.train")
 
@@ -54,8 +54,11 @@ class Tracker:
 
 
 def _numbers(values: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"}  # fmt: skip
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+    }
 
 
 class TensorBoardTracker(Tracker):
@@ -103,8 +106,15 @@ class WandbTracker(Tracker):
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=out.name, id=run_id, resume="allow",
-                              dir=str(out), config=config, mode=mode)  # fmt: skip
+        self.run = wandb.init(
+            project=project,
+            name=out.name,
+            id=run_id,
+            resume="allow",
+            dir=str(out),
+            config=config,
+            mode=mode,
+        )
         log.info("W&B run %s (%s) in %s", run_id, mode, out / "wandb")
 
     def scalars(self, step: int, values: dict) -> None:
@@ -132,8 +142,9 @@ def resolve_log_to(log_to: str) -> str:
     return log_to
 
 
-def open_tracker(log_to: str, out: Path, config: dict, step: int, main: bool,
-                 project: str = "flatdino") -> Tracker:  # fmt: skip
+def open_tracker(
+    log_to: str, out: Path, config: dict, step: int, main: bool, project: str = "flatdino"
+) -> Tracker:
     """The tracker of rank 0 (the other ranks get one that writes nothing)."""
     backend = resolve_log_to(log_to)
     if not main:

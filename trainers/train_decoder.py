@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flatdino.models.pixel_decoder import PIXEL_DECODER_PRESETS, PixelDecoder, pixel_decoder_preset
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
-from flatdino.pipeline.targets import TargetImages
-
+from ..models.pixel_decoder import PIXEL_DECODER_PRESETS, PixelDecoder, pixel_decoder_preset
+from ..pipeline.errors import FlatDinoError
+from ..pipeline.feature_store import FeatureStore
+from ..pipeline.loader import FeatureBatches, LoaderConfig
+from ..pipeline.targets import TargetImages
 from .loop import LoopHooks
 from .optim import make_schedule
 from .pictures import tile, to_uint8
@@ -121,12 +120,18 @@ def train_decoder(cfg: TrainDecoderConfig) -> dict:
     model_cfg = pixel_decoder_preset(cfg.preset, in_dim=int(c), num_patches=int(p))
     targets = TargetImages(store, cfg.image_threads)  # checks that the images can be read back
     with start_run(cfg, model_cfg.to_dict(), d) as run:
-        loader = FeatureBatches(cfg.features, LoaderConfig(run.micro, cfg.seed, 1024,
-                                                           cfg.num_workers, d.rank, d.world))  # fmt: skip
+        loader = FeatureBatches(
+            cfg.features, LoaderConfig(run.micro, cfg.seed, 1024, cfg.num_workers, d.rank, d.world)
+        )
         schedule = make_schedule(cfg, max(1, loader.steps_per_epoch() // run.accum))
         model = run.build(lambda: PixelDecoder(model_cfg))
-        log.info("pixel decoder %s: %.2fM parameters, %d steps, accum %d", cfg.preset,
-                 sum(q.numel() for q in model.parameters()) / 1e6, schedule.total, run.accum)  # fmt: skip
+        log.info(
+            "pixel decoder %s: %.2fM parameters, %d steps, accum %d",
+            cfg.preset,
+            sum(q.numel() for q in model.parameters()) / 1e6,
+            schedule.total,
+            run.accum,
+        )
 
         def batches(epoch: int, start: int):
             views = loader.views(epoch)
@@ -153,6 +158,7 @@ def train_decoder(cfg: TrainDecoderConfig) -> dict:
                 run.image("reconstructions", tile(np.concatenate([truth, pred]), len(rows)))
             return {}
 
-        hooks = LoopHooks(batches=batches, loss=loss, lr=schedule, save=run.save,
-                          after_step=after_step)  # fmt: skip
+        hooks = LoopHooks(
+            batches=batches, loss=loss, lr=schedule, save=run.save, after_step=after_step
+        )
         return run.loop("train-decoder", schedule.total, hooks)

@@ -23,15 +23,14 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
-from flatdino.models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
-from flatdino.models.flow import LatentNorm, euler_sample, flow_loss, sample_noise
-from flatdino.pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
-from flatdino.pipeline.env import autocast, inference_dtype
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.frechet import RunningStats, frechet_distance, store_statistics
-from flatdino.pipeline.latent_store import LatentStore
-from flatdino.pipeline.loader import LatentBatches, LoaderConfig, check_views
-
+from ..models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
+from ..models.flow import LatentNorm, euler_sample, flow_loss, sample_noise
+from ..pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
+from ..pipeline.env import autocast, inference_dtype
+from ..pipeline.errors import FlatDinoError
+from ..pipeline.frechet import RunningStats, frechet_distance, store_statistics
+from ..pipeline.latent_store import LatentStore
+from ..pipeline.loader import LatentBatches, LoaderConfig, check_views
 from .loop import LoopHooks
 from .optim import WSDSchedule
 from .pictures import FeaturePCA, tile, to_uint8
@@ -95,12 +94,16 @@ def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> dict:
     """flow.json: how the model was trained and on what, for the sampler and for resume checks."""
     attrs = store.attrs
     return {
-        "kappa": cfg.kappa, "time_dist": cfg.time_dist, "class_dropout": cfg.class_dropout,
-        "normalize": cfg.normalize, "views": check_views(cfg.views, store.num_views, cfg.latents),
+        "kappa": cfg.kappa,
+        "time_dist": cfg.time_dist,
+        "class_dropout": cfg.class_dropout,
+        "normalize": cfg.normalize,
+        "views": check_views(cfg.views, store.num_views, cfg.latents),
         "latents": store.location.identity(),
-        "latents_fingerprint": attrs.get("fingerprint"), "vae_checkpoint": attrs.get("vae_checkpoint"),
+        "latents_fingerprint": attrs.get("fingerprint"),
+        "vae_checkpoint": attrs.get("vae_checkpoint"),
         "class_names": attrs.get("class_names"),
-    }  # fmt: skip
+    }
 
 
 def latent_norm(cfg: TrainDiTConfig, store: LatentStore, model_cfg: DiTConfig) -> LatentNorm:
@@ -145,17 +148,28 @@ class SampleMonitor:
     store (its statistics computed once); the grid in pixels through --decoder, else in the PCA
     colours of the reference features."""
 
-    def __init__(self, cfg: TrainDiTConfig, store: LatentStore, model_cfg: DiTConfig,
-                 norm: LatentNorm, flow: dict, d: Dist):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainDiTConfig,
+        store: LatentStore,
+        model_cfg: DiTConfig,
+        norm: LatentNorm,
+        flow: dict,
+        d: Dist,
+    ):
         vae_path = store.attrs.get("vae_checkpoint")
         reference = cfg.fd_features or (store.attrs.get("config") or {}).get("features")
         fix = "pass --sample-every 0 to train without samples"
         if not vae_path or not Path(vae_path).exists():
-            raise FlatDinoError(f"--sample-every needs the VAE the latents came from, {vae_path!r}, "
-                                f"which is not there; {fix}")  # fmt: skip
+            raise FlatDinoError(
+                f"--sample-every needs the VAE the latents came from, {vae_path!r}, "
+                f"which is not there; {fix}"
+            )
         if not reference or not Path(reference).exists():
-            raise FlatDinoError(f"--sample-every needs a reference feature store for FD, "
-                                f"{reference!r} is not there; pass --fd-features or {fix}")  # fmt: skip
+            raise FlatDinoError(
+                f"--sample-every needs a reference feature store for FD, "
+                f"{reference!r} is not there; pass --fd-features or {fix}"
+            )
         self.vae = load_vae(resolve_vae(vae_path))[0].to(d.device)
         self.decoder = load_pixel_decoder(cfg.decoder)[0].to(d.device) if cfg.decoder else None
         self.reference, first = store_statistics(reference, cfg.fd_reference)  # RunningStats
@@ -167,8 +181,9 @@ class SampleMonitor:
         self.labels = np.resize(np.arange(k), cfg.fd_samples)
         self.noise = np.stack([sample_noise(cfg.seed, i, shape) for i in range(cfg.fd_samples)])
         self.grid_labels = np.repeat(np.arange(min(k, 8)), 8)
-        self.grid_noise = np.stack([sample_noise(cfg.seed + 1, i, shape)
-                                    for i in range(len(self.grid_labels))])  # fmt: skip
+        self.grid_noise = np.stack(
+            [sample_noise(cfg.seed + 1, i, shape) for i in range(len(self.grid_labels))]
+        )
 
     @torch.no_grad()
     def features(self, model, noise: np.ndarray, labels: np.ndarray, batch: int = 256):
@@ -176,8 +191,17 @@ class SampleMonitor:
         for i in range(0, len(noise), batch):
             x0 = torch.from_numpy(noise[i : i + batch]).to(self.device)
             y = torch.from_numpy(labels[i : i + batch]).to(self.device)
-            x1 = euler_sample(model, x0, y, self.cfg.sample_steps, self.kappa, self.cfg.sample_cfg,
-                              (0.0, 1.0), self.null, autocast=dtype)  # fmt: skip
+            x1 = euler_sample(
+                model,
+                x0,
+                y,
+                self.cfg.sample_steps,
+                self.kappa,
+                self.cfg.sample_cfg,
+                (0.0, 1.0),
+                self.null,
+                autocast=dtype,
+            )
             with autocast(dtype, self.device):
                 yield self.vae.decode(self.norm.denormalize(x1)).float()  # (B, P, C)
 
@@ -213,8 +237,12 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
     if cfg.resume:
         _check_resume(Path(cfg.out), flow)
     with start_run(cfg, model_cfg.to_dict(), d) as run:
-        loader = LatentBatches(cfg.latents, LoaderConfig(run.micro, cfg.seed, 0, 0, d.rank, d.world),
-                               progress=cfg.progress and d.main, views=cfg.views)  # fmt: skip
+        loader = LatentBatches(
+            cfg.latents,
+            LoaderConfig(run.micro, cfg.seed, 0, 0, d.rank, d.world),
+            progress=cfg.progress and d.main,
+            views=cfg.views,
+        )
         steps_per_epoch, schedule = _schedule(cfg, loader, run.accum, d)
         norm = latent_norm(cfg, store, model_cfg).to(d.device)
         ema: ModelEmaV3 | None = None
@@ -228,16 +256,24 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
         model = run.build(lambda: LightningDiT(model_cfg), {"best_fd": float("inf")}, with_ema)
         run.extra_weights["latent_stats"] = norm
         run.extra_json["flow"] = flow
-        log.info("model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
-                 cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
-                 model_cfg.latent_dim, model_cfg.num_classes, schedule.total, steps_per_epoch,
-                 run.accum)  # fmt: skip
+        log.info(
+            "model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
+            cfg.preset,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            model_cfg.tokens,
+            model_cfg.latent_dim,
+            model_cfg.num_classes,
+            schedule.total,
+            steps_per_epoch,
+            run.accum,
+        )
 
         def loss(net, batch) -> tuple[dict, int]:
             x, y = (t.to(d.device, non_blocking=True) for t in batch)  # (B, T, d), (B,)
             x1 = norm.normalize(x)
-            value = flow_loss(net, x1, y, cfg.kappa, cfg.class_dropout, model_cfg.num_classes,
-                              cfg.time_dist)  # fmt: skip
+            value = flow_loss(
+                net, x1, y, cfg.kappa, cfg.class_dropout, model_cfg.num_classes, cfg.time_dist
+            )
             return {"loss": value}, len(x)
 
         def batches(epoch: int, start: int):
@@ -263,7 +299,13 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
                 run.save(run.out / "best")
             return values
 
-        hooks = LoopHooks(batches=batches, loss=loss, lr=schedule, save=run.save,
-                          after_update=lambda: ema.update(model), after_step=after_step,
-                          acts_at=lambda step: bool(monitor) and step % cfg.sample_every == 0)  # fmt: skip
+        hooks = LoopHooks(
+            batches=batches,
+            loss=loss,
+            lr=schedule,
+            save=run.save,
+            after_update=lambda: ema.update(model),
+            after_step=after_step,
+            acts_at=lambda step: bool(monitor) and step % cfg.sample_every == 0,
+        )
         return run.loop("train-dit", schedule.total, hooks)

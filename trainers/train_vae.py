@@ -9,13 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flatdino.models.vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
-from flatdino.pipeline.checkpoints import load_pixel_decoder
-from flatdino.pipeline.env import fast_matmul
-from flatdino.pipeline.errors import FlatDinoError
-from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
-
+from ..models.vae import VAE_PRESETS, FlatDinoVAE, VAEConfig, kl_weight, vae_loss, vae_preset
+from ..pipeline.checkpoints import load_pixel_decoder
+from ..pipeline.env import fast_matmul
+from ..pipeline.errors import FlatDinoError
+from ..pipeline.feature_store import FeatureStore
+from ..pipeline.loader import FeatureBatches, LoaderConfig
 from .loop import LoopHooks, autocast_for
 from .optim import make_schedule
 from .pictures import FeaturePCA, tile, to_uint8
@@ -168,8 +167,11 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     model_cfg = build_model_config(cfg, store)
     check_store(store, model_cfg, "--features")
     if cfg.val_features:
-        check_store(FeatureStore.open_complete(cfg.val_features, "--val-features"), model_cfg,
-                    "--val-features")  # fmt: skip
+        check_store(
+            FeatureStore.open_complete(cfg.val_features, "--val-features"),
+            model_cfg,
+            "--val-features",
+        )
     if cfg.steps is None and cfg.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
     if cfg.decoder and not cfg.val_features:
@@ -177,17 +179,27 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
             "--decoder draws the reconstruction grid of each validation; give --val-features too"
         )
     with start_run(cfg, model_cfg.to_dict(), d) as run:
-        loader = FeatureBatches(cfg.features, LoaderConfig(
-            run.micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world))  # fmt: skip
+        loader = FeatureBatches(
+            cfg.features,
+            LoaderConfig(run.micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world),
+        )
         steps_per_epoch = max(1, loader.steps_per_epoch() // run.accum)
         schedule = make_schedule(cfg, steps_per_epoch)
         model = run.build(lambda: FlatDinoVAE(model_cfg), {"best": float("inf")})
         beta = (
             cfg.beta if cfg.beta is not None else kl_weight(model_cfg.tokens, model_cfg.latent_dim)
         )
-        log.info("model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
-                 cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg.tokens,
-                 model_cfg.latent_dim, beta, schedule.total, steps_per_epoch, run.accum)  # fmt: skip
+        log.info(
+            "model %s: %.2fM parameters, T=%d d=%d, beta=%.3g, %d steps (%d/epoch), accum %d",
+            cfg.preset,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            model_cfg.tokens,
+            model_cfg.latent_dim,
+            beta,
+            schedule.total,
+            steps_per_epoch,
+            run.accum,
+        )
 
         # (step, rows) of the micro batches since the loop last checked for a non-finite step
         recent = deque(maxlen=run.accum * (min(cfg.log_every, cfg.ckpt_every) + 1))
@@ -213,9 +225,14 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
                 run.save(run.out / "pre-decay")
             return _validate(cfg, run, grid) if validates_at(step) else {}
 
-        hooks = LoopHooks(batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
-                          loss=loss, lr=schedule, save=run.save, after_step=after_step,
-                          acts_at=lambda step: decays_at(step) or validates_at(step))  # fmt: skip
+        hooks = LoopHooks(
+            batches=lambda epoch, start: loader.epoch(epoch, start_step=start),
+            loss=loss,
+            lr=schedule,
+            save=run.save,
+            after_step=after_step,
+            acts_at=lambda step: decays_at(step) or validates_at(step),
+        )
         try:
             return run.loop("train-vae", schedule.total, hooks)
         except NonFiniteLossError as e:

@@ -46,8 +46,10 @@ def main() -> None:
         return int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(module, nnx.Param))))
 
     out: dict = {}
-    for name, experiment in (("flatdino-32x128", "fast-32-bl-128"),
-                             ("flatdino-32x64", "fast-32-bl-64")):  # fmt: skip
+    for name, experiment in (
+        ("flatdino-32x128", "fast-32-bl-128"),
+        ("flatdino-32x64", "fast-32-bl-64"),
+    ):
         cfg = official_train.get_experiment(experiment)
         vae = nnx.eval_shape(lambda c=cfg: FlatDinoAutoencoder(c, mp=mp, rngs=nnx.Rngs(0)))
         enc, dec = count(vae.encoder), count(vae.decoder)
