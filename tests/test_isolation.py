@@ -1,5 +1,5 @@
 """Library calls leave the calling process as they found it: its RNG, its logging, its thread
-count, torch.hub's directory (README "Layout")."""
+count, torch.hub's directory (docs/development.md)."""
 
 from __future__ import annotations
 
