@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # Before any import of huggingface_hub, which reads it once: tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# A test run leaves nothing in the system temp folder: what libraries put there (wandb, imported by
+# timm, makes two folders per process and leaves them when Ray ends the process; Ray's session
+# folders) goes to one short-named folder of this session, removed in pytest_unconfigure.
+# pytest's own tmp_path folders stay where they were (kept for failed tests).
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+os.environ["TMPDIR"] = tempfile.tempdir = tempfile.mkdtemp(prefix="fd-")  # short: Ray's sockets
 from pathlib import Path
 
 import numpy as np
@@ -370,3 +378,7 @@ def inception_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(state, path)
     return path
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(tempfile.tempdir, ignore_errors=True)

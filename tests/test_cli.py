@@ -203,10 +203,18 @@ def test_plain_install_into_a_fresh_venv(tmp_path):
     """`pip install .` (not editable) into a new venv: `flatdino --help` works and only the
     `flatdino` namespace is installed. The dependencies (gigabytes) come from this venv by a plain
     path entry, which does not run its .pth files, so the editable install here cannot leak in."""
+    import shutil
     import site
     import sysconfig
 
-    root = Path(__file__).resolve().parents[1]
+    # pip builds in the source folder (build/, *.egg-info): build from a copy, leave no trace
+    root = tmp_path / "src"
+    source = Path(__file__).resolve().parents[1]
+    root.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(source / name, root / name)
+    for layer in ("models", "pipeline", "trainers", "sampling", "eval", "cli"):
+        shutil.copytree(source / layer, root / layer, ignore=shutil.ignore_patterns("__pycache__"))
     fresh = tmp_path / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", str(fresh)], check=True)
     fresh_site = Path(
