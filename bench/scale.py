@@ -26,6 +26,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from flatdino.pipeline.feature_store import FeatureStore
+from flatdino.pipeline.latent_store import LatentStore
 from flatdino.pipeline.loader import FeatureBatches, LatentBatches, LoaderConfig, plan_epoch
 from flatdino.trainers.runner import Dist
 from flatdino.trainers.train_vae import evaluate
@@ -71,7 +72,8 @@ def feature_store(path: Path, rows: int) -> FeatureStore:
 
 
 def latent_store(path: Path, rows: int) -> zarr.Group:
-    group = zarr.create_group(str(path), zarr_format=3)
+    attrs = {"kind": "flatdino.latents", "shard_size": SHARD}  # what LatentStore reads
+    group = zarr.create_group(str(path), zarr_format=3, attributes=attrs)
     group.create_array(
         "mu", shape=(rows, V, T, D), chunks=(SHARD, V, T, D), dtype="float32", compressors=None
     )  # bytes read = bytes of latents
@@ -137,7 +139,7 @@ def main() -> None:
         vae_now, vae_old, val_now, val_old, lat_now, lat_old = [], [], [], [], [], []
         for r in range(w):
             cfg = LoaderConfig(256, seed=0, shuffle_buffer=1024, num_workers=0, rank=r, world=w)
-            loader = FeatureBatches(str(store.path), cfg)
+            loader = FeatureBatches(store, cfg)
             need = sum(len(rows) for _, _, rows in loader.epoch(0)) * row_bytes
             vae_now.append(measured(lambda loader=loader: [b for b in loader.epoch(0)]) / need)
             vae_old.append(measured(lambda cfg=cfg: old_loader_pattern(store, cfg)) / need)
@@ -150,7 +152,7 @@ def main() -> None:
             lat_need = (n // w) * V * T * D * 4
             lat_cfg = LoaderConfig(256, rank=r, world=w)
             lat_now.append(
-                measured(lambda c=lat_cfg: LatentBatches(str(latent_path), c)) / lat_need
+                measured(lambda c=lat_cfg: LatentBatches(LatentStore(latent_path), c)) / lat_need
             )
             lat_old.append(
                 measured(lambda r=r: old_latents_pattern(str(latent_path), r, w)) / lat_need
@@ -162,7 +164,7 @@ def main() -> None:
         ):
             print(f"  {name:22s} {max(now):15.3f} {max(old):18.3f}")
         cfg = LoaderConfig(256, seed=0, shuffle_buffer=1024, num_workers=0, rank=0, world=w)
-        loader = FeatureBatches(str(store.path), cfg)
+        loader = FeatureBatches(store, cfg)
         tic = time.perf_counter()
         rows = sum(len(r) for _, _, r in loader.epoch(0))
         loader_rate = rows / (time.perf_counter() - tic)

@@ -59,7 +59,7 @@ def sequential(path: Path) -> float:
 
 def loader(path: Path, batch: int, workers: int) -> float:
     batches = FeatureBatches(
-        str(path), LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=256)
+        FeatureStore(path), LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=256)
     )
     start, n = time.perf_counter(), 0
     for x, _, _ in batches.epoch(0):

@@ -338,32 +338,23 @@ def rfid_cmd(
     ] = None,
 ) -> None:
     """rFID: images vs decoder(VAE(features)), and vs decoder(features) to isolate the VAE's cost."""
-    from ..eval import fid as eval_fid
+    from ..eval.rfid import RfidConfig, rfid
 
+    cfg = RfidConfig(
+        features=str(features),
+        vae=str(vae),
+        decoder=str(decoder),
+        space=space,
+        backbone=backbone,
+        weights=str(weights) if weights else None,
+        inception_weights=str(inception_weights) if inception_weights else None,
+        images=images,
+        device=device,
+    )
     try:
-        sets = eval_fid.reconstructions(
-            str(features), str(vae), str(decoder), images, device=device
-        )
-        net = eval_fid.FeatureNet(
-            eval_fid.FidConfig(
-                real="",
-                space=space,
-                backbone=backbone,
-                weights=str(weights) if weights else None,
-                inception_weights=str(inception_weights) if inception_weights else None,
-                device=device,
-            )
-        )
-        stats = {name: eval_fid.array_stats(x, net) for name, x in sets.items()}
+        result = rfid(cfg)
     except FlatDinoError as e:
         fail(str(e))
-    result = {
-        "space": space,
-        "images": int(len(sets["images"])),
-        "rfid": eval_fid.frechet_distance(stats["images"], stats["vae_decoder"]),
-        "rfid_decoder_only": eval_fid.frechet_distance(stats["images"], stats["decoder"]),
-        "fd_vae_vs_decoder_only": eval_fid.frechet_distance(stats["decoder"], stats["vae_decoder"]),
-    }
     typer.echo(
         "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     )

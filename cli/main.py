@@ -14,6 +14,7 @@ from ..models.dinov2 import BACKBONES
 from ..pipeline.errors import FlatDinoError
 from .demo import demo_cmd
 from .evals import bench_app, eval_app
+from .info import show_info
 from .options import (
     Backend,
     BackendOpt,
@@ -28,7 +29,7 @@ from .options import (
 )
 from .sample import sample_cmd
 from .sweep import sweep_cmd
-from .train import run_info, train_decoder_cmd, train_dit_cmd, train_vae_cmd
+from .train import train_decoder_cmd, train_dit_cmd, train_vae_cmd
 
 app = typer.Typer(
     name="flatdino",
@@ -222,94 +223,12 @@ def info_cmd(
     ] = False,
 ) -> None:
     """A store: shape, dtype, attrs, valid and done counts, completeness. A run: model, progress."""
-    if presets:
-        _presets_info(as_json)
-        return
-    if path is None:
-        fail("info needs a store or run folder (or --presets)")
-    from ..pipeline.feature_store import FeatureStore
-    from ..pipeline.latent_store import LatentStore
-    from ..pipeline.storage import is_url
-    from ..pipeline.store import store_kind
-
-    run = None if is_url(path) else Path(path)
-    if run and (run / "config.json").exists() and not (run / "zarr.json").exists():
-        run_info(run, as_json)
-        if plot:
-            from ..trainers.tracking import plot_curves
-
-            try:
-                typer.echo(f"wrote {plot_curves(run)}")
-            except FlatDinoError as e:
-                fail(str(e))
-        return
-    if plot:
-        fail(f"--plot draws a run's curves; {path!r} is not a run folder")
-    try:
-        latents = store_kind(path) == LatentStore.KIND
-        summary = (LatentStore if latents else FeatureStore)(path).summary()
-    except FlatDinoError as e:
-        fail(str(e))
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
-        return
-    attrs = summary.pop("attrs")
-    for name, a in summary.pop("arrays").items():
-        shards = f" shards={tuple(a['shards'])}" if "shards" in a else ""
-        typer.echo(
-            f"{name:10s} {a['dtype']:8s} shape={tuple(a['shape'])} chunks={tuple(a['chunks'])}"
-            f"{shards}"
-        )
-    for key, value in summary.items():
-        typer.echo(f"{key}: {value}")
-    fp = attrs.get("fingerprint", {})
-    if latents:
-        typer.echo(f"vae: {attrs.get('vae_checkpoint')} sha256={str(fp.get('vae_sha256'))[:16]}…")
-        typer.echo(f"features: {attrs.get('features_store')}")
-    else:
-        typer.echo(
-            f"backbone: {fp.get('backbone')} weights_sha256={str(fp.get('weights_sha256'))[:16]}…"
-        )
-        typer.echo(f"input: {json.dumps(fp.get('input'))}")
-        typer.echo(f"preprocessing: {json.dumps(fp.get('preprocessing'))}")
-    typer.echo(f"created: {attrs.get('created')} flatdino {attrs.get('package_version')}")
+    show_info(path, presets, as_json, plot)
 
 
 class LatentDtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
-
-
-def _presets_info(as_json: bool) -> None:
-    from ..models.dit import DIT_PRESETS, count_dit_parameters
-    from ..models.official import OFFICIAL_PARAMETERS
-    from ..models.vae import VAE_PRESETS, count_parameters
-
-    rows = [
-        {
-            "preset": n,
-            "model": "vae",
-            "parameters": count_parameters(c)["total"],
-            "official": OFFICIAL_PARAMETERS.get(n),
-        }
-        for n, c in VAE_PRESETS.items()
-    ]
-    rows += [
-        {
-            "preset": n,
-            "model": "dit",
-            "parameters": count_dit_parameters(c),
-            "official": OFFICIAL_PARAMETERS.get(n),
-        }
-        for n, c in DIT_PRESETS.items()
-    ]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    typer.echo(f"{'preset':<16} {'model':<5} {'parameters':>13} {'official code':>14}")
-    for r in rows:
-        official = f"{r['official']:,}" if r["official"] else "-"
-        typer.echo(f"{r['preset']:<16} {r['model']:<5} {r['parameters']:>13,} {official:>14}")
 
 
 @app.command("encode-latents")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -356,45 +355,3 @@ def train_decoder_cmd(
     from ..trainers.train_decoder import TrainDecoderConfig, train_decoder
 
     _train(TrainDecoderConfig, train_decoder, given, config, ctx)
-
-
-def _run_kind(run: Path, config: dict, model: dict) -> str:
-    """dit, decoder or vae: which trainer wrote this run or checkpoint folder."""
-    if "latents" in config.get("train", {}) or (run / "flow.json").exists():
-        return "dit"
-    return "decoder" if "patch_size" in model else "vae"
-
-
-def run_info(run: Path, as_json: bool) -> None:
-    """Model config and parameter count, last metrics and checkpoints of a run folder."""
-    from ..models.dit import DiTConfig, count_dit_parameters
-    from ..models.pixel_decoder import PixelDecoderConfig, count_pixel_decoder_parameters
-    from ..models.vae import VAEConfig, count_parameters
-
-    config = json.loads((run / "config.json").read_text())
-    model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)
-    kind = _run_kind(run, config, model)
-    count = {
-        "dit": lambda: count_dit_parameters(DiTConfig(**model)),
-        "decoder": lambda: count_pixel_decoder_parameters(PixelDecoderConfig(**model)),
-        "vae": lambda: count_parameters(VAEConfig(**model)),
-    }[kind]
-    try:
-        params = count()
-    except (TypeError, ValueError) as e:  # a config of an older model layout: still readable
-        params = f"unknown: the config is of an older {kind} layout ({e})"
-    summary = {
-        "path": str(run),
-        "kind": kind,
-        "model": model,
-        "parameters": params,
-        "checkpoints": sorted(p.name for p in run.iterdir() if (p / "model.safetensors").exists()),
-    }
-    if (run / "metrics.jsonl").exists():
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        summary["last_metrics"] = json.loads(lines[-1]) if lines else None
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
-    for key, value in summary.items():
-        typer.echo(f"{key}: {value}")

@@ -12,29 +12,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..pipeline.errors import FlatDinoError
-from ..pipeline.storage import open_group
-from ..pipeline.store import row_block, store_kind
+from ..pipeline.feature_store import FeatureStore
+from ..pipeline.latent_store import LatentStore
+from ..pipeline.store import store_kind
 
-ARRAY = {"flatdino.features": "features", "flatdino.latents": "mu"}
+STORES = {FeatureStore.KIND: FeatureStore, LatentStore.KIND: LatentStore}
 
 
 def pooled(path: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(vectors (n, C) float32 of the valid rows, their labels): view 0 averaged over positions."""
     kind = store_kind(path)
-    if kind not in ARRAY:
+    if kind not in STORES:
         raise FlatDinoError(f"{path!r} is neither a feature nor a latents store (kind {kind!r})")
-    group = open_group(path)
-    data, valid = group[ARRAY[kind]], np.asarray(group["valid"][:], dtype=bool)
-    step = row_block(data)  # whole storage objects (view 0 only, where views are chunked apart)
-    out = []
-    for lo in tqdm(range(0, data.shape[0], step), desc=f"pool {path}", disable=not progress):
-        block = data[lo : lo + step, 0]  # (k, P or T, C or d): view 0, whole chunks
-        out.append(block.astype(np.float32).mean(1)[valid[lo : lo + step]])
-    labels = np.asarray(group["labels"][:], dtype=np.int64)[valid]
-    return np.concatenate(out), labels
+    store = STORES[kind](path)
+    out = list(store.pooled_view0(desc=f"pool {path}" if progress else None))
+    return np.concatenate(out), store.labels()[store.valid_mask()]
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from ..sampling.sample import (
     class_labels,
     sample_noise,
 )
-from .fid import FeatureNet, FidConfig, RunningStats, _npz_crop, frechet_distance, load_set
+from .fid import FeatureNet, FidConfig, RunningStats, frechet_distance, load_set, npz_crop
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def measure(
         dino.add(np.asarray(feats.half().cpu().numpy(), np.float32).mean(1))  # (B, C)
         if img is not None:  # (B, 3, H, W) -> uint8 (B, H, W, 3), as samples.npz
             uint8 = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            vectors = ref.net([ref.net.prepare(_npz_crop(im)) for im in uint8])  # (B, 2048)
+            vectors = ref.net([ref.net.prepare(npz_crop(im)) for im in uint8])  # (B, 2048)
             pixels = pixels or RunningStats(vectors.shape[1])
             pixels.add(vectors)
     result = {"fd_dinov2": frechet_distance(ref.dino, dino.result())}

@@ -23,7 +23,6 @@ from .env import autocast, fast_matmul, inference_dtype, package_version, resolv
 from .errors import FlatDinoError
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
-from .storage import open_group
 from .store import Shard, check_finite, open_or_create
 
 
@@ -49,10 +48,7 @@ class EncodeConfig:
 
 def read_shard(features: str, shard: Shard) -> tuple[Shard, np.ndarray, np.ndarray]:
     """The CPU half: one contiguous read of a shard's features (n, V, P, C) and valid flags."""
-    group = open_group(features)
-    feats = group["features"][shard.start : shard.stop]
-    valid = np.asarray(group["valid"][shard.start : shard.stop], dtype=bool)
-    return shard, feats, valid
+    return shard, *FeatureStore(features).read_shard(shard)
 
 
 class ShardEncoder:

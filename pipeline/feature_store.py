@@ -77,6 +77,31 @@ class FeatureStore(ShardedStore):
         """One view of a row is read alone (format 2); format 1 chunks hold every view."""
         return self.attrs.get("format_version", 1) >= 2
 
+    @property
+    def sample_shape(self) -> tuple[int, int]:
+        """(P, C) of one view of one row."""
+        _, _, p, c = self.features.shape
+        return int(p), int(c)
+
+    def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+        """One contiguous read of a shard's features (n, V, P, C) and valid flags (n,)."""
+        feats = self.features[shard.start : shard.stop]
+        valid = np.asarray(self.group["valid"][shard.start : shard.stop], dtype=bool)
+        return feats, valid
+
+    def read_drawn(self, lo: int, hi: int, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """features[rows, views] (m, P, C) for `rows` inside the block [lo, hi) and one view
+        each: only the drawn views are read (format 2), or the block's chunk whole (format 1)."""
+        features = self.features
+        if self.per_view:
+            out = np.empty((len(rows), *features.shape[2:]), features.dtype)  # (m, P, C)
+            for v in np.unique(views):
+                pick = views == v
+                out[pick] = features.get_orthogonal_selection((rows[pick], int(v)))
+            return out
+        chunk = features[lo:hi]  # (k, V, P, C): a chunk holds every view, read it whole once
+        return chunk[rows - lo, views]
+
     def write_shard(
         self, shard: Shard, features: np.ndarray, valid: np.ndarray, errors: dict[int, str]
     ) -> None:

@@ -12,7 +12,6 @@ import scipy.linalg
 
 from .errors import FlatDinoError
 from .feature_store import FeatureStore
-from .store import row_block
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +79,11 @@ class RunningStats:
 
 def store_statistics(path: str, max_rows: int | None = None) -> tuple[RunningStats, np.ndarray]:
     """(running statistics of a feature store's mean-pooled view-0 features, the first block's
-    valid features)
-    over at most `max_rows` valid rows taken as whole storage blocks spread evenly over the store
-    (a class-sorted store still gives every part of it; no block is read in part)."""
+    valid features) over at most `max_rows` valid rows taken as whole storage blocks spread
+    evenly over the store (`ShardedStore.view0_blocks`)."""
     store = FeatureStore.open_complete(path, "the reference")
-    data, valid = store.features, np.asarray(store.group["valid"][:], bool)
-    step = row_block(data)
-    starts = np.arange(0, data.shape[0], step)
-    if max_rows is not None and len(starts) * step > max_rows:
-        keep = max(1, max_rows // step)
-        starts = starts[np.linspace(0, len(starts) - 1, keep).round().astype(int)]
-    acc, first = RunningStats(data.shape[-1]), None
-    for lo in starts:
-        block = np.asarray(data[lo : lo + step, 0], np.float32)[valid[lo : lo + step]]
+    acc, first = RunningStats(store.sample_shape[-1]), None
+    for block in store.view0_blocks(max_rows):
         if len(block):
             first = block if first is None else first
             acc.add(block.mean(1))

@@ -19,10 +19,12 @@ from collections.abc import Callable
 
 import numpy as np
 import zarr
+from tqdm import tqdm
 
+from .errors import InputError
 from .feature_store import FeatureStore
 from .storage import Location, explained
-from .store import Shard, ShardedStore, utc_now
+from .store import Shard, ShardedStore, row_block, utc_now
 
 FORMAT_VERSION = 1
 KIND = "flatdino.latents"
@@ -43,14 +45,42 @@ class LatentStore(ShardedStore):
         return self.group["mu"]
 
     @property
-    def num_views(self) -> int:
-        return int(self.mu.shape[1])
-
-    @property
     def token_shape(self) -> tuple[int, int]:
         """(T, d) of one latent."""
         _, _, t, d = self.mu.shape
         return int(t), int(d)
+
+    def train_views(self, views: int | None) -> int:
+        """How many stored views to train on: `views` (checked), or all of them for None."""
+        stored = self.num_views
+        if views is not None and not 1 <= views <= stored:
+            raise InputError(
+                f"--views must be 1..{stored} (the views in {str(self.path)!r}); got {views}"
+            )
+        return stored if views is None else views
+
+    def read_rows(
+        self, rows: np.ndarray, views: int, progress: bool = False
+    ) -> tuple[np.ndarray, int]:
+        """(mu[rows, :views] (n, views, T, d), bytes read) for sorted `rows`, reading only the
+        chunks that hold them, each whole and once."""
+        mu = self.mu
+        out = np.empty((len(rows), views, *mu.shape[2:]), dtype=mu.dtype)  # (n, V, T, d)
+        block, at, read = row_block(mu), 0, 0
+        first, last = (rows[0] // block, rows[-1] // block + 1) if len(rows) else (0, 0)
+        for lo in tqdm(
+            range(first * block, last * block, block),
+            desc="load latents",
+            unit="chunk",
+            disable=not progress,
+        ):
+            mine = rows[(rows >= lo) & (rows < lo + block)]
+            if len(mine):
+                chunk = mu[lo : lo + block]  # whole chunk
+                read += chunk.nbytes
+                out[at : at + len(mine)] = chunk[mine - lo, :views]
+                at += len(mine)
+        return out, read
 
     def num_classes(self) -> int:
         """From the class names when recorded, else from the largest label."""

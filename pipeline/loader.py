@@ -22,11 +22,9 @@ from queue import Full, Queue
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
-from .errors import InputError
-from .storage import open_group
-from .store import row_block
+from .feature_store import FeatureStore
+from .latent_store import LatentStore
 
 
 @dataclass(frozen=True)
@@ -94,51 +92,34 @@ class _BlockReader(IterableDataset):
     """Yields (rows, features[rows, view]) per block; worker w reads blocks w, w + W, ..."""
 
     def __init__(
-        self,
-        path: str,
-        blocks: np.ndarray,
-        block_rows: int,
-        needed: np.ndarray,
-        views: np.ndarray,
-        per_view: bool = False,
+        self, path: str, blocks: np.ndarray, block_rows: int, needed: np.ndarray, views: np.ndarray
     ):
         self.path, self.blocks, self.block_rows = path, blocks, block_rows
         self.needed, self.views = needed, views  # needed: (N,) bool, rows still to deliver
-        self.per_view = per_view  # the store reads one view of a row alone (format 2)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        features = open_group(self.path)["features"]  # opened in the worker (path or URL)
+        store = FeatureStore(self.path)  # opened in the worker (path or URL)
         for b in self.blocks[worker::workers]:
-            lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, features.shape[0])
+            lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, store.num_images)
             rows = np.flatnonzero(self.needed[lo:hi]) + lo
             if len(rows) == 0:
                 yield rows, None
                 continue
-            if self.per_view:  # only the drawn view of each needed row is read
-                out = np.empty((len(rows), *features.shape[2:]), features.dtype)  # (m, P, C)
-                for v in np.unique(self.views[rows]):
-                    pick = self.views[rows] == v
-                    out[pick] = features.get_orthogonal_selection((rows[pick], int(v)))
-                yield rows, torch.from_numpy(out)
-            else:  # format 1: a chunk holds every view, read it whole once
-                chunk = features[lo:hi]  # (k, V, P, C)
-                yield rows, torch.from_numpy(chunk[rows - lo, self.views[rows]])  # (m, P, C)
+            yield rows, torch.from_numpy(store.read_drawn(lo, hi, rows, self.views[rows]))
 
 
 class FeatureBatches:
     """Batches of float16 features (B, P, C) and int64 labels from a feature store."""
 
-    def __init__(self, path: str, cfg: LoaderConfig):
-        self.path, self.cfg = str(path), cfg
-        group = open_group(self.path)
-        self.valid = np.asarray(group["valid"][:], dtype=bool)
-        self.labels = np.asarray(group["labels"][:], dtype=np.int64)
-        self.num_views = int(group["features"].shape[1])
-        self.block_rows = row_block(group["features"])  # one storage object: the unit of locality
-        self.per_view = group.attrs.get("format_version", 1) >= 2
-        self.sample_shape = tuple(group["features"].shape[2:])  # (P, C)
+    def __init__(self, store: FeatureStore, cfg: LoaderConfig):
+        self.path, self.cfg = store.path, cfg
+        self.valid = store.valid_mask()
+        self.labels = store.labels()
+        self.num_views = store.num_views
+        self.block_rows = store.block_rows  # one storage object: the unit of locality
+        self.sample_shape = store.sample_shape  # (P, C)
         self.num_valid = int(self.valid.sum())
 
     def steps_per_epoch(self) -> int:
@@ -165,7 +146,7 @@ class FeatureBatches:
             ],
             dtype=np.int64,
         )
-        reader = _BlockReader(self.path, blocks, self.block_rows, needed, plan.views, self.per_view)
+        reader = _BlockReader(self.path, blocks, self.block_rows, needed, plan.views)
         workers = min(self.cfg.num_workers, len(blocks))
         # Own generator: a DataLoader iterator draws a seed, which must not advance the global RNG
         # (the trainer's sampling noise), or resuming mid-epoch would not be exact.
@@ -232,13 +213,6 @@ def prefetch(batches: Iterable, pin: bool = False) -> Iterator:
         thread.join(timeout=5)
 
 
-def check_views(views: int | None, stored: int, path: str) -> int:
-    """How many stored views to train on: `views` (checked), or all `stored` ones for None."""
-    if views is not None and not 1 <= views <= stored:
-        raise InputError(f"--views must be 1..{stored} (the views in {str(path)!r}); got {views}")
-    return stored if views is None else views
-
-
 class LatentBatches:
     """Batches of latents (B, T, d) float32 and int64 labels, from a latents store held in memory.
 
@@ -252,36 +226,21 @@ class LatentBatches:
     """
 
     def __init__(
-        self, path: str, cfg: LoaderConfig, progress: bool = False, views: int | None = None
+        self,
+        store: LatentStore,
+        cfg: LoaderConfig,
+        progress: bool = False,
+        views: int | None = None,
     ):
         """`views`: train on the first K stored views only (None: all of them)."""
         self.cfg = cfg
-        group = open_group(path)
-        mu = group["mu"]
-        self.num_views = check_views(views, int(mu.shape[1]), path)
-        valid = np.flatnonzero(np.asarray(group["valid"][:], dtype=bool))
+        self.num_views = store.train_views(views)
+        valid = store.valid_rows()
         per_rank = len(valid) // cfg.world
         rows = valid[cfg.rank * per_rank : (cfg.rank + 1) * per_rank]  # contiguous, sorted
-        self.labels = np.asarray(group["labels"][:], dtype=np.int64)[rows]
-        self.latents = np.empty(
-            (len(rows), self.num_views, *mu.shape[2:]), dtype=mu.dtype
-        )  # (n, V, T, d)
-        self.bytes_read = 0  # of mu, for the read-amplification benchmark
-        block = row_block(mu)
-        first, last = (rows[0] // block, rows[-1] // block + 1) if len(rows) else (0, 0)
-        at = 0
-        for lo in tqdm(
-            range(first * block, last * block, block),
-            desc="load latents",
-            unit="chunk",
-            disable=not progress,
-        ):
-            mine = rows[(rows >= lo) & (rows < lo + block)]
-            if len(mine):
-                chunk = mu[lo : lo + block]  # whole chunk
-                self.bytes_read += chunk.nbytes
-                self.latents[at : at + len(mine)] = chunk[mine - lo, : self.num_views]
-                at += len(mine)
+        self.labels = store.labels()[rows]
+        # (n, V, T, d); bytes_read (of mu) for the read-amplification benchmark
+        self.latents, self.bytes_read = store.read_rows(rows, self.num_views, progress)
 
     def steps_per_epoch(self) -> int:
         return len(self.latents) // self.cfg.batch_size

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import zarr
+from tqdm import tqdm
 
 from .errors import FlatDinoError, StoreMismatchError
 from .storage import Location, is_url
@@ -139,8 +140,21 @@ class ShardedStore:
         return int(self.group[self.ROWS].shape[0])
 
     @property
+    def num_views(self) -> int:
+        return int(self.group[self.ROWS].shape[1])
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of one storage object of the rows array: the unit a reader reads whole."""
+        return row_block(self.group[self.ROWS])
+
+    @property
     def class_names(self) -> list[str] | None:
         return self.attrs.get("class_names")
+
+    def labels(self) -> np.ndarray:
+        """(N,) int64 class labels of every row (valid or not)."""
+        return np.asarray(self.group["labels"][:], dtype=np.int64)
 
     def shards(self) -> list[Shard]:
         return shard_bounds(self.num_images, self.shard_size)
@@ -158,6 +172,30 @@ class ShardedStore:
     def valid_rows(self, limit: int | None = None) -> np.ndarray:
         """Indices of the rows that hold data (failed images excluded), the first `limit`."""
         return np.flatnonzero(self.valid_mask())[:limit]
+
+    def view0_blocks(
+        self, max_rows: int | None = None, desc: str | None = None
+    ) -> Iterator[np.ndarray]:
+        """View 0 of the valid rows, float32 (k, P, C) (latents: (k, T, d)), one storage block at
+        a time in row order (a block may hold no valid row): every block, or at most `max_rows`
+        rows as whole blocks spread evenly over the store (a class-sorted store still gives every
+        part of it; no block is read in part). A tqdm bar named `desc` when given."""
+        data, valid = self.group[self.ROWS], self.valid_mask()
+        step = row_block(data)  # whole storage objects (view 0 only, where views are chunked apart)
+        starts = np.arange(0, data.shape[0], step)
+        if max_rows is not None and len(starts) * step > max_rows:
+            keep = max(1, max_rows // step)
+            starts = starts[np.linspace(0, len(starts) - 1, keep).round().astype(int)]
+        for lo in tqdm(starts, desc=desc, disable=desc is None):
+            yield np.asarray(data[lo : lo + step, 0], np.float32)[valid[lo : lo + step]]
+
+    def pooled_view0(
+        self, max_rows: int | None = None, desc: str | None = None
+    ) -> Iterator[np.ndarray]:
+        """`view0_blocks` mean-pooled over positions, (k, C) float32 per block: the vectors of
+        FD-DINOv2, `eval fid --space dinov2` and `eval knn`."""
+        for block in self.view0_blocks(max_rows, desc):
+            yield block.mean(1)
 
     def mark_complete(self, **attrs) -> None:
         """The last write of a job: every shard is done, `complete` goes into the attrs."""

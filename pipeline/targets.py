@@ -26,9 +26,7 @@ class TargetImages:
         self.recipe = ViewRecipe.from_attrs(fp.get("preprocessing", {}))
         self.paths = store.manifest().column("path").to_pylist()
         self.pool = ThreadPoolExecutor(max(1, threads))
-        first = (
-            int(np.flatnonzero(store.group["valid"][:])[0]) if store.attrs.get("num_valid") else 0
-        )
+        first = int(store.valid_rows()[0]) if store.attrs.get("num_valid") else 0
         try:
             self.one(first, 0)
         except Exception as e:  # moved or deleted source images: say so before any training

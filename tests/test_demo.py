@@ -14,16 +14,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flatdino.cli.demo_run import (
-    DemoConfig,
-    Stage,
-    _prepare,
-    digit_judge,
-    judge,
-    run_demo,
-    run_stages,
-)
+from flatdino.cli.demo_run import DemoConfig, Stage, _prepare, run_demo, run_stages
 from flatdino.cli.main import app
+from flatdino.eval.judge import digit_judge, judge
 from flatdino.pipeline.errors import InputError
 from flatdino.pipeline.sources import digits_split
 

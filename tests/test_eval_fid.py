@@ -400,7 +400,7 @@ def test_images_are_decoded_a_bounded_number_ahead():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from flatdino.eval.fid import _bounded_map
+    from flatdino.eval.fid_sets import _bounded_map
 
     started, lock, most = [0], threading.Lock(), [0]
     consumed = [0]

@@ -124,3 +124,89 @@ def test_the_check_catches_a_backward_or_hidden_import(tmp_path, layer, source, 
     (tmp_path / layer / "bad.py").write_text(source)
     found = violations(tmp_path)
     assert len(found) == 1 and message in found[0]
+
+
+STORE_MODULES = {"pipeline/store.py", "pipeline/feature_store.py", "pipeline/latent_store.py"}
+STORE_MODULES |= {"pipeline/storage.py"}  # where a Zarr group is opened at all
+STORE_ARRAYS = {"features", "labels", "valid", "done", "mu", "logvar", "mu_mean", "mu_std"}
+
+
+def store_reads(path: Path, rel: str) -> list[str]:
+    """Every read of a store's arrays that bypasses the store classes: zarr imported, `open_group`
+    named, a store's `.group` touched (not a regex match's `.group(1)`), or an array name looked
+    up in something called a group."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    found = []
+    for node in ast.walk(tree):
+        what = None
+        if (
+            isinstance(node, ast.Import)
+            and any(a.name.split(".")[0] == "zarr" for a in node.names)
+            or isinstance(node, ast.ImportFrom)
+            and (node.module or "").split(".")[0] == "zarr"
+        ):
+            what = "imports zarr"
+        elif isinstance(node, ast.ImportFrom) and any(a.name == "open_group" for a in node.names):
+            what = "imports open_group"
+        elif isinstance(node, ast.Name | ast.Attribute) and "open_group" in (
+            getattr(node, "id", None),
+            getattr(node, "attr", None),
+        ):
+            what = "opens a group"
+        elif isinstance(node, ast.Attribute) and node.attr == "group" and id(node) not in called:
+            what = "reads a store's .group"
+        elif (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.slice, ast.Constant)
+            and node.slice.value in STORE_ARRAYS
+            and isinstance(node.value, ast.Name)
+            and node.value.id.endswith("group")
+        ):
+            what = f"reads the store array {node.slice.value!r}"
+        if what:
+            found.append(f"{rel}:{node.lineno}: {what}")
+    return found
+
+
+def store_violations(root: Path) -> list[str]:
+    """Store arrays read outside the store modules (a store's data goes through its class)."""
+    problems = []
+    for layer in LAYERS:
+        for path in sorted((root / layer).glob("*.py")):
+            rel = str(path.relative_to(root))
+            if rel not in STORE_MODULES:
+                problems += store_reads(path, rel)
+    return problems
+
+
+def test_store_arrays_are_read_only_through_the_store_classes():
+    assert store_violations(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("from ..pipeline.storage import open_group\n", "imports open_group"),
+        ("import zarr\n", "imports zarr"),
+        ("def f(s):\n    return s.group['valid'][:]\n", "reads a store's .group"),
+        ("def f(p):\n    return storage.open_group(p)\n", "opens a group"),
+        ("def f(group):\n    return group['mu'][:]\n", "reads the store array 'mu'"),
+    ],
+)
+def test_the_check_catches_a_store_read_outside_the_stores(tmp_path, source, message):
+    """Today's tree would fail it: the loaders, encode-latents and `eval knn` opened the groups
+    themselves and FD, `eval fid` and k-NN each read pooled view-0 features their own way."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "bad.py").write_text(source)
+    found = store_violations(tmp_path)
+    assert len(found) == 1 and message in found[0], found
+
+
+def test_the_store_check_leaves_other_groups_alone(tmp_path):
+    """A regex match's `.group(1)` and a dict of sample arrays are not store reads."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "ok.py").write_text(
+        "import re\ndef f(s, arrays):\n    return re.match('a', s).group(0), arrays['labels']\n"
+    )
+    assert store_violations(tmp_path) == []

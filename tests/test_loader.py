@@ -9,6 +9,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig, _shuffle_buffer, plan_epoch
 
 
@@ -73,7 +74,7 @@ def test_batches_hold_the_stored_view_of_each_row(digits_val_store, workers):
     cfg = LoaderConfig(
         batch_size=40, seed=3, shuffle_buffer=32, num_workers=workers, rank=1, world=2
     )
-    loader = FeatureBatches(str(digits_val_store), cfg)
+    loader = FeatureBatches(FeatureStore(digits_val_store), cfg)
     features = zarr.open_group(str(digits_val_store))["features"]
     labels = zarr.open_group(str(digits_val_store))["labels"][:]
     plan = plan_epoch(loader.valid, 2, loader.block_rows, cfg, 4)
@@ -88,7 +89,9 @@ def test_batches_hold_the_stored_view_of_each_row(digits_val_store, workers):
 
 
 def test_resume_mid_epoch_yields_the_remaining_batches(digits_val_store):
-    loader = FeatureBatches(str(digits_val_store), LoaderConfig(batch_size=50, num_workers=0))
+    loader = FeatureBatches(
+        FeatureStore(digits_val_store), LoaderConfig(batch_size=50, num_workers=0)
+    )
     full = [rows for _, _, rows in loader.epoch(2)]
     tail = [(x, rows) for x, _, rows in loader.epoch(2, start_step=3)]
     assert [r.tolist() for _, r in tail] == [r.tolist() for r in full[3:]]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import assert_same_store, free_port, read_store, start_moto, tiny_config
 from flatdino.cli.main import app
 from flatdino.pipeline.extract import extract_features
-from flatdino.pipeline.feature_store import object_count
+from flatdino.pipeline.feature_store import FeatureStore, object_count
 from flatdino.pipeline.storage import Location, open_group
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
@@ -316,12 +316,14 @@ def test_reading_one_view_reads_about_one_view(s3, monkeypatch):
 
     url = f"{s3}/views.zarr"
     extract_features(tiny_config("digits", url, split="val", views=2, shard_size=32))
-    batches = loader.FeatureBatches(url, loader.LoaderConfig(batch_size=32, num_workers=0))
+    batches = loader.FeatureBatches(
+        FeatureStore(url), loader.LoaderConfig(batch_size=32, num_workers=0)
+    )
 
-    def counted(path, mode="r"):
-        return zarr.open_group(CountingStore(Location(str(path)).store), mode=mode)
+    def counted(self, mode="r"):
+        return zarr.open_group(CountingStore(self.store), mode=mode)
 
-    monkeypatch.setattr(loader, "open_group", counted)  # the block reader's, in-process
+    monkeypatch.setattr(Location, "open_group", counted)  # the block reader's, in-process
     CountingStore.fetched = 0
     needed = sum(x.numpy().nbytes for x, _, _ in batches.epoch(0))
     assert needed == 359 * 256 * 64 * 2  # every valid row once, one float16 view

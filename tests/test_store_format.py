@@ -69,7 +69,9 @@ def test_one_object_per_job_shard_and_per_view_inner_chunks(tmp_path):
 
 def test_the_loader_reads_only_the_drawn_view(tmp_path, bytes_read):
     path = two_view_store(tmp_path / "f.zarr")
-    loader = FeatureBatches(str(path), LoaderConfig(16, seed=0, shuffle_buffer=8, num_workers=0))
+    loader = FeatureBatches(
+        FeatureStore(path), LoaderConfig(16, seed=0, shuffle_buffer=8, num_workers=0)
+    )
     reference = zarr.open_array(str(path / "features"), mode="r")[:]
     bytes_read["bytes"] = 0
     views = loader.views(0)
@@ -82,7 +84,7 @@ def test_the_loader_reads_only_the_drawn_view(tmp_path, bytes_read):
 def test_a_format_1_store_is_read_the_same(tmp_path):
     old = FeatureStore(FIXTURE / "features.zarr")
     assert not old.per_view and old.attrs["format_version"] == 1
-    loader = FeatureBatches(str(old.path), LoaderConfig(4, seed=0, shuffle_buffer=4, num_workers=0))
+    loader = FeatureBatches(old, LoaderConfig(4, seed=0, shuffle_buffer=4, num_workers=0))
     reference = old.features[:]
     views = loader.views(0)
     for x, _, rows in loader.epoch(0):

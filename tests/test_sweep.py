@@ -184,9 +184,9 @@ class PooledPixels(torch.nn.Module):
 def test_fid_on_decoded_pixels_is_eval_fid_of_the_sample_run(chain, tmp_path, monkeypatch):
     """With --decoder: FID of the decoded uint8 pixels against the images of the store, the number
     `eval fid` gives for the samples.npz of the same `sample` run."""
-    import flatdino.eval.fid as fid_module
+    import flatdino.eval.feature_net as feature_net
 
-    monkeypatch.setattr(fid_module, "inception_model", lambda weights: PooledPixels())
+    monkeypatch.setattr(feature_net, "inception_model", lambda weights: PooledPixels())
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"stand-in")
     folder = tmp_path / "images" / "a"

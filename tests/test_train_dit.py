@@ -20,6 +20,7 @@ from conftest import fake_latents_store, free_port
 from flatdino.models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
 from flatdino.models.flow import LatentNorm, euler_sample, flow_loss, sample_time
 from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.latent_store import LatentStore
 from flatdino.pipeline.loader import LatentBatches, LoaderConfig
 from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
@@ -74,7 +75,7 @@ def test_latent_loader_partitions_valid_rows_and_draws_views(store):
     mu, valid = group["mu"][:], group["valid"][:]
     seen = []
     for rank in range(3):
-        loader = LatentBatches(str(store), LoaderConfig(8, seed=1, rank=rank, world=3))
+        loader = LatentBatches(LatentStore(store), LoaderConfig(8, seed=1, rank=rank, world=3))
         assert loader.steps_per_epoch() == 80 // 3 // 8  # 26 rows per rank, the tail dropped
         rows = {}
         for x, y in loader.epoch(0):
@@ -87,7 +88,7 @@ def test_latent_loader_partitions_valid_rows_and_draws_views(store):
         seen.append(rows)
     assert not set(seen[0]) & set(seen[1]) and not set(seen[1]) & set(seen[2])  # disjoint ranks
     assert {0, 1} == set(seen[0].values()) | set(seen[1].values())  # both views are drawn
-    loader = LatentBatches(str(store), LoaderConfig(8, seed=1))
+    loader = LatentBatches(LatentStore(store), LoaderConfig(8, seed=1))
     full = [x for x, _ in loader.epoch(2)]
     tail = [x for x, _ in loader.epoch(2, start_step=3)]  # resume inside an epoch
     assert len(tail) == len(full) - 3 and all(
@@ -100,14 +101,14 @@ def test_views_1_trains_on_view_0_only_and_a_bad_count_is_refused(store, tmp_pat
     import zarr
 
     mu = zarr.open_group(str(store), mode="r")["mu"][:]
-    loader = LatentBatches(str(store), LoaderConfig(8, seed=1), views=1)
+    loader = LatentBatches(LatentStore(store), LoaderConfig(8, seed=1), views=1)
     for x, _ in loader.epoch(0):
         for xi in x.numpy():  # every sample is view 0 of some row, never the flip
             assert (mu[:, 0] == xi).all(axis=(1, 2)).any() and not (mu[:, 1] == xi).all(
                 axis=(1, 2)
             ).any()
     with pytest.raises(FlatDinoError, match="--views must be 1..2"):
-        LatentBatches(str(store), LoaderConfig(8, seed=1), views=3)
+        LatentBatches(LatentStore(store), LoaderConfig(8, seed=1), views=3)
     with pytest.raises(FlatDinoError, match="--views must be 1..2"):
         train_dit(small(store, tmp_path / "run", views=3))
     assert not (tmp_path / "run").exists()  # refused before the run folder is made

@@ -121,7 +121,7 @@ def train_decoder(cfg: TrainDecoderConfig) -> dict:
     targets = TargetImages(store, cfg.image_threads)  # checks that the images can be read back
     with start_run(cfg, model_cfg.to_dict(), d) as run:
         loader = FeatureBatches(
-            cfg.features, LoaderConfig(run.micro, cfg.seed, 1024, cfg.num_workers, d.rank, d.world)
+            store, LoaderConfig(run.micro, cfg.seed, 1024, cfg.num_workers, d.rank, d.world)
         )
         schedule = make_schedule(cfg, max(1, loader.steps_per_epoch() // run.accum))
         model = run.build(lambda: PixelDecoder(model_cfg))

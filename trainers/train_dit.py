@@ -30,7 +30,7 @@ from ..pipeline.env import autocast, inference_dtype
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.frechet import RunningStats, frechet_distance, store_statistics
 from ..pipeline.latent_store import LatentStore
-from ..pipeline.loader import LatentBatches, LoaderConfig, check_views
+from ..pipeline.loader import LatentBatches, LoaderConfig
 from .loop import LoopHooks
 from .optim import WSDSchedule
 from .pictures import FeaturePCA, tile, to_uint8
@@ -98,7 +98,7 @@ def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> dict:
         "time_dist": cfg.time_dist,
         "class_dropout": cfg.class_dropout,
         "normalize": cfg.normalize,
-        "views": check_views(cfg.views, store.num_views, cfg.latents),
+        "views": store.train_views(cfg.views),
         "latents": store.location.identity(),
         "latents_fingerprint": attrs.get("fingerprint"),
         "vae_checkpoint": attrs.get("vae_checkpoint"),
@@ -238,10 +238,10 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
         _check_resume(Path(cfg.out), flow)
     with start_run(cfg, model_cfg.to_dict(), d) as run:
         loader = LatentBatches(
-            cfg.latents,
+            store,
             LoaderConfig(run.micro, cfg.seed, 0, 0, d.rank, d.world),
             progress=cfg.progress and d.main,
-            views=cfg.views,
+            views=flow["views"],
         )
         steps_per_epoch, schedule = _schedule(cfg, loader, run.accum, d)
         norm = latent_norm(cfg, store, model_cfg).to(d.device)

@@ -180,7 +180,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         )
     with start_run(cfg, model_cfg.to_dict(), d) as run:
         loader = FeatureBatches(
-            cfg.features,
+            store,
             LoaderConfig(run.micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world),
         )
         steps_per_epoch = max(1, loader.steps_per_epoch() // run.accum)
