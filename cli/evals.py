@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from ..pipeline.errors import FlatDinoError
@@ -102,6 +101,8 @@ def ablate_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Zero one latent token at a time: the L2 change of every reconstructed patch, per token."""
+    import numpy as np
+
     from ..eval.ablate import ablate, plot_ablation
 
     try:

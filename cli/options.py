@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -14,6 +13,16 @@ from typing import Annotated
 import typer
 
 from ..pipeline.errors import FlatDinoError
+from ..pipeline.options import (
+    BACKEND_HELP,
+    DEVICE_HELP,
+    GPUS_HELP,
+    PRECISION_HELP,
+    PROGRESS_HELP,
+    RAY_ADDRESS_HELP,
+    WORKERS_HELP,
+    flatten_saved,
+)
 
 
 class Backend(str, Enum):
@@ -21,34 +30,16 @@ class Backend(str, Enum):
     local = "local"
 
 
-# Options shared by the Ray jobs (extract-features, encode-latents) and the trainers: one help text.
-DeviceOpt = Annotated[
-    str, typer.Option(help="auto (cuda when visible, else cpu), cpu, cuda or cuda:N.")
-]
-BackendOpt = Annotated[
-    Backend,
-    typer.Option(
-        help="ray: CPU tasks read/decode shards, actors run the model; local: one process, no Ray."
-    ),
-]
-WorkersOpt = Annotated[int, typer.Option(min=1, help="Model actors (Ray backend).")]
-GpusOpt = Annotated[
-    float | None,
-    typer.Option(help="GPUs per actor; default 1 when the Ray cluster has GPUs, else 0."),
-]
-RayAddressOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Ray cluster address ('auto' inside `ray job submit`); default: start Ray locally."
-    ),
-]
-ProgressOpt = Annotated[bool, typer.Option(help="Show the progress bar.")]
-PrecisionOpt = Annotated[
-    str,
-    typer.Option(
-        help="Network precision: auto (bf16 autocast and TF32 matmuls on CUDA, fp32 on CPU), "
-        "bf16, or fp32 (full precision, no TF32)."
-    ),
+# Options of the commands not built from a config (demo, eval): the configs' help texts.
+DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
+BackendOpt = Annotated[Backend, typer.Option(help=BACKEND_HELP)]
+WorkersOpt = Annotated[int, typer.Option(min=1, help=WORKERS_HELP)]
+GpusOpt = Annotated[float | None, typer.Option(help=GPUS_HELP)]
+RayAddressOpt = Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)]
+ProgressOpt = Annotated[bool, typer.Option(help=PROGRESS_HELP)]
+PrecisionOpt = Annotated[str, typer.Option(help=PRECISION_HELP)]
+ConfigOpt = Annotated[
+    Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
 ]
 
 
@@ -67,72 +58,19 @@ def setup_logging() -> None:
 
 
 def config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Context) -> object:
-    """cls(**saved config, **options the user typed): a saved config.json with CLI overrides."""
-    values = {
-        k: (str(v) if isinstance(v, Path) else getattr(v, "value", v)) for k, v in given.items()
-    }
+    """cls(**saved config, **options the user typed): a saved config.json with CLI overrides.
+
+    The saved "train" section may be flat (every config.json so far) or nested (`run`); fields
+    it holds that have no option (e.g. betas) are kept too."""
     if config is None:
-        return cls(**values)
+        return cls(**given)
     try:
         saved = json.loads(Path(config).read_text()).get("train", {})
     except (OSError, ValueError) as e:
         raise FlatDinoError(f"cannot read --config {str(config)!r}: {e}") from e
     typed = {
         k: v
-        for k, v in values.items()
+        for k, v in given.items()
         if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"
     }
-    fields = {f.name for f in dataclasses.fields(cls)}  # saved fields without an option kept too
-    merged = {**values, **{k: v for k, v in saved.items() if k in fields}, **typed}
-    if "betas" in saved:
-        merged["betas"] = tuple(saved["betas"])
-    return cls(**merged)
-
-
-# Options shared by the trainers (train-vae, train-dit, train-decoder).
-MicroBatchOpt = Annotated[
-    int | None,
-    typer.Option(
-        min=1, help="Per-device batch; smaller than batch/world means gradient accumulation."
-    ),
-]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the model init and the data order.")]
-LogEveryOpt = Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")]
-CkptEveryOpt = Annotated[
-    int, typer.Option(min=1, help="Checkpoint every N steps (RUN/checkpoints, overwritten).")
-]
-KeepEveryOpt = Annotated[
-    int,
-    typer.Option(
-        min=0, help="Also keep RUN/steps/NNNNNNN every N steps, never overwritten (0: off)."
-    ),
-]
-WeightDecayOpt = Annotated[
-    float,
-    typer.Option(min=0.0, help="AdamW weight decay on 2-D weights (not norms, biases, tokens)."),
-]
-GradClipOpt = Annotated[float, typer.Option(min=0.0, help="Max gradient norm (0: off).")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue RUN/checkpoints exactly.")]
-StopAfterOpt = Annotated[
-    int | None,
-    typer.Option(min=1, help="End this invocation after N more steps, with a checkpoint."),
-]
-LogToOpt = Annotated[
-    str,
-    typer.Option(
-        help="Also log metrics and pictures to tensorboard (RUN/tensorboard), wandb (RUN/wandb; "
-        "offline unless W&B is configured, never a login prompt) or none; auto: tensorboard when "
-        "installed. Pictures are always saved in RUN/grids/ too."
-    ),
-]
-GridDecoderOpt = Annotated[
-    Path | None,
-    typer.Option(
-        help="Pixel decoder for the training grids (RAE's model.pt or a train-decoder run); "
-        "else PCA colours of the features."
-    ),
-]
-ConfigOpt = Annotated[
-    Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
-]
+    return cls(**{**given, **flatten_saved(cls, saved), **typed})

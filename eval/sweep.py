@@ -36,7 +36,6 @@ from ..pipeline.env import autocast, fast_matmul, inference_dtype, resolve_devic
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.feature_store import FeatureStore
 from ..sampling.sample import (
-    SampleConfig,
     _check_pair,
     _identity,
     _load_vae,
@@ -44,53 +43,12 @@ from ..sampling.sample import (
     class_labels,
     sample_noise,
 )
+from .configs import SweepConfig
 from .fid import FeatureNet, FidConfig, RunningStats, frechet_distance, load_set, npz_crop
 
 log = logging.getLogger(__name__)
 
 FILES = ("sweep.csv", "heatmap.png", "sweep.json")
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """Everything `sweep_cfg` needs; the CLI only fills it in."""
-
-    dit: str  # train-dit run folder or checkpoint folder
-    features: str  # reference feature store (e.g. the val split): FD against its view-0 features
-    out: str  # output folder
-    scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.5, 6.0)  # guidance weights w (>= 1)
-    interval_starts: tuple[float, ...] = (0.0, 0.1, 0.225, 0.35)  # guidance for t in [start, 1]
-    n: int = 1000  # samples per cell, cycled through the classes (class-balanced)
-    seed: int = 0  # noise seed: every cell starts from the same noise
-    steps: int = 50  # Euler steps
-    batch_size: int = 64  # samples per batch, as `sample --batch-size` (the bits depend on it)
-    ema: bool = True  # the EMA weights (False: the raw ones)
-    vae: str | None = None  # override the VAE recorded in the DiT's flow.json
-    decoder: str | None = None  # pixel decoder: also FID in the Inception space
-    inception_weights: str | None = None  # pt_inception-2015-12-05 file (default: torch hub cache)
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast + TF32 on CUDA, fp32 on CPU; bf16; fp32
-    overwrite: bool = False  # replace a sweep of another config in --out
-    progress: bool = True
-
-    def cell(self, w: float, start: float) -> SampleConfig:
-        """The `flatdino sample` config that draws cell (w, start)'s samples."""
-        return SampleConfig(
-            dit=self.dit,
-            out=self.out,
-            n=self.n,
-            seed=self.seed,
-            steps=self.steps,
-            cfg=w,
-            cfg_interval=(start, 1.0),
-            ema=self.ema,
-            decoder=self.decoder,
-            vae=self.vae,
-            batch_size=self.batch_size,
-            device=self.device,
-            precision=self.precision,
-            progress=False,
-        )
 
 
 def check_config(cfg: SweepConfig) -> None:

@@ -9,7 +9,6 @@ hub is I/O and lives in `flatdino.pipeline.backbone`.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,34 +16,12 @@ import torch.nn.functional as F
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from .configs import BACKBONES as BACKBONES
+from .configs import BackboneSpec as BackboneSpec
+
 # The normalisation DINOv2 was trained with (and RAE's decoder un-does).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One registered backbone: timm ViT arguments and where pretrained weights come from."""
-
-    name: str
-    embed_dim: int
-    depth: int
-    num_heads: int
-    timm_name: str | None = None  # hub weights via timm; None: seeded random init (tiny)
-    patch_size: int = 14
-    reg_tokens: int = 4
-    img_size: int = 224  # 16x16 patches; pretrained 37x37 position grids are resampled on load
-    init_seed: int = 0  # seeds the random init of presets without pretrained weights
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "dinov2-vitb14-reg": BackboneSpec(
-        "dinov2-vitb14-reg", 768, 12, 12, timm_name="vit_base_patch14_reg4_dinov2"
-    ),
-    # Same structure (patch 14, 4 registers, LayerScale, final norm) at toy size, random weights:
-    # for tests and the offline demo.
-    "tiny": BackboneSpec("tiny", 64, 2, 2),
-}
 
 
 def build_vit(spec: BackboneSpec) -> VisionTransformer:

@@ -13,7 +13,6 @@ weights) followed by Linear-SiLU-Linear. Pure nn.Module.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -22,52 +21,12 @@ import torch.nn.functional as F
 from timm.layers import RmsNorm, SwiGLU, trunc_normal_tf_
 from timm.layers.pos_embed_sincos import apply_rot_embed
 
-INITS = ("official", "xavier")
+from .configs import DIT_PRESETS as DIT_PRESETS
+from .configs import DiTConfig as DiTConfig
+from .configs import dit_preset as dit_preset
+
 EPS = 1e-6
 FOURIER = 256  # frequencies of the time embedding
-
-
-@dataclass(frozen=True)
-class DiTConfig:
-    """Architecture of one LightningDiT (saved as config.json; rebuilds the model)."""
-
-    tokens: int = 32  # T: latent tokens (read from the latents store)
-    latent_dim: int = 128  # d: channels per token (read from the latents store)
-    dim: int = 1152  # D: width
-    depth: int = 28
-    heads: int = 16
-    mlp_hidden_ratio: float = 8 / 3  # SwiGLU hidden = round(ratio · D) (3072 for D = 1152)
-    num_classes: int = 1000  # class index num_classes is the null (unconditional) class
-    rope_base: float = 10000.0
-    # "official": the official `LightningDiT.__init__` (truncated normal 0.02 for the block,
-    # time and class layers, Xavier for the token embedding). "xavier": DiT's init (Xavier for
-    # every Linear, N(0, 0.02) embeddings), the one the 64-wide demo model was tuned with.
-    # Both zero the adaLN and output layers (adaLN-Zero).
-    init: str = "official"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.mlp_hidden_ratio * self.dim)
-
-    def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f"DiTConfig.init must be one of {', '.join(INITS)}; got {self.init!r}")
-
-
-DIT_PRESETS: dict[str, DiTConfig] = {
-    "dit-xl": DiTConfig(dim=1152, depth=28, heads=16),  # the paper's generator
-    "dit-l": DiTConfig(dim=1024, depth=24, heads=16),
-    "dit-b": DiTConfig(dim=768, depth=12, heads=12),
-    "dit-s": DiTConfig(dim=384, depth=12, heads=6),
-    "tiny": DiTConfig(dim=64, depth=2, heads=2, num_classes=10, init="xavier"),
-}
-
-
-def dit_preset(name: str, **overrides) -> DiTConfig:
-    return replace(DIT_PRESETS[name], **overrides)
 
 
 def sincos_1d(length: int, dim: int) -> torch.Tensor:

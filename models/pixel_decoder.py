@@ -14,49 +14,16 @@ regenerated. Pure nn.Module.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .configs import PIXEL_DECODER_PRESETS as PIXEL_DECODER_PRESETS
+from .configs import PixelDecoderConfig as PixelDecoderConfig
+from .configs import pixel_decoder_preset as pixel_decoder_preset
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from .vae import sincos_2d
-
-
-@dataclass(frozen=True)
-class PixelDecoderConfig:
-    """Architecture of one pixel decoder (saved as config.json; rebuilds the model)."""
-
-    in_dim: int = 768  # C: DINOv2 feature width
-    num_patches: int = 256  # P: a 16x16 grid of patch features
-    dim: int = 1152  # decoder width
-    depth: int = 28
-    heads: int = 16
-    mlp_dim: int = 4096
-    patch_size: int = 16  # output pixels per patch side: 16 x 16 grid -> 256 x 256 images
-    channels: int = 3
-    eps: float = 1e-12  # LayerNorm eps of RAE's ViT-MAE layers
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def image_size(self) -> int:
-        return self.patch_size * math.isqrt(self.num_patches)
-
-
-# RAE's configs/decoder/{ViTXL,ViTL,ViTB}/config.json; rae-vitxl is the published decoder.
-PIXEL_DECODER_PRESETS: dict[str, PixelDecoderConfig] = {
-    "rae-vitxl": PixelDecoderConfig(dim=1152, depth=28, heads=16, mlp_dim=4096),
-    "rae-vitl": PixelDecoderConfig(dim=1024, depth=24, heads=16, mlp_dim=4096),
-    "rae-vitb": PixelDecoderConfig(dim=768, depth=12, heads=12, mlp_dim=3072),
-    "tiny": PixelDecoderConfig(dim=128, depth=2, heads=4, mlp_dim=256),
-}
-
-
-def pixel_decoder_preset(name: str, **overrides) -> PixelDecoderConfig:
-    return replace(PIXEL_DECODER_PRESETS[name], **overrides)
 
 
 class _Linear(nn.Module):

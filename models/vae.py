@@ -14,7 +14,6 @@ and no bias, shared by the heads. Pure nn.Module: no I/O.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -24,58 +23,11 @@ from timm.layers import SwiGLU, trunc_normal_tf_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
-INITS = ("official", "toy")
+from .configs import VAE_PRESETS as VAE_PRESETS
+from .configs import VAEConfig as VAEConfig
+from .configs import vae_preset as vae_preset
+
 EPS = 1e-6  # every LayerNorm of the official model
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    """Architecture of one FlatDINO VAE (saved as config.json; rebuilds the model)."""
-
-    in_dim: int = 768  # C: feature channels of the store
-    num_patches: int = 256  # P: patches per image
-    tokens: int = 32  # T: latent tokens
-    latent_dim: int = 128  # d: channels per latent token
-    enc_dim: int = 768  # encoder width (ViT-B)
-    enc_depth: int = 12
-    enc_heads: int = 12
-    dec_dim: int = 1024  # decoder width (ViT-L)
-    dec_depth: int = 24
-    dec_heads: int = 16
-    mlp_ratio: float = 4.0  # SwiGLU hidden = mlp_ratio · width (the official code: 4·D)
-    # "official": truncated normal 0.02 for every Linear, token and position embedding (the
-    # official code). "toy": the same tensors started so that a 64-wide model learns within
-    # minutes (sin-cos queries, unit-scale latent path, logvar -5); see `FlatDinoVAE._toy_init`.
-    init: str = "official"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f"VAEConfig.init must be one of {', '.join(INITS)}; got {self.init!r}")
-
-
-VAE_PRESETS: dict[str, VAEConfig] = {
-    "flatdino-32x128": VAEConfig(),  # the paper's model
-    "flatdino-32x64": VAEConfig(latent_dim=64),
-    "tiny": VAEConfig(
-        tokens=8,
-        latent_dim=16,
-        enc_dim=64,
-        enc_depth=2,
-        enc_heads=2,
-        dec_dim=64,
-        dec_depth=2,
-        dec_heads=2,
-        init="toy",
-    ),
-}
-
-
-def vae_preset(name: str, **overrides) -> VAEConfig:
-    """A registered preset with fields overridden (e.g. tokens, latent_dim, in_dim)."""
-    return replace(VAE_PRESETS[name], **overrides)
 
 
 def kl_weight(tokens: int, latent_dim: int) -> float:

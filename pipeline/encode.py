@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +18,13 @@ import torch
 from tqdm import tqdm
 
 from .checkpoints import load_vae, resolve_vae, vae_sha256
+from .configs import EncodeConfig
 from .engine import Placement, ShardJob, run_shards
 from .env import autocast, fast_matmul, inference_dtype, package_version, resolve_device
 from .errors import FlatDinoError
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
 from .store import Shard, check_finite, open_or_create
-
-
-@dataclass(frozen=True)
-class EncodeConfig:
-    """Everything `encode_latents` needs; the CLI only fills it in."""
-
-    features: str  # feature store to encode
-    vae: str  # train-vae run folder (uses best/, else checkpoints/) or a checkpoint folder
-    out: str  # latents store (created or resumed)
-    batch_size: int = 256  # encoder batch (images x views)
-    dtype: str = "float32"  # stored dtype of mu (and logvar): float32 | float16
-    save_logvar: bool = False  # also store logvar
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast + TF32 on CUDA, fp32 on CPU; bf16; fp32
-    backend: str = "ray"  # ray | local
-    workers: int = 1
-    num_gpus_per_worker: float | None = None
-    ray_address: str | None = None
-    overwrite: bool = False
-    progress: bool = True
 
 
 def read_shard(features: str, shard: Shard) -> tuple[Shard, np.ndarray, np.ndarray]:

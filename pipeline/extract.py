@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..models.dinov2 import BACKBONES, DinoPatchFeatures
 from .backbone import load_backbone
+from .configs import ExtractConfig
 from .engine import Placement, ShardJob, run_shards
 from .env import package_version, resolve_device
 from .errors import FlatDinoError, TooManyFailuresError, WeightsError
@@ -32,33 +33,6 @@ from .store import Shard, check_finite, open_or_create
 
 log = logging.getLogger("flatdino.extract")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything `extract_features` needs; the CLI only fills it in."""
-
-    data: str  # ImageFolder directory, Parquet manifest, or "digits"
-    out: str  # store directory (created)
-    split: str = "all"  # digits: which rows; directories and manifests: only recorded
-    backbone: str = "dinov2-vitb14-reg"  # key of pipeline.backbone.BACKBONES
-    weights: str | None = None  # local weights file or directory; None: hub (or seed for tiny)
-    views: int = 2  # stored views per image (0 centre crop, 1 flip, >=2 random crops)
-    view_seed: int = 0  # seed of the random crops of views >= 2
-    batch_size: int = 64  # backbone batch (images x views are flattened into batches)
-    shard_size: int = 64  # images per unit of work = per storage object of the features array
-    chunk_rows: int = 1  # images per inner (per-view) chunk of a shard; a divisor of shard_size
-    dtype: str = "fp32"  # backbone compute precision: fp32 | bf16 (features are stored float16)
-    device: str = "auto"  # auto: cuda when available, else cpu
-    backend: str = "ray"  # ray | local
-    workers: int = 1  # backbone actors (Ray backend)
-    num_gpus_per_worker: float | None = None  # None: 1 when CUDA is visible, else 0
-    torch_threads: int = 0  # threads per backbone worker; 0: Ray: cores / workers, local: as is
-    decode_per_cpu: int = 1  # Ray: decode tasks per free CPU core (speed only: no fingerprint)
-    ray_address: str | None = None  # None: a local Ray instance; "auto" or ADDR: a cluster
-    max_failed_fraction: float = 0.01  # exit non-zero above this fraction of undecodable images
-    overwrite: bool = False  # replace an existing store made with other settings
-    progress: bool = True  # show the tqdm bar
 
 
 @dataclass

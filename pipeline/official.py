@@ -16,7 +16,7 @@ import logging
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -36,21 +36,13 @@ from ..models.official import (
 )
 from ..models.vae import VAE_PRESETS, count_parameters
 from .checkpoints import resolve_vae
+from .configs import ImportConfig
 from .errors import FlatDinoError
 
 log = logging.getLogger(__name__)
 
 MARKER = "official.json"  # what an imported folder records, and what --overwrite looks for
 VAE_ITEMS, DIT_ITEMS = ("encoder", "decoder"), ("model", "model_ema")
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    checkpoint: str  # ROOT (latest step), ROOT/STEP, or a folder of items
-    out: str
-    step: int | None = None  # a step of ROOT instead of the latest
-    vae: str | None = None  # generator only: the VAE (ours or imported) its latents came from
-    overwrite: bool = False
 
 
 def _orbax():

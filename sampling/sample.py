@@ -63,34 +63,9 @@ from ..pipeline.checkpoints import (
 from ..pipeline.env import autocast, fast_matmul, inference_dtype
 from ..pipeline.errors import FlatDinoError
 from ..trainers.runner import Dist, setup_distributed, teardown_distributed
+from .configs import SampleConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """Everything `sample` needs; the CLI only fills it in."""
-
-    dit: str  # train-dit run folder or checkpoint folder
-    out: str  # output folder
-    classes: str | None = None  # "207,360" or "all"; None: all classes, cycled to --n
-    per_class: int = 1  # samples per class (with --classes)
-    n: int | None = None  # total samples (classes cycled); default: classes x per_class
-    seed: int = 0
-    steps: int = 50  # sampler steps on the κ-shifted grid
-    sampler: str = "euler"  # euler, or heun: second order, 2 evaluations a step but the last
-    cfg: float = 4.5  # guidance weight w; 1 disables guidance (one pass per step)
-    cfg_interval: tuple[float, float] = (0.225, 1.0)  # guidance only for t in this interval
-    ema: bool = True  # the EMA weights (False: the raw ones), of the DiT and of the guide
-    guide_dit: str | None = None  # AutoGuidance's weaker DiT (run or checkpoint folder); None: CFG
-    decoder: str | None = None  # train-decoder run/checkpoint folder or RAE's model.pt
-    vae: str | None = None  # override the VAE checkpoint recorded by the latents store
-    batch_size: int = 64  # samples per batch; part of the result's identity (see the docstring)
-    save_features: bool = False  # also write latents.npy and features.npy
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast + TF32 on CUDA, fp32 on CPU; bf16; fp32 (full)
-    writers: int = 8  # threads encoding PNGs and writing batches
-    progress: bool = True
 
 
 def batches_of(n: int, batch_size: int) -> list[range]:

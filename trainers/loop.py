@@ -27,6 +27,8 @@ from tqdm import tqdm
 from ..pipeline.env import autocast, inference_dtype
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.loader import prefetch
+from ..pipeline.options import flat_keywords
+from .configs import RunConfig
 from .optim import set_lr
 from .runner import Dist, NonFiniteLossError, all_reduce_mean, append_metrics
 from .tracking import Tracker
@@ -34,19 +36,16 @@ from .tracking import Tracker
 log = logging.getLogger("flatdino.train")
 
 
+@flat_keywords  # LoopConfig("toy", total=2, log_every=1): the run's fields by name, as a trainer's
 @dataclass(frozen=True)
 class LoopConfig:
-    """How long the loop runs and how often it reports and saves."""
+    """One loop: its label, its length and batch split, and the run's reporting and saving
+    (`RunConfig`: grad_clip, log_every, ckpt_every, keep_every, stop_after, progress)."""
 
     name: str  # progress-bar label, e.g. "train-dit"
     total: int  # optimiser steps of the whole run
     accum: int = 1  # micro batches per optimiser step
-    grad_clip: float = 1.0  # max grad norm (0: off)
-    log_every: int = 20
-    ckpt_every: int = 500  # RUN/checkpoints (always also at the end of an invocation)
-    keep_every: int = 0  # also RUN/steps/NNNNNNN every N steps, kept (0: off)
-    stop_after: int | None = None  # end this invocation after N more steps
-    progress: bool = True
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass
@@ -119,7 +118,9 @@ def train_loop(
     """
     tracker = tracker or Tracker(out)
     params = [p for g in opt.param_groups for p in g["params"]]
-    end = lc.total if lc.stop_after is None else min(lc.total, state["step"] + lc.stop_after)
+    end = (
+        lc.total if lc.run.stop_after is None else min(lc.total, state["step"] + lc.run.stop_after)
+    )
     if state["step"] >= end:  # e.g. --resume of a finished run: keep its final.json as it is
         log.info("%s: at step %d of %d already; nothing to do", lc.name, state["step"], lc.total)
         return {"step": state["step"]}
@@ -128,7 +129,7 @@ def train_loop(
         initial=state["step"],
         unit="step",
         desc=lc.name,
-        disable=not (lc.progress and d.main),
+        disable=not (lc.run.progress and d.main),
     )
     metrics: dict = {}
     tic, seen, summed = time.perf_counter(), 0, 0.0
@@ -152,7 +153,7 @@ def train_loop(
                 continue
             means, summed = all_reduce_mean(summed / lc.accum, d), 0.0  # one collective
             loss = means[names.index("loss")]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, lc.grad_clip or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, lc.run.grad_clip or float("inf"))
             # Equal on every rank (loss and gradients are all-reduced). Once a step is bad, every
             # update is skipped on the device until the next check stops the run: the weights
             # stay those before the first bad step, without a host sync per step.
@@ -170,9 +171,9 @@ def train_loop(
             state["step"] += 1
             bar.update(1)
             step = state["step"]
-            logs = step % lc.log_every == 0 or step in (lc.total, end)
-            saves = step % lc.ckpt_every == 0 or step == end
-            keeps = bool(lc.keep_every) and step % lc.keep_every == 0
+            logs = step % lc.run.log_every == 0 or step in (lc.total, end)
+            saves = step % lc.run.ckpt_every == 0 or step == end
+            keeps = bool(lc.run.keep_every) and step % lc.run.keep_every == 0
             if logs or saves or keeps or hooks.acts_at(step):
                 _check_finite(pending, out)  # the one host sync, before anything is written
             if logs:

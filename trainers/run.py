@@ -3,7 +3,7 @@
 A trainer is its config, its model, its loss and its batches; everything else is here, in this
 order (the order matters for exact resume and for identical runs):
 
-    d = setup_distributed(cfg.device)          the torchrun group (before the trainer's checks)
+    d = setup_distributed(cfg.run.device)      the torchrun group (before the trainer's checks)
     with start_run(cfg, model_config, d) as run:   batch split, run folder, log.txt, RNG scope
         model = run.build(make_model, ...)     seeded init, AdamW, per-rank RNG, resume, DDP
         run.loop(name, total, hooks)           the shared loop (trainers/loop.py)
@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..pipeline.options import flat_dict
 from .loop import LoopConfig, LoopHooks, train_loop
 from .optim import param_groups
 from .resume import keep_finished, resume_run
@@ -50,7 +51,7 @@ log = logging.getLogger("flatdino.train")
 class TrainingRun:
     """One invocation of a trainer: where it writes, how its batch splits, what it trains."""
 
-    cfg: Any  # the trainer's frozen config (TrainVAEConfig, TrainDiTConfig, TrainDecoderConfig)
+    cfg: Any  # the trainer's frozen config (TrainVAEConfig, ...), its shared fields in cfg.run
     d: Dist
     out: Path
     micro: int  # per-device micro batch
@@ -71,9 +72,9 @@ class TrainingRun:
         """TensorBoard / W&B / none as --log-to says (rank 0), opened after the resume so a
         resumed run continues its curves from its step."""
         if self._tracker is None:
-            config = {"train": asdict(self.cfg), "model": self.model_config}
+            config = {"train": flat_dict(self.cfg), "model": self.model_config}
             self._tracker = open_tracker(
-                getattr(self.cfg, "log_to", "none"),
+                self.cfg.run.log_to,
                 self.out,
                 config,
                 self.state.get("step", 0),
@@ -92,7 +93,7 @@ class TrainingRun:
 
     @property
     def resuming(self) -> bool:
-        return bool(self.cfg.resume or getattr(self.cfg, "resume_from", None))
+        return bool(self.cfg.run.resume or getattr(self.cfg, "resume_from", None))
 
     def build(
         self,
@@ -103,20 +104,20 @@ class TrainingRun:
         """Seeded model, AdamW, per-rank RNG, resume, DDP; returns the (unwrapped) model.
 
         `extras(model)` builds modules that live beside the model and resume with it (the EMA)."""
-        cfg, d = self.cfg, self.d
-        torch.manual_seed(cfg.seed)  # identical init on every rank
+        cfg, run, d = self.cfg, self.cfg.run, self.d
+        torch.manual_seed(run.seed)  # identical init on every rank
         self.model = model = make_model().to(d.device)
         resumed = extras(model) if extras else {}
         self.extra_weights.update(resumed)
-        groups = param_groups(model, cfg.weight_decay)
+        groups = param_groups(model, run.weight_decay)
         # fused on CUDA: one kernel per step, and it skips a non-finite step on the device, so the
         # loop needs no host sync per step (loop.py). On CPU a sync costs nothing (bench/host_sync.py:
         # same samples/s), and the plain AdamW keeps CPU runs numerically as they were.
         fused = d.device.type == "cuda"
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+        self.opt = torch.optim.AdamW(groups, lr=run.lr, betas=run.betas, fused=fused)
         self.state = {"step": 0, "micro_step": 0, "epoch": 0, **(state or {})}
-        self.setup = run_setup(cfg.batch_size, self.micro, cfg.seed, d)
-        seed_ranks(cfg.seed, d)
+        self.setup = run_setup(run.batch_size, self.micro, run.seed, d)
+        seed_ranks(run.seed, d)
         if self.resuming:
             resume_from = getattr(cfg, "resume_from", None)  # train-vae only
             if resume_from:
@@ -132,7 +133,7 @@ class TrainingRun:
                 self.setup,
                 resumed,
             )
-        self.net = wrap_model(model, d, cfg.compile)
+        self.net = wrap_model(model, d, run.compile)
         return model
 
     def save(self, path: Path) -> None:
@@ -148,18 +149,7 @@ class TrainingRun:
 
     def loop(self, name: str, total: int, hooks: LoopHooks) -> dict:
         """Run the shared loop to `total` optimiser steps; returns the last metrics."""
-        cfg = self.cfg
-        lc = LoopConfig(
-            name,
-            total,
-            self.accum,
-            cfg.grad_clip,
-            cfg.log_every,
-            cfg.ckpt_every,
-            cfg.keep_every,
-            cfg.stop_after,
-            cfg.progress,
-        )
+        lc = LoopConfig(name, total, self.accum, self.cfg.run)
         tracker = self.tracker
         try:
             return train_loop(lc, self.d, self.out, self.net, self.opt, hooks, self.state, tracker)
@@ -173,11 +163,11 @@ def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
     """The batch split (checked before anything is written), the run folder with config.json,
     rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration; the torchrun
     group is left at the end."""
-    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch, d)
-    resolve_log_to(getattr(cfg, "log_to", "none"))  # a missing package: before anything is written
+    micro, accum = split_batch(cfg.run.batch_size, cfg.run.micro_batch, d)
+    resolve_log_to(cfg.run.log_to)  # a missing package: before anything is written
     out = Path(cfg.out)
     run = TrainingRun(cfg, d, out, micro, accum, model_config)
-    setup_run_dir(out, {"train": asdict(cfg), "model": model_config}, d, run.resuming)
+    setup_run_dir(out, {"train": flat_dict(cfg), "model": model_config}, d, run.resuming)
     cuda = [d.device.index or 0] if d.device.type == "cuda" else []
     try:
         with run_log(out, d), torch.random.fork_rng(devices=cuda):

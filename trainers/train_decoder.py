@@ -15,7 +15,6 @@ network is wired in, a non-zero weight is refused rather than silently ignored.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from ..pipeline.errors import FlatDinoError
 from ..pipeline.feature_store import FeatureStore
 from ..pipeline.loader import FeatureBatches, LoaderConfig
 from ..pipeline.targets import TargetImages
+from .configs import TrainDecoderConfig
 from .loop import LoopHooks
 from .optim import make_schedule
 from .pictures import tile, to_uint8
@@ -32,44 +32,6 @@ from .run import start_run
 from .runner import setup_distributed
 
 log = logging.getLogger("flatdino.train")
-
-
-@dataclass(frozen=True)
-class TrainDecoderConfig:
-    """Everything `train_decoder` needs; saved as RUN/config.json."""
-
-    features: str  # feature store (its manifest names the images)
-    out: str  # run folder
-    preset: str = "rae-vitxl"  # key of models.pixel_decoder.PIXEL_DECODER_PRESETS
-    steps: int | None = None  # total optimiser steps (or use epochs)
-    epochs: int | None = None
-    warmup_steps: int | None = None  # default: 10% of the run
-    decay_steps: int | None = None  # default: 10% of the run
-    batch_size: int = 256  # global batch
-    micro_batch: int | None = None  # per-device batch (gradient accumulation below batch/world)
-    lr: float = 2e-4  # peak learning rate (warmup-stable-decay)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    noise_tau: float = 0.8  # RAE's feature noise: sigma ~ U(0, tau) per sample (0: off)
-    l1_weight: float = 1.0
-    mse_weight: float = 1.0
-    perceptual_weight: float = 0.0  # extension point: LPIPS (needs weights; refused if > 0)
-    adversarial_weight: float = 0.0  # extension point: GAN (needs weights; refused if > 0)
-    seed: int = 0
-    num_workers: int = 2  # feature loader processes per rank
-    image_threads: int = 4  # threads decoding target images
-    log_every: int = 20
-    ckpt_every: int = 500  # checkpoints/ (and always at the end of an invocation)
-    keep_every: int = 0  # RUN/steps/NNNNNNN every N steps, kept for good (0: off)
-    device: str = "auto"
-    compile: bool = False
-    resume: bool = False
-    stop_after: int | None = None
-    log_to: str = "auto"  # tensorboard | wandb | none | auto (tensorboard when installed)
-    grid_every: int = 500  # reconstructions of fixed images beside their targets (0: off)
-    grid_images: int = 8
-    progress: bool = True
 
 
 def decoder_loss(
@@ -101,7 +63,7 @@ def _check(cfg: TrainDecoderConfig, store: FeatureStore) -> None:
         raise FlatDinoError(
             f"--preset must be one of {sorted(PIXEL_DECODER_PRESETS)}; got {cfg.preset!r}"
         )
-    if cfg.steps is None and cfg.epochs is None:
+    if cfg.run.steps is None and cfg.run.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
     if cfg.perceptual_weight or cfg.adversarial_weight:
         raise FlatDinoError(
@@ -113,7 +75,7 @@ def _check(cfg: TrainDecoderConfig, store: FeatureStore) -> None:
 
 def train_decoder(cfg: TrainDecoderConfig) -> dict:
     """Train (or resume) a pixel decoder as `cfg` says; returns the final metrics."""
-    d = setup_distributed(cfg.device)
+    d = setup_distributed(cfg.run.device)
     store = FeatureStore.open_complete(cfg.features, "--features")
     _check(cfg, store)
     _, _, p, c = store.features.shape
@@ -121,7 +83,8 @@ def train_decoder(cfg: TrainDecoderConfig) -> dict:
     targets = TargetImages(store, cfg.image_threads)  # checks that the images can be read back
     with start_run(cfg, model_cfg.to_dict(), d) as run:
         loader = FeatureBatches(
-            store, LoaderConfig(run.micro, cfg.seed, 1024, cfg.num_workers, d.rank, d.world)
+            store,
+            LoaderConfig(run.micro, cfg.run.seed, 1024, cfg.num_workers, d.rank, d.world),
         )
         schedule = make_schedule(cfg, max(1, loader.steps_per_epoch() // run.accum))
         model = run.build(lambda: PixelDecoder(model_cfg))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ..pipeline.errors import FlatDinoError
 from ..pipeline.frechet import RunningStats, frechet_distance, store_statistics
 from ..pipeline.latent_store import LatentStore
 from ..pipeline.loader import LatentBatches, LoaderConfig
+from .configs import TrainDiTConfig
 from .loop import LoopHooks
 from .optim import WSDSchedule
 from .pictures import FeaturePCA, tile, to_uint8
@@ -38,48 +38,6 @@ from .run import start_run
 from .runner import Dist, setup_distributed
 
 log = logging.getLogger("flatdino.train")
-
-
-@dataclass(frozen=True)
-class TrainDiTConfig:
-    """Everything `train_dit` needs; saved as RUN/config.json. Defaults are the paper's (§4.3)."""
-
-    latents: str  # latents store from encode-latents
-    out: str  # run folder
-    preset: str = "dit-xl"  # key of models.dit.DIT_PRESETS; T, d and classes come from the store
-    steps: int | None = None  # total optimiser steps (or use epochs)
-    epochs: int | None = None  # total epochs over the store's valid images
-    batch_size: int = 1024  # global batch (all ranks, all accumulation steps)
-    micro_batch: int | None = None  # per-device batch; None: batch_size / world (no accumulation)
-    lr: float = 2e-4  # constant after the warmup
-    warmup_steps: int = 0  # linear warmup from 1e-6
-    weight_decay: float = 0.0  # AdamW decay on 2-D weights (LightningDiT trains with 0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # max grad norm (0: off)
-    ema_decay: float = 0.9995  # EMA of the weights, kept in fp32
-    kappa: float = 3.0  # time shift t' = t / (κ - (κ - 1) t)
-    time_dist: str = "uniform"  # uniform | logit-normal
-    class_dropout: float = 0.1  # labels replaced by the null class, for CFG
-    normalize: bool = False  # standardise latents per (token, dim) with the store's mu_mean/mu_std
-    views: int | None = None  # train on the first K stored views (1: view 0 only); None: all
-    seed: int = 0  # model init and data order
-    log_every: int = 100
-    ckpt_every: int = 5000  # checkpoints/ (and always at the end of an invocation)
-    keep_every: int = 0  # RUN/steps/NNNNNNN every N steps, kept for good (0: off)
-    device: str = "auto"
-    compile: bool = False  # torch.compile the model
-    resume: bool = False  # continue RUN/checkpoints
-    stop_after: int | None = None  # end this invocation (with a checkpoint) after N more steps
-    log_to: str = "auto"  # tensorboard | wandb | none | auto (tensorboard when installed)
-    sample_every: int = 5000  # EMA samples: a grid and FD-DINOv2 every N steps (0: off)
-    fd_samples: int = 1000  # generated samples of the FD (class-balanced, fixed noise)
-    fd_features: str | None = None  # FD reference store; default: the latents' feature store
-    fd_reference: int = 10_000  # at most this many reference rows (whole blocks, spread evenly)
-    sample_steps: int = 50  # Euler steps of those samples
-    sample_cfg: float = 1.0  # their guidance weight (1: none; the interval is the sampler's)
-    best_by_fd: bool = False  # keep RUN/best/ at the lowest FD so far
-    decoder: str | None = None  # pixel decoder for the grid (else PCA colours of the features)
-    progress: bool = True
 
 
 def build_model_config(cfg: TrainDiTConfig, store: LatentStore) -> DiTConfig:
@@ -133,12 +91,12 @@ def _schedule(
     steps_per_epoch = loader.steps_per_epoch() // accum
     if steps_per_epoch < 1:
         raise FlatDinoError(
-            f"--batch-size {cfg.batch_size} is larger than the {len(loader.latents) * d.world} "
+            f"--batch-size {cfg.run.batch_size} is larger than the {len(loader.latents) * d.world} "
             f"valid images of --latents {cfg.latents!r}; choose a smaller --batch-size"
         )
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    total = cfg.run.steps if cfg.run.steps is not None else cfg.run.epochs * steps_per_epoch
     warmup = min(cfg.warmup_steps, total)
-    return steps_per_epoch, WSDSchedule(peak=cfg.lr, warmup=warmup, stable=total - warmup)
+    return steps_per_epoch, WSDSchedule(peak=cfg.run.lr, warmup=warmup, stable=total - warmup)
 
 
 class SampleMonitor:
@@ -179,10 +137,10 @@ class SampleMonitor:
         shape = (model_cfg.tokens, model_cfg.latent_dim)
         k = model_cfg.num_classes
         self.labels = np.resize(np.arange(k), cfg.fd_samples)
-        self.noise = np.stack([sample_noise(cfg.seed, i, shape) for i in range(cfg.fd_samples)])
+        self.noise = np.stack([sample_noise(cfg.run.seed, i, shape) for i in range(cfg.fd_samples)])
         self.grid_labels = np.repeat(np.arange(min(k, 8)), 8)
         self.grid_noise = np.stack(
-            [sample_noise(cfg.seed + 1, i, shape) for i in range(len(self.grid_labels))]
+            [sample_noise(cfg.run.seed + 1, i, shape) for i in range(len(self.grid_labels))]
         )
 
     @torch.no_grad()
@@ -226,21 +184,21 @@ class SampleMonitor:
 
 def train_dit(cfg: TrainDiTConfig) -> dict:
     """Train (or resume) a DiT on a latents store as `cfg` says; returns the final metrics."""
-    d = setup_distributed(cfg.device)
+    d = setup_distributed(cfg.run.device)
     store = LatentStore.open_complete(cfg.latents, "--latents")
     model_cfg = build_model_config(cfg, store)
-    if cfg.steps is None and cfg.epochs is None:
+    if cfg.run.steps is None and cfg.run.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
     if cfg.time_dist not in ("uniform", "logit-normal"):
         raise FlatDinoError(f"--time-dist must be uniform or logit-normal; got {cfg.time_dist!r}")
     flow = flow_record(cfg, store)
-    if cfg.resume:
+    if cfg.run.resume:
         _check_resume(Path(cfg.out), flow)
     with start_run(cfg, model_cfg.to_dict(), d) as run:
         loader = LatentBatches(
             store,
-            LoaderConfig(run.micro, cfg.seed, 0, 0, d.rank, d.world),
-            progress=cfg.progress and d.main,
+            LoaderConfig(run.micro, cfg.run.seed, 0, 0, d.rank, d.world),
+            progress=cfg.run.progress and d.main,
             views=flow["views"],
         )
         steps_per_epoch, schedule = _schedule(cfg, loader, run.accum, d)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ from ..pipeline.env import fast_matmul
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.feature_store import FeatureStore
 from ..pipeline.loader import FeatureBatches, LoaderConfig
+from .configs import TrainVAEConfig
 from .loop import LoopHooks, autocast_for
 from .optim import make_schedule
 from .pictures import FeaturePCA, tile, to_uint8
@@ -22,46 +22,6 @@ from .run import TrainingRun, start_run
 from .runner import Dist, NonFiniteLossError, setup_distributed
 
 log = logging.getLogger("flatdino.train")
-
-
-@dataclass(frozen=True)
-class TrainVAEConfig:
-    """Everything `train_vae` needs; saved as RUN/config.json."""
-
-    features: str  # train feature store
-    out: str  # run folder
-    val_features: str | None = None  # validation store: selects best/
-    preset: str = "flatdino-32x128"  # key of models.vae.VAE_PRESETS
-    tokens: int | None = None  # override T of the preset
-    latent_dim: int | None = None  # override d of the preset
-    steps: int | None = None  # total optimiser steps (or use epochs)
-    epochs: int | None = None  # total epochs; phases follow the paper (50 -> 5/40/5)
-    warmup_steps: int | None = None  # default: 10% of the run (5 epochs with --epochs 50/150)
-    decay_steps: int | None = None  # default: 10% of the run (5 / 22 epochs with 50 / 150)
-    batch_size: int = 512  # global batch (all ranks, all accumulation steps)
-    micro_batch: int | None = None  # per-device batch; None: batch_size / world (no accumulation)
-    lr: float = 1e-4  # peak learning rate
-    weight_decay: float = 0.02  # on 2-D weights only
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max grad norm (0: off)
-    beta: float | None = None  # KL weight; None: 1e-6 * 512 / (T * d)
-    recon: str = "mse"  # mse (paper) | huber (the paper's public code)
-    seed: int = 0  # model init and data order
-    num_workers: int = 2  # loader processes per rank
-    shuffle_buffer: int = 1024
-    log_every: int = 20
-    eval_every: int = 500  # validation + best/ (when --val-features is given)
-    ckpt_every: int = 500  # checkpoints/ (and always at the end and at decay start)
-    keep_every: int = 0  # RUN/steps/NNNNNNN every N steps, kept for good (0: off)
-    device: str = "auto"
-    compile: bool = False  # torch.compile the model
-    resume: bool = False  # continue RUN/checkpoints (or --resume-from)
-    resume_from: str | None = None  # a checkpoint dir, e.g. RUN/pre-decay to extend a run
-    stop_after: int | None = None  # end this invocation (with a checkpoint) after N more steps
-    log_to: str = "auto"  # tensorboard | wandb | none | auto (tensorboard when installed)
-    decoder: str | None = None  # pixel decoder for the reconstruction grid (else PCA colours)
-    grid_images: int = 8  # fixed val images in the reconstruction grid of every validation
-    progress: bool = True
 
 
 def build_model_config(cfg: TrainVAEConfig, store: FeatureStore) -> VAEConfig:
@@ -162,7 +122,7 @@ def _validate(cfg: TrainVAEConfig, run: TrainingRun, grid: ReconstructionGrid | 
 
 def train_vae(cfg: TrainVAEConfig) -> dict:
     """Train (or resume) a VAE as `cfg` says; returns the final metrics."""
-    d = setup_distributed(cfg.device)
+    d = setup_distributed(cfg.run.device)
     store = FeatureStore.open_complete(cfg.features, "--features")
     model_cfg = build_model_config(cfg, store)
     check_store(store, model_cfg, "--features")
@@ -172,7 +132,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
             model_cfg,
             "--val-features",
         )
-    if cfg.steps is None and cfg.epochs is None:
+    if cfg.run.steps is None and cfg.run.epochs is None:
         raise FlatDinoError("give the run length with --steps N or --epochs E")
     if cfg.decoder and not cfg.val_features:
         raise FlatDinoError(
@@ -181,7 +141,9 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
     with start_run(cfg, model_cfg.to_dict(), d) as run:
         loader = FeatureBatches(
             store,
-            LoaderConfig(run.micro, cfg.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world),
+            LoaderConfig(
+                run.micro, cfg.run.seed, cfg.shuffle_buffer, cfg.num_workers, d.rank, d.world
+            ),
         )
         steps_per_epoch = max(1, loader.steps_per_epoch() // run.accum)
         schedule = make_schedule(cfg, steps_per_epoch)
@@ -202,7 +164,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
         )
 
         # (step, rows) of the micro batches since the loop last checked for a non-finite step
-        recent = deque(maxlen=run.accum * (min(cfg.log_every, cfg.ckpt_every) + 1))
+        recent = deque(maxlen=run.accum * (min(cfg.run.log_every, cfg.run.ckpt_every) + 1))
 
         def loss(net, batch) -> tuple[dict, int]:
             recent.append((run.state["step"], batch[2]))
