@@ -7,15 +7,18 @@ from typing import Annotated
 
 import typer
 
+from ..models.flow import CFG_INTERVAL
 from ..pipeline.errors import FlatDinoError
 from .options import DeviceOpt, PrecisionOpt, ProgressOpt, fail
+
+INTERVAL = f"{CFG_INTERVAL[0]},{CFG_INTERVAL[1]}"  # "0.225,1.0"
 
 
 def _interval(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError as e:
-        raise typer.BadParameter(f"expected two numbers like 0.225,1.0; got {text!r}") from e
+        raise typer.BadParameter(f"expected two numbers like {INTERVAL}; got {text!r}") from e
     if not 0.0 <= lo <= hi <= 1.0:
         raise typer.BadParameter(f"expected 0 <= low <= high <= 1; got {text!r}")
     return lo, hi
@@ -73,7 +76,7 @@ def sample_cmd(
     ] = 4.5,
     cfg_interval: Annotated[
         str, typer.Option(help="Apply guidance only while t (0 noise, 1 data) is in LOW,HIGH.")
-    ] = "0.225,1.0",
+    ] = INTERVAL,
     guide_dit: Annotated[
         Path | None,
         typer.Option(

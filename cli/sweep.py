@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..models.flow import CFG_INTERVAL
 from ..pipeline.errors import FlatDinoError
 from .options import DeviceOpt, PrecisionOpt, ProgressOpt, fail
 
@@ -42,7 +43,7 @@ def sweep_cmd(
             help="Where guidance starts: guided while t (0 noise, 1 data) is in start..1; "
             "comma-separated."
         ),
-    ] = "0,0.1,0.225,0.35",
+    ] = f"0,0.1,{CFG_INTERVAL[0]},0.35",
     n: Annotated[
         int,
         typer.Option(

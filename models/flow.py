@@ -67,6 +67,9 @@ def flow_loss(
 
 
 SAMPLERS = ("euler", "heun")  # first order; second order (SiT's "heun2", EDM's Algorithm 1)
+# Guidance only while t is strictly inside this interval: the paper's and the official sampler's
+# default (decoder/sampling.py, cfg_interval_min 0.225), `flatdino sample --cfg-interval`.
+CFG_INTERVAL = (0.225, 1.0)
 
 
 def _velocity_field(
