@@ -36,7 +36,7 @@ from ..pipeline.errors import FlatDinoError
 from ..pipeline.feature_store import FeatureStore
 from ..pipeline.generate import Generator, Guidance, generate, noise
 from ..sampling.bundle import load_bundle
-from ..sampling.outdir import batches_of, identity
+from ..sampling.outdir import batches_of, check_out, identity
 from ..sampling.sample import SampleConfig, class_labels
 from ..trainers.pictures import to_uint8
 from .fid import FeatureNet, FidConfig, RunningStats, _npz_crop, frechet_distance, load_set
@@ -44,6 +44,10 @@ from .fid import FeatureNet, FidConfig, RunningStats, _npz_crop, frechet_distanc
 log = logging.getLogger(__name__)
 
 FILES = ("sweep.csv", "heatmap.png", "sweep.json")
+# Config fields left out of the sweep's identity: the paths are replaced by the identities of the
+# files they name, and the rest does not decide the numbers.
+NOT_IN_KEY = {"dit", "features", "out", "vae", "decoder", "inception_weights"}
+NOT_IN_KEY |= {"device", "precision", "overwrite", "progress"}
 
 
 @dataclass(frozen=True)
@@ -117,16 +121,6 @@ def _join(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-def _check_out(out: Path) -> None:
-    """--out is absent, empty or a previous sweep (never the user's files)."""
-    if out.exists() and not out.is_dir():
-        raise FlatDinoError(f"--out {str(out)!r} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():
-        raise FlatDinoError(
-            f"--out {str(out)!r} holds files that are not a sweep; choose another --out"
-        )
-
-
 @dataclass
 class _Run:
     """What `_load` loaded and decided."""
@@ -160,20 +154,7 @@ def _load(cfg: SweepConfig, device: torch.device) -> _Run:
         )
     bundle.gen.to(device)
     dtype = inference_dtype(cfg.precision, device)
-    fields = asdict(cfg)
-    for name in (
-        "dit",
-        "features",
-        "out",
-        "vae",
-        "decoder",
-        "inception_weights",
-        "device",
-        "precision",
-        "overwrite",
-        "progress",
-    ):
-        fields.pop(name)  # replaced by the canonical forms below
+    fields = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     files = [bundle.dit_ckpt, bundle.vae_ckpt, Path(cfg.features)]
     files += [bundle.decoder_path] if bundle.decoder_path else []
     inception = Path(cfg.inception_weights) if cfg.inception_weights else None
@@ -359,7 +340,7 @@ def sweep_cfg(cfg: SweepConfig) -> dict:
     returns a summary."""
     check_config(cfg)
     out = Path(cfg.out)
-    _check_out(out)
+    check_out(out, "sweep.json", "a sweep")
     device = resolve_device(cfg.device)
     with fast_matmul(device, cfg.precision):
         return _sweep(cfg, out, device)

@@ -200,13 +200,14 @@ def make_grid(
     return grid
 
 
-def check_out(out: Path) -> None:
-    """--out is a folder that is empty, absent or a previous sample run (never the user's files)."""
+def check_out(out: Path, marker: str = "sample.json", what: str = "a sample run") -> None:
+    """--out is a folder that is empty, absent or a previous run, `what`, recognised by its
+    `marker` file (never the user's files)."""
     if out.exists() and not out.is_dir():
         raise FlatDinoError(f"--out {str(out)!r} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sample.json").exists():
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
         raise FlatDinoError(
-            f"--out {str(out)!r} holds files that are not a sample run; choose another --out"
+            f"--out {str(out)!r} holds files that are not {what}; choose another --out"
         )
 
 
