@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.configs import CFG_INTERVAL
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -247,7 +249,7 @@ class Demo:
                 features=p("features-val.zarr"),
                 out=p("sweep"),
                 scales=(1.0, 2.0, 4.5, 6.0),
-                interval_starts=(0.0, 0.225, 0.5),
+                interval_starts=(0.0, CFG_INTERVAL[0], 0.5),
                 n=10 * c.per_class,
                 steps=max(1, c.sample_steps // 2),
                 device=c.device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..models.configs import CFG_INTERVAL
 from ..pipeline.options import DEVICE_HELP, PRECISION_HELP, PROGRESS_HELP
 from ..pipeline.options import option as opt
 from ..sampling.configs import CHECKPOINT_HELP, SampleConfig
@@ -26,7 +27,7 @@ class SweepConfig:
         help="Guidance weights w (>= 1; 1: no guidance), comma-separated.",
     )
     interval_starts: tuple[float, ...] = opt(
-        (0.0, 0.1, 0.225, 0.35),
+        (0.0, 0.1, CFG_INTERVAL[0], 0.35),
         help="Where guidance starts: guided while t (0 noise, 1 data) is in start..1; "
         "comma-separated.",
     )
@@ -71,7 +72,7 @@ class SweepConfig:
             seed=self.seed,
             steps=self.steps,
             cfg=w,
-            cfg_interval=(start, 1.0),
+            cfg_interval=(start, CFG_INTERVAL[1]),
             ema=self.ema,
             decoder=self.decoder,
             vae=self.vae,

@@ -30,25 +30,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..models.flow import euler_sample
-from ..pipeline.checkpoints import load_dit, load_pixel_decoder, resolve_checkpoint
-from ..pipeline.env import autocast, fast_matmul, inference_dtype, resolve_device
+from ..models.flow import CFG_INTERVAL
+from ..pipeline.env import fast_matmul, inference_dtype, resolve_device
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.feature_store import FeatureStore
-from ..sampling.sample import (
-    _check_pair,
-    _identity,
-    _load_vae,
-    batches_of,
-    class_labels,
-    sample_noise,
-)
+from ..pipeline.generate import Generator, Guidance, generate, noise
+from ..sampling.bundle import load_bundle
+from ..sampling.outdir import batches_of, check_out, identity
+from ..sampling.sample import class_labels
+from ..trainers.pictures import to_uint8
 from .configs import SweepConfig
 from .fid import FeatureNet, FidConfig, RunningStats, frechet_distance, load_set, npz_crop
 
 log = logging.getLogger(__name__)
 
 FILES = ("sweep.csv", "heatmap.png", "sweep.json")
+# Config fields left out of the sweep's identity: the paths are replaced by the identities of the
+# files they name, and the rest does not decide the numbers.
+NOT_IN_KEY = {"dit", "features", "out", "vae", "decoder", "inception_weights"}
+NOT_IN_KEY |= {"device", "precision", "overwrite", "progress"}
 
 
 def check_config(cfg: SweepConfig) -> None:
@@ -79,25 +79,11 @@ def _join(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-def _check_out(out: Path) -> None:
-    """--out is absent, empty or a previous sweep (never the user's files)."""
-    if out.exists() and not out.is_dir():
-        raise FlatDinoError(f"--out {str(out)!r} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").exists():
-        raise FlatDinoError(
-            f"--out {str(out)!r} holds files that are not a sweep; choose another --out"
-        )
-
-
 @dataclass
 class _Run:
     """What `_load` loaded and decided."""
 
-    dit: torch.nn.Module
-    norm: torch.nn.Module
-    vae: torch.nn.Module
-    decoder: torch.nn.Module | None
-    kappa: float
+    gen: Generator  # the networks of the chain, on the device
     labels: np.ndarray  # (n,) the class of every sample, the same in every cell
     dtype: torch.dtype | None  # autocast dtype of the networks (None: fp32)
     identity: dict  # what decides the numbers; its hash is the sweep's key
@@ -110,20 +96,13 @@ class _Run:
 
 def _load(cfg: SweepConfig, device: torch.device) -> _Run:
     """The models, checked against each other and against the reference store."""
-    dit, flow, norm, ckpt = load_dit(cfg.dit, cfg.ema)
-    if max(cfg.scales) != 1.0 and not flow.get("class_dropout"):
+    bundle = load_bundle(cfg.dit, cfg.ema, cfg.vae, cfg.decoder)
+    vae = bundle.gen.vae
+    if max(cfg.scales) != 1.0 and not bundle.flow.class_dropout:
         raise FlatDinoError(
             "the DiT was trained without class dropout, so its null class never learned and it "
             "cannot be guided; sweep --scales 1 only, or train-dit with --class-dropout above 0"
         )
-    top = cfg.cell(max(cfg.scales), 0.0)
-    vae, vae_ckpt = _load_vae(top, flow)
-    decoder, decoder_path = None, None
-    if cfg.decoder:
-        decoder, decoder_path = load_pixel_decoder(cfg.decoder)[0], Path(cfg.decoder)
-        if not decoder_path.is_file():
-            decoder_path = resolve_checkpoint(cfg.decoder, "--decoder", "train-decoder")
-    _check_pair(decoder, vae, flow, top)
     store = FeatureStore.open_complete(cfg.features, "--features")
     _, _, p, c = store.features.shape  # (N, V, P, C)
     if (p, c) != (vae.cfg.num_patches, vae.cfg.in_dim):
@@ -131,35 +110,21 @@ def _load(cfg: SweepConfig, device: torch.device) -> _Run:
             f"--features {cfg.features!r} holds ({p}, {c}) patch features but the VAE decodes "
             f"({vae.cfg.num_patches}, {vae.cfg.in_dim}); pass a store of the VAE's backbone"
         )
-    for m in (dit, norm, vae, decoder):
-        if m is not None:
-            m.to(device)
+    bundle.gen.to(device)
     dtype = inference_dtype(cfg.precision, device)
-    fields = asdict(cfg)
-    for name in (
-        "dit",
-        "features",
-        "out",
-        "vae",
-        "decoder",
-        "inception_weights",
-        "device",
-        "precision",
-        "overwrite",
-        "progress",
-    ):
-        fields.pop(name)  # replaced by the canonical forms below
-    files = [Path(ckpt), vae_ckpt, Path(cfg.features)] + ([decoder_path] if decoder_path else [])
+    fields = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
+    files = [bundle.dit_ckpt, bundle.vae_ckpt, Path(cfg.features)]
+    files += [bundle.decoder_path] if bundle.decoder_path else []
     inception = Path(cfg.inception_weights) if cfg.inception_weights else None
-    identity = {
+    ident = {
         **fields,
         "dtype": str(dtype),
         "device": device.type,
-        "files": [_identity(f) for f in files],
-        "inception": _identity(inception) if inception else None,
+        "files": [identity(f) for f in files],
+        "inception": identity(inception) if inception else None,
     }
-    labels = class_labels(top, dit.cfg.num_classes)
-    return _Run(dit, norm, vae, decoder, float(flow["kappa"]), labels, dtype, identity)
+    labels = class_labels(cfg.cell(max(cfg.scales), 0.0), bundle.gen.dit.cfg.num_classes)
+    return _Run(bundle.gen, labels, dtype, ident)
 
 
 @dataclass
@@ -196,33 +161,20 @@ def _reference(cfg: SweepConfig) -> _Reference:
 def measure(
     cfg: SweepConfig, run: _Run, ref: _Reference, w: float, start: float, device: torch.device
 ) -> dict[str, float]:
-    """FD-DINOv2 (and FID) of cell (w, start): `sample`'s batches, computed as `generate` does."""
-    shape = (run.dit.cfg.tokens, run.dit.cfg.latent_dim)
-    dino = RunningStats(run.vae.cfg.in_dim)
+    """FD-DINOv2 (and FID) of cell (w, start): `sample`'s batches through the same chain."""
+    shape = (run.gen.dit.cfg.tokens, run.gen.dit.cfg.latent_dim)
+    guidance = Guidance(cfg.steps, w, (start, CFG_INTERVAL[1]))
+    dino = RunningStats(run.gen.vae.cfg.in_dim)
     pixels: RunningStats | None = None  # the Inception space, with a decoder
     for rows in batches_of(cfg.n, cfg.batch_size):
-        x0 = torch.from_numpy(np.stack([sample_noise(cfg.seed, i, shape) for i in rows]))
-        y = torch.from_numpy(run.labels[rows.start : rows.stop])
-        x1 = euler_sample(
-            run.dit,
-            x0.to(device),
-            y.to(device),
-            cfg.steps,
-            run.kappa,
-            w,
-            (start, 1.0),
-            run.dit.null_class,
-            autocast=run.dtype,
-        )
-        z = run.norm.denormalize(x1)  # (B, T, d) in the VAE's latent space
-        with autocast(run.dtype, device):
-            feats = run.vae.decode(z).float()  # (B, P, C)
-            img = run.decoder(feats).float().clamp(0, 1) if run.decoder is not None else None
+        x0 = torch.from_numpy(noise(cfg.seed, rows, shape)).to(device)
+        y = torch.from_numpy(run.labels[rows.start : rows.stop]).to(device)
+        out = generate(run.gen, x0, y, guidance, run.dtype)
         # float16, then pooled in float32: the numbers features.npy holds and `eval fid` pools
-        dino.add(np.asarray(feats.half().cpu().numpy(), np.float32).mean(1))  # (B, C)
-        if img is not None:  # (B, 3, H, W) -> uint8 (B, H, W, 3), as samples.npz
-            uint8 = (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            vectors = ref.net([ref.net.prepare(npz_crop(im)) for im in uint8])  # (B, 2048)
+        dino.add(np.asarray(out.features.half().cpu().numpy(), np.float32).mean(1))  # (B, C)
+        if out.pixels is not None:  # uint8 (B, H, W, 3), as samples.npz
+            images = [ref.net.prepare(npz_crop(im)) for im in to_uint8(out.pixels)]
+            vectors = ref.net(images)  # (B, 2048)
             pixels = pixels or RunningStats(vectors.shape[1])
             pixels.add(vectors)
     result = {"fd_dinov2": frechet_distance(ref.dino, dino.result())}
@@ -346,7 +298,7 @@ def sweep_cfg(cfg: SweepConfig) -> dict:
     returns a summary."""
     check_config(cfg)
     out = Path(cfg.out)
-    _check_out(out)
+    check_out(out, "sweep.json", "a sweep")
     device = resolve_device(cfg.device)
     with fast_matmul(device, cfg.precision):
         return _sweep(cfg, out, device)

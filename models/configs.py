@@ -8,6 +8,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 VAE_INITS = ("official", "toy")
+# Guidance only while t is strictly inside this interval: the paper's and the official sampler's
+# default (decoder/sampling.py, cfg_interval_min 0.225), `flatdino sample --cfg-interval`.
+CFG_INTERVAL = (0.225, 1.0)
 DIT_INITS = ("official", "xavier")
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .configs import CFG_INTERVAL  # noqa: F401 (the samplers' default, re-exported)
+
 
 def sample_noise(seed: int, index: int, shape: tuple[int, ...]) -> np.ndarray:
     """The starting noise of sample `index`: float32 N(0, I) from its own stream, seeded by

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -105,7 +106,53 @@ def vae_sha256(ckpt: Path) -> str:
     return hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
 
 
-def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict, LatentNorm, Path]:
+@dataclass(frozen=True)
+class FlowRecord:
+    """flow.json, saved beside every DiT checkpoint: how the model was trained and on what, for
+    the sampler and for resume checks. Older files load with a missing field at its default."""
+
+    kappa: float  # the time shift κ of training, used again by the sampler
+    time_dist: str = "uniform"  # uniform | logit-normal
+    class_dropout: float = 0.0  # 0: the null class never learned, so no classifier-free guidance
+    normalize: bool = False  # latents standardised with latent_stats.safetensors
+    views: int | None = None  # stored views trained on; None: a run from before --views
+    latents: str | None = None  # the latents store's location, as given
+    latents_fingerprint: dict | None = None  # its fingerprint (VAE sha256, features store, ...)
+    vae_checkpoint: str | None = None  # the VAE the latents were encoded with
+    class_names: list[str] | None = None
+    official: dict | None = None  # `flatdino import-official`: where the weights came from
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "flow.json") -> FlowRecord:
+        """The record of a parsed flow.json; keys this flatdino does not know are ignored."""
+        if not isinstance(data, dict) or "kappa" not in data:
+            raise FlatDinoError(f"{source} holds no kappa; {rewrite('train-dit')}")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def to_json(self) -> dict:
+        """The flow.json dict: every field in order, `official` only when set."""
+        record = asdict(self)
+        if record["official"] is None:
+            del record["official"]
+        return record
+
+    def first_difference(self, other: FlowRecord, names: tuple[str, ...]) -> str | None:
+        """The first of the fields `names` whose values differ, this record's views left out
+        when it has none (a run from before --views)."""
+        for name in names:
+            if name == "views" and self.views is None:
+                continue
+            if getattr(self, name) != getattr(other, name):
+                return name
+        return None
+
+
+def read_flow(path: Path, fix: str) -> FlowRecord:
+    """A flow.json file as a FlowRecord; unreadable is one line that says `fix`."""
+    return FlowRecord.from_json(read_json(path, fix), repr(str(path)))
+
+
+def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, FlowRecord, LatentNorm, Path]:
     """The DiT (EMA or raw weights), its flow.json, its latent normalisation, and its folder."""
     ckpt = resolve_checkpoint(path, "--dit", "train-dit")
     if not (ckpt / "flow.json").exists():
@@ -115,7 +162,7 @@ def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, dict, LatentNor
     model = _rebuild(ckpt, LightningDiT, DiTConfig, weights, fix, "DiT")
     stats = read_weights(ckpt / "latent_stats.safetensors", fix)
     norm = LatentNorm(stats["mean"], stats["std"])
-    flow = read_json(ckpt / "flow.json", fix)
+    flow = read_flow(ckpt / "flow.json", fix)
     return model, flow, norm, ckpt
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..models.configs import CFG_INTERVAL
 from ..pipeline.options import DEVICE_HELP, PRECISION_HELP, PROGRESS_HELP
 from ..pipeline.options import option as opt
 
@@ -50,7 +51,7 @@ class SampleConfig:
         "v_weak); 1 runs one pass (no guidance).",
     )
     cfg_interval: tuple[float, float] = opt(
-        (0.225, 1.0), help="Apply guidance only while t (0 noise, 1 data) is in LOW,HIGH."
+        CFG_INTERVAL, help="Apply guidance only while t (0 noise, 1 data) is in LOW,HIGH."
     )
     guide_dit: str | None = opt(  # None: CFG's unconditional branch
         None,

@@ -19,13 +19,13 @@ import torch
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
-from flatdino.models.flow import euler_sample
+from flatdino.models.flow import euler_sample, sample_noise
 from flatdino.pipeline.checkpoints import load_dit, load_vae, resolve_vae
 from flatdino.pipeline.encode import EncodeConfig, encode_latents
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.latent_store import LatentStore
-from flatdino.sampling.sample import SampleConfig, class_labels, sample, sample_noise
+from flatdino.sampling.sample import SampleConfig, class_labels, sample
 from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format-v1"
@@ -74,7 +74,7 @@ def test_runs_load_and_sample_as_before(tmp_path):
     the per-sample noise streams."""
     vae, _ = load_vae(resolve_vae(str(FIXTURE2 / "vae")))
     dit, flow, norm, _ = load_dit(str(FIXTURE2 / "dit"))
-    assert vae.cfg.tokens == dit.cfg.tokens == 8 and flow["views"] == 1
+    assert vae.cfg.tokens == dit.cfg.tokens == 8 and flow.views == 1
     cfg = SampleConfig(
         dit=str(FIXTURE2 / "dit"),
         out=str(tmp_path / "samples"),
@@ -93,7 +93,7 @@ def test_runs_load_and_sample_as_before(tmp_path):
     np.testing.assert_array_equal(got, np.load(FIXTURE2 / "expected-sample-latents.npy"))
     noise = torch.from_numpy(np.stack([sample_noise(0, i, shape[1:]) for i in range(4)]))
     x1 = euler_sample(
-        dit, noise, y, cfg.steps, float(flow["kappa"]), cfg.cfg, cfg.cfg_interval, dit.null_class
+        dit, noise, y, cfg.steps, float(flow.kappa), cfg.cfg, cfg.cfg_interval, dit.null_class
     )
     np.testing.assert_allclose(got, norm.denormalize(x1).numpy(), rtol=0, atol=1e-6)
 

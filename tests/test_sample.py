@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from flatdino.cli.main import app, main
 from flatdino.models.flow import euler_sample, shift_time
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.sampling.sample import NpyWriter, SampleConfig, class_labels, sample
+from flatdino.sampling.outdir import NpyWriter
+from flatdino.sampling.sample import SampleConfig, class_labels, sample
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
@@ -220,8 +221,10 @@ def test_sample_refuses_a_wrong_vae_and_a_missing_dit(chain, tmp_path):
 
 def test_latents_are_denormalised_before_the_vae(tmp_path):
     from flatdino.models.dit import LightningDiT, dit_preset
-    from flatdino.models.flow import LatentNorm
-    from flatdino.sampling.sample import batch_file, generate, sample_noise
+    from flatdino.models.flow import LatentNorm, sample_noise
+    from flatdino.pipeline.generate import Generator
+    from flatdino.sampling.outdir import batch_file
+    from flatdino.sampling.sample import generate_batches
 
     dit = LightningDiT(dit_preset("tiny", tokens=4, latent_dim=3))  # untrained: v = 0, so x1 = x0
     norm = LatentNorm(torch.full((4, 3), 5.0), torch.full((4, 3), 2.0))
@@ -234,14 +237,10 @@ def test_latents_are_denormalised_before_the_vae(tmp_path):
 
     cfg = SampleConfig(dit="", out="", n=3, steps=2, cfg=1.0, batch_size=2, progress=False)
     (tmp_path / "batches").mkdir()
-    generate(
+    generate_batches(
         cfg,
-        dit,
-        norm,
-        StubVAE(),
-        None,
+        Generator(dit, norm, StubVAE(), 3.0),
         np.zeros(3, np.int64),
-        3.0,
         torch.device("cpu"),
         tmp_path,
         todo=[0, 1],
@@ -254,7 +253,8 @@ def test_latents_are_denormalised_before_the_vae(tmp_path):
 
 
 def test_noise_depends_only_on_seed_and_index():
-    from flatdino.sampling.sample import batches_of, sample_noise
+    from flatdino.models.flow import sample_noise
+    from flatdino.sampling.outdir import batches_of
 
     a = sample_noise(3, 7, (8, 16))
     assert a.dtype == np.float32 and a.shape == (8, 16)
@@ -273,7 +273,7 @@ def test_bf16_autocast_keeps_the_euler_state_in_fp32_and_stays_close(chain):
         16, dit.cfg.tokens, dit.cfg.latent_dim, generator=torch.Generator().manual_seed(0)
     )
     y = torch.arange(16) % 10
-    args = (dit, x0, y, 8, float(flow["kappa"]), 2.0, (0.0, 1.0), dit.null_class)
+    args = (dit, x0, y, 8, float(flow.kappa), 2.0, (0.0, 1.0), dit.null_class)
     full = euler_sample(*args)
     half = euler_sample(*args, autocast=torch.bfloat16)
     assert full.dtype == half.dtype == torch.float32
@@ -342,9 +342,9 @@ def test_two_ranks_write_the_same_bytes_as_one_and_a_run_resumes(chain, tmp_path
     assert _outputs(tmp_path / "two") == one
     assert json.loads((tmp_path / "two" / "sample.json").read_text())["world"] == 2
 
-    import flatdino.sampling.sample as sampling
+    import flatdino.sampling.outdir as outdir
 
-    real_submit = sampling.BatchWriter.submit
+    real_submit = outdir.BatchWriter.submit
 
     def killed_after_two(self, b, *args):
         if b > 1:
@@ -364,7 +364,7 @@ def test_two_ranks_write_the_same_bytes_as_one_and_a_run_resumes(chain, tmp_path
         progress=False,
     )
     with monkeypatch.context() as m:
-        m.setattr(sampling.BatchWriter, "submit", killed_after_two)
+        m.setattr(outdir.BatchWriter, "submit", killed_after_two)
         with pytest.raises(KeyboardInterrupt):
             sample(cfg)
     assert not (tmp_path / "again").exists()
@@ -398,7 +398,7 @@ def test_a_full_disk_is_an_error_not_a_crash():
 def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_batches(
     chain, tmp_path, monkeypatch, capsys
 ):
-    import flatdino.sampling.sample as sampling
+    import flatdino.sampling.outdir as outdir
 
     out = tmp_path / "samples"
     args = [
@@ -420,7 +420,7 @@ def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_bat
     ]
     free = shutil.disk_usage(tmp_path)._replace(free=10 * 2**20)
     with monkeypatch.context() as m:
-        m.setattr(sampling.shutil, "disk_usage", lambda path: free)
+        m.setattr(outdir.shutil, "disk_usage", lambda path: free)
         m.setattr("sys.argv", args)
         with pytest.raises(SystemExit) as exited:
             main()
@@ -432,9 +432,7 @@ def test_sampling_checks_free_space_first_and_a_full_disk_keeps_the_finished_bat
         raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk raises it
 
     with monkeypatch.context() as m:
-        m.setattr(
-            sampling.NpyWriter, "write", full
-        )  # the disk fills while samples.npz is assembled
+        m.setattr(outdir.NpyWriter, "write", full)  # the disk fills while samples.npz is assembled
         m.setattr("sys.argv", args)
         with pytest.raises(SystemExit) as exited:
             main()
@@ -516,14 +514,14 @@ def test_ranks_share_an_error_instead_of_waiting_for_each_other():
 def _agree_rank(rank: int, port: str, results) -> None:
     import torch.distributed as dist
 
-    from flatdino.sampling.sample import _agree
+    from flatdino.sampling.ranks import agree
     from flatdino.trainers.runner import Dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        assert _agree(Dist(rank, 2), None, None, payload=rank) == 0  # rank 0's payload
+        assert agree(Dist(rank, 2), None, None, payload=rank) == 0  # rank 0's payload
         try:
-            _agree(Dist(rank, 2), None, OSError("disk gone") if rank == 1 else None)
+            agree(Dist(rank, 2), None, OSError("disk gone") if rank == 1 else None)
             results[rank] = "returned"
         except Exception as e:
             results[rank] = f"{type(e).__name__}: {e}"

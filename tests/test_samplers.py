@@ -16,9 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
-from flatdino.models.flow import euler_sample, flow_sample, shift_time
+from flatdino.models.flow import euler_sample, flow_sample, sample_noise, shift_time
 from flatdino.pipeline.errors import FlatDinoError
-from flatdino.sampling.sample import SampleConfig, class_labels, run_key, sample, sample_noise
+from flatdino.sampling.sample import SampleConfig, class_labels, run_key, sample
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 NULL = 10  # the null class of the toy models
@@ -222,13 +222,15 @@ def test_run_key_holds_the_sampler_and_the_guide_checkpoint(tmp_path, monkeypatc
 
 
 def test_a_guide_lifts_the_class_dropout_refusal():
-    from flatdino.sampling.sample import _check_pair
+    from flatdino.pipeline.checkpoints import FlowRecord
+    from flatdino.sampling.sample import check_guidance
 
     cfg = SampleConfig(dit="", out="", cfg=2.0)
+    flow = FlowRecord(kappa=3.0, class_dropout=0.0)
     with pytest.raises(FlatDinoError, match="without class dropout.*--guide-dit"):
-        _check_pair(None, None, {"class_dropout": 0.0}, cfg)
-    _check_pair(None, None, {"class_dropout": 0.0}, dataclasses.replace(cfg, guide_dit="weak"))
-    _check_pair(None, None, {"class_dropout": 0.0}, dataclasses.replace(cfg, cfg=1.0))
+        check_guidance(flow, cfg)
+    check_guidance(flow, dataclasses.replace(cfg, guide_dit="weak"))
+    check_guidance(flow, dataclasses.replace(cfg, cfg=1.0))
 
 
 def invoke(*args):
@@ -297,7 +299,7 @@ def test_sample_with_heun_and_autoguidance_end_to_end(chain, tmp_path):
         x0,
         torch.arange(4),
         3,
-        float(flow["kappa"]),
+        float(flow.kappa),
         2.5,
         (0.2, 1.0),
         dit.null_class,

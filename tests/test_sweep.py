@@ -130,7 +130,7 @@ def test_cells_are_sample_runs_from_the_same_noise_and_a_rerun_skips_them(
     def no_sampling(*args, **kwargs):
         raise AssertionError("a finished cell was sampled again")
 
-    monkeypatch.setattr(sweep, "euler_sample", no_sampling)
+    monkeypatch.setattr(sweep, "generate", no_sampling)
     again = invoke(*args)
     assert "0 cells computed, 3 already in sweep.csv" in again.output
     assert read_csv(out / "sweep.csv") == rows and printed_best(again.output) == printed_best(

@@ -11,7 +11,7 @@ came from), so `flatdino sample` never needs an option typed again.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from itertools import islice
@@ -23,11 +23,19 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
 from ..models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
-from ..models.flow import LatentNorm, euler_sample, flow_loss, sample_noise
-from ..pipeline.checkpoints import load_pixel_decoder, load_vae, resolve_vae
-from ..pipeline.env import autocast, inference_dtype
+from ..models.flow import LatentNorm, flow_loss
+from ..pipeline.checkpoints import (
+    FlowRecord,
+    load_pixel_decoder,
+    load_vae,
+    read_flow,
+    resolve_vae,
+    rewrite,
+)
+from ..pipeline.env import inference_dtype
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.frechet import RunningStats, frechet_distance, store_statistics
+from ..pipeline.generate import Generator, Guidance, generate, noise
 from ..pipeline.latent_store import LatentStore
 from ..pipeline.loader import LatentBatches, LoaderConfig
 from .configs import TrainDiTConfig
@@ -48,20 +56,20 @@ def build_model_config(cfg: TrainDiTConfig, store: LatentStore) -> DiTConfig:
     return dit_preset(cfg.preset, tokens=t, latent_dim=d, num_classes=store.num_classes())
 
 
-def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> dict:
+def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> FlowRecord:
     """flow.json: how the model was trained and on what, for the sampler and for resume checks."""
     attrs = store.attrs
-    return {
-        "kappa": cfg.kappa,
-        "time_dist": cfg.time_dist,
-        "class_dropout": cfg.class_dropout,
-        "normalize": cfg.normalize,
-        "views": store.train_views(cfg.views),
-        "latents": store.location.identity(),
-        "latents_fingerprint": attrs.get("fingerprint"),
-        "vae_checkpoint": attrs.get("vae_checkpoint"),
-        "class_names": attrs.get("class_names"),
-    }
+    return FlowRecord(
+        kappa=cfg.kappa,
+        time_dist=cfg.time_dist,
+        class_dropout=cfg.class_dropout,
+        normalize=cfg.normalize,
+        views=store.train_views(cfg.views),
+        latents=store.location.identity(),
+        latents_fingerprint=attrs.get("fingerprint"),
+        vae_checkpoint=attrs.get("vae_checkpoint"),
+        class_names=attrs.get("class_names"),
+    )
 
 
 def latent_norm(cfg: TrainDiTConfig, store: LatentStore, model_cfg: DiTConfig) -> LatentNorm:
@@ -71,17 +79,19 @@ def latent_norm(cfg: TrainDiTConfig, store: LatentStore, model_cfg: DiTConfig) -
     return LatentNorm(torch.from_numpy(mean), torch.from_numpy(std))
 
 
-def _check_resume(out: Path, flow: dict) -> None:
+def _check_resume(out: Path, flow: FlowRecord) -> None:
     """Refuse to continue a run on another latents store (other VAE or other features)."""
     saved = out / "checkpoints" / "flow.json"
     if saved.exists():
-        old = json.loads(saved.read_text())
-        for key in ("latents_fingerprint", "normalize", "kappa", "time_dist", "views"):
-            if key in old and old[key] != flow[key]:  # runs from before --views have no "views"
-                raise FlatDinoError(
-                    f"run {str(out)!r} was trained with {key} = {old.get(key)!r}, this invocation "
-                    f"has {flow[key]!r}; resume with the same --latents and flow options"
-                )
+        old = read_flow(saved, rewrite("train-dit"))
+        names = ("latents_fingerprint", "normalize", "kappa", "time_dist", "views")
+        key = old.first_difference(flow, names)  # runs from before --views have no views
+        if key is not None:
+            raise FlatDinoError(
+                f"run {str(out)!r} was trained with {key} = {getattr(old, key)!r}, this "
+                f"invocation has {getattr(flow, key)!r}; resume with the same --latents and flow "
+                "options"
+            )
 
 
 def _schedule(
@@ -112,7 +122,7 @@ class SampleMonitor:
         store: LatentStore,
         model_cfg: DiTConfig,
         norm: LatentNorm,
-        flow: dict,
+        flow: FlowRecord,
         d: Dist,
     ):
         vae_path = store.attrs.get("vae_checkpoint")
@@ -128,55 +138,44 @@ class SampleMonitor:
                 f"--sample-every needs a reference feature store for FD, "
                 f"{reference!r} is not there; pass --fd-features or {fix}"
             )
-        self.vae = load_vae(resolve_vae(vae_path))[0].to(d.device)
-        self.decoder = load_pixel_decoder(cfg.decoder)[0].to(d.device) if cfg.decoder else None
+        vae = load_vae(resolve_vae(vae_path))[0].to(d.device)
+        decoder = load_pixel_decoder(cfg.decoder)[0].to(d.device) if cfg.decoder else None
         self.reference, first = store_statistics(reference, cfg.fd_reference)  # RunningStats
         self.pca = FeaturePCA(first[:64])
-        self.cfg, self.norm, self.device = cfg, norm, d.device
-        self.kappa, self.null = float(flow["kappa"]), model_cfg.num_classes
+        self.device = d.device
+        # the DiT is the EMA module of each call; guided with the full interval
+        self.gen = Generator(None, norm, vae, float(flow.kappa), decoder)
+        self.guidance = Guidance(cfg.sample_steps, cfg.sample_cfg, (0.0, 1.0))
         shape = (model_cfg.tokens, model_cfg.latent_dim)
         k = model_cfg.num_classes
         self.labels = np.resize(np.arange(k), cfg.fd_samples)
-        self.noise = np.stack([sample_noise(cfg.run.seed, i, shape) for i in range(cfg.fd_samples)])
+        self.noise = noise(cfg.run.seed, range(cfg.fd_samples), shape)
         self.grid_labels = np.repeat(np.arange(min(k, 8)), 8)
-        self.grid_noise = np.stack(
-            [sample_noise(cfg.run.seed + 1, i, shape) for i in range(len(self.grid_labels))]
-        )
+        self.grid_noise = noise(cfg.run.seed + 1, range(len(self.grid_labels)), shape)
 
     @torch.no_grad()
-    def features(self, model, noise: np.ndarray, labels: np.ndarray, batch: int = 256):
+    def generate(self, model, noise: np.ndarray, labels: np.ndarray, pixels: bool, batch=256):
+        """The chain of `flatdino sample` in batches of `batch`, from `model`'s weights."""
+        gen = dataclasses.replace(self.gen, dit=model)
         dtype = inference_dtype("auto", self.device)
         for i in range(0, len(noise), batch):
             x0 = torch.from_numpy(noise[i : i + batch]).to(self.device)
             y = torch.from_numpy(labels[i : i + batch]).to(self.device)
-            x1 = euler_sample(
-                model,
-                x0,
-                y,
-                self.cfg.sample_steps,
-                self.kappa,
-                self.cfg.sample_cfg,
-                (0.0, 1.0),
-                self.null,
-                autocast=dtype,
-            )
-            with autocast(dtype, self.device):
-                yield self.vae.decode(self.norm.denormalize(x1)).float()  # (B, P, C)
+            yield generate(gen, x0, y, self.guidance, dtype, pixels)
 
     def __call__(self, model, run) -> dict:
         tic = time.perf_counter()
         was_training = model.training
         model.eval()
         acc = RunningStats(len(self.reference.sum))
-        for f in self.features(model, self.noise, self.labels):
-            acc.add(f.mean(1).double().cpu().numpy())
-        grid = torch.cat(list(self.features(model, self.grid_noise, self.grid_labels)))
+        for out in self.generate(model, self.noise, self.labels, pixels=False):
+            acc.add(out.features.mean(1).double().cpu().numpy())
+        (grid,) = self.generate(model, self.grid_noise, self.grid_labels, pixels=True)
         model.train(was_training)
-        if self.decoder is not None:
-            pixels = self.decoder(grid).float()  # 64 thumbnails of 128 px: a grid of ~1 MP
-            pictures = to_uint8(F.interpolate(pixels, size=128, mode="area"))
+        if grid.pixels is not None:  # 64 thumbnails of 128 px: a grid of ~1 MP
+            pictures = to_uint8(F.interpolate(grid.pixels, size=128, mode="area"))
         else:
-            pictures = self.pca(grid.cpu().numpy())
+            pictures = self.pca(grid.features.cpu().numpy())
         run.image("samples", tile(pictures, cols=8))
         fd = frechet_distance(acc.result(), self.reference.result())
         return {"fd_dinov2": fd, "sample_seconds": time.perf_counter() - tic}
@@ -213,7 +212,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
 
         model = run.build(lambda: LightningDiT(model_cfg), {"best_fd": float("inf")}, with_ema)
         run.extra_weights["latent_stats"] = norm
-        run.extra_json["flow"] = flow
+        run.extra_json["flow"] = flow.to_json()
         log.info(
             "model %s: %.2fM parameters, T=%d d=%d, %d classes, %d steps (%d/epoch), accum %d",
             cfg.preset,
