@@ -43,9 +43,12 @@ def demo_cmd(
     device: DeviceOpt = "auto",
     progress: ProgressOpt = True,
 ) -> None:
-    """Run every stage on the built-in digits (offline, about 7 minutes on 2 CPU cores) and write a report.
+    """Run every stage on the built-in digits (offline, CPU, minutes) and write a report.
 
-    extract-features (train, val) -> train-vae -> encode-latents -> train-dit -> train-decoder -> sample -> evaluations. Re-running reuses the finished stages and resumes an interrupted one; changing a step count needs --fresh.
+    extract-features (train, val) -> train-vae -> encode-latents (train, val) -> train-decoder ->
+    train-dit -> sample -> guidance sweep and samplers -> evaluations. Re-running reuses the
+    finished stages and resumes an interrupted one; changing a step count needs --fresh.
+    Stage times: docs/benchmarks.md.
     """
     from .demo_run import DemoConfig, run_demo
 

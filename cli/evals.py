@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 
 from ..pipeline.errors import FlatDinoError
-from .options import DeviceOpt, ProgressOpt, fail
+from .options import APP_SETTINGS, DeviceOpt, ProgressOpt, fail
 
 eval_app = typer.Typer(
     help="Evaluation and analysis: each command prints a table and can write a JSON result.",
-    no_args_is_help=True,
+    **APP_SETTINGS,
 )
 
 
@@ -162,9 +162,7 @@ def noise_cmd(
     typer.echo(f"wrote {out / 'noise.json'} and {out / 'noise.png'}")
 
 
-bench_app = typer.Typer(
-    help="Benchmarks that print ratios measured side by side.", no_args_is_help=True
-)
+bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side.", **APP_SETTINGS)
 
 
 @bench_app.command("throughput")

@@ -13,7 +13,7 @@ from .demo import demo_cmd
 from .evals import bench_app, eval_app
 from .generate import config_command
 from .info import show_info
-from .options import setup_logging
+from .options import APP_SETTINGS, setup_logging
 from .sample import sample_cmd
 from .sweep import sweep_cmd
 from .train import train_decoder_cmd, train_dit_cmd, train_vae_cmd
@@ -22,9 +22,9 @@ app = typer.Typer(
     name="flatdino",
     help="FlatDINO: diffusion on 32 one-dimensional tokens of DINOv2 features.\n\n"
     "Data flow: extract-features -> train-vae -> encode-latents -> train-dit -> sample.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    **APP_SETTINGS,
 )
 
 

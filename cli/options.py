@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.options import (
@@ -41,6 +42,31 @@ PrecisionOpt = Annotated[str, typer.Option(help=PRECISION_HELP)]
 ConfigOpt = Annotated[
     Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
 ]
+
+
+class OneLineErrors(TyperGroup):
+    """The command group of every `flatdino` app: a bad option or value (click's usage errors)
+    is one red line and exit 1, like every other user error, instead of a boxed message and 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # click's usage errors (typer vendors click)
+            where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) else ""
+            hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+            typer.secho(f"error: {where}{e.format_message()}{hint}", fg="red", err=True)
+            sys.exit(1)
+        except typer.Abort:
+            typer.secho("error: aborted", fg="red", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+# Every typer app of the CLI: plain help (rich markup would eat `flatdino[cloud]`'s brackets and
+# label each option with its type), one-line usage errors, no completion commands.
+APP_SETTINGS = dict(rich_markup_mode=None, cls=OneLineErrors, no_args_is_help=True)
 
 
 def fail(message: str) -> None:

@@ -7,6 +7,7 @@ t' = t / (κ - (κ - 1)·t), κ = 3 in training and sampling (paper §4.3).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -149,20 +150,8 @@ def flow_sample(
     return x
 
 
-@torch.no_grad()
-def euler_sample(
-    model: Callable,
-    x0: torch.Tensor,
-    y: torch.Tensor,
-    steps: int = 50,
-    kappa: float = 3.0,
-    cfg: float = 1.0,
-    cfg_interval: tuple[float, float] = (0.0, 1.0),
-    null_class: int = 1000,
-    autocast: torch.dtype | None = None,
-) -> torch.Tensor:
-    """`flow_sample` with the Euler sampler and classifier-free guidance."""
-    return flow_sample(model, x0, y, steps, kappa, cfg, cfg_interval, null_class, autocast)
+# `flow_sample` with the Euler sampler and classifier-free guidance (same arguments, no guide)
+euler_sample = functools.partial(flow_sample, sampler="euler")
 
 
 class LatentNorm(nn.Module):

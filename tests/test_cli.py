@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from flatdino.cli.main import app
@@ -121,10 +122,38 @@ def test_extract_features_builds_the_config_from_options(monkeypatch, tmp_path):
 def test_every_command_explains_its_options(name):
     result = invoke(name, "--help")
     assert result.exit_code == 0 and "--help" in result.output
-    options = [
-        line for line in result.output.splitlines() if line.strip().startswith(("│ --", "│ *"))
-    ]
-    assert all(len(line.strip("│ ").split(None, 2)) >= 2 for line in options)
+    command = typer.main.get_command(app).commands[name]
+    options = [p for p in command.params if p.param_type_name == "option"]
+    assert options and [p.name for p in options if not p.help] == []
+    # plain help: no box, no type label beside a flag (a flag takes no value)
+    assert "<bool>" not in result.output and "│" not in result.output
+
+
+def test_help_keeps_square_brackets():
+    result = invoke("import-official", "--help")
+    assert "pip install 'flatdino[official]'" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("train-dit", "--latents", "a", "--out", "b", "--steps", "x"),
+            "Invalid value for '--steps'",
+        ),
+        (("train-dit", "--bogus"), "No such option: --bogus"),
+        (("eval", "knn", "--bogus"), "flatdino eval knn: No such option"),
+        (("train-dit", "--out", "b"), "Missing option '--latents'"),
+        (("no-such-command",), "No such command"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_1(args, message):
+    """A bad option or value is a user error like the others: one red line, exit 1 (click's own
+    is a block of lines and exit 2)."""
+    result = invoke(*args)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: flatdino") and message in lines[0]
 
 
 def test_extract_then_info_then_rerun(tmp_path):

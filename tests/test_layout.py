@@ -210,3 +210,14 @@ def test_the_store_check_leaves_other_groups_alone(tmp_path):
         "import re\ndef f(s, arrays):\n    return re.match('a', s).group(0), arrays['labels']\n"
     )
     assert store_violations(tmp_path) == []
+
+
+def test_library_files_stay_short():
+    """A file does one job: ~400 lines, 450 at most (docs/development.md)."""
+    long = {
+        str(path.relative_to(ROOT)): n
+        for layer in LAYERS
+        for path in (ROOT / layer).glob("*.py")
+        if (n := len(path.read_text().splitlines())) > 450
+    }
+    assert long == {}

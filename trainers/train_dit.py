@@ -198,7 +198,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
             store,
             LoaderConfig(run.micro, cfg.run.seed, 0, 0, d.rank, d.world),
             progress=cfg.run.progress and d.main,
-            views=flow["views"],
+            views=flow.views,
         )
         steps_per_epoch, schedule = _schedule(cfg, loader, run.accum, d)
         norm = latent_norm(cfg, store, model_cfg).to(d.device)
