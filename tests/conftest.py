@@ -178,10 +178,39 @@ def fake_latents_store(
 
 
 def build_chain(root: Path, invoke, dit: tuple = ("--steps", "5"), decoder: bool = True) -> Path:
-    """extract-features -> train-vae -> encode-latents -> train-dit (-> train-decoder) on the
+    """extract-features -> train-vae -> encode-latents (-> train-decoder) -> train-dit on the
     digits' val split through the CLI with tiny presets, into `root`: what `sample`, its tests and
-    sweep-cfg's need. `invoke(*args)` runs one command and checks it succeeded; `dit` are
+    sweep-cfg's need. The stages before train-dit are built once per session (`chain_inputs`) and
+    linked into `root`; `invoke(*args)` runs one command and checks it succeeded; `dit` are
     train-dit's run-length and learning options."""
+    inputs = _chain_inputs(invoke)
+    for name in ("features.zarr", "vae", "latents.zarr", *(("decoder",) if decoder else ())):
+        (root / name).symlink_to(inputs / name, target_is_directory=True)
+    invoke(
+        "train-dit",
+        "--latents",
+        root / "latents.zarr",
+        "--out",
+        root / "dit",
+        "--preset",
+        "tiny",
+        *dit,
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
+    return root
+
+
+_CHAIN_INPUTS: list[Path] = []  # the session's one build of the stages before train-dit
+
+
+def _chain_inputs(invoke) -> Path:
+    if _CHAIN_INPUTS:
+        return _CHAIN_INPUTS[0]
+    root = Path(tempfile.mkdtemp(prefix="chain-"))  # in the session's temp folder, removed at exit
     feats, vae, lat = root / "features.zarr", root / "vae", root / "latents.zarr"
     invoke(
         "extract-features",
@@ -226,39 +255,24 @@ def build_chain(root: Path, invoke, dit: tuple = ("--steps", "5"), decoder: bool
         "--no-progress",
     )
     invoke(
-        "train-dit",
-        "--latents",
-        lat,
+        "train-decoder",
+        "--features",
+        feats,
         "--out",
-        root / "dit",
+        root / "decoder",
         "--preset",
         "tiny",
-        *dit,
+        "--steps",
+        "3",
         "--batch-size",
-        "32",
+        "8",
+        "--num-workers",
+        "0",
         "--device",
         "cpu",
         "--no-progress",
     )
-    if decoder:
-        invoke(
-            "train-decoder",
-            "--features",
-            feats,
-            "--out",
-            root / "decoder",
-            "--preset",
-            "tiny",
-            "--steps",
-            "3",
-            "--batch-size",
-            "8",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-            "--no-progress",
-        )
+    _CHAIN_INPUTS.append(root)
     return root
 
 

@@ -61,8 +61,13 @@ def test_latents_store_is_what_encode_latents_writes_now(tmp_path):
         )
     )
     new = LatentStore(out)
-    for name in ("mu", "labels", "valid", "done", "mu_mean", "mu_std"):
+    for name in ("labels", "valid", "done"):
         assert new.group[name][:].tobytes() == old.group[name][:].tobytes(), name
+    # The encoder's float32 matmuls round differently on another CPU (oneDNN picks kernels by
+    # instruction set): bit-identical where the fixture was written, within ~1e-6 elsewhere
+    # (8.3e-7 at most, on values up to 3.4, measured on an AMD EPYC).
+    for name in ("mu", "mu_mean", "mu_std"):
+        np.testing.assert_allclose(new.group[name][:], old.group[name][:], rtol=1e-6, atol=2e-6)
     assert new.attrs["fingerprint"] == old.attrs["fingerprint"]
     # v1 has one key fewer (from before --precision): an unfinished v1 store is refused, not mixed
     v1 = LatentStore(FIXTURE / "latents.zarr").attrs["fingerprint"]
