@@ -149,31 +149,49 @@ def _require(cfg: Mapping, key: str, allowed, what: str) -> None:
         )
 
 
+def _require_all(cfg: Mapping, table: Mapping[str, tuple], what: str) -> None:
+    """`_require` for each (key, allowed values) of a table; a missing key is its first value."""
+    for key, allowed in table.items():
+        _require(cfg, key, allowed, what)
+
+
+# The official settings flatdino implements (key -> allowed values, the first is the default).
+VAE_SETTINGS = {
+    "encoder_disposable_registers": (0,),
+    "decoder_disposable_registers": (0,),
+    "tanh": (False,),
+    "intermediate_layer": (None,),
+}
+VAE_VIT_SETTINGS = {"patch": (None,), "use_cls": (False,)}
+VAE_BLOCK_SETTINGS = {
+    "mlp_type": ("swiglu",),
+    "norm_type": ("ln",),
+    "qk_norm": (True,),
+    "qkv_bias": (True,),
+    "mlp_bias": (True,),
+    "head_dim": (None,),
+}
+GENERATOR_SETTINGS = {"model_type": ("dit",), "pred_type": ("v",)}
+DIT_SETTINGS = {
+    "patch_embed": (None,),
+    "num_registers": (0,),
+    "wo_shift": (False,),
+    "learn_sigma": (False,),
+    "use_rope": (True,),
+    "in_cls_dim": (None,),
+}
+DIT_BLOCK_SETTINGS = {**VAE_BLOCK_SETTINGS, "norm_type": ("rms",), "qk_norm": (False,)}
+
+
 def vae_config_from_official(cfg: Mapping) -> VAEConfig:
     """Our VAEConfig from the official FlatDinoConfig JSON (train.py's `asdict(cfg)`)."""
     try:
         enc, dec = cfg["encoder"], cfg["decoder"]
         et, dt = enc["transformer"], dec["transformer"]
-        for key, allowed in (
-            ("encoder_disposable_registers", (0,)),
-            ("decoder_disposable_registers", (0,)),
-            ("tanh", (False,)),
-            ("intermediate_layer", (None,)),
-        ):
-            _require(cfg, key, allowed, "VAE")
+        _require_all(cfg, VAE_SETTINGS, "VAE")
         for part, vit in (("encoder", enc), ("decoder", dec)):
-            _require(vit, "patch", (None,), f"VAE {part}")
-            _require(vit, "use_cls", (False,), f"VAE {part}")
-            t = vit["transformer"]
-            for key, allowed in (
-                ("mlp_type", ("swiglu",)),
-                ("norm_type", ("ln",)),
-                ("qk_norm", (True,)),
-                ("qkv_bias", (True,)),
-                ("mlp_bias", (True,)),
-                ("head_dim", (None,)),
-            ):
-                _require(t, key, allowed, f"VAE {part}")
+            _require_all(vit, VAE_VIT_SETTINGS, f"VAE {part}")
+            _require_all(vit["transformer"], VAE_BLOCK_SETTINGS, f"VAE {part}")
         _require(enc, "use_pos_embeds", (False,), "VAE encoder")
         _require(dec, "use_pos_embeds", (True,), "VAE decoder")
         _require(dec, "pos_embed_type", ("learned",), "VAE decoder")
@@ -292,28 +310,11 @@ def dit_flow_from_official(cfg: Mapping) -> dict:
 def dit_config_from_official(cfg: Mapping) -> DiTConfig:
     """Our DiTConfig from the official GeneratorConfig JSON (train_generator.py's `asdict(cfg)`)."""
     try:
-        _require(cfg, "model_type", ("dit",), "generator")
-        _require(cfg, "pred_type", ("v",), "generator")
+        _require_all(cfg, GENERATOR_SETTINGS, "generator")
         dit = cfg["dit"]
         t = dit["transformer"]
-        for key, allowed in (
-            ("patch_embed", (None,)),
-            ("num_registers", (0,)),
-            ("wo_shift", (False,)),
-            ("learn_sigma", (False,)),
-            ("use_rope", (True,)),
-            ("in_cls_dim", (None,)),
-        ):
-            _require(dit, key, allowed, "generator")
-        for key, allowed in (
-            ("mlp_type", ("swiglu",)),
-            ("norm_type", ("rms",)),
-            ("qk_norm", (False,)),
-            ("qkv_bias", (True,)),
-            ("mlp_bias", (True,)),
-            ("head_dim", (None,)),
-        ):
-            _require(t, key, allowed, "generator")
+        _require_all(dit, DIT_SETTINGS, "generator")
+        _require_all(t, DIT_BLOCK_SETTINGS, "generator")
         if not dit.get("class_dropout_prob"):
             raise OfficialFormatError(
                 "the official generator was trained without label dropout: it has no null class "
