@@ -197,8 +197,10 @@ class TrainDiTConfig:
         help="At most this many reference rows (whole blocks spread evenly over the store).",
     )
     sample_steps: int = opt(50, min=1, help="Euler steps of those samples.")
-    sample_cfg: float = opt(  # the guidance interval is the sampler's
-        1.0, min=1.0, help="Their guidance weight (1: none, one pass per step)."
+    sample_cfg: float = opt(  # guided while 0 < t < 1, not over `sample`'s --cfg-interval
+        1.0,
+        min=1.0,
+        help="Their guidance weight (1: none, one pass per step), applied at every step but t = 0.",
     )
     best_by_fd: bool = opt(
         False,
