@@ -17,11 +17,7 @@ from ..pipeline.errors import FlatDinoError
 from ..pipeline.options import (
     BACKEND_HELP,
     DEVICE_HELP,
-    GPUS_HELP,
-    PRECISION_HELP,
     PROGRESS_HELP,
-    RAY_ADDRESS_HELP,
-    WORKERS_HELP,
     flatten_saved,
 )
 
@@ -34,11 +30,7 @@ class Backend(str, Enum):
 # Options of the commands not built from a config (demo, eval): the configs' help texts.
 DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 BackendOpt = Annotated[Backend, typer.Option(help=BACKEND_HELP)]
-WorkersOpt = Annotated[int, typer.Option(min=1, help=WORKERS_HELP)]
-GpusOpt = Annotated[float | None, typer.Option(help=GPUS_HELP)]
-RayAddressOpt = Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)]
 ProgressOpt = Annotated[bool, typer.Option(help=PROGRESS_HELP)]
-PrecisionOpt = Annotated[str, typer.Option(help=PRECISION_HELP)]
 ConfigOpt = Annotated[
     Path | None, typer.Option(help="A saved RUN/config.json; options given here override it.")
 ]
