@@ -277,7 +277,8 @@ def _chain_inputs(invoke) -> Path:
 
 
 def free_port() -> str:
-    """A TCP port nobody listens on now (for torchrun's rendezvous in the DDP tests)."""
+    """A TCP port nobody listens on now. Another process may take it before it is used: prefer a
+    launcher that binds port 0 itself (`torchrun` below) where there is one."""
     import socket
 
     with socket.socket() as s:
@@ -286,15 +287,16 @@ def free_port() -> str:
 
 
 def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node n flatdino ARGS` on CPU (gloo), one thread per rank."""
+    """`torchrun --nproc-per-node n flatdino ARGS` on CPU (gloo), one thread per rank.
+    `--standalone` makes torchrun's own store bind a free port: a port picked here and bound there
+    later was once taken in between (EADDRINUSE in CI)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc-per-node",
         str(n),
-        "--master-port",
-        free_port(),
         "-m",
         "flatdino.cli.main",
         *args,
@@ -311,29 +313,30 @@ S3_ENV = {
 }
 
 
-def start_moto(env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """moto's standalone S3 server on 127.0.0.1 and a free port: (process, endpoint URL)."""
+def start_moto(env: dict | None = None, tries: int = 3) -> tuple[subprocess.Popen, str]:
+    """moto's standalone S3 server on 127.0.0.1 and a free port: (process, endpoint URL). A server
+    that exits at once (its port taken in the meantime) is started again on another port."""
     import time
     import urllib.request
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            return proc, endpoint
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto's S3 server did not start") from None
-            time.sleep(0.1)
+    for _ in range(tries):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                return proc, endpoint
+            except OSError:
+                time.sleep(0.1)
+        proc.kill()
+    raise RuntimeError(f"moto's S3 server did not start in {tries} tries")
 
 
 @pytest.fixture(scope="session")

@@ -490,17 +490,16 @@ def test_run_key_follows_what_decides_the_bits_not_how_it_is_spelled(tmp_path, m
     assert key() != before
 
 
-def test_ranks_share_an_error_instead_of_waiting_for_each_other():
+def test_ranks_share_an_error_instead_of_waiting_for_each_other(tmp_path):
     """The waits of `sample` carry errors: when rank 1 fails, rank 0 raises naming it."""
     import torch.multiprocessing as mp
 
-    from conftest import free_port
-
-    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
+    rendezvous = tmp_path / "rendezvous"  # a file, not a port another process could take first
     procs = [
-        ctx.Process(target=_agree_rank, args=(r, port, results), daemon=True) for r in range(2)
+        ctx.Process(target=_agree_rank, args=(r, rendezvous, results), daemon=True)
+        for r in range(2)
     ]
     for p in procs:
         p.start()
@@ -511,13 +510,13 @@ def test_ranks_share_an_error_instead_of_waiting_for_each_other():
     assert results[1] == "OSError: disk gone"
 
 
-def _agree_rank(rank: int, port: str, results) -> None:
+def _agree_rank(rank: int, rendezvous: Path, results) -> None:
     import torch.distributed as dist
 
     from flatdino.sampling.ranks import agree
     from flatdino.trainers.runner import Dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         assert agree(Dist(rank, 2), None, None, payload=rank) == 0  # rank 0's payload
         try:

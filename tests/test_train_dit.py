@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
-from conftest import fake_latents_store, free_port
+from conftest import fake_latents_store, torchrun
 from flatdino.models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
 from flatdino.models.flow import LatentNorm, euler_sample, flow_loss, sample_time
 from flatdino.pipeline.errors import FlatDinoError
@@ -234,16 +231,7 @@ def test_refusals(store, tmp_path):
 
 def test_two_process_ddp_on_cpu(store, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        free_port(),
-        "-m",
-        "flatdino.cli.main",
+    args = [
         "train-dit",
         "--latents",
         str(store),
@@ -261,8 +249,7 @@ def test_two_process_ddp_on_cpu(store, tmp_path):
         "cpu",
         "--no-progress",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun(2, *args)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0 only: no duplicated lines

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from conftest import fake_feature_store, free_port, tiny_config
+from conftest import fake_feature_store, tiny_config, torchrun
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.extract import extract_features
 from flatdino.trainers import train_vae as tv
@@ -130,16 +127,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
 
 def test_two_process_ddp_on_cpu(digits_val_store, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        free_port(),
-        "-m",
-        "flatdino.cli.main",
+    args = [
         "train-vae",
         "--features",
         str(digits_val_store),
@@ -161,8 +149,7 @@ def test_two_process_ddp_on_cpu(digits_val_store, tmp_path):
         "4",
         "--no-progress",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    result = torchrun(2, *args)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # rank 0 writes, once per step
