@@ -26,6 +26,8 @@ import torch
 from .errors import FlatDinoError
 from .store import Shard
 
+log = logging.getLogger("flatdino.engine")
+
 
 @dataclass(frozen=True)
 class ShardJob:
@@ -100,7 +102,20 @@ def _run_local(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterat
 
 
 ACTOR_CPUS = 1  # CPUs an actor reserves (its driver thread, input copies); the rest decode
-STORAGE_ENV = ("AWS_", "GOOGLE_", "AZURE_")  # what obstore reads, forwarded to the workers
+# The object-storage settings obstore reads that are not secrets: the driver's values reach the
+# workers. Credentials never do (Ray writes every runtime_env, values included, to a log file of
+# each node): each node reads its own (docs/stores.md#credentials-on-a-ray-cluster).
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ALLOW_HTTP",
+    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURE_ALLOW_HTTP",
+    "AZURE_STORAGE_USE_EMULATOR",
+)
 RETRIES = 4  # re-runs of a task, restarts of an actor, after its node or process died
 
 
@@ -123,17 +138,27 @@ def check_decode_cpus(cluster_cpus: float, workers: int, per_cpu: int) -> None:
 
 
 def _forwarded_env() -> dict:
-    """The driver's object-storage settings (credentials, endpoint), for its tasks and actors: a
-    store on s3:// opens the same way on every node without configuring the nodes."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV)}
+    """The driver's non-secret object-storage settings (endpoint, region, http), as a runtime_env
+    for its tasks and actors, so that a store URL names the same place on every node."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     return {"env_vars": env} if env else {}
 
 
-def _start_actors(job: ShardJob, placement: Placement, gpus: float) -> list:
+def _say_what_is_forwarded(env: dict) -> None:
+    """One log line: which settings the workers get from the driver, and that secrets stay."""
+    names = ", ".join(env.get("env_vars", {})) or "no storage settings"
+    log.info(
+        "Ray workers get %s from this shell; storage credentials are never forwarded: each "
+        "node reads its own (instance role, workload identity, or the env where `ray start` ran)",
+        names,
+    )
+
+
+def _start_actors(job: ShardJob, placement: Placement, gpus: float, env: dict) -> list:
     """The worker actors; restarted (model loaded again) and their calls retried after a crash."""
     import ray
 
-    options = {"runtime_env": _forwarded_env()}
+    options = {"runtime_env": env}
     if placement.workers > 1:
         options["scheduling_strategy"] = "SPREAD"
     actor_cls = ray.remote(
@@ -158,6 +183,8 @@ def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     cpus = ray.cluster_resources().get("CPU", 0)
+    env = _forwarded_env()
+    _say_what_is_forwarded(env)
     actors: list = []
     preparing: set = set()  # prepare ObjectRefs running, or finished and not yet seen by wait
     try:
@@ -165,8 +192,8 @@ def _run_ray(job: ShardJob, todo: list[Shard], placement: Placement) -> Iterator
         pool = prepare_pool_size(cpus, placement.workers, placement.decode_per_cpu)
         prepare = ray.remote(num_cpus=1 / placement.decode_per_cpu, max_retries=RETRIES)(
             job.prepare
-        ).options(runtime_env=_forwarded_env())
-        actors = _start_actors(job, placement, gpus)
+        ).options(runtime_env=env)
+        actors = _start_actors(job, placement, gpus, env)
         queue = list(reversed(todo))
         ready: list = []  # prepare ObjectRefs finished, oldest first
         # actor call ObjectRef -> actor. Each shard is submitted once: Ray re-runs a call whose

@@ -112,10 +112,15 @@ def messy_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One small local Ray instance shared by the Ray tests."""
+    """One small local Ray instance shared by the Ray tests. Its processes get the S3 server's
+    credentials when they start, as a cluster's nodes have their own (the driver never forwards
+    them); the driver's environment is left as it was."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in S3_ENV.items():
+            env.setenv(key, value)
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

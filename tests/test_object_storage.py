@@ -137,11 +137,54 @@ def test_the_chain_with_every_store_on_s3_equals_the_chain_on_disk(s3, digits_va
 
 
 def test_ray_extraction_on_s3_is_bit_identical_to_local(s3, local_ray, digits_val_store):
-    """Ray workers open the store from the URL (credentials reach them from the driver)."""
+    """Ray workers open the store from the URL: the endpoint reaches them from the driver, the
+    credentials from their node (the fixture's)."""
     url = f"{s3}/ray.zarr"
     summary = extract_features(tiny_config("digits", url, split="val", backend="ray"))
     assert summary.shards_run == 23
     assert_same_store(url, digits_val_store)
+
+
+def test_a_secret_of_the_driver_reaches_no_file_of_ray_the_store_or_a_run(
+    s3, local_ray, monkeypatch, tmp_path, caplog
+):
+    """A canary AWS_SECRET_ACCESS_KEY in the driver's environment (moto takes any secret): after
+    extract-features with the Ray backend onto S3 and a train-vae run with its trackers, no file
+    under Ray's session folder, no object of the store and no file of the run holds it."""
+    import logging
+    import uuid
+
+    import ray
+
+    from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
+
+    canary = f"canary-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
+    url = f"{s3}/canary.zarr"
+    with caplog.at_level(logging.INFO, logger="flatdino"):
+        extract_features(tiny_config("digits", url, split="val", backend="ray", shard_size=128))
+    said = [r.getMessage() for r in caplog.records if "never forwarded" in r.getMessage()]
+    assert len(said) == 1 and "AWS_ENDPOINT_URL" in said[0] and "SECRET" not in said[0]
+    run = tmp_path / "run"
+    train_vae(
+        TrainVAEConfig(
+            features=url,
+            out=str(run),
+            preset="tiny",
+            steps=2,
+            batch_size=8,
+            num_workers=0,
+            log_every=1,
+            progress=False,
+            log_to="tensorboard",
+        )
+    )
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    files = [p for p in (*session.rglob("*"), *run.rglob("*")) if p.is_file()]
+    assert len(files) > 20  # Ray's logs and the run were read
+    assert [p for p in files if canary.encode() in p.read_bytes()] == []
+    store = Location(url)
+    assert not [k for k in store.keys("") if canary.encode() in (store.read(k) or b"")]
 
 
 def test_sigkill_then_resume_on_s3_is_bit_identical(s3, digits_val_store):
