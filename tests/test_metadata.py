@@ -67,9 +67,8 @@ def copy(runs: Path, name: str, tmp_path: Path) -> Path:
 def damage(path: Path, how: str, other: Path | None = None) -> None:
     """empty: zero bytes; truncated: the first half; other: `other`'s bytes (another kind's)."""
     data = path.read_bytes()
-    path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2]}.get(how) or b"")
-    if how == "other":
-        path.write_bytes(other.read_bytes())
+    new = {"empty": b"", "truncated": data[: len(data) // 2]}
+    path.write_bytes(new[how] if how in new else other.read_bytes())
 
 
 FOUND = {"empty": "is empty", "truncated": "is truncated or corrupt (not JSON"}
