@@ -21,6 +21,8 @@ def show_info(path: str | None, presets: bool, as_json: bool, plot: bool) -> Non
     from ..pipeline.storage import is_url
 
     run = None if is_url(path) else Path(path)
+    if run and not run.exists():
+        fail(f"{path!r} does not exist; info reads a store, a run or checkpoint folder")
     if run and (run / "config.json").exists() and not (run / "zarr.json").exists():
         run_info(run, as_json)
         if plot:
@@ -72,22 +74,24 @@ def store_info(path: str, as_json: bool) -> None:
     typer.echo(f"created: {attrs.get('created')} flatdino {attrs.get('package_version')}")
 
 
-def _run_kind(run: Path, config: dict, model: dict) -> str:
-    """dit, decoder or vae: which trainer wrote this run or checkpoint folder."""
-    if "latents" in config.get("train", {}) or (run / "flow.json").exists():
-        return "dit"
-    return "decoder" if "patch_size" in model else "vae"
-
-
 def run_info(run: Path, as_json: bool) -> None:
     """Model config and parameter count, last metrics and checkpoints of a run folder."""
     from ..models.dit import DiTConfig, count_dit_parameters
     from ..models.pixel_decoder import PixelDecoderConfig, count_pixel_decoder_parameters
     from ..models.vae import VAEConfig, count_parameters
+    from ..pipeline.checkpoints import config_kind, describe_json, read_json
 
-    config = json.loads((run / "config.json").read_text())
+    fix = "pass a run folder (the --out of a train-* command) or one of its checkpoint folders"
+    try:
+        config = read_json(run / "config.json", fix, "a run's or checkpoint's config.json")
+    except FlatDinoError as e:
+        fail(str(e))
     model = config.get("model", config)  # a run folder, or a checkpoint folder (model config only)
-    kind = _run_kind(run, config, model)
+    kind = config_kind(config)[0]
+    if kind is None:
+        fail(
+            f"{str(run / 'config.json')!r} is {describe_json(config)}, not a run's config.json; {fix}"
+        )
     count = {
         "dit": lambda: count_dit_parameters(DiTConfig(**model)),
         "decoder": lambda: count_pixel_decoder_parameters(PixelDecoderConfig(**model)),

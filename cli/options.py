@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -75,17 +74,33 @@ def setup_logging() -> None:
     logging.getLogger("flatdino").setLevel(logging.INFO if main else logging.WARNING)
 
 
-def config_with_overrides(cls, config: Path | None, given: dict, ctx: typer.Context) -> object:
+def config_with_overrides(
+    cls, config: Path | None, given: dict, ctx: typer.Context, command: str = ""
+) -> object:
     """cls(**saved config, **options the user typed): a saved config.json with CLI overrides.
 
     The saved "train" section may be flat (every config.json so far) or nested (`run`); fields
-    it holds that have no option (e.g. betas) are kept too."""
+    it holds that have no option (e.g. betas) are kept too. A config.json that is damaged, a
+    checkpoint's or another trainer's than `command` is refused in one line."""
     if config is None:
         return cls(**given)
+    from ..pipeline.checkpoints import RUN_KINDS, config_kind, describe_json, read_json
+
+    fix = f"pass the config.json of a `flatdino {command}` run folder (RUN/config.json)"
     try:
-        saved = json.loads(Path(config).read_text()).get("train", {})
-    except (OSError, ValueError) as e:
-        raise FlatDinoError(f"cannot read --config {str(config)!r}: {e}") from e
+        data = read_json(Path(config), fix, "a run's config.json")
+    except FlatDinoError as e:
+        raise FlatDinoError(f"--config {e}") from None
+    kind, keys = config_kind(data)
+    if not isinstance(data.get("train"), dict):
+        found = describe_json(data) + (", a checkpoint's" if kind else "")
+        raise FlatDinoError(f"--config {str(config)!r} is {found}, not a run's (no train); {fix}")
+    if command and kind is not None and RUN_KINDS[kind][1] != command:
+        raise FlatDinoError(
+            f"--config {str(config)!r} is a {RUN_KINDS[kind][0]} run's config.json (it has "
+            f"{keys}), not the config of a `flatdino {command}` run; {fix}"
+        )
+    saved = data["train"]
     typed = {
         k: v
         for k, v in given.items()

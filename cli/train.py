@@ -42,7 +42,7 @@ def _train_decoder(cfg: TrainDecoderConfig) -> dict:
     return train_decoder(cfg)
 
 
-def trainer_command(config_cls: type, train) -> object:
+def trainer_command(config_cls: type, train, command: str) -> object:
     """A trainer command: the config's options and --config (a saved config.json, then the
     options typed on top), the trainer, and its last line."""
     config = inspect.Parameter(
@@ -50,12 +50,12 @@ def trainer_command(config_cls: type, train) -> object:
     )
 
     def body(ctx: typer.Context, values: dict, config: Path | None) -> None:
-        cfg = config_with_overrides(config_cls, config, values, ctx)
+        cfg = config_with_overrides(config_cls, config, values, ctx, command)
         _report(cfg.out, train(cfg))
 
     return config_command(config_cls, body, extra=[config])
 
 
-train_vae_cmd = trainer_command(TrainVAEConfig, _train_vae)
-train_dit_cmd = trainer_command(TrainDiTConfig, _train_dit)
-train_decoder_cmd = trainer_command(TrainDecoderConfig, _train_decoder)
+train_vae_cmd = trainer_command(TrainVAEConfig, _train_vae, "train-vae")
+train_dit_cmd = trainer_command(TrainDiTConfig, _train_dit, "train-dit")
+train_decoder_cmd = trainer_command(TrainDecoderConfig, _train_decoder, "train-decoder")

@@ -5,7 +5,6 @@ the published RAE decoder file. Models are rebuilt from the config.json saved be
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,18 +20,71 @@ from ..models.pixel_decoder import (
     pixel_decoder_preset,
 )
 from ..models.vae import FlatDinoVAE, VAEConfig
-from .errors import FlatDinoError, WeightsError
+from .errors import FlatDinoError, MetadataError, WeightsError, json_object
+
+# The kinds of run and checkpoint folders: their name in messages, the trainer that writes them,
+# and the model config.json keys only that model has (a DiT's folder also holds flow.json).
+RUN_KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "vae": ("VAE", "train-vae", ("enc_dim", "dec_dim")),
+    "dit": ("DiT", "train-dit", ("rope_base", "mlp_hidden_ratio")),
+    "decoder": ("pixel decoder", "train-decoder", ("patch_size", "mlp_dim")),
+}
+
+
+def config_kind(config: dict) -> tuple[str | None, str]:
+    """(kind, the keys that tell it) of a parsed config.json: a checkpoint's model config, or a
+    run folder's {"train": ..., "model": ...}; (None, "") when it is no model config of ours."""
+    model = config["model"] if isinstance(config.get("model"), dict) else config
+    for kind, (_, _, keys) in RUN_KINDS.items():
+        if found := [k for k in keys if k in model]:
+            return kind, "/".join(found)
+    return None, ""
+
+
+def describe_json(data: dict) -> str:
+    """What a parsed JSON object is, for a message about a file of another kind."""
+    kind, keys = config_kind(data)
+    if kind is not None:
+        return f"a {RUN_KINDS[kind][0]}'s config.json (it has {keys})"
+    if "kappa" in data:
+        return "a DiT's flow.json (it has kappa)"
+    if "zarr_format" in data:
+        return "a Zarr store's zarr.json"
+    return f"no flatdino config (its keys: {', '.join(list(data)[:4]) or 'none'})"
 
 
 def resolve_checkpoint(path: str, option: str, command: str) -> Path:
-    """A checkpoint folder (model.safetensors + config.json): `path`, or RUN/best, RUN/checkpoints."""
+    """A checkpoint folder (model.safetensors + config.json): `path`, or RUN/best, RUN/checkpoints;
+    one of another kind than `command` writes (a DiT run as --vae) is one line."""
     p = Path(path)
+    if not p.exists():
+        raise FlatDinoError(
+            f"{option} {path!r} does not exist; pass the --out of `flatdino {command}`"
+        )
     for candidate in (p, p / "best", p / "checkpoints"):
         if (candidate / "model.safetensors").exists() and (candidate / "config.json").exists():
+            check_kind(candidate, option, path, command)
             return candidate
     raise FlatDinoError(
         f"{option} {path!r} holds no checkpoint (model.safetensors + config.json, or a run folder "
         f"with best/ or checkpoints/); pass the --out of `flatdino {command}`"
+    )
+
+
+def check_kind(ckpt: Path, option: str, path: str, command: str) -> dict:
+    """The model config.json of checkpoint folder `ckpt`, refused in one line when it is damaged
+    or of another kind's model than `command` trains."""
+    kind = next(k for k, (_, c, _) in RUN_KINDS.items() if c == command)
+    name, fix = RUN_KINDS[kind][0], f"pass the --out of `flatdino {command}`"
+    config = read_json(ckpt / "config.json", rewrite(command), f"a {name}'s config.json")
+    found, keys = config_kind(config)
+    if found == kind:
+        return config
+    flow = "; flow.json beside it" if (ckpt / "flow.json").exists() else ""
+    what = describe_json(config) if found is None else f"a {RUN_KINDS[found][0]} checkpoint"
+    raise MetadataError(
+        f"{option} {path!r}: {str(ckpt / 'config.json')!r} is {what}"
+        f"{f' (it has {keys}{flow})' if found else ''}, not a {name}'s; {fix}"
     )
 
 
@@ -50,12 +102,16 @@ def read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
         raise _unreadable(path, e, fix) from e
 
 
-def read_json(path: Path, fix: str) -> dict:
-    """A config.json / flow.json of ours, with the same one-line error."""
+def read_json(path: Path, fix: str, expected: str = "a flatdino config") -> dict:
+    """A config.json / flow.json of ours: missing, empty, truncated or not a JSON object is one
+    line that names the file, `expected` and `fix`."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = None
+    except OSError as e:
         raise _unreadable(path, e, fix) from e
+    return json_object(raw, str(path), expected, fix)
 
 
 def read_torch(path: Path, fix: str):
@@ -125,8 +181,11 @@ class FlowRecord:
     @classmethod
     def from_json(cls, data: dict, source: str = "flow.json") -> FlowRecord:
         """The record of a parsed flow.json; keys this flatdino does not know are ignored."""
-        if not isinstance(data, dict) or "kappa" not in data:
-            raise FlatDinoError(f"{source} holds no kappa; {rewrite('train-dit')}")
+        if "kappa" not in data:
+            raise MetadataError(
+                f"{source} is {describe_json(data)}, not a DiT's flow.json (no kappa); "
+                f"{rewrite('train-dit')}"
+            )
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def to_json(self) -> dict:
@@ -149,7 +208,7 @@ class FlowRecord:
 
 def read_flow(path: Path, fix: str) -> FlowRecord:
     """A flow.json file as a FlowRecord; unreadable is one line that says `fix`."""
-    return FlowRecord.from_json(read_json(path, fix), repr(str(path)))
+    return FlowRecord.from_json(read_json(path, fix, "a DiT's flow.json"), repr(str(path)))
 
 
 def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, FlowRecord, LatentNorm, Path]:

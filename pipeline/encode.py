@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoints import load_vae, resolve_vae, vae_sha256
+from .checkpoints import load_vae, read_json, resolve_vae, rewrite, vae_sha256
 from .configs import EncodeConfig
 from .engine import Placement, ShardJob, run_shards
 from .env import autocast, fast_matmul, inference_dtype, package_version, resolve_device
@@ -94,7 +94,7 @@ def encode_latents(cfg: EncodeConfig) -> dict:
     )  # a bad --precision fails here, not in a worker
     features = FeatureStore.open_complete(cfg.features, "--features")
     ckpt = resolve_vae(cfg.vae)
-    vae_cfg = json.loads((ckpt / "config.json").read_text())
+    vae_cfg = read_json(ckpt / "config.json", rewrite("train-vae"))
     _, _, p, c = features.features.shape
     if (vae_cfg["num_patches"], vae_cfg["in_dim"]) != (p, c):
         raise FlatDinoError(

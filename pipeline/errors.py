@@ -1,4 +1,7 @@
-"""Project exceptions: the CLI prints their message as one line and exits 1."""
+"""Project exceptions: the CLI prints their message as one line and exits 1. Also the one reader
+of JSON metadata (zarr.json, config.json, flow.json) that says what is wrong with a damaged file."""
+
+import json
 
 
 class FlatDinoError(Exception):
@@ -19,3 +22,28 @@ class StoreMismatchError(FlatDinoError):
 
 class TooManyFailuresError(FlatDinoError):
     """More images failed to decode than `--max-failed-fraction` allows (the store is still complete)."""
+
+
+class MetadataError(FlatDinoError):
+    """A metadata file (a store's zarr.json or manifest, a run's config.json or flow.json) is
+    missing, empty, truncated or of another kind than expected."""
+
+
+def json_object(raw: bytes | str | None, where: str, expected: str, fix: str) -> dict:
+    """The JSON object in `raw` (the bytes of file `where`; None: absent), or one line naming the
+    file, what it holds, `expected` (what it should be) and `fix`."""
+    found = None
+    if raw is None:
+        found = "is missing"
+    elif not raw.strip():
+        found = "is empty"
+    else:
+        try:
+            data = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            found = f"is truncated or corrupt (not JSON: {str(e)[:80]})"
+        else:
+            if isinstance(data, dict):
+                return data
+            found = f"holds a JSON {type(data).__name__}"
+    raise MetadataError(f"{where!r} {found}, not {expected}; {fix}")

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from .errors import FlatDinoError
+from .errors import FlatDinoError, MetadataError, json_object
 from .storage import Location, explained
 from .store import Shard, ShardedStore, create, shard_bounds, utc_now
 
@@ -44,6 +44,7 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 KIND = "flatdino.features"
 MANIFEST = "manifest.parquet"
+MANIFEST_COLUMNS = ("index", "path", "label", "class_name", "status", "error")
 ERRORS_DIR = "_errors"
 LABEL_CHUNK = 1 << 16  # labels are written once, at creation: few, large chunks
 
@@ -70,7 +71,7 @@ class FeatureStore(ShardedStore):
 
     @property
     def features(self) -> zarr.Array:
-        return self.group["features"]
+        return self.array("features")
 
     @property
     def per_view(self) -> bool:
@@ -86,7 +87,7 @@ class FeatureStore(ShardedStore):
     def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
         """One contiguous read of a shard's features (n, V, P, C) and valid flags (n,)."""
         feats = self.features[shard.start : shard.stop]
-        valid = np.asarray(self.group["valid"][shard.start : shard.stop], dtype=bool)
+        valid = np.asarray(self.array("valid")[shard.start : shard.stop], dtype=bool)
         return feats, valid
 
     def read_drawn(self, lo: int, hi: int, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -108,22 +109,31 @@ class FeatureStore(ShardedStore):
         """Write one shard's rows, then its errors (if any), then mark it done (in that order)."""
         assert features.shape[0] == shard.stop - shard.start == valid.shape[0]
         with explained(self.path):  # a failing object store: one line, from any worker
-            self.group["features"][shard.start : shard.stop] = features
-            self.group["valid"][shard.start : shard.stop] = valid
+            self.array("features")[shard.start : shard.stop] = features
+            self.array("valid")[shard.start : shard.stop] = valid
             if errors:  # a shard without failures writes no object (fewer objects per store)
                 body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
                 self.location.write(f"{ERRORS_DIR}/shard-{shard.index:06d}.json", body.encode())
-            self.group["done"][shard.index] = True
+            self.array("done")[shard.index] = True
 
     def shard_errors(self) -> dict[int, str]:
         errors: dict[int, str] = {}
         for key in self.location.keys(ERRORS_DIR):
             raw = self.location.read(key)
-            errors.update({int(k): v for k, v in json.loads(raw).items()})
+            where = f"{self.location.url.rstrip('/')}/{key}"
+            record = json_object(raw, where, "a shard's decode errors", self.damaged_fix(self.path))
+            errors.update({int(k): v for k, v in record.items()})
         return errors
 
     def manifest(self) -> pa.Table:
-        return read_parquet(self.location, MANIFEST)
+        table = read_parquet(self.location, MANIFEST, self.damaged_fix(self.path))
+        missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
+        if missing:
+            raise MetadataError(
+                f"{self.location.url.rstrip('/') + '/' + MANIFEST!r} has no column "
+                f"{', '.join(missing)}, not a {self.NAME}'s manifest; {self.damaged_fix(self.path)}"
+            )
+        return table
 
     def finalize(self) -> None:
         """Once every shard is done: statuses and errors into the manifest, `complete` into attrs."""
@@ -217,11 +227,17 @@ def write_parquet(location: Location, key: str, table: pa.Table) -> None:
     location.write(key, sink.getvalue())
 
 
-def read_parquet(location: Location, key: str) -> pa.Table:
+def read_parquet(location: Location, key: str, fix: str) -> pa.Table:
+    """The Parquet object `key`; missing, empty or truncated is one line that says `fix`."""
     raw = location.read(key)
+    where = f"{location.url.rstrip('/')}/{key}"
     if raw is None:
         raise FlatDinoError(f"{location.url!r} has no {key}; rebuild the store with --overwrite")
-    return pq.read_table(pa.BufferReader(raw))
+    try:
+        return pq.read_table(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: not Parquet, or cut short
+        found = "is empty" if not raw else f"is truncated or not Parquet ({str(e)[:80]})"
+        raise MetadataError(f"{where!r} {found}, not a feature store's manifest; {fix}") from None
 
 
 def _pending_manifest(labels: np.ndarray, paths: list[str], class_names: list[str]) -> pa.Table:

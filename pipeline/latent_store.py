@@ -42,7 +42,7 @@ class LatentStore(ShardedStore):
 
     @property
     def mu(self) -> zarr.Array:
-        return self.group["mu"]
+        return self.array("mu")
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -85,20 +85,20 @@ class LatentStore(ShardedStore):
     def num_classes(self) -> int:
         """From the class names when recorded, else from the largest label."""
         names = self.class_names
-        return len(names) if names else int(self.group["labels"][:].max()) + 1
+        return len(names) if names else int(self.array("labels")[:].max()) + 1
 
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu_mean, mu_std), each (T, d) float32: the normalisation train-dit may apply."""
-        return self.group["mu_mean"][:], self.group["mu_std"][:]
+        return self.array("mu_mean")[:], self.array("mu_std")[:]
 
     def write_shard(self, shard: Shard, mu: np.ndarray, logvar: np.ndarray | None) -> None:
         """Write one shard's latents (logvar when the store keeps it), then mark it done."""
         dtype = self.mu.dtype
         with explained(self.path):  # a failing object store: one line, from any worker
-            self.group["mu"][shard.start : shard.stop] = mu.astype(dtype)
-            if logvar is not None and "logvar" in self.group:
-                self.group["logvar"][shard.start : shard.stop] = logvar.astype(dtype)
-            self.group["done"][shard.index] = True  # last: the shard is complete
+            self.array("mu")[shard.start : shard.stop] = mu.astype(dtype)
+            if logvar is not None and self.has("logvar"):
+                self.array("logvar")[shard.start : shard.stop] = logvar.astype(dtype)
+            self.array("done")[shard.index] = True  # last: the shard is complete
 
     def finalize(self) -> None:
         """Per-(token, dim) mean and std of mu over valid rows and all views (float64 sums)."""
@@ -114,7 +114,7 @@ class LatentStore(ShardedStore):
         t, d = self.token_shape
         for name, value in (("mu_mean", mean), ("mu_std", std)):
             self.group.create_array(name, shape=(t, d), dtype="float32", overwrite=True)
-            self.group[name][:] = np.broadcast_to(value, (t, d)).astype(np.float32)
+            self.array(name)[:] = np.broadcast_to(value, (t, d)).astype(np.float32)
         self.mark_complete()
 
     @staticmethod

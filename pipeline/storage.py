@@ -15,7 +15,6 @@ object store (no bucket, bad credentials, unreachable endpoint) become one-line 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,7 +24,11 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator, sync
 
-from .errors import FlatDinoError
+from .errors import FlatDinoError, MetadataError, json_object
+
+# The fix for a store whose metadata is damaged: we cannot tell whether it is ours, so flatdino
+# never deletes it (not even with --overwrite).
+DAMAGED = "restore the file, or delete the store yourself and build it again"
 
 # URL schemes obstore's `from_url` understands, and the cloud each belongs to (for messages)
 SCHEMES = {
@@ -146,8 +149,11 @@ class Location:
         """Something is there: a local file or directory, or at least one object."""
         return self.path.exists() if not self.remote else not self.is_empty()
 
-    def attrs(self) -> dict | None:
-        """The root zarr.json's attributes; None when there is no Zarr group here."""
+    def attrs(
+        self, expected: str = "a flatdino store's zarr.json", fix: str = DAMAGED
+    ) -> dict | None:
+        """The root zarr.json's attributes; None when there is no zarr.json here. One that is
+        empty, truncated or an array's (not a group's) is a MetadataError naming `expected`."""
         if not self.remote and not self.path.is_dir():
             return None
         raw = self.read("zarr.json")
@@ -155,11 +161,13 @@ class Location:
             if self.remote:
                 self.keys()  # a missing bucket reads as a missing object; a listing says which
             return None
-        try:
-            meta = json.loads(raw)
-        except ValueError:
-            return None
-        return meta.get("attributes", {}) if meta.get("node_type") == "group" else None
+        where = f"{self.url.rstrip('/')}/zarr.json"
+        meta = json_object(raw, where, expected, fix)
+        if meta.get("node_type") != "group":
+            kind = meta.get("node_type")
+            found = "is a Zarr array's metadata" if kind == "array" else f"has node_type {kind!r}"
+            raise MetadataError(f"{where!r} {found}, not {expected}; {fix}")
+        return meta.get("attributes", {})
 
     def delete_all(self) -> None:
         """Delete everything under this location (callers check first that it is ours)."""

@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from .errors import FlatDinoError, StoreMismatchError
+from .errors import FlatDinoError, MetadataError, StoreMismatchError, json_object
 from .storage import Location, is_url
 
 
@@ -80,10 +80,24 @@ def row_block(array: zarr.Array) -> int:
     return int((array.shards or array.chunks)[0])
 
 
-def store_kind(path: str | Path) -> str | None:
-    """The `kind` attr of a flatdino Zarr store (feature or latents store); None if not a store."""
-    attrs = Location(str(path)).attrs()
+def store_kind(path: str | Path, expected: str = "a flatdino store's zarr.json") -> str | None:
+    """The `kind` attr of a flatdino Zarr store (feature or latents store); None if not a store;
+    a damaged zarr.json is a MetadataError that names `expected`."""
+    attrs = Location(str(path)).attrs(expected)
     return None if attrs is None else attrs.get("kind")
+
+
+def describe_kind(kind: str | None) -> str:
+    """What a store of `kind` is, for messages: "a flatdino latents store (encode-latents --out)"."""
+    cls = ShardedStore.KINDS.get(kind)
+    if cls is not None:
+        return f"a {cls.NAME} (kind {kind!r}, written by `flatdino {cls.MAKER}`)"
+    return "a Zarr group with no flatdino kind" if kind is None else f"a store of kind {kind!r}"
+
+
+def absent(path: str) -> bool:
+    """Nothing at a local `path` (object-storage prefixes are told apart by their zarr.json)."""
+    return not is_url(path) and not Path(path).exists()
 
 
 def utc_now() -> str:
@@ -102,15 +116,25 @@ class ShardedStore:
     ROWS = ""  # the (N, ...) array whose first axis counts the rows
     FORMAT_VERSION = 1  # the layout this code writes
     ARRAYS: tuple[str, ...] = ()  # arrays listed by `summary`, when present
+    KINDS: dict[str, type[ShardedStore]] = {}  # every store class by its KIND (describe_kind)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ShardedStore.KINDS[cls.KIND] = cls
 
     def __init__(self, path: str | Path, mode: str = "r"):
         self.location = Location(str(path))
         self.path = str(path)  # as given: a local path or a URL (messages, attrs)
-        attrs = self.location.attrs()
+        if absent(self.path):
+            raise FlatDinoError(f"{self.path!r} does not exist; expected a {self.NAME}")
+        attrs = self.location.attrs(f"a {self.NAME}'s zarr.json", self.damaged_fix())
         if attrs is None:
             raise FlatDinoError(f"{self.path!r} is not a Zarr store (no zarr.json)")
         if attrs.get("kind") != self.KIND:
-            raise FlatDinoError(f"{self.path!r} is not a {self.NAME} (kind={attrs.get('kind')!r})")
+            raise FlatDinoError(
+                f"{self.path!r} is {describe_kind(attrs.get('kind'))}, not a {self.NAME}; pass "
+                f"the --out of `flatdino {self.MAKER}`"
+            )
         if attrs.get("creating"):
             raise FlatDinoError(
                 f"{self.path!r} is a {self.NAME} whose creation was interrupted; run "
@@ -123,30 +147,67 @@ class ShardedStore:
     @classmethod
     def open_complete(cls: type[S], path: str, option: str) -> S:
         """A complete store for `option`, or a one-line error that says what to run."""
-        kind = store_kind(path)
+        fix = f"pass the --out of `flatdino {cls.MAKER}`"
+        if absent(path):
+            raise FlatDinoError(f"{option} {path!r} does not exist; {fix}")
+        try:
+            kind = Location(str(path)).attrs(f"a {cls.NAME}'s zarr.json", cls.damaged_fix(path))
+        except MetadataError as e:
+            raise MetadataError(f"{option} {path!r}: {e}") from None
+        if kind is not None:
+            kind = kind.get("kind")
+        else:
+            raise FlatDinoError(f"{option} {path!r} is not a {cls.NAME} (no zarr.json); {fix}")
         if kind != cls.KIND:
-            found = "no Zarr store there" if kind is None else f"kind {kind!r}"
             raise FlatDinoError(
-                f"{option} {path!r} is not a {cls.NAME} ({found}); "
-                f"pass the --out of `flatdino {cls.MAKER}`"
+                f"{option} {path!r} is {describe_kind(kind)}, not a {cls.NAME}; {fix}"
             )
         store = cls(path)
         if not store.attrs.get("complete"):
             raise FlatDinoError(f"{option} {path!r} is incomplete; finish {cls.MAKER} first")
         return store
 
+    @classmethod
+    def damaged_fix(cls, path: str | None = None) -> str:
+        """What to do about a damaged metadata file of a store of this class."""
+        where = f"delete {path!r}" if path else "delete the store"
+        return f"restore the file, or {where} and run `flatdino {cls.MAKER}` again"
+
+    def array(self, name: str) -> zarr.Array:
+        """The array `name`; its zarr.json missing, damaged or a group's is one line."""
+        where = f"{self.location.url.rstrip('/')}/{name}/zarr.json"
+        expected = f"the {name} array's metadata of a {self.NAME}"
+        try:
+            node = self.group[name]
+        except (KeyError, ValueError, TypeError):  # absent; JSONDecodeError; bad fields
+            raw = self.location.read(f"{name}/zarr.json")
+            json_object(raw, where, expected, self.damaged_fix(self.path))  # empty, truncated
+            raise MetadataError(
+                f"{where!r} is not a valid Zarr array's metadata, not {expected}; "
+                f"{self.damaged_fix(self.path)}"
+            ) from None
+        if not isinstance(node, zarr.Array):
+            raise MetadataError(
+                f"{where!r} is a Zarr group's metadata, not {expected}; {self.damaged_fix(self.path)}"
+            )
+        return node
+
+    def has(self, name: str) -> bool:
+        """Whether the store holds the array `name` (an optional one: logvar)."""
+        return self.location.read(f"{name}/zarr.json") is not None
+
     @property
     def num_images(self) -> int:
-        return int(self.group[self.ROWS].shape[0])
+        return int(self.array(self.ROWS).shape[0])
 
     @property
     def num_views(self) -> int:
-        return int(self.group[self.ROWS].shape[1])
+        return int(self.array(self.ROWS).shape[1])
 
     @property
     def block_rows(self) -> int:
         """Rows of one storage object of the rows array: the unit a reader reads whole."""
-        return row_block(self.group[self.ROWS])
+        return row_block(self.array(self.ROWS))
 
     @property
     def class_names(self) -> list[str] | None:
@@ -154,20 +215,20 @@ class ShardedStore:
 
     def labels(self) -> np.ndarray:
         """(N,) int64 class labels of every row (valid or not)."""
-        return np.asarray(self.group["labels"][:], dtype=np.int64)
+        return np.asarray(self.array("labels")[:], dtype=np.int64)
 
     def shards(self) -> list[Shard]:
         return shard_bounds(self.num_images, self.shard_size)
 
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        return np.asarray(self.array("done")[:], dtype=bool)
 
     def todo(self) -> list[Shard]:
         """The shards a job still has to write."""
         return [s for s, done in zip(self.shards(), self.done_mask(), strict=True) if not done]
 
     def valid_mask(self) -> np.ndarray:
-        return np.asarray(self.group["valid"][:], dtype=bool)
+        return np.asarray(self.array("valid")[:], dtype=bool)
 
     def valid_rows(self, limit: int | None = None) -> np.ndarray:
         """Indices of the rows that hold data (failed images excluded), the first `limit`."""
@@ -180,7 +241,7 @@ class ShardedStore:
         a time in row order (a block may hold no valid row): every block, or at most `max_rows`
         rows as whole blocks spread evenly over the store (a class-sorted store still gives every
         part of it; no block is read in part). A tqdm bar named `desc` when given."""
-        data, valid = self.group[self.ROWS], self.valid_mask()
+        data, valid = self.array(self.ROWS), self.valid_mask()
         step = row_block(data)  # whole storage objects (view 0 only, where views are chunked apart)
         starts = np.arange(0, data.shape[0], step)
         if max_rows is not None and len(starts) * step > max_rows:
@@ -216,8 +277,8 @@ class ShardedStore:
                 **({"shards": list(a.shards)} if a.shards else {}),
             }
             for name in self.ARRAYS
-            if name in self.group
-            for a in [self.group[name]]
+            if self.has(name)
+            for a in [self.array(name)]
         }
         return {
             "path": self.path,
@@ -257,7 +318,11 @@ def open_or_create(
     location = Location(str(out))
     if not location.remote and location.path.is_file():
         raise StoreMismatchError(f"--out {out!r} is a file, not a {cls.NAME}; choose another --out")
-    attrs = location.attrs()
+    unsure = "--overwrite does not delete a store it cannot read; delete it yourself or choose "
+    try:
+        attrs = location.attrs(f"a {cls.NAME}'s zarr.json", unsure + "another --out")
+    except MetadataError as e:
+        raise MetadataError(f"--out {out!r}: {e}") from None
     if attrs is None:
         if location.keys():  # objects or files that are not a Zarr group: never ours to touch
             what = "objects" if is_url(out) else "files"
@@ -267,7 +332,7 @@ def open_or_create(
             )
     elif attrs.get("kind") != cls.KIND:
         raise StoreMismatchError(
-            f"--out {out!r} exists and is not a {cls.NAME} (kind={attrs.get('kind')!r}; "
+            f"--out {out!r} is {describe_kind(attrs.get('kind'))}, not a {cls.NAME} ("
             f"--overwrite does not delete it either); choose another --out"
         )
     elif attrs.get("creating") or overwrite:  # an interrupted creation of ours, or asked to

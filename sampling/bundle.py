@@ -69,13 +69,15 @@ def load_bundle(
 def _load_vae(path: str | None, flow: FlowRecord) -> tuple[torch.nn.Module, Path]:
     """The VAE the latents were encoded with (checked by checksum), or the one --vae names; and
     its checkpoint folder."""
-    path = path or flow.vae_checkpoint
+    given, path = path is not None, path or flow.vae_checkpoint
     if not path:
         raise FlatDinoError("the DiT checkpoint names no VAE; pass --vae RUN_DIR")
     try:
         ckpt = resolve_vae(path)
         model, sha = load_vae(ckpt)
     except FlatDinoError as e:
+        if given:
+            raise
         raise FlatDinoError(f"{e} (the VAE the DiT's latents came from; pass --vae)") from e
     except (TypeError, KeyError, RuntimeError) as e:  # another model's checkpoint
         raise FlatDinoError(f"--vae {path!r} is not a FlatDINO VAE checkpoint: {e}") from e
