@@ -27,6 +27,11 @@ META = "flatdino"  # the key of the field metadata this module writes
 STORE_URL = " A local path or an s3:// / gs:// / az:// URL (`flatdino[cloud]`)."
 DEVICE_HELP = "auto (cuda when visible, else cpu), cpu, cuda or cuda:N."
 PROGRESS_HELP = "Show the progress bar."
+DIST_TIMEOUT_HELP = (
+    "Under torchrun: seconds a rank waits for the others at a collective or barrier; a rank that "
+    "does not answer by then (stopped, hung file system, lost node) ends the job with one line "
+    "naming it."
+)
 BACKEND_HELP = (
     "ray: CPU tasks read/decode shards, actors run the model; local: one process, no Ray."
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..models.configs import CFG_INTERVAL
-from ..pipeline.options import DEVICE_HELP, PRECISION_HELP, PROGRESS_HELP
+from ..pipeline.options import DEVICE_HELP, DIST_TIMEOUT_HELP, PRECISION_HELP, PROGRESS_HELP
 from ..pipeline.options import option as opt
 
 CHECKPOINT_HELP = "train-dit run folder (uses checkpoints/) or a checkpoint folder."
@@ -83,6 +83,11 @@ class SampleConfig:
         False, flags=("--save-features",), help="Also write latents.npy and features.npy."
     )
     device: str = opt("auto", help=DEVICE_HELP)
+    dist_timeout: int = opt(  # longer than the trainers': the other ranks wait while rank 0
+        1800,  # alone clears old work folders and assembles --out (minutes at --n 50000)
+        min=1,
+        help=DIST_TIMEOUT_HELP,
+    )
     precision: str = opt("auto", help=PRECISION_HELP)  # the sampler's state stays fp32
     writers: int = opt(8, min=1, help="Threads encoding PNGs and writing batches beside the GPU.")
     progress: bool = opt(True, help=PROGRESS_HELP)

@@ -2,34 +2,37 @@
 other in a way that carries errors, so that no rank waits forever for one that failed.
 
 Rank 0 alone checks the disk, opens the work folder and assembles the outputs, which for 50K
-samples takes minutes; the other ranks wait for it on a gloo group with a long timeout (an NCCL
-barrier would be aborted by its watchdog after 10 minutes).
+samples takes minutes; the other ranks wait for it on a gloo group (a wait on the host, with no
+GPU stream involved) for at most --dist-timeout, and a rank that does not answer by then is named
+in one line (trainers/waits.py), as a rank that fails is (`agree`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 
 import torch.distributed as torch_dist
 
 from ..pipeline.errors import FlatDinoError
 from ..trainers.runner import Dist, setup_distributed, teardown_distributed
+from ..trainers.waits import bounded_waits
 
-COORDINATION_TIMEOUT = timedelta(hours=24)
+# how to continue after a rank stopped answering
+RESUME = "finished batches are kept: the same command continues from them"
 
 
 @contextmanager
-def ranks(device: str) -> Iterator[tuple[Dist, object]]:
+def ranks(device: str, timeout_s: float) -> Iterator[tuple[Dist, object]]:
     """This process's place in the job and, with several ranks, the gloo group `agree` waits
-    on; both are left at the end."""
-    d = setup_distributed(device)
+    on, for at most `timeout_s` seconds (--dist-timeout); both are left at the end."""
+    d = setup_distributed(device, timeout_s)
     group = None
     try:
         if d.world > 1:
-            group = torch_dist.new_group(backend="gloo", timeout=COORDINATION_TIMEOUT)
-        yield d, group
+            group = torch_dist.new_group(backend="gloo", timeout=d.timeout)
+        with bounded_waits(d, "sample", RESUME):
+            yield d, group
     finally:
         if group is not None and not d.owns_group:
             torch_dist.destroy_process_group(group)

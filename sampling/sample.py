@@ -187,7 +187,7 @@ def sample(cfg: SampleConfig) -> dict:
         raise FlatDinoError("--steps, --batch-size and --writers must be at least 1")
     if cfg.sampler not in SAMPLERS:
         raise FlatDinoError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {cfg.sampler!r}")
-    with ranks(cfg.device) as (d, group), fast_matmul(d.device, cfg.precision):
+    with ranks(cfg.device, cfg.dist_timeout) as (d, group), fast_matmul(d.device, cfg.precision):
         return _sample(cfg, d, group)
 
 

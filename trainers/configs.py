@@ -17,7 +17,14 @@ from ..models.configs import (
     pixel_decoder_parameters,
     vae_parameters,
 )
-from ..pipeline.options import DEVICE_HELP, PROGRESS_HELP, STORE_URL, flat_keywords, internal
+from ..pipeline.options import (
+    DEVICE_HELP,
+    DIST_TIMEOUT_HELP,
+    PROGRESS_HELP,
+    STORE_URL,
+    flat_keywords,
+    internal,
+)
 from ..pipeline.options import option as opt
 
 
@@ -52,6 +59,8 @@ class RunConfig:
     )
     resume: bool = opt(False, flags=("--resume",), help="Continue RUN/checkpoints exactly.")
     device: str = opt("auto", help=DEVICE_HELP)
+    # a step's collectives wait for the slowest rank, and for rank 0 while it writes a checkpoint
+    dist_timeout: int = opt(600, min=1, help=DIST_TIMEOUT_HELP)
     compile: bool = opt(False, flags=("--compile",), help="torch.compile the model.")
     log_to: str = opt(
         "auto",

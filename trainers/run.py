@@ -3,7 +3,7 @@
 A trainer is its config, its model, its loss and its batches; everything else is here, in this
 order (the order matters for exact resume and for identical runs):
 
-    d = setup_distributed(cfg.run.device)      the torchrun group (before the trainer's checks)
+    d = setup_distributed(cfg.run.device, cfg.run.dist_timeout)   the group (before the checks)
     with start_run(cfg, model_config, d) as run:   batch split, run folder, log.txt, RNG scope
         model = run.build(make_model, ...)     seeded init, AdamW, per-rank RNG, resume, DDP
         run.loop(name, total, hooks)           the shared loop (trainers/loop.py)
@@ -43,6 +43,7 @@ from .runner import (
     wrap_model,
 )
 from .tracking import Tracker, open_tracker, resolve_log_to
+from .waits import bounded_waits
 
 log = logging.getLogger("flatdino.train")
 
@@ -161,16 +162,18 @@ class TrainingRun:
 @contextmanager
 def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
     """The batch split (checked before anything is written), the run folder with config.json,
-    rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration; the torchrun
-    group is left at the end."""
+    rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration; a rank that does
+    not answer within --dist-timeout is named in one line; the torchrun group is left at the end."""
     micro, accum = split_batch(cfg.run.batch_size, cfg.run.micro_batch, d)
     resolve_log_to(cfg.run.log_to)  # a missing package: before anything is written
     out = Path(cfg.out)
     run = TrainingRun(cfg, d, out, micro, accum, model_config)
     setup_run_dir(out, {"train": flat_dict(cfg), "model": model_config}, d, run.resuming)
     cuda = [d.device.index or 0] if d.device.type == "cuda" else []
+    fix = "the same command with --resume continues from the last checkpoint"
     try:
-        with run_log(out, d), torch.random.fork_rng(devices=cuda):
+        waits = bounded_waits(d, f"run {out}", fix)
+        with run_log(out, d), torch.random.fork_rng(devices=cuda), waits:
             yield run
     finally:
         teardown_distributed(d)

@@ -20,7 +20,9 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,20 +52,25 @@ class Dist:
     world: int = 1
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # this run created the process group (and destroys it at the end)
+    timeout: timedelta = timedelta(minutes=10)  # --dist-timeout of every wait on another rank
+    store: Any = None  # rendezvous store of the group this run made: the roll call meets there
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun group when launched by torchrun (gloo on CPU, nccl on CUDA).
+def setup_distributed(device: str = "auto", timeout_s: float = 600) -> Dist:
+    """Join the torchrun group when launched by torchrun (gloo on CPU, nccl on CUDA), every wait
+    on another rank bounded by `timeout_s` (--dist-timeout; trainers/waits.py names a rank that
+    does not answer).
 
     One process: `--device cuda:N` is that GPU. Under torchrun each rank takes cuda:LOCAL_RANK, so
     a fixed cuda:N there (every rank on one GPU) is refused."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = timedelta(seconds=timeout_s)
     dev = resolve_device(device)  # a CUDA device that is not there is a one-line error
     if dev.type == "cuda":
         if world > 1 and dev.index is not None:
@@ -74,9 +81,24 @@ def setup_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     owns = world > 1 and not dist.is_initialized()
+    store = None
     if owns:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, dev, owns)
+        if dev.type == "cuda":
+            nccl_raises_on_timeout()
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        store.set_timeout(timeout)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return Dist(rank, world, dev, owns, timeout, store)
+
+
+def nccl_raises_on_timeout() -> None:
+    """NCCL collectives run on the GPU and the host does not wait for them, so NCCL's timeout is
+    kept by a watchdog thread. By default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3) it ends the process
+    at the timeout, without a word from us; 2 makes it abort the communicators only, so the next
+    collective raises in Python and the roll call can name the rank that is missing. A value the
+    user set is kept. (Blocking wait would also raise, at the cost of a host sync per collective.)"""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
 
 
 def teardown_distributed(d: Dist) -> None:

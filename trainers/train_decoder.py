@@ -75,7 +75,7 @@ def _check(cfg: TrainDecoderConfig, store: FeatureStore) -> None:
 
 def train_decoder(cfg: TrainDecoderConfig) -> dict:
     """Train (or resume) a pixel decoder as `cfg` says; returns the final metrics."""
-    d = setup_distributed(cfg.run.device)
+    d = setup_distributed(cfg.run.device, cfg.run.dist_timeout)
     store = FeatureStore.open_complete(cfg.features, "--features")
     _check(cfg, store)
     _, _, p, c = store.features.shape

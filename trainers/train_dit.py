@@ -183,7 +183,7 @@ class SampleMonitor:
 
 def train_dit(cfg: TrainDiTConfig) -> dict:
     """Train (or resume) a DiT on a latents store as `cfg` says; returns the final metrics."""
-    d = setup_distributed(cfg.run.device)
+    d = setup_distributed(cfg.run.device, cfg.run.dist_timeout)
     store = LatentStore.open_complete(cfg.latents, "--latents")
     model_cfg = build_model_config(cfg, store)
     if cfg.run.steps is None and cfg.run.epochs is None:

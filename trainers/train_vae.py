@@ -122,7 +122,7 @@ def _validate(cfg: TrainVAEConfig, run: TrainingRun, grid: ReconstructionGrid | 
 
 def train_vae(cfg: TrainVAEConfig) -> dict:
     """Train (or resume) a VAE as `cfg` says; returns the final metrics."""
-    d = setup_distributed(cfg.run.device)
+    d = setup_distributed(cfg.run.device, cfg.run.dist_timeout)
     store = FeatureStore.open_complete(cfg.features, "--features")
     model_cfg = build_model_config(cfg, store)
     check_store(store, model_cfg, "--features")
