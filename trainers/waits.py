@@ -36,10 +36,13 @@ class RankTimeoutError(FlatDinoError):
         self.missing = missing  # the ranks that did not check in
 
 
-def is_wait_error(e: BaseException) -> bool:
-    """An error of a collective: torch's DistError (NCCL, the store, lost connections) or gloo's
-    RuntimeError ("[.../gloo/transport/tcp/...] Timed out waiting 5000ms for recv ...")."""
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))
+def is_timeout(e: BaseException) -> bool:
+    """A collective that timed out: gloo's RuntimeError ("[.../gloo/transport/tcp/...] Timed out
+    waiting 5000ms for recv ...") or torch's DistError (NCCL's watchdog, the store). A peer that
+    died closes its connections instead, and that error propagates at once, unchanged."""
+    text = str(e).lower()
+    timed_out = "timed out" in text or "timeout" in text
+    return timed_out and isinstance(e, (dist.DistError, RuntimeError))
 
 
 def roll_call(store, rank: int, world: int, grace: timedelta) -> list[int] | None:
@@ -72,7 +75,7 @@ def bounded_waits(d: Dist, what: str, fix: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        if d.world == 1 or d.store is None or not is_wait_error(e):
+        if d.world == 1 or d.store is None or not is_timeout(e):
             raise
         rank, timeout = d.rank, d.timeout
         missing = roll_call(d.store, rank, d.world, min(timeout, ROLL_CALL_GRACE))
