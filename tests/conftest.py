@@ -125,7 +125,7 @@ def local_ray():
     ray.shutdown()
 
 
-def fake_feature_store(path: Path, channels: int, n: int = 4) -> Path:
+def fake_feature_store(path: Path | str, channels: int, n: int = 4) -> Path | str:
     """A complete feature store of ones with C = `channels` (to test shape refusals)."""
     from flatdino.pipeline.feature_store import FeatureStore
 

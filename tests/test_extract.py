@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_same_store, read_store, tiny_config
+from conftest import assert_same_store, fake_feature_store, read_store, tiny_config
 from flatdino.pipeline.backbone import load_backbone
 from flatdino.pipeline.errors import FlatDinoError, StoreMismatchError, TooManyFailuresError
 from flatdino.pipeline.extract import extract_features
@@ -122,17 +122,9 @@ def test_other_settings_refuse_to_resume(digits_val_store, change, reason):
 
 
 def test_overwrite_replaces_a_mismatched_store(tmp_path):
-    out = tmp_path / "s.zarr"
-    extract_features(tiny_config("digits", out, split="val", views=1))
-    extract_features(tiny_config("digits", out, split="val", views=3, overwrite=True))
-    assert read_store(out)["features"].shape == (359, 3, 256, 64)
-
-
-def test_ray_backend_is_bit_identical_to_local(local_ray, digits_val_store, tmp_path):
-    out = tmp_path / "ray.zarr"
-    summary = extract_features(tiny_config("digits", out, split="val", backend="ray"))
-    assert summary.shards_run == 23 and summary.images_run == 359
-    assert_same_store(out, digits_val_store)
+    out = fake_feature_store(tmp_path / "s.zarr", channels=32)  # complete, another backbone's
+    extract_features(tiny_config("digits", out, split="val", views=1, overwrite=True))
+    assert read_store(out)["features"].shape == (359, 1, 256, 64)
 
 
 def test_a_worker_error_surfaces_as_one_clear_error(local_ray, tmp_path):
@@ -209,7 +201,7 @@ def kill_and_resume(out: Path | str, kill_at: str, reference: Path) -> None:
     assert not Location(str(out)).attrs()["creating"]
 
 
-@pytest.mark.parametrize("kill_at", ["creating", "first-shard", "half"])
+@pytest.mark.parametrize("kill_at", ["creating", "half"])  # "first-shard": on S3
 def test_sigkill_then_rerun_is_bit_identical(kill_at, digits_val_store, tmp_path):
     kill_and_resume(tmp_path / "killed.zarr", kill_at, digits_val_store)
     assert not list(tmp_path.glob("killed.zarr/**/*.partial"))  # no half-written local file

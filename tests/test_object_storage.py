@@ -13,7 +13,14 @@ import zarr
 from test_extract import kill_and_resume
 from typer.testing import CliRunner
 
-from conftest import assert_same_store, free_port, read_store, start_moto, tiny_config
+from conftest import (
+    assert_same_store,
+    fake_feature_store,
+    free_port,
+    read_store,
+    start_moto,
+    tiny_config,
+)
 from flatdino.cli.main import app
 from flatdino.pipeline.extract import extract_features
 from flatdino.pipeline.feature_store import FeatureStore, object_count
@@ -136,21 +143,14 @@ def test_the_chain_with_every_store_on_s3_equals_the_chain_on_disk(s3, digits_va
     assert json.loads(cli("info", s3_latents, "--json"))["complete"] is True
 
 
-def test_ray_extraction_on_s3_is_bit_identical_to_local(s3, local_ray, digits_val_store):
-    """Ray workers open the store from the URL: the endpoint reaches them from the driver, the
-    credentials from their node (the fixture's)."""
-    url = f"{s3}/ray.zarr"
-    summary = extract_features(tiny_config("digits", url, split="val", backend="ray"))
-    assert summary.shards_run == 23
-    assert_same_store(url, digits_val_store)
-
-
 def test_a_secret_of_the_driver_reaches_no_file_of_ray_the_store_or_a_run(
-    s3, local_ray, monkeypatch, tmp_path, caplog
+    s3, local_ray, digits_val_store, monkeypatch, tmp_path, caplog
 ):
     """A canary AWS_SECRET_ACCESS_KEY in the driver's environment (moto takes any secret): after
     extract-features with the Ray backend onto S3 and a train-vae run with its trackers, no file
-    under Ray's session folder, no object of the store and no file of the run holds it."""
+    under Ray's session folder, no object of the store and no file of the run holds it. The Ray
+    workers open the store from its URL with their node's credentials (the fixture's) and the
+    driver's endpoint, and write what the local backend writes on disk, bit for bit."""
     import logging
     import uuid
 
@@ -162,7 +162,9 @@ def test_a_secret_of_the_driver_reaches_no_file_of_ray_the_store_or_a_run(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
     url = f"{s3}/canary.zarr"
     with caplog.at_level(logging.INFO, logger="flatdino"):
-        extract_features(tiny_config("digits", url, split="val", backend="ray", shard_size=128))
+        summary = extract_features(tiny_config("digits", url, split="val", backend="ray"))
+    assert summary.shards_run == 23
+    assert_same_store(url, digits_val_store)
     said = [r.getMessage() for r in caplog.records if "never forwarded" in r.getMessage()]
     assert len(said) == 1 and "AWS_ENDPOINT_URL" in said[0] and "SECRET" not in said[0]
     run = tmp_path / "run"
@@ -188,18 +190,16 @@ def test_a_secret_of_the_driver_reaches_no_file_of_ray_the_store_or_a_run(
 
 
 def test_sigkill_then_resume_on_s3_is_bit_identical(s3, digits_val_store):
-    kill_and_resume(f"{s3}/killed.zarr", "half", digits_val_store)
+    kill_and_resume(f"{s3}/killed.zarr", "first-shard", digits_val_store)
 
 
 def test_overwrite_on_s3_replaces_only_its_own_store(s3):
     url = f"{s3}/prefix/s.zarr"
     neighbour = Location(f"{s3}/prefix/s.zarr-notes")  # shares the key prefix, not the folder
     neighbour.write("keep.txt", b"mine")
-    extract_features(tiny_config("digits", url, split="val", views=1, shard_size=64))
-    extract_features(
-        tiny_config("digits", url, split="val", views=3, shard_size=64, overwrite=True)
-    )
-    assert read_store(url)["features"].shape == (359, 3, 256, 64)
+    fake_feature_store(url, channels=32)  # complete, another backbone's
+    extract_features(tiny_config("digits", url, split="val", views=1, overwrite=True))
+    assert read_store(url)["features"].shape == (359, 1, 256, 64)
     assert neighbour.read("keep.txt") == b"mine"
 
 
