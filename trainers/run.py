@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..pipeline.lock import writer_lock
 from ..pipeline.options import flat_dict
 from .loop import LoopConfig, LoopHooks, train_loop
 from .optim import param_groups
@@ -160,20 +161,23 @@ class TrainingRun:
 
 @contextmanager
 def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
-    """The batch split (checked before anything is written), the run folder with config.json,
-    rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration; the torchrun
-    group is left at the end."""
+    """The batch split (checked before anything is written), the run folder's writer lock (rank 0,
+    `pipeline.lock`), the run folder with config.json, rank 0's log lines into RUN/log.txt, and a
+    forked RNG for the run's duration; the torchrun group is left at the end."""
     micro, accum = split_batch(cfg.run.batch_size, cfg.run.micro_batch, d)
     resolve_log_to(cfg.run.log_to)  # a missing package: before anything is written
     out = Path(cfg.out)
     run = TrainingRun(cfg, d, out, micro, accum, model_config)
-    setup_run_dir(out, {"train": flat_dict(cfg), "model": model_config}, d, run.resuming)
     cuda = [d.device.index or 0] if d.device.type == "cuda" else []
-    try:
-        with run_log(out, d), torch.random.fork_rng(devices=cuda):
-            yield run
-    finally:
-        teardown_distributed(d)
+    # rank 0 writes the run folder, so it alone holds the folder's lock: the ranks of one job never
+    # refuse each other, and a second job is refused before it writes anything
+    with writer_lock(out, f"run folder {str(out)!r}", enabled=d.main):
+        setup_run_dir(out, {"train": flat_dict(cfg), "model": model_config}, d, run.resuming)
+        try:
+            with run_log(out, d), torch.random.fork_rng(devices=cuda):
+                yield run
+        finally:
+            teardown_distributed(d)
 
 
 @contextmanager
