@@ -181,7 +181,7 @@ class _Objects:
     """The lock as one object under a store's prefix; a version is its ETag."""
 
     def __init__(self, location: Location):
-        self.url = location.url
+        self.location, self.url = location, location.url
         self.store = location.store.store  # the obstore store under zarr's ObjectStore
 
     def __str__(self) -> str:
@@ -196,6 +196,9 @@ class _Objects:
                 return obstore.put(self.store, LOCK_NAME, data, mode="create")["e_tag"]
             except (AlreadyExistsError, PreconditionError):
                 return None
+            except FileNotFoundError:  # no bucket: a listing says so in one line (StorageError)
+                self.location.keys()
+                raise
 
     def read(self) -> tuple[bytes, str] | None:
         import obstore
