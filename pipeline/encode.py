@@ -24,6 +24,7 @@ from .env import autocast, fast_matmul, inference_dtype, package_version, resolv
 from .errors import FlatDinoError
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
+from .lock import writer_lock
 from .store import Shard, check_finite, open_or_create
 
 
@@ -116,7 +117,15 @@ def encode_latents(cfg: EncodeConfig) -> dict:
             "package_version": package_version(),
         },
     )
-    store = open_or_create(LatentStore, cfg.out, fp, cfg.overwrite, layout)
+    with writer_lock(cfg.out, f"--out {cfg.out!r}"):  # the driver's; Ray workers only write shards
+        store = open_or_create(LatentStore, cfg.out, fp, cfg.overwrite, layout)
+        return _encode(cfg, features, store, ckpt, sha)
+
+
+def _encode(
+    cfg: EncodeConfig, features: FeatureStore, store: LatentStore, ckpt: Path, sha: str
+) -> dict:
+    """Encode the shards still to do and finalize the store."""
     todo = store.todo()
     job = ShardJob(read_shard, lambda s: (features.path, s), ShardEncoder, (cfg, str(ckpt), sha))
     placement = Placement(cfg.backend, cfg.workers, cfg.num_gpus_per_worker, cfg.ray_address)

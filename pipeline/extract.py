@@ -27,6 +27,7 @@ from .engine import Placement, ShardJob, run_shards
 from .env import package_version, resolve_device
 from .errors import FlatDinoError, TooManyFailuresError, WeightsError
 from .feature_store import FeatureStore
+from .lock import writer_lock
 from .preprocess import ViewRecipe, adm_center_crop, to_rgb, views_from_crops
 from .sources import ImageSource, load_image, open_source
 from .store import Shard, check_finite, open_or_create
@@ -296,10 +297,17 @@ def extract_features(cfg: ExtractConfig) -> ExtractSummary:
         log.warning("%d classes have no images (labels kept): %s", len(empty), ", ".join(empty[:5]))
     recipe = ViewRecipe(views=cfg.views, seed=cfg.view_seed)
     probe, sha = load_backbone(cfg.backbone, cfg.weights)  # identity and shape before any work
-    store = open_or_create_store(
-        cfg, source, fingerprint(cfg, source, recipe, sha), probe.dim, probe.num_patches
-    )
-    del probe
+    with writer_lock(cfg.out, f"--out {cfg.out!r}"):  # the driver's; Ray workers only write shards
+        fp = fingerprint(cfg, source, recipe, sha)
+        store = open_or_create_store(cfg, source, fp, probe.dim, probe.num_patches)
+        del probe
+        return _finish(cfg, source, recipe, sha, store)
+
+
+def _finish(
+    cfg: ExtractConfig, source: ImageSource, recipe: ViewRecipe, sha: str, store: FeatureStore
+) -> ExtractSummary:
+    """Write the shards still to do, finalize, and check the failed fraction."""
     todo = store.todo()
     summary = ExtractSummary(store.path, store.num_images, len(store.shards()), len(todo))
     if todo:

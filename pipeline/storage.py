@@ -16,12 +16,14 @@ object store (no bucket, bad credentials, unreachable endpoint) become one-line 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.common import concurrent_map
 from zarr.core.sync import collect_aiterator, sync
 
 from .errors import FlatDinoError, MetadataError, json_object
@@ -169,10 +171,21 @@ class Location:
             raise MetadataError(f"{where!r} {found}, not {expected}; {fix}")
         return meta.get("attributes", {})
 
-    def delete_all(self) -> None:
-        """Delete everything under this location (callers check first that it is ours)."""
-        with explained(self.url):
-            sync(self.store.delete_dir(""))
+    def delete_all(self, keep: str | None = None) -> None:
+        """Delete everything under this location (callers check first that it is ours) but the
+        keys that start with `keep` (the writer's lock)."""
+        if keep is None:
+            with explained(self.url):
+                sync(self.store.delete_dir(""))
+        elif not self.remote:
+            for entry in self.path.iterdir() if self.path.is_dir() else ():
+                if not entry.name.startswith(keep):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        else:
+            doomed = [(key,) for key in self.keys() if not key.startswith(keep)]
+            limit = zarr.config.get("async.concurrency")
+            with explained(self.url):
+                sync(concurrent_map(doomed, self.store.delete, limit=limit))
 
 
 def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:

@@ -17,7 +17,8 @@ it. No step needs a rename (object stores have none); each is a put of whole obj
     4. per shard: its data, then done[s]                        the shard exists
     5. finalize (manifest, statistics), then complete: true     the store is complete
 
-A job killed in 1-2 leaves a store marked `creating`, which the next run deletes and builds
+A job holds the store's writer lock (`pipeline.lock`) from before step 1 to its end, so two jobs
+never write one store. A job killed in 1-2 leaves a store marked `creating`, which the next run deletes and builds
 again; killed in 4 or 5, it resumes from the done markers.
 """
 
@@ -35,6 +36,7 @@ import zarr
 from tqdm import tqdm
 
 from .errors import FlatDinoError, MetadataError, StoreMismatchError, json_object
+from .lock import LOCK_NAME
 from .storage import Location, is_url
 
 
@@ -292,14 +294,19 @@ class ShardedStore:
 
 
 def create(
-    location: Location, kind: str, version: int, build: Callable[[zarr.Group, Location], None]
+    location: Location,
+    kind: str,
+    version: int,
+    build: Callable[[zarr.Group, Location], None],
+    overwrite: bool = True,
 ) -> None:
     """Create a store at `location` (empty or absent) without a rename: zarr.json marked
-    `creating` first, then `build(group, location)`, then the one small write that ends it."""
+    `creating` first, then `build(group, location)`, then the one small write that ends it.
+    `overwrite` clears the location first (its writer's lock too: jobs clear it themselves)."""
     group = zarr.create_group(
         location.store,
         zarr_format=3,
-        overwrite=True,
+        overwrite=overwrite,
         attributes={"kind": kind, "format_version": version, "creating": True},
     )
     build(group, location)
@@ -314,7 +321,9 @@ def open_or_create(
     build: Callable[[zarr.Group, Location], None],
 ) -> S:
     """Resume the `cls` store at --out when its fingerprint matches, replace it with --overwrite,
-    or create it with `build`. Anything at --out that is not a `cls` store is never deleted."""
+    or create it with `build`. Anything at --out that is not a `cls` store is never deleted.
+    The caller holds --out's writer lock (`pipeline.lock.writer_lock`), so a store that another
+    live job writes is refused before anything is deleted; the lock itself is kept."""
     location = Location(str(out))
     if not location.remote and location.path.is_file():
         raise StoreMismatchError(f"--out {out!r} is a file, not a {cls.NAME}; choose another --out")
@@ -324,7 +333,7 @@ def open_or_create(
     except MetadataError as e:
         raise MetadataError(f"--out {out!r}: {e}") from None
     if attrs is None:
-        if location.keys():  # objects or files that are not a Zarr group: never ours to touch
+        if without_lock(location.keys()):  # objects or files, not a Zarr group: never ours to touch
             what = "objects" if is_url(out) else "files"
             raise StoreMismatchError(
                 f"--out {out!r} holds {what} and is not a {cls.NAME} (no zarr.json; "
@@ -336,7 +345,7 @@ def open_or_create(
             f"--overwrite does not delete it either); choose another --out"
         )
     elif attrs.get("creating") or overwrite:  # an interrupted creation of ours, or asked to
-        location.delete_all()
+        location.delete_all(keep=LOCK_NAME)  # the caller holds the lock (writer_lock)
     else:
         store = cls(out, mode="r+")
         version = store.attrs.get("format_version", 1)
@@ -348,8 +357,13 @@ def open_or_create(
             )
         check_fingerprint(out, store.attrs.get("fingerprint", {}), fingerprint)
         return store
-    create(location, cls.KIND, cls.FORMAT_VERSION, build)
+    create(location, cls.KIND, cls.FORMAT_VERSION, build, overwrite=False)
     return cls(out, mode="r+")
+
+
+def without_lock(keys: list[str]) -> list[str]:
+    """The keys of a location that are not the writer's lock (`pipeline.lock`)."""
+    return [k for k in keys if not k.startswith(LOCK_NAME)]
 
 
 def check_fingerprint(path: str, recorded: dict, fingerprint: dict) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..pipeline.lock import writer_lock
 from ..pipeline.options import flat_dict
 from .loop import LoopConfig, LoopHooks, train_loop
 from .optim import param_groups
@@ -161,22 +162,26 @@ class TrainingRun:
 
 @contextmanager
 def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
-    """The batch split (checked before anything is written), the run folder with config.json,
-    rank 0's log lines into RUN/log.txt, and a forked RNG for the run's duration; a rank that does
-    not answer within --dist-timeout is named in one line; the torchrun group is left at the end."""
+    """The batch split (checked before anything is written), the run folder's writer lock (rank 0,
+    `pipeline.lock`), the run folder with config.json, rank 0's log lines into RUN/log.txt, and a
+    forked RNG for the run's duration; a rank that does not answer within --dist-timeout is named
+    in one line; the torchrun group is left at the end."""
     micro, accum = split_batch(cfg.run.batch_size, cfg.run.micro_batch, d)
     resolve_log_to(cfg.run.log_to)  # a missing package: before anything is written
     out = Path(cfg.out)
     run = TrainingRun(cfg, d, out, micro, accum, model_config)
-    setup_run_dir(out, {"train": flat_dict(cfg), "model": model_config}, d, run.resuming)
     cuda = [d.device.index or 0] if d.device.type == "cuda" else []
     fix = "the same command with --resume continues from the last checkpoint"
-    try:
-        waits = bounded_waits(d, f"run {out}", fix)
-        with run_log(out, d), torch.random.fork_rng(devices=cuda), waits:
-            yield run
-    finally:
-        teardown_distributed(d)
+    # rank 0 writes the run folder, so it alone holds the folder's lock: the ranks of one job never
+    # refuse each other, and a second job is refused before it writes anything
+    with writer_lock(out, f"run folder {str(out)!r}", enabled=d.main):
+        setup_run_dir(out, {"train": flat_dict(cfg), "model": model_config}, d, run.resuming)
+        try:
+            waits = bounded_waits(d, f"run {out}", fix)
+            with run_log(out, d), torch.random.fork_rng(devices=cuda), waits:
+                yield run
+        finally:
+            teardown_distributed(d)
 
 
 @contextmanager
