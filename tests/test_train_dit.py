@@ -218,7 +218,7 @@ def test_refusals(store, tmp_path):
         train_dit(small(store, tmp_path / "a", steps=None))
     with pytest.raises(FlatDinoError, match="larger than the 80 valid images"):
         train_dit(small(store, tmp_path / "b", batch_size=128))
-    with pytest.raises(FlatDinoError, match="not a flatdino latents store"):
+    with pytest.raises(FlatDinoError, match="missing.zarr' does not exist; pass the --out of"):
         train_dit(small(tmp_path / "missing.zarr", tmp_path / "c"))
     train_dit(small(store, tmp_path / "d", steps=1))
     with pytest.raises(FlatDinoError, match="--resume"):
