@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO   ?= demo-out
 
-.PHONY: setup demo test test-slow test-all lint bench clean
+.PHONY: setup demo test test-slow test-all lint coverage bench clean
 
 $(BIN)/flatdino: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test-slow: setup
 
 test-all: lint
 	$(BIN)/pytest -m ''
+
+# Both suites under coverage.py, then the ledger of library lines no test runs (docs/coverage.md).
+coverage: setup
+	$(BIN)/coverage erase
+	$(BIN)/coverage run -m pytest -m '' -q
+	$(BIN)/coverage combine -q
+	$(BIN)/python tests/coverage_ledger.py
 
 bench: setup
 	$(BIN)/python bench/extract.py
