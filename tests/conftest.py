@@ -291,23 +291,20 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def torchrun_cmd(n: int, *args: str) -> list[str]:
+    """`torchrun --nproc-per-node n flatdino ARGS`. `--standalone` makes torchrun's own store bind a
+    free port: a port picked here and bound there later was once taken in between (EADDRINUSE)."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    return [*head, str(n), "-m", "flatdino.cli.main", *args]
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on 2 cores
+
+
 def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node n flatdino ARGS` on CPU (gloo), one thread per rank.
-    `--standalone` makes torchrun's own store bind a free port: a port picked here and bound there
-    later was once taken in between (EADDRINUSE in CI)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(n),
-        "-m",
-        "flatdino.cli.main",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    """`torchrun_cmd` run to its end on CPU (gloo), one thread per rank."""
+    cmd = torchrun_cmd(n, *args)
+    return subprocess.run(cmd, capture_output=True, text=True, env=TORCHRUN_ENV, timeout=timeout)
 
 
 S3_ENV = {

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import fake_latents_store
+from conftest import TORCHRUN_ENV, fake_latents_store, torchrun_cmd
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.sampling.sample import SampleConfig, sample
 from flatdino.trainers import runner
@@ -117,15 +116,8 @@ def _worker_pids(agent: int) -> dict[int, int]:
 
 def _train(run: Path, store: Path, log: str) -> subprocess.Popen:
     """train-dit on 2 gloo ranks, --dist-timeout 5, output into RUN/../LOG."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "flatdino.cli.main",
+    cmd = torchrun_cmd(
+        2,
         "train-dit",
         "--latents",
         str(store),
@@ -148,10 +140,9 @@ def _train(run: Path, store: Path, log: str) -> subprocess.Popen:
         "--no-progress",
         "--dist-timeout",
         "5",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     with open(run.parent / log, "w") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=TORCHRUN_ENV)
 
 
 def _steps(run: Path) -> list[int]:
