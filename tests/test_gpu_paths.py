@@ -112,8 +112,10 @@ def test_a_bf16_step_on_cpu_is_finite_and_close_to_fp32(name, digits_val_store, 
         out[precision] = losses(tmp_path / precision)
     fp32, bf16 = out["fp32"], out["bf16"]
     assert all(math.isfinite(x) for x in bf16)
-    assert bf16 != fp32  # autocast did run the networks in bf16
-    assert bf16 == pytest.approx(fp32, rel=0.02)  # and bf16's 8-bit mantissa stays close
+    # autocast did run the networks in bf16 (the DiT's first loss is equal: its output layer
+    # starts at zero), and the losses stay close: at most 2e-5 relative measured, 1e-3 allowed
+    assert bf16 != fp32
+    assert bf16 == pytest.approx(fp32, rel=1e-3)
     assert out["auto"] == fp32  # auto on CPU is today's fp32, exactly
     weights = checkpoint(tmp_path / "bf16")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
