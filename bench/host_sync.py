@@ -6,9 +6,10 @@ One run, side by side, the shared loop (trainers/loop.py) training a DiT on rand
     the host every step (what every step did before issue 13).
 Host syncs are counted as the loop's own calls that turn a tensor into a Python value (`item`,
 `tolist`, `__bool__`, `__float__`), over a run with one log line at its end. (The plain AdamW's
-own per-parameter step counters are CPU tensors, not device syncs, and are not counted.) On CPU a sync costs nothing (the samples/s
-are the same within noise; the trainers use fused AdamW on CUDA only); on a GPU the per-step sync
-stops the host from queueing the next step.
+own per-parameter step counters are CPU tensors, not device syncs, and are not counted.) On CPU a
+sync costs nothing (the samples/s are the same within noise; the trainers use fused AdamW there
+too, so CPU runs take the GPU's path); on a GPU the per-step sync stops the host from queueing the
+next step.
 
     python bench/host_sync.py [--preset tiny] [--steps 60] [--batch 64]
 """

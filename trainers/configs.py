@@ -20,6 +20,7 @@ from ..models.configs import (
 from ..pipeline.options import (
     DEVICE_HELP,
     DIST_TIMEOUT_HELP,
+    PRECISION_HELP,
     PROGRESS_HELP,
     STORE_URL,
     flat_keywords,
@@ -62,6 +63,8 @@ class RunConfig:
     # a step's collectives wait for the slowest rank, and for rank 0 while it writes a checkpoint
     dist_timeout: int = opt(600, min=1, help=DIST_TIMEOUT_HELP)
     compile: bool = opt(False, flags=("--compile",), help="torch.compile the model.")
+    # the autocast of the forward and backward passes; weights and optimiser state stay fp32
+    precision: str = opt("auto", help=PRECISION_HELP)
     log_to: str = opt(
         "auto",
         help="Also log metrics and pictures to tensorboard (RUN/tensorboard), wandb (RUN/wandb; "

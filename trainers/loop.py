@@ -1,12 +1,12 @@
-"""The optimisation loop shared by train-vae and train-dit.
+"""The optimisation loop shared by the trainers (train-vae, train-dit, train-decoder).
 
 One implementation of what every trainer does the same way: gradient accumulation (with DDP's
-`no_sync` on the micro steps that do not update), bf16 autocast on CUDA (a no-op on CPU), the
-non-finite stop, gradient clipping, the learning-rate schedule, step logging to metrics.jsonl and
-log.txt, periodic checkpoints, `--stop-after`, and an exact resume position (epoch, micro step).
-What differs between trainers comes in through `LoopHooks`: the batches, the loss, what happens
-after an update (EMA), what happens after a step (validation, extra checkpoints) and how a
-checkpoint is written.
+`no_sync` on the micro steps that do not update), autocast as --precision says (by default bf16
+on CUDA, fp32 on CPU), the non-finite stop, gradient clipping, the learning-rate schedule, step
+logging to metrics.jsonl and log.txt, periodic checkpoints, `--stop-after`, and an exact resume
+position (epoch, micro step). What differs between trainers comes in through `LoopHooks`: the
+batches, the loss, what happens after an update (EMA), what happens after a step (validation,
+extra checkpoints) and how a checkpoint is written.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ class LoopHooks:
     acts_at: Callable[[int], bool] = field(default=lambda step: False)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; nothing on CPU (fp32 there)."""
-    return autocast(inference_dtype("auto", device), device)
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """The autocast of --precision (pipeline/env.py): auto is bf16 on CUDA and nothing (fp32) on
+    CPU; bf16 autocasts on CPU too."""
+    return autocast(inference_dtype(precision, device), device)
 
 
 def _log_step(out: Path, d: Dist, metrics: dict, bar: tqdm, tracker: Tracker) -> None:
@@ -79,7 +80,7 @@ def _log_step(out: Path, d: Dist, metrics: dict, bar: tqdm, tracker: Tracker) ->
 
 def _micro_step(net: nn.Module, batch, hooks: LoopHooks, lc: LoopConfig, d: Dist, sync: bool):
     ctx = net.no_sync() if (d.world > 1 and not sync) else nullcontext()
-    with ctx, autocast_for(d.device):
+    with ctx, autocast_for(d.device, lc.run.precision):
         parts, n = hooks.loss(net, batch)
         (parts["loss"] / lc.accum).backward()
     return parts, n

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..pipeline.env import inference_dtype
 from ..pipeline.lock import writer_lock
 from ..pipeline.options import flat_dict
 from .loop import LoopConfig, LoopHooks, train_loop
@@ -112,11 +113,10 @@ class TrainingRun:
         resumed = extras(model) if extras else {}
         self.extra_weights.update(resumed)
         groups = param_groups(model, run.weight_decay)
-        # fused on CUDA: one kernel per step, and it skips a non-finite step on the device, so the
-        # loop needs no host sync per step (loop.py). On CPU a sync costs nothing (bench/host_sync.py:
-        # same samples/s), and the plain AdamW keeps CPU runs numerically as they were.
-        fused = d.device.type == "cuda"
-        self.opt = torch.optim.AdamW(groups, lr=run.lr, betas=run.betas, fused=fused)
+        # fused: one kernel per step, and it skips a non-finite step on the device, so the loop
+        # needs no host sync per step (loop.py). torch has the kernel on CUDA and, since 2.4, on
+        # CPU: CPU runs take the same path as GPU runs, so the CPU tests check it.
+        self.opt = torch.optim.AdamW(groups, lr=run.lr, betas=run.betas, fused=True)
         self.state = {"step": 0, "micro_step": 0, "epoch": 0, **(state or {})}
         self.setup = run_setup(run.batch_size, self.micro, run.seed, d)
         seed_ranks(run.seed, d)
@@ -168,6 +168,7 @@ def start_run(cfg: Any, model_config: dict, d: Dist) -> Iterator[TrainingRun]:
     in one line; the torchrun group is left at the end."""
     micro, accum = split_batch(cfg.run.batch_size, cfg.run.micro_batch, d)
     resolve_log_to(cfg.run.log_to)  # a missing package: before anything is written
+    inference_dtype(cfg.run.precision, d.device)  # an unknown --precision, likewise
     out = Path(cfg.out)
     run = TrainingRun(cfg, d, out, micro, accum, model_config)
     cuda = [d.device.index or 0] if d.device.type == "cuda" else []

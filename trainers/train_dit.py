@@ -143,6 +143,7 @@ class SampleMonitor:
         self.reference, first = store_statistics(reference, cfg.fd_reference)  # RunningStats
         self.pca = FeaturePCA(first[:64])
         self.device = d.device
+        self.dtype = inference_dtype(cfg.run.precision, d.device)  # the networks', as training
         # the DiT is the EMA module of each call; guided with the full interval
         self.gen = Generator(None, norm, vae, float(flow.kappa), decoder)
         self.guidance = Guidance(cfg.sample_steps, cfg.sample_cfg, (0.0, 1.0))
@@ -157,11 +158,10 @@ class SampleMonitor:
     def generate(self, model, noise: np.ndarray, labels: np.ndarray, pixels: bool, batch=256):
         """The chain of `flatdino sample` in batches of `batch`, from `model`'s weights."""
         gen = dataclasses.replace(self.gen, dit=model)
-        dtype = inference_dtype("auto", self.device)
         for i in range(0, len(noise), batch):
             x0 = torch.from_numpy(noise[i : i + batch]).to(self.device)
             y = torch.from_numpy(labels[i : i + batch]).to(self.device)
-            yield generate(gen, x0, y, self.guidance, dtype, pixels)
+            yield generate(gen, x0, y, self.guidance, self.dtype, pixels)
 
     def __call__(self, model, run) -> dict:
         tic = time.perf_counter()

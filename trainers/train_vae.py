@@ -44,9 +44,11 @@ def check_store(store: FeatureStore, model_cfg: VAEConfig, what: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, path: str, d: Dist, batch: int, precision: str = "auto"
+) -> dict[str, float]:
     """Mean reconstruction loss and relative error ‖x̂−x‖/‖x‖ on view 0 of a store, with z = mu
-    (the networks under bf16 autocast and TF32 on CUDA, the sums in float64).
+    (the networks in --precision, as training, the sums in float64).
 
     Each rank reads one contiguous range of the valid rows (its share, not the whole store) and
     sums on its own device, so the one all-reduce takes a device tensor (NCCL refuses CPU ones)
@@ -60,7 +62,7 @@ def evaluate(model: torch.nn.Module, path: str, d: Dist, batch: int) -> dict[str
         lo, hi = rows[i], rows[min(i + batch, len(rows)) - 1] + 1
         block = store.features[lo:hi, 0]  # one contiguous read, view 0
         x = torch.from_numpy(block[rows[i : i + batch] - lo]).to(d.device).float()  # (B, P, C)
-        with fast_matmul(d.device), autocast_for(d.device):  # bf16 and TF32 on CUDA, as training
+        with fast_matmul(d.device, precision), autocast_for(d.device, precision):
             x_hat = model(x, sample=False)[0].float()
         sums[0] += (x_hat - x).pow(2).sum(dtype=torch.float64)
         sums[1] += x.pow(2).sum(dtype=torch.float64)
@@ -107,7 +109,7 @@ class ReconstructionGrid:
 def _validate(cfg: TrainVAEConfig, run: TrainingRun, grid: ReconstructionGrid | None) -> dict:
     """Validation metrics; saves best/ when the validation MSE improves."""
     state = run.state
-    val = evaluate(run.model, cfg.val_features, run.d, run.micro)
+    val = evaluate(run.model, cfg.val_features, run.d, run.micro, cfg.run.precision)
     run.record({"step": state["step"], **val})
     log.info(
         "step=%d val_mse=%.4g val_rel_err=%.4g", state["step"], val["val_mse"], val["val_rel_err"]
