@@ -1,6 +1,7 @@
 """The paths a GPU run takes first, run on CPU with the tiny presets: `--compile` (inductor, which
 compiles C++ kernels with the system compiler), `--precision bf16` (autocast takes bfloat16 on CPU)
-and fused AdamW's device-side skip of a non-finite step (torch has the fused kernel on CPU too).
+and fused AdamW's device-side skip of a non-finite step (torch has the fused kernel on CPU too; the
+trainers take it on CUDA, and here through the internal `fused_adamw`).
 
 Compiling dominates the time (about a minute per trainer on two cores, once per process: a second
 model of the same class reuses the compiled code), so one test per trainer covers compile and resume.
@@ -129,7 +130,7 @@ def test_an_unknown_precision_is_refused_before_the_run_folder(latents, tmp_path
 
 
 def test_fused_adamw_skips_a_non_finite_step_on_the_device(latents, tmp_path, monkeypatch):
-    """The trainers' own optimiser (fused AdamW, as on CUDA) and loop: step 2's loss is NaN, and the
+    """The trainers' own optimiser (fused AdamW, CUDA's choice, asked for on CPU) and loop: step 2's loss is NaN, and the
     host looks only at the checkpoint of step 4. Steps 2 and 3 ran on the device but changed no
     weight and no optimiser state (moments, step counts); the run stops with the last checkpoint
     (step 2) intact, and resuming it continues to the same weights as a run that never saw NaN."""
@@ -147,7 +148,7 @@ def test_fused_adamw_skips_a_non_finite_step_on_the_device(latents, tmp_path, mo
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] == 3 else value  # step 2 (0-based)
 
-    kw = dict(steps=6, ckpt_every=2, log_every=100)
+    kw = dict(steps=6, ckpt_every=2, log_every=100, fused_adamw=True)  # CUDA's choice, on CPU
     clean, cfg = tmp_path / "clean", trainer("dit", None, latents, tmp_path / "clean", **kw)[1]
     train_dit(cfg)
     monkeypatch.setattr(TrainingRun, "build", keep)

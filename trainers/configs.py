@@ -46,6 +46,7 @@ class RunConfig:
         0.0, min=0.0, help="AdamW weight decay on 2-D weights (not norms, biases, tokens)."
     )
     betas: tuple[float, float] = internal((0.9, 0.95))  # AdamW
+    fused_adamw: bool | None = internal(None)  # None: fused on CUDA, plain on CPU (trainers/run.py)
     grad_clip: float = opt(1.0, min=0.0, help="Max gradient norm (0: off).")
     seed: int = opt(0, help="Seed of the model init and the data order.")
     log_every: int = opt(20, min=1, help="Log a metrics line every N steps.")

@@ -113,10 +113,12 @@ class TrainingRun:
         resumed = extras(model) if extras else {}
         self.extra_weights.update(resumed)
         groups = param_groups(model, run.weight_decay)
-        # fused: one kernel per step, and it skips a non-finite step on the device, so the loop
-        # needs no host sync per step (loop.py). torch has the kernel on CUDA and, since 2.4, on
-        # CPU: CPU runs take the same path as GPU runs, so the CPU tests check it.
-        self.opt = torch.optim.AdamW(groups, lr=run.lr, betas=run.betas, fused=True)
+        # fused on CUDA: one kernel per step, and it skips a non-finite step on the device, so the
+        # loop needs no host sync per step (loop.py). On CPU a sync costs nothing
+        # (bench/host_sync.py: same samples/s) and the plain AdamW keeps CPU runs numerically as
+        # they were; torch has the fused kernel on CPU too, which the tests take (`fused_adamw`).
+        fused = d.device.type == "cuda" if run.fused_adamw is None else run.fused_adamw
+        self.opt = torch.optim.AdamW(groups, lr=run.lr, betas=run.betas, fused=fused)
         self.state = {"step": 0, "micro_step": 0, "epoch": 0, **(state or {})}
         self.setup = run_setup(run.batch_size, self.micro, run.seed, d)
         seed_ranks(run.seed, d)
