@@ -1,78 +1,98 @@
-"""Samples/s the VAE loader delivers, against a plain sequential read and against the trainers.
+"""Bytes/s the VAE loader delivers at real row size, against a plain read and the VAE steps.
 
-One run, side by side, on a store of real shape (V=2, P=256, C=768, float16) written to disk:
-  - sequential: reading the features array chunk by chunk, in order (the I/O ceiling);
-  - loader: FeatureBatches (block permutation, shuffle buffer, one view per image, workers);
-  - trainer: forward + backward + AdamW step of the tiny and the full-size (flatdino-32x128) VAE
-    on random batches, i.e. what a trainer consumes per second on this machine.
-The loader must never be the bottleneck: loader / trainer should be well above 1.
+One run, side by side, on a store of real rows (V=2, P=256, C=768 float16, shards of 64 rows as
+extract-features writes them) on local disk, every byte read once first so that every measurement
+below reads from the page cache (the store must fit in RAM; dropping caches needs root):
+  - files: the shard files read whole, in order (raw bytes, every view): the I/O ceiling;
+  - plain read: view 0 of every row, block by block, through the store's reader: the same number
+    of bytes the loader delivers, read sequentially;
+  - loader: train-vae's loader as train-vae uses it (FeatureBatches: block order, shuffle buffer,
+    one drawn view per row, DataLoader workers; one batch ahead on a thread, `prefetch`), with
+    0 and N workers; float16 batches as the trainer receives them (its .float() runs on the device);
+  - VAE steps: forward + backward + AdamW of a ViT-B-size VAE (encoder and decoder ViT-B) and of
+    flatdino-32x128 (ViT-B encoder, ViT-L decoder) on CPU, fp32, at a small batch.
+Each configuration runs --repeats times, interleaved; the table shows medians.
 
-    python bench/vae_loader.py [--images 384] [--batch 64] [--workers 2]
+    python bench/vae_loader.py [--rows 2000] [--batch 512] [--workers 2] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import shutil
+import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from flatdino.models.vae import FlatDinoVAE, kl_weight, vae_loss, vae_preset
 from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
-from flatdino.pipeline.store import row_block
+from flatdino.pipeline.loader import FeatureBatches, LoaderConfig, prefetch
+from flatdino.trainers.configs import TrainVAEConfig
 from flatdino.trainers.optim import param_groups
 
+V, P, C = 2, 256, 768  # views, patches, channels of a real store
+ROW_BYTES = P * C * 2  # one view of one row, float16
 
-def make_store(path: Path, n: int) -> Path:
+
+def make_store(path: Path, n: int) -> FeatureStore:
+    """A complete store of `n` random rows; one random shard reused (the bytes need not differ)."""
     store = FeatureStore.create(
         path,
-        shape=(n, 2, 256, 768),
+        shape=(n, V, P, C),
         labels=np.zeros(n, np.int32),
         paths=[str(i) for i in range(n)],
         class_names=["x"],
-        shard_size=64,
+        shard_size=64,  # extract-features' default
         chunk_rows=1,
         attrs={"fingerprint": {}},
     )
-    rng = np.random.default_rng(0)
+    block = np.random.default_rng(0).standard_normal((64, V, P, C), np.float32).astype(np.float16)
     for shard in store.shards():
         k = shard.stop - shard.start
-        feats = rng.standard_normal((k, 2, 256, 768), dtype=np.float32).astype(np.float16)
-        store.write_shard(shard, feats, np.ones(k, bool), {})
+        store.write_shard(shard, block[:k], np.ones(k, bool), {})
     store.finalize()
-    return path
+    return FeatureStore(path)
 
 
-def sequential(path: Path) -> float:
-    arr = zarr.open_group(str(path))["features"]
-    start = time.perf_counter()
-    block = row_block(arr)
-    for lo in range(0, arr.shape[0], block):
-        _ = arr[lo : lo + block]
-    return arr.shape[0] / (time.perf_counter() - start)
+def files(path: Path) -> float:
+    """Bytes/s of reading the features' shard files whole, in order."""
+    start, nbytes = time.perf_counter(), 0
+    for f in sorted((path / "features").rglob("*")):
+        if f.is_file() and f.name != "zarr.json":
+            nbytes += len(f.read_bytes())
+    return nbytes / (time.perf_counter() - start)
 
 
-def loader(path: Path, batch: int, workers: int) -> float:
-    batches = FeatureBatches(
-        FeatureStore(path), LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=256)
-    )
-    start, n = time.perf_counter(), 0
-    for x, _, _ in batches.epoch(0):
-        n += len(x.float())  # the trainer's float conversion included
-    return n / (time.perf_counter() - start)
+def plain(store: FeatureStore) -> float:
+    """Bytes/s of view 0 of every row, one storage block at a time, through the store's reader."""
+    start, nbytes, step = time.perf_counter(), 0, store.block_rows
+    for lo in range(0, store.num_images, step):
+        rows = np.arange(lo, min(lo + step, store.num_images))
+        nbytes += store.read_drawn(lo, rows[-1] + 1, rows, np.zeros(len(rows), np.int64)).nbytes
+    return nbytes / (time.perf_counter() - start)
 
 
-def trainer(preset: str, batch: int, steps: int) -> float:
-    cfg = vae_preset(preset, in_dim=768)
+def loader(store: FeatureStore, batch: int, workers: int, epoch: int) -> float:
+    """Bytes/s of one epoch of train-vae's loader, as its training loop draws it (CPU: no pin)."""
+    cfg = LoaderConfig(
+        batch, shuffle_buffer=TrainVAEConfig.shuffle_buffer, num_workers=workers
+    )  # train-vae's: LoaderConfig(micro, seed, cfg.shuffle_buffer, cfg.num_workers, ...)
+    start, nbytes = time.perf_counter(), 0
+    for x, _, _ in prefetch(FeatureBatches(store, cfg).epoch(epoch)):
+        nbytes += x.numel() * x.element_size()
+    return nbytes / (time.perf_counter() - start)
+
+
+def vae_step(cfg, batch: int, steps: int) -> float:
+    """Samples/s of forward + backward + AdamW steps of the VAE `cfg` on random features."""
     torch.manual_seed(0)
     model = FlatDinoVAE(cfg)
     opt = torch.optim.AdamW(param_groups(model, 0.02), lr=1e-4)
-    x = torch.randn(batch, 256, 768)
+    x = torch.randn(batch, P, C)
     beta = kl_weight(cfg.tokens, cfg.latent_dim)
 
     def step() -> None:
@@ -92,25 +112,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=384)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=2000, help="images in the store")
+    parser.add_argument("--batch", type=int, default=512, help="train-vae's default micro batch")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vae-batch", type=int, default=4)
+    parser.add_argument("--vae-steps", type=int, default=2)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/loaderbench"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = make_store(Path(tmp) / "features.zarr", args.images)
-        rows = {
-            "sequential read": sequential(path),
-            f"loader ({args.workers} workers)": loader(path, args.batch, args.workers),
-            "loader (in process)": loader(path, args.batch, 0),
-            "tiny trainer": trainer("tiny", args.batch, steps=5),
-            "flatdino-32x128 trainer": trainer("flatdino-32x128", 4, steps=2),
-        }
-    loader_rate = rows[f"loader ({args.workers} workers)"]
-    print(f"{'':26s} {'samples/s':>10s} {'loader / this':>14s}")
-    for name, rate in rows.items():
-        print(f"{name:26s} {rate:10.1f} {loader_rate / rate:14.2f}")
+    path = args.dir / "features.zarr"
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        store = make_store(path, args.rows)
+        files(path)  # every byte into the page cache once: all reads below come from RAM
+        rates: dict[str, list[float]] = {}
+        for rep in range(args.repeats):  # interleaved, so that load from elsewhere hits all alike
+            for name, measure in (
+                ("files (every view)", lambda _: files(path)),
+                ("plain read (view 0)", lambda _: plain(store)),
+                ("loader, 0 workers", lambda epoch: loader(store, args.batch, 0, epoch)),
+                (
+                    f"loader, {args.workers} workers",
+                    lambda epoch: loader(store, args.batch, args.workers, epoch),
+                ),
+            ):
+                rates.setdefault(name, []).append(measure(rep))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    base = vae_preset("flatdino-32x128", in_dim=C)
+    vit_b = replace(base, dec_dim=base.enc_dim, dec_depth=base.enc_depth, dec_heads=base.enc_heads)
+    steps = {
+        "VAE step, ViT-B enc + ViT-B dec": vae_step(vit_b, args.vae_batch, args.vae_steps),
+        "VAE step, flatdino-32x128 (B + L)": vae_step(base, args.vae_batch, args.vae_steps),
+    }
+    plain_rate = statistics.median(rates["plain read (view 0)"])
+    print(f"{'':34s} {'MB/s':>8s} {'samples/s':>10s} {'/ plain read':>13s}")
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        print(f"{name:34s} {rate / 1e6:8.0f} {rate / ROW_BYTES:10.0f} {rate / plain_rate:13.2f}")
+    for name, rate in steps.items():
+        print(f"{name:34s} {'':8s} {rate:10.2f}")
     print(
-        f"store: {args.images} images x 2 views x 256 x 768 float16; torch threads {torch.get_num_threads()}"
+        f"store: {args.rows} rows x {V} views x {P} x {C} float16 ({args.rows * V * ROW_BYTES / 1e9:.2f}"
+        f" GB), from the page cache; loader batch {args.batch}; VAE batch {args.vae_batch}, fp32; "
+        f"torch threads {torch.get_num_threads()}; medians of {args.repeats}"
     )
 
 

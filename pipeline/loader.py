@@ -152,14 +152,16 @@ class FeatureBatches:
         # (the trainer's sampling noise), or resuming mid-epoch would not be exact.
         generator = torch.Generator().manual_seed(0)
         stream = iter(DataLoader(reader, batch_size=None, num_workers=workers, generator=generator))
-        pool: dict[int, torch.Tensor] = {}
+        pool: dict[int, np.ndarray] = {}  # row -> (P, C), a view of the block it came in
         for rows in batches:
             while any(int(r) not in pool for r in rows):
                 got_rows, data = next(stream)
                 if data is not None:
-                    pool.update(zip(got_rows.tolist(), data, strict=True))
+                    pool.update(zip(got_rows.tolist(), data.numpy(), strict=True))
             if len(rows):
-                x = torch.stack([pool.pop(int(r)) for r in rows])  # (B, P, C)
+                # numpy, not torch.stack: torch 2.14's CPU stack of float16 rows copies at
+                # 0.1-1 GB/s here, numpy's at ~5 GB/s (bench/vae_loader.py)
+                x = torch.from_numpy(np.stack([pool.pop(int(r)) for r in rows]))  # (B, P, C)
             else:
                 x = torch.zeros(0, *self.sample_shape, dtype=torch.float16)  # empty tail batch
             yield x, torch.from_numpy(self.labels[rows]), rows
