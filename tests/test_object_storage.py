@@ -370,6 +370,9 @@ def test_reading_one_view_reads_about_one_view(s3, monkeypatch):
     CountingStore.fetched = 0
     needed = sum(x.numpy().nbytes for x, _, _ in batches.epoch(0))
     assert needed == 359 * 256 * 64 * 2  # every valid row once, one float16 view
-    ratio = CountingStore.fetched / needed  # the rest: shard indexes and zarr.json
+    # the rest: zarr.json and the shard indexes, read once per run of rows with one view (the
+    # block reader's unit since the loader reads runs, not an integer-array selection); 1.0195
+    # with these 16 KB views, about 1.0025 at real row size (256 x 768)
+    ratio = CountingStore.fetched / needed
     print(f"read amplification, one of 2 views per row: {ratio:.4f}")
-    assert 1.0 <= ratio < 1.02, ratio
+    assert 1.0 <= ratio < 1.03, ratio
