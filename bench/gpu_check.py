@@ -24,7 +24,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -78,8 +78,11 @@ def measure(stage: str, device: torch.device, fn: Callable[[], dict]) -> Row:
     return row
 
 
-def chain(root: Path, device: str, reduced: bool) -> list[tuple[str, Callable[[], dict]]]:
-    """The seven commands on the digits, tiny presets, each a stage."""
+def chain(
+    root: Path, device: str, reduced: bool, compile: bool
+) -> list[tuple[str, Callable[[], dict]]]:
+    """The seven commands on the digits, tiny presets, each a stage; with `compile`, train-vae and
+    train-dit again with --compile (the trainers' own compiled path, resumed for more steps)."""
     feats, vae, lat = str(root / "features.zarr"), str(root / "vae"), str(root / "latents.zarr")
     dit, dec, out = str(root / "dit"), str(root / "decoder"), str(root / "samples")
     steps, n, sample_steps = (3, 16, 10) if reduced else (50, 256, 50)
@@ -87,6 +90,10 @@ def chain(root: Path, device: str, reduced: bool) -> list[tuple[str, Callable[[]
 
     def run(fn, cfg, items):
         return lambda: (fn(cfg), {"items": items})[1]
+
+    def compiled(fn, cfg, items):  # steps, then as many again resumed from its checkpoint
+        more = replace(cfg, run=replace(cfg.run, steps=2 * steps, resume=True))
+        return lambda: (fn(cfg), fn(more), {"items": 2 * items})[2]
 
     return [
         (
@@ -148,6 +155,45 @@ def chain(root: Path, device: str, reduced: bool) -> list[tuple[str, Callable[[]
                 ),
                 8 * steps,
             ),
+        ),
+        *(
+            [
+                (
+                    "train-vae (tiny, --compile, resumed)",
+                    compiled(
+                        train_vae,
+                        TrainVAEConfig(
+                            features=feats,
+                            out=f"{vae}-compiled",
+                            preset="tiny",
+                            steps=steps,
+                            batch_size=32,
+                            num_workers=0,
+                            compile=True,
+                            **quiet,
+                        ),
+                        32 * steps,
+                    ),
+                ),
+                (
+                    "train-dit (tiny, --compile, resumed)",
+                    compiled(
+                        train_dit,
+                        TrainDiTConfig(
+                            latents=lat,
+                            out=f"{dit}-compiled",
+                            preset="tiny",
+                            steps=steps,
+                            batch_size=32,
+                            compile=True,
+                            **quiet,
+                        ),
+                        32 * steps,
+                    ),
+                ),
+            ]
+            if compile
+            else []
         ),
         (
             f"sample (tiny, {sample_steps} steps)",
@@ -297,10 +343,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"flatdino GPU check on {name}, torch {torch.__version__}")
     print(f"  {'stage':58s} {'status':6s} {'seconds':>8} {'samples/s':>10} {'peak GiB':>8}")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="flatdino-gpu-check-") as tmp:
-        for stage, fn in chain(Path(tmp), args.device, args.reduced):
-            rows.append(measure(stage, device, fn))
     compile = not args.no_compile and not args.reduced
+    with tempfile.TemporaryDirectory(prefix="flatdino-gpu-check-") as tmp:
+        for stage, fn in chain(Path(tmp), args.device, args.reduced, compile):
+            rows.append(measure(stage, device, fn))
     for stage, fn in full_presets(device, args.reduced, compile):
         rows.append(measure(stage, device, fn))
         if device.type == "cuda":
