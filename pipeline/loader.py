@@ -185,8 +185,9 @@ class FeatureBatches:
 
 
 def _rows_of(data: Stored) -> list:
-    """A block's stored features as one item per row (a pair: per row, its codes and scales)."""
-    return list(zip(*data, strict=True)) if isinstance(data, tuple) else list(data)
+    """A block's stored features as one item per row (a pair: per row, its codes and scales;
+    the DataLoader hands a pair over as a list)."""
+    return list(zip(*data, strict=True)) if isinstance(data, tuple | list) else list(data)
 
 
 def _pinned(batch):

@@ -3,8 +3,10 @@
 A patch vector x (C,) is stored as codes q = round(x / s) in [-127, 127] (int8) and its scale
 s = max|x| / 127 (float16, `SCALE_DTYPE`): symmetric absmax quantisation per (row, view, patch).
 The codes are computed with the float16-rounded scale, so storing the scale in 16 bits adds no
-error; the error of an element is at most s / 2, i.e. at most 1/254 of the vector's largest
-|element| (docs/benchmarks.md, "Features in 8 bits", measures it on real photos).
+error; the error of an element is at most s / 2, i.e. about 1/254 of the vector's largest
+|element| (docs/benchmarks.md, "Features in 8 bits", measures it on real photos). This holds for
+scales in float16's normal range, max|x| >= 7.8e-3: the backbone's final LayerNorm (no affine)
+gives every patch vector unit RMS, so max|x| is between 1 and sqrt(C).
 
 Features travel as a *stored batch*: a float16 array or tensor (float16 stores), or the pair
 (codes (..., C) int8, scales (...) float16) of an int8 store. `dequantise` is the one place a pair
