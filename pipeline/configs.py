@@ -75,7 +75,7 @@ class ExtractConfig:
         "float16",
         choices=FEATURE_DTYPES,
         help="Stored features: float16, or int8 with one float16 scale per patch vector (0.50 of "
-        "the bytes, about 1% relative error; docs/stores.md).",
+        "the bytes, under 1% relative error; docs/stores.md).",
     )
     device: str = opt("auto", help=DEVICE_HELP)
     backend: str = opt("ray", choices=BACKENDS, help=BACKEND_HELP)
