@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,13 @@ from .errors import FlatDinoError
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
 from .lock import writer_lock
+from .quantise import Stored, each, to_device
 from .store import Shard, check_finite, open_or_create
 
 
-def read_shard(features: str, shard: Shard) -> tuple[Shard, np.ndarray, np.ndarray]:
-    """The CPU half: one contiguous read of a shard's features (n, V, P, C) and valid flags."""
+def read_shard(features: str, shard: Shard) -> tuple[Shard, Stored, np.ndarray]:
+    """The CPU half: one contiguous read of a shard's stored features (n, V, P, C) (int8: with
+    their scales, dequantised on the encoder's device) and valid flags."""
     return shard, *FeatureStore(features).read_shard(shard)
 
 
@@ -47,16 +50,18 @@ class ShardEncoder:
         self.store = LatentStore(cfg.out, mode="r+")
 
     @torch.inference_mode()
-    def __call__(self, payload: tuple[Shard, np.ndarray, np.ndarray]) -> tuple[int, int, dict]:
+    def __call__(self, payload: tuple[Shard, Stored, np.ndarray]) -> tuple[int, int, dict]:
         shard, feats, valid = payload
-        n, v = feats.shape[:2]
+        n, v = (feats[0] if isinstance(feats, tuple) else feats).shape[:2]  # codes or features
         t, d = self.model.cfg.tokens, self.model.cfg.latent_dim
         mu = np.zeros((n, v, t, d), np.float32)
         logvar = np.zeros_like(mu)
-        flat = torch.from_numpy(np.ascontiguousarray(feats[valid])).reshape(-1, *feats.shape[2:])
+        # (n_ok * V, P, C) (and (n_ok * V, P) scales): the valid rows' views, flattened
+        flat = each(feats, lambda a: torch.from_numpy(np.ascontiguousarray(a[valid])).flatten(0, 1))
         out_mu, out_lv = [], []
-        for i in range(0, len(flat), self.cfg.batch_size):
-            x = flat[i : i + self.cfg.batch_size].to(self.device).float()
+        for i in range(0, int(valid.sum()) * v, self.cfg.batch_size):
+            batch = each(flat, itemgetter(slice(i, i + self.cfg.batch_size)))
+            x = to_device(batch, self.device)  # (b, P, C) float32
             with fast_matmul(self.device, self.cfg.precision), autocast(self.dtype, self.device):
                 m, lv = self.model.encode(x)
             out_mu.append(m.float().cpu().numpy())

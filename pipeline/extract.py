@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..models.dinov2 import BACKBONES, DinoPatchFeatures
 from .backbone import load_backbone
-from .configs import ExtractConfig
+from .configs import FEATURE_DTYPES, ExtractConfig
 from .engine import Placement, ShardJob, run_shards
 from .env import package_version, resolve_device
 from .errors import FlatDinoError, TooManyFailuresError, WeightsError
@@ -182,6 +182,8 @@ def fingerprint(cfg: ExtractConfig, source: ImageSource, recipe: ViewRecipe, sha
         "shard_size": cfg.shard_size,
         "chunk_rows": cfg.chunk_rows,
     }
+    if cfg.feature_dtype != "float16":  # float16 stores keep the fingerprint they always had
+        fp["feature_dtype"] = cfg.feature_dtype
     return json.loads(json.dumps(fp))  # the form it takes after a round trip through zarr.json
 
 
@@ -196,6 +198,7 @@ def open_or_create_store(
         class_names=list(source.class_names),
         shard_size=cfg.shard_size,
         chunk_rows=cfg.chunk_rows,
+        feature_dtype=cfg.feature_dtype,
         attrs={
             "fingerprint": fp,
             "config": asdict(cfg),
@@ -221,6 +224,7 @@ def validate(cfg: ExtractConfig) -> None:
             f"--shard-size must be a positive multiple of {cfg.chunk_rows} (chunk rows)",
         ),
         (cfg.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}"),
+        (cfg.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {FEATURE_DTYPES}"),
         (cfg.backend in ("ray", "local"), "--backend must be ray or local"),
         (0.0 <= cfg.max_failed_fraction <= 1.0, "--max-failed-fraction must be in [0, 1]"),
     ]

@@ -7,6 +7,10 @@ Layout (FORMAT_VERSION 2), N images, V views, P patches, C channels:
     STORE/features                   float16 (N, V, P, C); Zarr v3 sharding: one object per job
                                      shard (shard_size, V, P, C) holding inner chunks
                                      (chunk_rows, 1, P, C), so one view of one row is read alone
+    STORE/feature_scales             int8 stores only (format 3, attrs feature_dtype "int8"):
+                                     features holds int8 codes and this float16 (N, V, P) one
+                                     scale per patch vector (`pipeline.quantise`), sharded and
+                                     chunked as features
     STORE/labels                     int32 (N,), written once at creation
     STORE/valid                      bool (N,), chunks (shard_size,): false for undecodable images
     STORE/done                       bool (S,), chunks (1,): shard s fully written
@@ -22,6 +26,10 @@ shard with failed images, plus ~6; 1.28M images in shards of 256 are ~15,000 obj
 Format 1 (before per-view chunks) stored `features` as plain chunks (chunk_rows, V, P, C), one
 file each: such stores are still read (every view of a chunk comes with each read); they are not
 resumed by a job of this version, which writes format 2 (`--overwrite` rebuilds them).
+Format 3 is format 2 with int8 features (`extract-features --feature-dtype int8`): a new number,
+so that a flatdino from before it refuses such a store instead of reading codes as features.
+Readers get floats either way: `features` dequantises (float32) for the evaluations, while
+`read_shard` and `read_drawn` return the stored batch (the pair) for a device to dequantise.
 """
 
 from __future__ import annotations
@@ -40,15 +48,18 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .errors import FlatDinoError, MetadataError, json_object
+from .quantise import FEATURE_DTYPES, Stored, dequantise, quantise
 from .storage import Location, explained
 from .store import Shard, ShardedStore, create, shard_bounds, utc_now
 
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+INT8_FORMAT = 3  # format 2 with int8 codes + feature_scales
+READABLE_FORMATS = (1, 2, 3)
 KIND = "flatdino.features"
 MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = ("index", "path", "label", "class_name", "status", "error")
 ERRORS_DIR = "_errors"
+SCALES = "feature_scales"
 LABEL_CHUNK = 1 << 16  # labels are written once, at creation: few, large chunks
 
 
@@ -60,7 +71,8 @@ class FeatureStore(ShardedStore):
     NAME = "flatdino feature store"
     MAKER = "extract-features"
     ROWS = "features"
-    ARRAYS = ("features", "labels", "valid", "done")
+    ARRAYS = ("features", SCALES, "labels", "valid", "done")
+    RESUMABLE = (FORMAT_VERSION, INT8_FORMAT)  # the fingerprint tells the dtypes apart
 
     def __init__(self, path: str | Path, mode: str = "r"):
         super().__init__(path, mode)
@@ -73,8 +85,20 @@ class FeatureStore(ShardedStore):
             )
 
     @property
-    def features(self) -> zarr.Array:
+    def feature_dtype(self) -> str:
+        """How features are stored: "float16", or "int8" (codes + one scale per patch vector)."""
+        return self.attrs.get("feature_dtype", "float16")
+
+    @property
+    def features(self) -> zarr.Array | Dequantised:
+        """The (N, V, P, C) features to index: the float16 array, or, for an int8 store, a view
+        that reads codes and scales and returns float32."""
+        if self.feature_dtype == "int8":
+            return Dequantised(self.array("features"), self.array(SCALES))
         return self.array("features")
+
+    def rows_array(self) -> zarr.Array | Dequantised:
+        return self.features
 
     @property
     def per_view(self) -> bool:
@@ -87,22 +111,32 @@ class FeatureStore(ShardedStore):
         _, _, p, c = self.features.shape
         return int(p), int(c)
 
-    def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
-        """One contiguous read of a shard's features (n, V, P, C) and valid flags (n,)."""
-        feats = self.features[shard.start : shard.stop]
+    def _stored(self) -> tuple[zarr.Array, ...]:
+        """The arrays of a stored batch: (features,) or (codes, scales)."""
+        if self.feature_dtype == "int8":
+            return self.array("features"), self.array(SCALES)
+        return (self.array("features"),)
+
+    def read_shard(self, shard: Shard) -> tuple[Stored, np.ndarray]:
+        """One contiguous read of a shard's stored features (n, V, P, C) (int8: the pair with
+        scales (n, V, P), `pipeline.quantise`) and valid flags (n,)."""
+        feats = _stored_batch([a[shard.start : shard.stop] for a in self._stored()])
         valid = np.asarray(self.array("valid")[shard.start : shard.stop], dtype=bool)
         return feats, valid
 
-    def read_drawn(self, lo: int, hi: int, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
-        """features[rows, views] (m, P, C) for `rows` inside the block [lo, hi) and one view
-        each: only the drawn views are read (format 2), or the block's chunk whole (format 1)."""
-        features = self.features
-        if self.per_view:
-            out = np.empty((len(rows), *features.shape[2:]), features.dtype)  # (m, P, C)
-            sync(_read_runs(features.async_array, rows, views, out))
-            return out
-        chunk = features[lo:hi]  # (k, V, P, C): a chunk holds every view, read it whole once
-        return chunk[rows - lo, views]
+    def read_drawn(self, lo: int, hi: int, rows: np.ndarray, views: np.ndarray) -> Stored:
+        """Stored features[rows, views] (m, P, C) (int8: with scales (m, P)) for `rows` inside
+        the block [lo, hi) and one view each: only the drawn views are read (format >= 2, as
+        runs of consecutive rows, `_read_runs`), or the block's chunk whole (format 1)."""
+        if not self.per_view:
+            chunk = self.array("features")[lo:hi]  # (k, V, P, C): every view, read whole once
+            return chunk[rows - lo, views]
+        parts = []
+        for array in self._stored():
+            out = np.empty((len(rows), *array.shape[2:]), array.dtype)  # (m, P, C) or (m, P)
+            sync(_read_runs(array.async_array, rows, views, out))
+            parts.append(out)
+        return _stored_batch(parts)
 
     def write_shard(
         self, shard: Shard, features: np.ndarray, valid: np.ndarray, errors: dict[int, str]
@@ -110,7 +144,12 @@ class FeatureStore(ShardedStore):
         """Write one shard's rows, then its errors (if any), then mark it done (in that order)."""
         assert features.shape[0] == shard.stop - shard.start == valid.shape[0]
         with explained(self.path):  # a failing object store: one line, from any worker
-            self.array("features")[shard.start : shard.stop] = features
+            if self.feature_dtype == "int8":
+                codes, scales = quantise(features)
+                self.array("features")[shard.start : shard.stop] = codes
+                self.array(SCALES)[shard.start : shard.stop] = scales
+            else:
+                self.array("features")[shard.start : shard.stop] = features
             self.array("valid")[shard.start : shard.stop] = valid
             if errors:  # a shard without failures writes no object (fewer objects per store)
                 body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
@@ -159,12 +198,16 @@ class FeatureStore(ShardedStore):
         shard_size: int,
         chunk_rows: int,
         attrs: dict,
+        feature_dtype: str = "float16",
     ) -> Callable[[zarr.Group, Location], None]:
         """The `build` of an empty store (all shards pending), for `store.open_or_create`."""
         if shard_size % chunk_rows:
             raise FlatDinoError(
                 f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}"
             )
+        if feature_dtype not in FEATURE_DTYPES:
+            raise FlatDinoError(f"--feature-dtype must be one of {FEATURE_DTYPES}")
+        int8 = feature_dtype == "int8"
 
         def build(group: zarr.Group, location: Location) -> None:
             n, v, p, c = shape
@@ -173,10 +216,20 @@ class FeatureStore(ShardedStore):
                 shape=shape,
                 shards=(shard_size, v, p, c),
                 chunks=(chunk_rows, 1, p, c),
-                dtype="float16",
+                dtype=feature_dtype,
                 fill_value=0,
-                compressors=None,  # float16 activations barely compress; spend no CPU on it
+                compressors=None,  # activations barely compress; spend no CPU on it
             )
+            if int8:  # beside the codes, in the same objects' layout (one per shard)
+                group.create_array(
+                    SCALES,
+                    shape=(n, v, p),
+                    shards=(shard_size, v, p),
+                    chunks=(chunk_rows, 1, p),
+                    dtype="float16",
+                    fill_value=0,
+                    compressors=None,
+                )
             # labels are written once, here, by one process: large chunks (few files) are safe
             label_chunk = max(1, min(n, LABEL_CHUNK))
             group.create_array(
@@ -194,7 +247,8 @@ class FeatureStore(ShardedStore):
             group.attrs.update(
                 {
                     "kind": KIND,
-                    "format_version": FORMAT_VERSION,
+                    "format_version": INT8_FORMAT if int8 else FORMAT_VERSION,
+                    **({"feature_dtype": "int8", "quantisation": QUANTISATION} if int8 else {}),
                     "shard_size": shard_size,
                     "class_names": list(class_names),
                     "created": utc_now(),
@@ -221,7 +275,7 @@ def _runs(rows: np.ndarray, views: np.ndarray) -> list[tuple[int, int]]:
 async def _read_runs(
     features: zarr.AsyncArray, rows: np.ndarray, views: np.ndarray, out: np.ndarray
 ) -> None:
-    """features[rows, views] into `out` (m, P, C): one slice per run of consecutive rows with
+    """array[rows, views] into `out` ((m, P, C) codes or features, (m, P) scales): one slice per run of consecutive rows with
     one view, all runs in one event-loop call, each decoded straight into its part of `out`.
 
     Not an integer-array (orthogonal) selection: zarr 3.1 hands one to the sharding codec as a
@@ -236,13 +290,46 @@ async def _read_runs(
     await asyncio.gather(*reads)
 
 
-def object_count(num_images: int, shard_size: int, failed_shards: int = 0) -> int:
+QUANTISATION = "int8 codes, symmetric absmax per (row, view, patch) vector, float16 scales in "
+QUANTISATION += f"{SCALES}; value = code * scale"
+
+
+class Dequantised:
+    """An int8 store's features as a read-only (N, V, P, C) array of float32: indexing reads the
+    codes and their scales (the selection's first three axes) and multiplies."""
+
+    def __init__(self, codes: zarr.Array, scales: zarr.Array):
+        self.codes, self.scales = codes, scales
+        self.shape, self.shards, self.chunks = codes.shape, codes.shards, codes.chunks
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, selection) -> np.ndarray:
+        return self._read(selection, lambda a, s: a[s])
+
+    def get_orthogonal_selection(self, selection) -> np.ndarray:
+        return self._read(selection, lambda a, s: a.get_orthogonal_selection(s))
+
+    def _read(self, selection, read: Callable) -> np.ndarray:
+        sel = selection if isinstance(selection, tuple) else (selection,)
+        assert len(sel) <= 3, "select rows, views or patches, not channels"
+        return dequantise((read(self.codes, sel), read(self.scales, sel)))
+
+
+def _stored_batch(parts: list[np.ndarray]) -> Stored:
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def object_count(
+    num_images: int, shard_size: int, failed_shards: int = 0, int8: bool = False
+) -> int:
     """Objects (files) of a complete store of this format, from the layout alone: per shard its
-    features object, valid chunk and done marker (+1 errors object for a shard with failures);
-    zarr.json of the group and of its 4 arrays, the labels chunks and the manifest. (A shard whose
-    every image failed writes no valid chunk: zarr skips chunks equal to the fill value.)"""
+    features object (+ its scales object, int8), valid chunk and done marker (+1 errors object
+    for a shard with failures); zarr.json of the group and of its 4 (5) arrays, the labels chunks
+    and the manifest. (A shard whose every image failed writes no valid chunk: zarr skips chunks
+    equal to the fill value.)"""
     shards = -(-num_images // shard_size)
-    return 3 * shards + failed_shards + 5 + -(-num_images // LABEL_CHUNK) + 1
+    per_shard = 4 if int8 else 3
+    return per_shard * shards + failed_shards + 5 + int8 + -(-num_images // LABEL_CHUNK) + 1
 
 
 def write_parquet(location: Location, key: str, table: pa.Table) -> None:

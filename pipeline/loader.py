@@ -10,6 +10,10 @@ run the same number of steps (a rank with fewer rows gets a shorter, possibly em
 
 Blocks are read by torch DataLoader workers that open the store lazily (spawn-safe: the dataset
 holds only a path and index arrays), in block order; the main process assembles batches.
+
+Batches hold features as stored (`pipeline.quantise`): float16, or for an int8 store the pair
+(codes, scales), which the trainer copies to its device and dequantises there
+(`quantise.to_device`), so an int8 store halves the bytes read, pinned and copied.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
+from .quantise import Stored, each
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def _shuffle_buffer(stream: np.ndarray, size: int, rng: np.random.Generator) -> 
 
 
 class _BlockReader(IterableDataset):
-    """Yields (rows, features[rows, view]) per block; worker w reads blocks w, w + W, ..."""
+    """Yields (rows, stored features[rows, view]) per block; worker w reads blocks w, w + W, ..."""
 
     def __init__(
         self, path: str, blocks: np.ndarray, block_rows: int, needed: np.ndarray, views: np.ndarray
@@ -107,11 +112,12 @@ class _BlockReader(IterableDataset):
             if len(rows) == 0:
                 yield rows, None
                 continue
-            yield rows, torch.from_numpy(store.read_drawn(lo, hi, rows, self.views[rows]))
+            yield rows, each(store.read_drawn(lo, hi, rows, self.views[rows]), torch.from_numpy)
 
 
 class FeatureBatches:
-    """Batches of float16 features (B, P, C) and int64 labels from a feature store."""
+    """Batches of stored features (B, P, C) (float16, or int8 codes with (B, P) scales) and
+    int64 labels from a feature store."""
 
     def __init__(self, store: FeatureStore, cfg: LoaderConfig):
         self.path, self.cfg = store.path, cfg
@@ -120,6 +126,7 @@ class FeatureBatches:
         self.num_views = store.num_views
         self.block_rows = store.block_rows  # one storage object: the unit of locality
         self.sample_shape = store.sample_shape  # (P, C)
+        self.int8 = store.feature_dtype == "int8"
         self.num_valid = int(self.valid.sum())
 
     def steps_per_epoch(self) -> int:
@@ -131,8 +138,9 @@ class FeatureBatches:
 
     def epoch(
         self, epoch: int, start_step: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-        """Yield (features (B, P, C) float16, labels (B,), rows (B,)) for steps start_step.. of `epoch`."""
+    ) -> Iterator[tuple[Stored, torch.Tensor, np.ndarray]]:
+        """Yield (stored features (B, P, C), labels (B,), rows (B,)) for steps start_step.. of
+        `epoch`; features are float16, or (codes int8 (B, P, C), scales (B, P)) for int8."""
         plan = plan_epoch(self.valid, self.num_views, self.block_rows, self.cfg, epoch)
         batches = plan.batches[start_step:]
         needed = np.zeros(len(self.valid), dtype=bool)
@@ -152,19 +160,38 @@ class FeatureBatches:
         # (the trainer's sampling noise), or resuming mid-epoch would not be exact.
         generator = torch.Generator().manual_seed(0)
         stream = iter(DataLoader(reader, batch_size=None, num_workers=workers, generator=generator))
-        pool: dict[int, np.ndarray] = {}  # row -> (P, C), a view of the block it came in
+        pool: dict[int, Stored] = {}  # row -> its (P, C) features, or (codes, scales (P,))
         for rows in batches:
             while any(int(r) not in pool for r in rows):
                 got_rows, data = next(stream)
                 if data is not None:
-                    pool.update(zip(got_rows.tolist(), data.numpy(), strict=True))
+                    pool.update(zip(got_rows.tolist(), _rows_of(data), strict=True))
             if len(rows):
                 # numpy, not torch.stack: torch 2.14's CPU stack of float16 rows copies at
                 # 0.1-1 GB/s here, numpy's at ~5 GB/s (bench/vae_loader.py)
-                x = torch.from_numpy(np.stack([pool.pop(int(r)) for r in rows]))  # (B, P, C)
+                got = [pool.pop(int(r)) for r in rows]
+                x = (
+                    tuple(torch.from_numpy(np.stack(part)) for part in zip(*got, strict=True))
+                    if self.int8
+                    else torch.from_numpy(np.stack(got))  # (B, P, C)
+                )
             else:
-                x = torch.zeros(0, *self.sample_shape, dtype=torch.float16)  # empty tail batch
+                x = self._empty()  # empty tail batch
             yield x, torch.from_numpy(self.labels[rows]), rows
+
+    def _empty(self) -> Stored:
+        p, c = self.sample_shape
+        if self.int8:
+            return torch.zeros(0, p, c, dtype=torch.int8), torch.zeros(0, p, dtype=torch.float16)
+        return torch.zeros(0, p, c, dtype=torch.float16)
+
+
+def _rows_of(data: Stored) -> list:
+    """A block's stored features as one numpy item per row, views of the block (a pair: per row,
+    its codes and scales; the DataLoader hands a pair over as a list)."""
+    if isinstance(data, tuple | list):
+        return list(zip(*(np.asarray(part) for part in data), strict=True))
+    return list(np.asarray(data))
 
 
 def _pinned(batch):

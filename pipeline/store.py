@@ -117,6 +117,7 @@ class ShardedStore:
     MAKER = ""  # the command that writes it: "extract-features"
     ROWS = ""  # the (N, ...) array whose first axis counts the rows
     FORMAT_VERSION = 1  # the layout this code writes
+    RESUMABLE: tuple[int, ...] = ()  # formats a job of this version finishes (default: the above)
     ARRAYS: tuple[str, ...] = ()  # arrays listed by `summary`, when present
     KINDS: dict[str, type[ShardedStore]] = {}  # every store class by its KIND (describe_kind)
 
@@ -194,6 +195,10 @@ class ShardedStore:
             )
         return node
 
+    def rows_array(self):
+        """The (N, V, ...) rows as floats to index (a feature store's int8 codes dequantised)."""
+        return self.array(self.ROWS)
+
     def has(self, name: str) -> bool:
         """Whether the store holds the array `name` (an optional one: logvar)."""
         return self.location.read(f"{name}/zarr.json") is not None
@@ -243,7 +248,7 @@ class ShardedStore:
         a time in row order (a block may hold no valid row): every block, or at most `max_rows`
         rows as whole blocks spread evenly over the store (a class-sorted store still gives every
         part of it; no block is read in part). A tqdm bar named `desc` when given."""
-        data, valid = self.array(self.ROWS), self.valid_mask()
+        data, valid = self.rows_array(), self.valid_mask()
         step = row_block(data)  # whole storage objects (view 0 only, where views are chunked apart)
         starts = np.arange(0, data.shape[0], step)
         if max_rows is not None and len(starts) * step > max_rows:
@@ -349,7 +354,7 @@ def open_or_create(
     else:
         store = cls(out, mode="r+")
         version = store.attrs.get("format_version", 1)
-        if version != cls.FORMAT_VERSION:
+        if version not in (cls.RESUMABLE or (cls.FORMAT_VERSION,)):
             raise StoreMismatchError(
                 f"store {out!r} has format {version}, this flatdino writes format "
                 f"{cls.FORMAT_VERSION}; pass --overwrite to rebuild it, or finish it with the "

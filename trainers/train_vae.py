@@ -14,6 +14,7 @@ from ..pipeline.env import fast_matmul
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.feature_store import FeatureStore
 from ..pipeline.loader import FeatureBatches, LoaderConfig
+from ..pipeline.quantise import to_device
 from .configs import TrainVAEConfig
 from .loop import LoopHooks, autocast_for
 from .optim import make_schedule
@@ -170,7 +171,7 @@ def train_vae(cfg: TrainVAEConfig) -> dict:
 
         def loss(net, batch) -> tuple[dict, int]:
             recent.append((run.state["step"], batch[2]))
-            x = batch[0].to(d.device, non_blocking=True).float()  # (B, P, C)
+            x = to_device(batch[0], d.device)  # (B, P, C) float32; int8 dequantised here
             x_hat, mu, logvar = net(x)
             return vae_loss(x, x_hat, mu, logvar, beta, cfg.recon, reduce_over=run.micro), len(x)
 

@@ -1,0 +1,183 @@
+"""Features in 8 bits (`extract-features --feature-dtype int8`): the error bound of the codes, the
+store's layout and size, the readers (loader, train-vae, encode-latents, k-NN) and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from flatdino.cli.main import app
+from flatdino.eval.knn import pooled
+from flatdino.pipeline.encode import EncodeConfig, encode_latents
+from flatdino.pipeline.errors import StoreMismatchError
+from flatdino.pipeline.extract import extract_features
+from flatdino.pipeline.feature_store import FeatureStore, object_count
+from flatdino.pipeline.latent_store import LatentStore
+from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
+from flatdino.pipeline.quantise import dequantise, quantise, to_device
+from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
+
+FIXTURE2 = Path(__file__).parent / "fixtures" / "format-v2"
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    log_scale=st.floats(-2, 3),
+    outlier=st.floats(1, 100),
+)
+@settings(max_examples=60, deadline=None)
+def test_round_trip_error_is_at_most_half_a_step_per_vector(seed, log_scale, outlier):
+    """Every element within half of its vector's step (max|x| / 127, its float16 scale) of x.
+    Vectors of max|x| >= 7.8e-3 (a scale in float16's normal range; the backbone's LayerNorm
+    gives every patch vector unit RMS, so max|x| >= 1)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 5, 96)).astype(np.float32) * np.float32(10.0**log_scale)
+    x[0, 0, 7] *= outlier  # one large channel: the vector's step grows with it
+    x[2, 4] = 0  # a failed image's row: all zeros
+    codes, scales = quantise(x)
+    assert codes.dtype == np.int8 and scales.dtype == np.float16 and scales.shape == (3, 5)
+    assert np.abs(codes.astype(int)).max() <= 127
+    err = np.abs(dequantise((codes, scales)) - x).max(-1)  # (3, 5)
+    absmax = np.abs(x).max(-1)
+    assert (err <= absmax / 254 * (1 + 2**-10)).all()  # float16 rounding of the scale: 2^-11
+    assert (dequantise((codes, scales))[2, 4] == 0).all()
+    torch_values = dequantise((torch.from_numpy(codes), torch.from_numpy(scales)))
+    np.testing.assert_array_equal(torch_values.numpy(), dequantise((codes, scales)))
+
+
+@pytest.fixture(scope="module")
+def int8_store(digits_val_store, tmp_path_factory) -> Path:
+    """The digits val split as `digits_val_store`, stored in 8 bits."""
+    out = tmp_path_factory.mktemp("int8") / "digits-val-int8.zarr"
+    extract_features(tiny_config("digits", out, split="val", feature_dtype="int8"))
+    return out
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_int8_store_layout_attrs_size_and_values(int8_store, digits_val_store):
+    store, ref = FeatureStore(int8_store), FeatureStore(digits_val_store)
+    codes, scales = store.array("features"), store.array("feature_scales")
+    assert codes.dtype == np.int8 and scales.dtype == np.float16
+    assert scales.shape == (359, 2, 256) and scales.shards == (16, 2, 256)
+    assert store.attrs["format_version"] == 3 and store.feature_dtype == "int8"
+    assert store.attrs["fingerprint"]["feature_dtype"] == "int8"
+    assert "feature_dtype" not in ref.attrs["fingerprint"] and ref.feature_dtype == "float16"
+    assert store.attrs["complete"] and store.num_images == 359
+    # bytes per row-view: P*C codes + P float16 scales against 2*P*C (C = 64 here, 768 for ViT-B)
+    stored = _bytes(int8_store / "features") + _bytes(int8_store / "feature_scales")
+    ratio = stored / _bytes(digits_val_store / "features")
+    assert abs(ratio - (64 + 2) / 128) < 0.003, ratio
+    files = sum(1 for f in int8_store.rglob("*") if f.is_file() and ".lock" not in f.name)
+    assert files == object_count(359, 16, int8=True)
+    x, y = ref.features[:].astype(np.float32), store.features[:]  # y: float32, dequantised
+    assert y.dtype == np.float32 and y.shape == x.shape
+    bound = np.abs(x).max(-1) / 254 * (1 + 2**-10) + np.abs(x).max(-1) * 2**-11  # + fp16 of x
+    assert (np.abs(y - x).max(-1) <= bound).all()
+    assert np.linalg.norm(y - x) / np.linalg.norm(x) < 0.01
+
+
+def test_loader_ships_codes_and_the_device_dequantises(int8_store):
+    store = FeatureStore(int8_store)
+    batches = FeatureBatches(store, LoaderConfig(batch_size=50, seed=3, num_workers=0))
+    views = batches.views(0)
+    seen = 0
+    for x, labels, rows in batches.epoch(0):
+        codes, scales = x
+        assert codes.dtype == torch.int8 and scales.dtype == torch.float16
+        assert codes.shape == (len(rows), 256, 64) and scales.shape == (len(rows), 256)
+        got = to_device(x, torch.device("cpu"))
+        want = np.stack([store.features[int(r), int(views[r])] for r in rows])
+        np.testing.assert_array_equal(got.numpy(), want)
+        assert torch.equal(labels, torch.from_numpy(store.labels()[rows]))
+        seen += len(rows)
+    assert seen == 359
+
+
+def test_train_vae_encode_latents_and_knn_read_int8(int8_store, digits_val_store, tmp_path):
+    run = tmp_path / "vae"
+    metrics = train_vae(
+        TrainVAEConfig(
+            features=str(int8_store),
+            val_features=str(int8_store),
+            out=str(run),
+            preset="tiny",
+            steps=3,
+            batch_size=32,
+            num_workers=0,
+            eval_every=3,
+            device="cpu",
+            progress=False,
+        )
+    )
+    assert metrics["step"] == 3 and np.isfinite(metrics["val_rel_err"])
+    mus = []
+    for name, features in (("int8", int8_store), ("f16", digits_val_store)):
+        out = tmp_path / f"latents-{name}.zarr"
+        encode_latents(
+            EncodeConfig(
+                features=str(features),
+                vae=str(run),
+                out=str(out),
+                batch_size=100,  # not a multiple of the rows: a batch spans images
+                backend="local",
+                device="cpu",
+                progress=False,
+            )
+        )
+        mus.append(LatentStore(out).array("mu")[:])
+    assert mus[0].shape == (359, 2, 8, 16) and np.isfinite(mus[0]).all()
+    assert np.linalg.norm(mus[0] - mus[1]) / np.linalg.norm(mus[1]) < 0.02
+    vectors, labels = pooled(str(int8_store))
+    reference, ref_labels = pooled(str(digits_val_store))
+    assert np.array_equal(labels, ref_labels)
+    np.testing.assert_allclose(vectors, reference, atol=2e-3)
+
+
+def test_resuming_with_the_other_feature_dtype_is_refused(int8_store, digits_val_store):
+    for path, asked in ((int8_store, "float16"), (digits_val_store, "int8")):
+        cfg = tiny_config("digits", path, split="val", feature_dtype=asked)
+        with pytest.raises(StoreMismatchError, match="feature_dtype.*--overwrite"):
+            extract_features(cfg)
+    again = extract_features(tiny_config("digits", int8_store, split="val", feature_dtype="int8"))
+    assert again.shards_run == 0  # the same dtype resumes (nothing left to do)
+
+
+def test_float16_stores_keep_their_fingerprint_and_format(digits_val_store):
+    """A float16 store is written as before (format 2, no new fingerprint key), so old stores
+    resume and latents stores keep the fingerprint of their features; old stores read as before."""
+    old = FeatureStore.open_complete(str(FIXTURE2 / "features.zarr"), "--features")
+    assert old.feature_dtype == "float16" and old.features.dtype == np.float16
+    drawn = old.read_drawn(0, 4, np.arange(4), np.zeros(4, int))
+    assert isinstance(drawn, np.ndarray) and drawn.dtype == np.float16
+    np.testing.assert_array_equal(drawn, old.array("features")[0:4, 0])
+    store = FeatureStore(digits_val_store)  # written by this version, float16 by default
+    assert store.attrs["format_version"] == 2 and "feature_dtype" not in store.attrs
+    assert set(store.attrs["fingerprint"]) == set(old.attrs["fingerprint"])
+    assert not store.has("feature_scales")
+
+
+def test_the_cli_passes_feature_dtype(tmp_path, monkeypatch):
+    from flatdino.pipeline import extract
+
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        return extract.ExtractSummary(cfg.out, 10, 1, 1, images_run=10)
+
+    monkeypatch.setattr(extract, "extract_features", fake)
+    args = ["extract-features", "--data", "digits", "--out", str(tmp_path / "s")]
+    result = CliRunner().invoke(app, [*args, "--feature-dtype", "int8"])
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].feature_dtype == "int8"
+    assert CliRunner().invoke(app, [*args, "--feature-dtype", "int4"]).exit_code != 0
