@@ -77,8 +77,8 @@ def differ(a: dict, b: dict) -> list[str]:
 def test_compiled_training_is_eager_within_1e_4_and_resumes_bit_identically(
     name, digits_val_store, latents, tmp_path
 ):
-    def train(out: str, **kw):
-        run, cfg = trainer(name, digits_val_store, latents, tmp_path / out, **kw)
+    def train(out: str, **kw):  # fused AdamW, as a compiled run on CUDA takes it
+        run, cfg = trainer(name, digits_val_store, latents, tmp_path / out, fused_adamw=True, **kw)
         run(cfg)
 
     train("eager")
