@@ -147,8 +147,9 @@ def test_a_secret_of_the_driver_reaches_no_file_of_ray_the_store_or_a_run(
     s3, local_ray, digits_val_store, monkeypatch, tmp_path, caplog
 ):
     """A canary AWS_SECRET_ACCESS_KEY in the driver's environment (moto takes any secret): after
-    extract-features with the Ray backend onto S3 and a train-vae run with its trackers, no file
-    under Ray's session folder, no object of the store and no file of the run holds it. The Ray
+    extract-features with the Ray backend onto S3, with the local backend onto S3 and a train-vae
+    run with its trackers, no file under Ray's session folder, no object of either store and no
+    file of the run holds it. The Ray
     workers open the store from its URL with their node's credentials (the fixture's) and the
     driver's endpoint, and write what the local backend writes on disk, bit for bit."""
     import logging
@@ -167,10 +168,12 @@ def test_a_secret_of_the_driver_reaches_no_file_of_ray_the_store_or_a_run(
     assert_same_store(url, digits_val_store)
     said = [r.getMessage() for r in caplog.records if "never forwarded" in r.getMessage()]
     assert len(said) == 1 and "AWS_ENDPOINT_URL" in said[0] and "SECRET" not in said[0]
+    local = f"{s3}/canary-local.zarr"
+    extract_features(tiny_config("digits", local, split="val", shard_size=128))
     run = tmp_path / "run"
     train_vae(
         TrainVAEConfig(
-            features=url,
+            features=local,
             out=str(run),
             preset="tiny",
             steps=2,
@@ -185,8 +188,8 @@ def test_a_secret_of_the_driver_reaches_no_file_of_ray_the_store_or_a_run(
     files = [p for p in (*session.rglob("*"), *run.rglob("*")) if p.is_file()]
     assert len(files) > 20  # Ray's logs and the run were read
     assert [p for p in files if canary.encode() in p.read_bytes()] == []
-    store = Location(url)
-    assert not [k for k in store.keys("") if canary.encode() in (store.read(k) or b"")]
+    for store in (Location(url), Location(local)):
+        assert not [k for k in store.keys("") if canary.encode() in (store.read(k) or b"")]
 
 
 def test_sigkill_then_resume_on_s3_is_bit_identical(s3, digits_val_store):
