@@ -74,8 +74,8 @@ class FeatureStore(ShardedStore):
     ARRAYS = ("features", SCALES, "labels", "valid", "done")
     RESUMABLE = (FORMAT_VERSION, INT8_FORMAT)  # the fingerprint tells the dtypes apart
 
-    def __init__(self, path: str | Path, mode: str = "r"):
-        super().__init__(path, mode)
+    def __init__(self, path: str | Path, mode: str = "r", option: str = ""):
+        super().__init__(path, mode, option)
         version = self.attrs.get("format_version", 1)
         if version not in READABLE_FORMATS:
             raise FlatDinoError(

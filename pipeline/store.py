@@ -125,22 +125,32 @@ class ShardedStore:
         super().__init_subclass__(**kwargs)
         ShardedStore.KINDS[cls.KIND] = cls
 
-    def __init__(self, path: str | Path, mode: str = "r"):
+    def __init__(self, path: str | Path, mode: str = "r", option: str = ""):
+        """Open the store at `path`; one that is missing, damaged, of another kind or whose
+        creation was interrupted is a one-line error (naming `option` when given)."""
         self.location = Location(str(path))
         self.path = str(path)  # as given: a local path or a URL (messages, attrs)
+        where = f"{option} {self.path!r}".lstrip()
+        fix = f"pass the --out of `flatdino {self.MAKER}`"
         if absent(self.path):
-            raise FlatDinoError(f"{self.path!r} does not exist; expected a {self.NAME}")
-        attrs = self.location.attrs(f"a {self.NAME}'s zarr.json", self.damaged_fix())
+            raise FlatDinoError(f"{where} does not exist; {fix}")
+        try:
+            attrs = self.location.attrs(f"a {self.NAME}'s zarr.json", self.damaged_fix(self.path))
+        except MetadataError as e:
+            if not option:
+                raise
+            raise MetadataError(f"{where}: {e}") from None
         if attrs is None:
-            raise FlatDinoError(f"{self.path!r} is not a Zarr store (no zarr.json)")
+            raise FlatDinoError(
+                f"{where} is not a Zarr store (no zarr.json), not a {self.NAME}; {fix}"
+            )
         if attrs.get("kind") != self.KIND:
             raise FlatDinoError(
-                f"{self.path!r} is {describe_kind(attrs.get('kind'))}, not a {self.NAME}; pass "
-                f"the --out of `flatdino {self.MAKER}`"
+                f"{where} is {describe_kind(attrs.get('kind'))}, not a {self.NAME}; {fix}"
             )
         if attrs.get("creating"):
             raise FlatDinoError(
-                f"{self.path!r} is a {self.NAME} whose creation was interrupted; run "
+                f"{where} is a {self.NAME} whose creation was interrupted; run "
                 f"`flatdino {self.MAKER}` again to build it"
             )
         self.group = self.location.open_group(mode)
@@ -150,31 +160,15 @@ class ShardedStore:
     @classmethod
     def open_complete(cls: type[S], path: str, option: str) -> S:
         """A complete store for `option`, or a one-line error that says what to run."""
-        fix = f"pass the --out of `flatdino {cls.MAKER}`"
-        if absent(path):
-            raise FlatDinoError(f"{option} {path!r} does not exist; {fix}")
-        try:
-            kind = Location(str(path)).attrs(f"a {cls.NAME}'s zarr.json", cls.damaged_fix(path))
-        except MetadataError as e:
-            raise MetadataError(f"{option} {path!r}: {e}") from None
-        if kind is not None:
-            kind = kind.get("kind")
-        else:
-            raise FlatDinoError(f"{option} {path!r} is not a {cls.NAME} (no zarr.json); {fix}")
-        if kind != cls.KIND:
-            raise FlatDinoError(
-                f"{option} {path!r} is {describe_kind(kind)}, not a {cls.NAME}; {fix}"
-            )
-        store = cls(path)
+        store = cls(path, option=option)
         if not store.attrs.get("complete"):
             raise FlatDinoError(f"{option} {path!r} is incomplete; finish {cls.MAKER} first")
         return store
 
     @classmethod
-    def damaged_fix(cls, path: str | None = None) -> str:
-        """What to do about a damaged metadata file of a store of this class."""
-        where = f"delete {path!r}" if path else "delete the store"
-        return f"restore the file, or {where} and run `flatdino {cls.MAKER}` again"
+    def damaged_fix(cls, path: str) -> str:
+        """What to do about a damaged metadata file of the store at `path`."""
+        return f"restore the file, or delete {path!r} and run `flatdino {cls.MAKER}` again"
 
     def array(self, name: str) -> zarr.Array:
         """The array `name`; its zarr.json missing, damaged or a group's is one line."""
