@@ -298,6 +298,14 @@ def torchrun_cmd(n: int, *args: str) -> list[str]:
     return [*head, str(n), "-m", "flatdino.cli.main", *args]
 
 
+def tiny_dit_args(store: Path, run: Path, steps: int, *extra: str) -> list[str]:
+    """`train-dit` of the tiny preset on CPU, batch 16, a metrics line every step: the command the
+    torchrun tests start (their own options in `extra`)."""
+    head = ["train-dit", "--latents", str(store), "--out", str(run), "--preset", "tiny"]
+    run_options = ["--batch-size", "16", "--steps", str(steps), "--log-every", "1"]
+    return [*head, *run_options, "--device", "cpu", "--no-progress", *extra]
+
+
 TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on 2 cores
 
 

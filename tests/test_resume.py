@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import fake_latents_store, torchrun
+from conftest import fake_latents_store, tiny_dit_args, torchrun
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.loader import LoaderConfig, plan_epoch
 from flatdino.trainers.resume import map_position
@@ -75,24 +75,7 @@ def test_a_gloo_run_resumes_on_another_number_of_ranks(tmp_path, before, after, 
         np.arange(64) % 4,
     )
     run = tmp_path / "run"
-    common = [
-        "train-dit",
-        "--latents",
-        str(store),
-        "--out",
-        str(run),
-        "--preset",
-        "tiny",
-        "--batch-size",
-        "16",
-        "--steps",
-        "8",
-        "--log-every",
-        "1",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    common = tiny_dit_args(store, run, 8)
     first = torchrun(before, *common, "--stop-after", str(stop))
     assert first.returncode == 0, first.stderr[-2000:]
     second = torchrun(after, *common, "--resume")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fake_latents_store, free_port
+from conftest import fake_latents_store, free_port, tiny_dit_args
 
 STEPS = 20  # enough that the kill (at the first checkpoint, step 2) lands in the middle
 
@@ -43,27 +43,7 @@ def start_node(i: int, port: str, run: Path, store: Path, *extra: str) -> subpro
         "0",
         "-m",
         "flatdino.cli.main",
-        "train-dit",
-        "--latents",
-        str(store),
-        "--out",
-        str(run),
-        "--preset",
-        "tiny",
-        "--batch-size",
-        "16",
-        "--steps",
-        str(STEPS),
-        "--log-every",
-        "1",
-        "--ckpt-every",
-        "2",
-        "--log-to",
-        "none",
-        "--device",
-        "cpu",
-        "--no-progress",
-        *extra,
+        *tiny_dit_args(store, run, STEPS, "--ckpt-every", "2", "--log-to", "none", *extra),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(run.parent / f"node{i}{'-resume' if extra else ''}.log", "w") as log:

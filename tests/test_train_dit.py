@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
-from conftest import fake_latents_store, torchrun
+from conftest import fake_latents_store, tiny_dit_args, torchrun
 from flatdino.models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
 from flatdino.models.flow import LatentNorm, euler_sample, flow_loss, sample_time
 from flatdino.pipeline.errors import FlatDinoError
@@ -231,24 +231,7 @@ def test_refusals(store, tmp_path):
 
 def test_two_process_ddp_on_cpu(store, tmp_path):
     run = tmp_path / "ddp"
-    args = [
-        "train-dit",
-        "--latents",
-        str(store),
-        "--out",
-        str(run),
-        "--preset",
-        "tiny",
-        "--steps",
-        "4",
-        "--batch-size",
-        "16",
-        "--log-every",
-        "1",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    args = tiny_dit_args(store, run, 4)
     done = torchrun(2, *args)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

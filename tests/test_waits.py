@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import TORCHRUN_ENV, fake_latents_store, torchrun_cmd
+from conftest import TORCHRUN_ENV, fake_latents_store, tiny_dit_args, torchrun_cmd
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.sampling.sample import SampleConfig, sample
 from flatdino.trainers import runner
@@ -116,31 +116,9 @@ def _worker_pids(agent: int) -> dict[int, int]:
 
 def _train(run: Path, store: Path, log: str) -> subprocess.Popen:
     """train-dit on 2 gloo ranks, --dist-timeout 5, output into RUN/../LOG."""
-    cmd = torchrun_cmd(
-        2,
-        "train-dit",
-        "--latents",
-        str(store),
-        "--out",
-        str(run),
-        "--preset",
-        "tiny",
-        "--batch-size",
-        "16",
-        "--steps",
-        "400",  # far more than the stop leaves time for: the run is mid-way when a rank stops
-        "--ckpt-every",
-        "2",
-        "--log-every",
-        "1",
-        "--log-to",
-        "none",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--dist-timeout",
-        "5",
-    )
+    extra = ["--ckpt-every", "2", "--log-to", "none", "--dist-timeout", "5"]
+    # 400 steps: far more than the stop leaves time for, so the run is mid-way when a rank stops
+    cmd = torchrun_cmd(2, *tiny_dit_args(store, run, 400, *extra))
     with open(run.parent / log, "w") as out:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=TORCHRUN_ENV)
 
