@@ -108,10 +108,7 @@ class _BlockReader(IterableDataset):
         store = FeatureStore(self.path)  # opened in the worker (path or URL)
         for b in self.blocks[worker::workers]:
             lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, store.num_images)
-            rows = np.flatnonzero(self.needed[lo:hi]) + lo
-            if len(rows) == 0:
-                yield rows, None
-                continue
+            rows = np.flatnonzero(self.needed[lo:hi]) + lo  # not empty: `epoch` skips such blocks
             yield rows, each(store.read_drawn(lo, hi, rows, self.views[rows]), torch.from_numpy)
 
 
@@ -164,8 +161,7 @@ class FeatureBatches:
         for rows in batches:
             while any(int(r) not in pool for r in rows):
                 got_rows, data = next(stream)
-                if data is not None:
-                    pool.update(zip(got_rows.tolist(), _rows_of(data), strict=True))
+                pool.update(zip(got_rows.tolist(), _rows_of(data), strict=True))
             if len(rows):
                 # numpy, not torch.stack: torch 2.14's CPU stack of float16 rows copies at
                 # 0.1-1 GB/s here, numpy's at ~5 GB/s (bench/vae_loader.py)

@@ -103,6 +103,34 @@ def test_loader_ships_codes_and_the_device_dequantises(int8_store):
     assert seen == 359
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_rank_with_fewer_rows_ends_on_an_empty_batch_of_its_dtype(
+    dtype, digits_val_store, request
+):
+    """359 rows in 23 blocks of 16, two ranks: one holds 12 blocks (> 180 rows), the other 11
+    (< 180), so at batch 180 both run 2 steps and the second rank's last batch is empty, typed
+    and shaped as a full one (the trainer's collectives and dequantisation take it unchanged)."""
+    path = digits_val_store if dtype == "float16" else request.getfixturevalue("int8_store")
+    store = FeatureStore(path)
+    epochs = [
+        list(
+            FeatureBatches(store, LoaderConfig(180, seed=1, num_workers=0, rank=r, world=2)).epoch(
+                0
+            )
+        )
+        for r in range(2)
+    ]
+    assert [len(e) for e in epochs] == [2, 2]
+    sizes = sorted([len(rows) for _, _, rows in e] for e in epochs)
+    assert sizes[0][1] == 0 and sum(map(sum, sizes)) == 359
+    empty = next(x for e in epochs for x, _, rows in e if len(rows) == 0)
+    full = epochs[0][0][0]
+    parts, want = (empty, full) if dtype == "int8" else ((empty,), (full,))
+    for got, ref in zip(parts, want, strict=True):
+        assert got.dtype == ref.dtype and got.shape == (0, *ref.shape[1:])
+    assert to_device(empty, torch.device("cpu")).shape == (0, 256, 64)
+
+
 def test_train_vae_encode_latents_and_knn_read_int8(int8_store, digits_val_store, tmp_path):
     run = tmp_path / "vae"
     metrics = train_vae(

@@ -144,3 +144,28 @@ def test_prefetch_keeps_order_raises_and_stops():
     stream.close()  # the consumer leaves early: the producer stops, one batch ahead at most
     assert not any(t.name == "flatdino-prefetch" and t.is_alive() for t in threading.enumerate())
     assert len(produced) <= 3
+
+
+def test_prefetch_pins_every_tensor_of_a_batch_and_leaves_the_rest(monkeypatch):
+    """`prefetch(pin=True)` (train-vae on CUDA) pins the features, or an int8 batch's codes and
+    scales, and the labels, and hands numpy row indices over as they are. Page-locked memory needs
+    a CUDA driver, so `pin_memory` is replaced by a copy that records what it was given."""
+    from flatdino.pipeline.loader import prefetch
+
+    pinned: list[torch.Tensor] = []
+
+    def pin(t: torch.Tensor) -> torch.Tensor:
+        pinned.append(t)
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    codes, scales = torch.ones(2, 3, 4, dtype=torch.int8), torch.ones(2, 3, dtype=torch.float16)
+    labels, rows = torch.tensor([4, 7]), np.array([10, 11])
+    batches = [((codes, scales), labels, rows), (torch.zeros(2, 3, 4), labels, rows)]
+    got = list(prefetch(iter(batches), pin=True))
+    sent = [codes, scales, labels, batches[1][0], labels]
+    assert len(pinned) == 5 and all(t is s for t, s in zip(pinned, sent, strict=True))
+    (x, y, r), (x2, _, r2) = got
+    assert isinstance(x, tuple) and torch.equal(x[0], codes) and x[0] is not codes
+    assert torch.equal(y, labels) and y is not labels and torch.equal(x2, torch.zeros(2, 3, 4))
+    assert r is rows and r2 is rows

@@ -189,3 +189,16 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_nccl_is_told_to_raise_at_a_timeout_unless_the_user_chose(monkeypatch):
+    """On CUDA the group is NCCL, whose watchdog by default ends the process at a timeout without
+    a word; mode 2 makes the next collective raise, so the roll call can name the missing rank."""
+    from flatdino.trainers.runner import nccl_raises_on_timeout
+
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    nccl_raises_on_timeout()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    nccl_raises_on_timeout()
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"

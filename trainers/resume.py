@@ -79,7 +79,7 @@ def _set_rng_state(rngs: list[dict] | dict, d: Dist, seed: int, step: int) -> No
         return
     state = rngs[d.rank]
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available():  # cuda-only: the GPUs' random generators
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

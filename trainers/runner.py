@@ -83,7 +83,7 @@ def setup_distributed(device: str = "auto", timeout_s: float = 600) -> Dist:
     owns = world > 1 and not dist.is_initialized()
     store = None
     if owns:
-        if dev.type == "cuda":
+        if dev.type == "cuda":  # cuda-only: the NCCL group of a multi-GPU run
             nccl_raises_on_timeout()
         store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
         store.set_timeout(timeout)
@@ -223,7 +223,7 @@ def seed_ranks(seed: int, d: Dist) -> None:
 
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # cuda-only: the GPUs' random generators
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
