@@ -72,8 +72,11 @@ def _crop_file(kind: str, root: str) -> Callable[[str], np.ndarray]:
     return load
 
 
-def _read_npz(path: Path, cfg: FidConfig, model: FeatureNet, keep: int | None) -> SetStats:
-    """A samples.npz's arr_0 (uint8 N, H, W, 3), read `cfg.batch_size` rows at a time (never all)."""
+def _read_npz(
+    path: Path, cfg: FidConfig, net: Callable[[], FeatureNet], keep: int | None
+) -> SetStats:
+    """A samples.npz's arr_0 (uint8 N, H, W, 3), read `cfg.batch_size` rows at a time (never all);
+    the network is built once the header has been checked."""
     with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
         shape, fortran, dtype = _npy_header(f)
         if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
@@ -87,7 +90,7 @@ def _read_npz(path: Path, cfg: FidConfig, model: FeatureNet, keep: int | None) -
             )
             for lo in range(0, shape[0], step)
         )
-        return array_blocks(blocks, shape[0], model, keep, str(path), cfg.progress, cfg.workers)
+        return array_blocks(blocks, shape[0], net(), keep, str(path), cfg.progress, cfg.workers)
 
 
 def array_blocks(
@@ -201,7 +204,7 @@ def load_set(path: str, cfg: FidConfig, net: Callable[[], FeatureNet] | None = N
             raise FlatDinoError(
                 f"{path!r} is neither a samples.npz (arr_0) nor saved statistics (mu, sigma)"
             )
-        return _read_npz(p, cfg, net(), keep)
+        return _read_npz(p, cfg, net, keep)
     reader = _image_reader(p, cfg.space)
     if reader is not None:
         return _read_images(path, reader, cfg, net(), keep)

@@ -488,3 +488,41 @@ def test_train_dit_help_and_config(monkeypatch, tmp_path):
     paper = ("dit-xl", 1024, 2e-4, 0.9995, 0.1)
     assert (cfg.preset, cfg.batch_size, cfg.lr, cfg.ema_decay, cfg.class_dropout) == paper
     assert (cfg.steps, cfg.time_dist, cfg.normalize, cfg.kappa) == (9, "logit-normal", True, 1.0)
+
+
+def test_info_as_json_on_stores_runs_and_presets_and_its_refusals(tmp_path):
+    """`info --json` of a store and of a run folder, the preset table, and each refusal in one
+    line: no path, --plot on a store, a run without metrics to plot, a config.json of no model."""
+    import json
+
+    from conftest import fake_feature_store
+    from flatdino.models.configs import dit_preset
+
+    store = fake_feature_store(tmp_path / "f.zarr", channels=8)
+    got = json.loads(invoke("info", str(store), "--json").output)
+    assert got["arrays"]["features"]["shape"] == [4, 1, 256, 8] and got["complete"] is True
+
+    run = tmp_path / "dit"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": dit_preset("tiny").to_dict()}))
+    got = json.loads(invoke("info", str(run), "--json").output)
+    assert got["kind"] == "dit" and got["parameters"] > 0 and got["checkpoints"] == []
+
+    table = invoke("info", "--presets").output.splitlines()
+    assert table[0].split() == ["preset", "model", "parameters", "official", "code"]
+    dit_xl = next(line.split() for line in table if line.startswith("dit-xl "))
+    assert dit_xl[1] == "dit" and dit_xl[2] == dit_xl[3]  # equal to the official module's count
+
+    for args, message in [
+        ((), "info needs a store or run folder (or --presets)"),
+        ((str(store), "--plot"), f"--plot draws a run's curves; {str(store)!r} is not a run"),
+        ((str(run), "--plot"), f"{str(run)!r} has no metrics.jsonl to plot; pass a run folder"),
+    ]:
+        result = invoke("info", *args)
+        assert result.exit_code != 0 and message in result.output, result.output
+    (run / "config.json").write_text(json.dumps({"kappa": 3.0}))
+    result = invoke("info", str(run))
+    assert (
+        result.exit_code != 0
+        and "is a DiT's flow.json (it has kappa), not a run's" in result.output
+    )

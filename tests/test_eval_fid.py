@@ -490,3 +490,38 @@ def test_an_unfinished_store_is_refused_and_a_symlink_loop_is_walked_once(
     before = image_files(tmp_path / "tree")
     (tmp_path / "tree" / "class0" / "loop").symlink_to(tmp_path / "tree")
     assert image_files(tmp_path / "tree") == before
+
+
+def test_load_set_refuses_what_it_cannot_compare_in_one_line(tmp_path):
+    """Each input `eval fid` cannot read is named with what it holds and what was expected; none
+    of these builds the feature network."""
+    from dataclasses import replace
+
+    from conftest import fake_latents_store
+    from flatdino.eval.fid_sets import npz_crop
+
+    def no_net():
+        raise AssertionError("the network is not needed to refuse")
+
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    np.savez(tmp_path / "gray.npz", np.zeros((2, 8, 8), np.uint8))  # arr_0 without channels
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "flat.npy", np.zeros((4, 8), np.float32))
+    (tmp_path / "notes.txt").write_text("hello")
+    fake_latents_store(tmp_path / "l.zarr", np.zeros((4, 1, 2, 3), np.float32), np.zeros(4))
+    cases = [
+        ("missing.npz", _cfg(), "does not exist"),
+        ("other.npz", _cfg(), "is neither a samples.npz (arr_0) nor saved statistics (mu, sigma)"),
+        ("gray.npz", _cfg(), "arr_0 must be uint8 (N, H, W, 3) images; found uint8 (2, 8, 8)"),
+        ("empty", _cfg(), "holds no images (.jpg"),
+        ("flat.npy", _cfg(), "holds (4, 8); expected features (N, P, C)"),
+        ("notes.txt", _cfg(), "is not an image folder, Parquet manifest, samples.npz, feature"),
+        ("flat.npy", replace(_cfg(), space="inception"), "holds features: compare it with --space"),
+        ("l.zarr", _cfg(), "is a flatdino.latents store; FD needs a feature store"),
+    ]
+    for name, cfg, message in cases:
+        with pytest.raises(FlatDinoError) as err:
+            load_set(str(tmp_path / name), cfg, no_net)
+        assert message in str(err.value) and "\n" not in str(err.value), (name, err.value)
+    big = np.random.default_rng(0).integers(0, 255, (300, 320, 3), np.uint8)
+    assert npz_crop(big).shape == (256, 256, 3) and npz_crop(big[:256, :256]) is not None
