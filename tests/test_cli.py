@@ -526,3 +526,29 @@ def test_info_as_json_on_stores_runs_and_presets_and_its_refusals(tmp_path):
         result.exit_code != 0
         and "is a DiT's flow.json (it has kappa), not a run's" in result.output
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("eval", "knn", "--train", "a", "--train", "b", "--val", "c"), "give one --val per"),
+        (("bench", "throughput", "--out", "t", "--batches", "1,x"), "--batches must be integers"),
+    ],
+)
+def test_eval_and_bench_refuse_mismatched_lists_in_one_line(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 1 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_sample_from_python_refuses_what_the_cli_options_bound():
+    from dataclasses import replace
+
+    from flatdino.pipeline.errors import FlatDinoError
+    from flatdino.sampling.configs import SampleConfig
+    from flatdino.sampling.sample import sample
+
+    cfg = SampleConfig(dit="d", out="o")
+    for bad in ({"steps": 0}, {"batch_size": 0}, {"writers": 0}):
+        with pytest.raises(FlatDinoError, match="--steps, --batch-size and --writers must be"):
+            sample(replace(cfg, **bad))

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from flatdino.cli.main import app
 from flatdino.eval.fid import FidConfig, frechet_distance, load_set
 from flatdino.eval.sweep import SweepConfig
+from flatdino.pipeline.errors import FlatDinoError
 
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 # the raw weights: after 5 steps the EMA ones are still the zero-initialised output layer (v = 0)
@@ -270,6 +271,8 @@ def test_the_cli_builds_the_papers_grid_by_default(monkeypatch):
         (["--scales", ""], "--scales is empty"),
         (["--scales", "2,x"], "comma-separated numbers"),
         (["--interval-starts", "0,1.5"], "must be in [0, 1]"),
+        (["--scales", "1.5,2,1.5"], "--scales 1.5,2,1.5 lists a value twice"),
+        (["--interval-starts", "0,nan"], "holds a value that is not finite"),
         (["--inception-weights", "w.pth"], "needs --decoder"),
         (
             ["--features", "WRONG_STORE"],
@@ -314,3 +317,17 @@ def test_bad_input_is_one_line_and_exit_1(chain, tmp_path, options, message):
     if "--seed" in options:  # --overwrite replaces it
         assert runner.invoke(app, ["sweep-cfg", *args, *FAST, "--overwrite"]).exit_code == 0
         assert json.loads((tmp_path / "s" / "sweep.json").read_text())["config"]["seed"] == 1
+
+
+def test_the_python_api_refuses_what_the_cli_options_bound():
+    """typer checks --n, --steps and --batch-size at the command line; `sweep_cfg(cfg)` called
+    from Python checks them itself."""
+    from dataclasses import replace
+
+    from flatdino.eval.sweep import check_config
+
+    cfg = SweepConfig(dit="d", features="f", out="o")
+    check_config(cfg)
+    for bad in ({"n": 1}, {"steps": 0}, {"batch_size": 0}):
+        with pytest.raises(FlatDinoError, match=r"--n must be at least 2 \(a covariance\)"):
+            check_config(replace(cfg, **bad))
