@@ -1,0 +1,125 @@
+"""DiT-DH (a DiT encoder with a wide decoupled head): parity with the official `DiTDH`, the
+parameter counts, its init and gradients.
+
+tests/data/official/parity_dit_dh.npz holds what the official module computed at toy size with
+seeded random weights (make_parity_dit_dh.py, run in the throwaway jax/flax environment): three
+variants (RoPE; registers without RoPE; encoder and head of one width), their weights as the
+flattened nnx state, the velocity of three (x, t, y) and the nnx.Param counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flatdino.models.configs import dit_dh_parameters
+from flatdino.models.dit_dh import (
+    DIT_DH_PRESETS,
+    DiTDH,
+    DiTDHConfig,
+    count_generator_parameters,
+    generator_preset,
+)
+from flatdino.models.flow import flow_loss
+from flatdino.models.official import OFFICIAL_PARAMETERS, OfficialFormatError, convert_dit_dh
+
+DATA = Path(__file__).parent / "data" / "official" / "parity_dit_dh.npz"
+# The toy modules of make_parity_dit_dh.py: T = 4 tokens of d = 8, 10 classes.
+TOY = DiTDHConfig(
+    tokens=4, latent_dim=8, dim=8, depth=2, heads=2, dh_dim=12, dh_depth=2, dh_heads=2,
+    num_classes=10,
+)  # fmt: skip
+VARIANTS = {
+    "rope": TOY,
+    "regs": DiTDHConfig(**{**TOY.to_dict(), "use_rope": False, "registers": 2, "depth": 1,
+                           "dh_depth": 1}),
+    "same": DiTDHConfig(**{**TOY.to_dict(), "dh_dim": 8, "depth": 1, "dh_depth": 1}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, np.ndarray]:
+    with np.load(DATA) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _tree(ref: dict, name: str) -> dict[str, np.ndarray]:
+    """The official weights of one variant as float32 (stored as their raw bits)."""
+    prefix, out = f"{name}/w/", {}
+    for k, bits in ref.items():
+        if k.startswith(prefix):
+            wide = bits.astype(np.uint32) << 16 if bits.dtype == np.uint16 else bits
+            out[k[len(prefix) :]] = wide.view(np.float32)
+    return out
+
+
+def _rel(a: torch.Tensor, b: np.ndarray) -> float:
+    b_ = torch.from_numpy(np.asarray(b, np.float32))
+    return ((a.float() - b_).norm() / b_.norm()).item()
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_velocity_matches_the_official_dit_dh(ref, name):
+    cfg = VARIANTS[name]
+    model = DiTDH(cfg).eval()
+    model.load_state_dict(convert_dit_dh(_tree(ref, name), cfg), strict=True)
+    x, t, y = (torch.from_numpy(ref[f"{name}/{k}"]) for k in ("x", "t", "y"))
+    with torch.no_grad():
+        v = model(x, t, y.long())
+    assert ref[f"{name}/v"].std() > 0.1  # a reference that moves: zero init would not pass
+    assert _rel(v, ref[f"{name}/v"]) < 1e-5
+    n = sum(p.numel() for p in model.parameters())
+    assert n == int(ref[f"{name}/params"]) == dit_dh_parameters(cfg)
+
+
+def test_dit_dh_xl_has_the_official_parameter_count(ref):
+    cfg = generator_preset("dit-dh-xl")
+    assert (cfg.dim, cfg.depth, cfg.dh_dim, cfg.dh_depth, cfg.dh_mlp_hidden) == (
+        1152, 28, 2048, 2, 5461,
+    )  # fmt: skip
+    official = int(ref["params/dit-dh-xl"])
+    assert count_generator_parameters(cfg) == dit_dh_parameters(cfg) == official
+    assert OFFICIAL_PARAMETERS["dit-dh-xl"] == official
+
+
+def test_the_converter_refuses_what_it_cannot_place(ref):
+    tree = _tree(ref, "rope")
+    with pytest.raises(OfficialFormatError, match="holds 'in_cls_proj/kernel'"):
+        convert_dit_dh({**tree, "in_cls_proj/kernel": np.zeros((2, 2), np.float32)}, TOY)
+    with pytest.raises(OfficialFormatError, match="no 'decoder_blocks/1/mlp/up_proj/kernel'"):
+        convert_dit_dh({k: v for k, v in tree.items() if "decoder_blocks/1/mlp/up" not in k}, TOY)
+    with pytest.raises(OfficialFormatError, match="fixed table"):  # another RoPE base
+        convert_dit_dh(tree, DiTDHConfig(**{**TOY.to_dict(), "rope_base": 100.0}))
+
+
+def test_registers_with_rope_are_refused_by_name():
+    with pytest.raises(ValueError, match="registers need use_rope=False"):
+        DiTDHConfig(registers=2)
+
+
+@pytest.mark.parametrize("name", sorted(DIT_DH_PRESETS))
+def test_presets_on_the_meta_device(name):
+    with torch.device("meta"):
+        model = DiTDH(generator_preset(name))
+        v = model(torch.empty(2, 32, 128), torch.empty(2), torch.zeros(2, dtype=torch.long))
+    assert v.shape == (2, 32, 128)
+
+
+def test_zero_init_output_and_every_parameter_learns():
+    torch.manual_seed(0)
+    model = DiTDH(generator_preset("dit-dh-tiny", tokens=8, latent_dim=16, registers=2,
+                                   use_rope=False))  # fmt: skip
+    x, t, y = torch.randn(4, 8, 16), torch.rand(4), torch.tensor([0, 3, 9, 10])
+    assert model(x, t, y).abs().max() == 0  # adaLN-Zero: the untrained model predicts v = 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(4):  # behind zero-initialised layers, gradients arrive a few updates later
+        opt.zero_grad()
+        flow_loss(model, x, y, null_class=model.null_class).backward()
+        opt.step()
+    v = model(x, t, y)
+    assert torch.isfinite(v).all() and v.abs().max() > 0
+    stale = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert stale == []
