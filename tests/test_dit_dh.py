@@ -25,7 +25,8 @@ from flatdino.models.dit_dh import (
     generator_preset,
 )
 from flatdino.models.flow import flow_loss
-from flatdino.models.official import OFFICIAL_PARAMETERS, OfficialFormatError, convert_dit_dh
+from flatdino.models.official import OFFICIAL_PARAMETERS, OfficialFormatError
+from flatdino.models.official_dh import convert_dit_dh
 
 DATA = Path(__file__).parent / "data" / "official" / "parity_dit_dh.npz"
 # The toy modules of make_parity_dit_dh.py: T = 4 tokens of d = 8, 10 classes.
