@@ -67,7 +67,9 @@ def _rel(a: torch.Tensor, b: np.ndarray) -> float:
 def test_velocity_matches_the_official_dit_dh(ref, name):
     cfg = VARIANTS[name]
     model = DiTDH(cfg).eval()
-    model.load_state_dict(convert_dit_dh(_tree(ref, name), cfg), strict=True)
+    state, stats = convert_dit_dh(_tree(ref, name), cfg)
+    assert stats is None  # trained without latent normalisation
+    model.load_state_dict(state, strict=True)
     x, t, y = (torch.from_numpy(ref[f"{name}/{k}"]) for k in ("x", "t", "y"))
     with torch.no_grad():
         v = model(x, t, y.long())
@@ -194,3 +196,89 @@ def test_dit_dh_trains_resumes_bit_exactly_and_samples(tmp_path):
     assert latents.shape == (3, T, d) and features.shape == (3, 4, 8)
     info = CliRunner().invoke(app, ["info", str(straight / "checkpoints")])
     assert info.exit_code == 0 and f"parameters: {dit_dh_parameters(model.cfg)}\n" in info.output
+
+
+# --------------------------------------------------------------------------- import-official
+
+
+def _orbax_checkpoint(root: Path, tree: dict[str, np.ndarray], config: str, step: int) -> Path:
+    """An orbax CheckpointManager folder as the official trainer's `save_checkpoint` writes it:
+    `model` and `model_ema` (every Param × 0.5; buffers kept) PyTree items of the nested nnx
+    state and the `config` JSON item (optim and loader left out, as in tests/data/official)."""
+    import orbax.checkpoint as ocp
+
+    buffers = ("t_embedder/W", "feat_rope/")
+
+    def nested(flat: dict) -> dict:
+        out: dict = {}
+        for path, value in flat.items():
+            *parents, leaf = path.split("/")
+            node = out
+            for p in parents:
+                node = node.setdefault(int(p) if p.isdigit() else p, {})
+            node[int(leaf) if leaf.isdigit() else leaf] = value
+        return out
+
+    ema = {k: v if any(b in k for b in buffers) else v * np.float32(0.5) for k, v in tree.items()}
+    mngr = ocp.CheckpointManager(
+        str(root), options=ocp.CheckpointManagerOptions(create=True),
+        item_names=["model", "model_ema", "config"],
+    )  # fmt: skip
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.PyTreeSave(nested(tree)),
+            model_ema=ocp.args.PyTreeSave(nested(ema)),
+            config=ocp.args.JsonSave(json.loads(config)),
+        ),
+    )
+    mngr.wait_until_finished()
+    mngr.close()
+    return root
+
+
+@pytest.mark.parametrize("name", ["regs", "rope"])
+def test_import_official_dit_dh_round_trip(ref, tmp_path, name):
+    """import-official reads an official DiT-DH checkpoint (config item or, for a preset, shapes)
+    into a folder `sample` takes; its weights are the converter's."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from flatdino.cli.main import app
+    from flatdino.pipeline.checkpoints import load_dit
+
+    tree = _tree(ref, name)
+    ckpt = _orbax_checkpoint(tmp_path / "official", tree, str(ref[f"{name}/config"]), 300)
+    out = tmp_path / "imported"
+    r = CliRunner().invoke(app, ["import-official", str(ckpt), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    cfg = VARIANTS[name]
+    expected, _ = convert_dit_dh(tree, cfg)
+    raw, ema = load_file(str(out / "model.safetensors")), load_file(str(out / "ema.safetensors"))
+    for k, v in expected.items():
+        torch.testing.assert_close(raw[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(ema[k], v if k == "t_embed.W" else v * 0.5, rtol=0, atol=0)
+    config = json.loads((out / "config.json").read_text())
+    assert config == cfg.to_dict()
+    model, flow, _, _ = load_dit(str(out), ema=False)
+    assert isinstance(model, DiTDH) and flow.kappa == pytest.approx((4 * 8 / 4096) ** 0.5)
+    x, t, y = (torch.from_numpy(ref[f"{name}/{k}"]) for k in ("x", "t", "y"))
+    with torch.no_grad():
+        assert _rel(model(x, t, y.long()), ref[f"{name}/v"]) < 1e-5
+
+
+def test_official_dit_dh_settings_it_cannot_represent_are_refused(ref):
+    from flatdino.models.official_dh import dit_dh_config_from_official, dit_dh_config_from_shapes
+
+    official = json.loads(str(ref["regs/config"]))
+    assert dit_dh_config_from_official(official) == VARIANTS["regs"]
+    both = {**official, "dit_dh": {**official["dit_dh"], "use_rope": True}}
+    with pytest.raises(OfficialFormatError, match="num_registers with use_rope"):
+        dit_dh_config_from_official(both)
+    cls = {**official, "dit_dh": {**official["dit_dh"], "in_cls_dim": 768}}
+    with pytest.raises(OfficialFormatError, match="in_cls_dim = 768"):
+        dit_dh_config_from_official(cls)
+    with pytest.raises(OfficialFormatError, match="pred_type = 'x'"):
+        dit_dh_config_from_official({**official, "pred_type": "x"})
+    with pytest.raises(OfficialFormatError, match="match no preset"):
+        dit_dh_config_from_shapes(_tree(ref, "rope"))  # toy sizes: no preset to take heads from

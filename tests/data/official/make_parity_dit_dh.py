@@ -35,7 +35,8 @@ Outputs (``parity_dit_dh.npz``)
   values), everything else as the uint32 of its float32;
 * ``<name>/x`` (3, T, d), ``<name>/t`` (3,) = [0, 0.37, 0.93], ``<name>/y`` (3,) = [1, 7, 10];
   ``<name>/v`` = ``model(x, t, y, train=False)["x"]``;
-* ``<name>/params``: the module's nnx.Param count;
+* ``<name>/params``: the module's nnx.Param count; ``<name>/config``: the GeneratorConfig as
+  the official trainer saves it in its checkpoints' ``config`` item (``asdict(cfg)``, JSON);
 * ``params/dit-dh-xl``: the nnx.Param count of ``train_generator.get_experiment("ditxl-dh")``
   on 32 × 128 latents (in_channels=128, num_tokens=32, 1000 classes), built with
   ``nnx.eval_shape`` as count_parameters.py builds the others: 835,058,132.
@@ -43,8 +44,9 @@ Outputs (``parity_dit_dh.npz``)
 
 from __future__ import annotations
 
+import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +124,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     g0 = official_gen.GeneratorConfig()
     for name, change in VARIANTS.items():
-        dh = replace(g0.dit_dh, in_channels=D, **{**BASE, **change})
+        dh = replace(g0.dit_dh, in_channels=D, input_size=T, **{**BASE, **change})  # as main
         cfg = replace(g0, model_type="dit_dh", dit_dh=dh)
         model = official_gen.make_generator(cfg, mp, nnx.Rngs(2), num_tokens=T)
         assert model.cfg.patch_size is None and model.cfg.input_size == T
@@ -140,6 +142,7 @@ def main() -> None:
         out[f"{name}/x"], out[f"{name}/t"], out[f"{name}/y"] = x, t, y
         out[f"{name}/v"] = np.asarray(v)
         out[f"{name}/params"] = np.array(count(model))
+        out[f"{name}/config"] = np.array(json.dumps(asdict(cfg)))
         assert out[f"{name}/v"].shape == (3, T, D) and np.all(np.isfinite(out[f"{name}/v"]))
 
     xl = official_gen.get_experiment("ditxl-dh")
