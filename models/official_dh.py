@@ -45,7 +45,7 @@ def dit_dh_config_from_official(cfg: Mapping) -> DiTDHConfig:
         if dh["num_registers"] and dh["use_rope"]:
             raise OfficialFormatError(
                 "the official DiT-DH has num_registers with use_rope, which its own forward "
-                "pass cannot run (the RoPE table has input_size rows); flatdino refuses it"
+                "pass fails on or tiles the RoPE table of input_size rows for; flatdino refuses it"
             )
         if not dh.get("class_dropout_prob"):
             raise OfficialFormatError(
