@@ -282,3 +282,23 @@ def test_official_dit_dh_settings_it_cannot_represent_are_refused(ref):
         dit_dh_config_from_official({**official, "pred_type": "x"})
     with pytest.raises(OfficialFormatError, match="match no preset"):
         dit_dh_config_from_shapes(_tree(ref, "rope"))  # toy sizes: no preset to take heads from
+
+
+def test_dit_dh_trains_under_two_gloo_ranks(tmp_path):
+    """torchrun with 2 CPU ranks: DDP over the DiT-DH (every parameter is used, so no unused-
+    parameter error), rank 0's checkpoint rebuilds as a DiT-DH."""
+    from conftest import fake_latents_store, tiny_dit_args, torchrun
+    from flatdino.pipeline.checkpoints import load_dit
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(2), 16)
+    mu = rng.normal(size=(32, 1, 4, 6)).astype(np.float32)
+    store = fake_latents_store(tmp_path / "lat.zarr", mu, labels)
+    run = tmp_path / "ddp"
+    done = torchrun(2, *tiny_dit_args(store, run, 3, "--preset", "dit-dh-tiny"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    model, *_ = load_dit(str(run))
+    assert isinstance(model, DiTDH) and model.cfg.num_classes == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
