@@ -76,7 +76,7 @@ def store_info(path: str, as_json: bool) -> None:
 
 def run_info(run: Path, as_json: bool) -> None:
     """Model config and parameter count, last metrics and checkpoints of a run folder."""
-    from ..models.dit import DiTConfig, count_dit_parameters
+    from ..models.dit_dh import count_generator_parameters, generator_config
     from ..models.pixel_decoder import PixelDecoderConfig, count_pixel_decoder_parameters
     from ..models.vae import VAEConfig, count_parameters
     from ..pipeline.checkpoints import config_kind, describe_json, read_json
@@ -93,7 +93,7 @@ def run_info(run: Path, as_json: bool) -> None:
             f"{str(run / 'config.json')!r} is {describe_json(config)}, not a run's config.json; {fix}"
         )
     count = {
-        "dit": lambda: count_dit_parameters(DiTConfig(**model)),
+        "dit": lambda: count_generator_parameters(generator_config(**model)),
         "decoder": lambda: count_pixel_decoder_parameters(PixelDecoderConfig(**model)),
         "vae": lambda: count_parameters(VAEConfig(**model)),
     }[kind]
@@ -119,7 +119,7 @@ def run_info(run: Path, as_json: bool) -> None:
 
 
 def _presets_info(as_json: bool) -> None:
-    from ..models.dit import DIT_PRESETS, count_dit_parameters
+    from ..models.dit_dh import GENERATOR_PRESETS, count_generator_parameters
     from ..models.official import OFFICIAL_PARAMETERS
     from ..models.vae import VAE_PRESETS, count_parameters
 
@@ -136,10 +136,10 @@ def _presets_info(as_json: bool) -> None:
         {
             "preset": n,
             "model": "dit",
-            "parameters": count_dit_parameters(c),
+            "parameters": count_generator_parameters(c),
             "official": OFFICIAL_PARAMETERS.get(n),
         }
-        for n, c in DIT_PRESETS.items()
+        for n, c in GENERATOR_PRESETS.items()
     ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

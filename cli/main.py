@@ -128,7 +128,8 @@ app.command(
 )(train_vae_cmd)
 app.command(
     "train-dit",
-    help="Train the LightningDiT on a cached latents store (run under torchrun for DDP).",
+    help="Train a generator (LightningDiT or DiT-DH) on a cached latents store (run under "
+    "torchrun for DDP).",
 )(train_dit_cmd)
 
 app.command(

@@ -137,6 +137,65 @@ def dit_preset(name: str, **overrides) -> DiTConfig:
 
 
 @dataclass(frozen=True)
+class DiTDHConfig:
+    """Architecture of one DiT-DH, a DiT encoder with a wide decoupled head (the official
+    `DiTDH` on flat latents, decoder/dit_dh.py; saved as config.json; rebuilds the model)."""
+
+    kind: str = "dit_dh"  # tells a config.json of this generator from a LightningDiT's
+    tokens: int = 32  # T: latent tokens (read from the latents store)
+    latent_dim: int = 128  # d: channels per token (read from the latents store)
+    dim: int = 1152  # D: encoder width (the official encoder_dim)
+    depth: int = 28  # encoder blocks
+    heads: int = 16
+    dh_dim: int = 2048  # width of the decoupled head (decoder_dim)
+    dh_depth: int = 2  # head blocks (decoder_depth)
+    dh_heads: int = 16
+    mlp_hidden_ratio: float = 8 / 3  # SwiGLU hidden = int(ratio · width) in both parts (5461)
+    num_classes: int = 1000  # class index num_classes is the null (unconditional) class
+    rope_base: float = 10000.0
+    use_rope: bool = True  # 1-D RoPE in both parts (the official use_rope)
+    registers: int = 0  # learned tokens prepended in both parts (num_registers); no RoPE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.dim * self.mlp_hidden_ratio)
+
+    @property
+    def dh_mlp_hidden(self) -> int:
+        return int(self.dh_dim * self.mlp_hidden_ratio)
+
+    def __post_init__(self):
+        if self.kind != "dit_dh":
+            raise ValueError(f"DiTDHConfig.kind must be 'dit_dh'; got {self.kind!r}")
+        if self.registers and self.use_rope:
+            raise ValueError(
+                "DiT-DH registers need use_rope=False: the official flat RoPE table has T rows"
+            )
+
+
+DIT_DH_PRESETS: dict[str, DiTDHConfig] = {
+    "dit-dh-xl": DiTDHConfig(),  # the paper's Table 7 DiT^DH-XL: DiT-XL + a 2 x 2048 head
+    "dit-dh-tiny": DiTDHConfig(
+        dim=64, depth=2, heads=2, dh_dim=96, dh_depth=1, dh_heads=2, num_classes=10
+    ),
+}
+# Every generator `train-dit --preset` builds, LightningDiT and DiT-DH.
+GENERATOR_PRESETS: dict[str, DiTConfig | DiTDHConfig] = {**DIT_PRESETS, **DIT_DH_PRESETS}
+
+
+def generator_preset(name: str, **overrides) -> DiTConfig | DiTDHConfig:
+    return replace(GENERATOR_PRESETS[name], **overrides)
+
+
+def generator_config(**fields) -> DiTConfig | DiTDHConfig:
+    """The config of a generator's config.json: `kind` dit_dh is a DiT-DH, none a LightningDiT."""
+    return DiTDHConfig(**fields) if fields.get("kind") == "dit_dh" else DiTConfig(**fields)
+
+
+@dataclass(frozen=True)
 class PixelDecoderConfig:
     """Architecture of one pixel decoder (saved as config.json; rebuilds the model)."""
 
@@ -223,6 +282,24 @@ def dit_parameters(cfg: DiTConfig) -> int:
     embed += (cfg.num_classes + 1) * D  # classes + the null class
     head = D + _linear(D, 2 * D) + _linear(D, cfg.latent_dim)  # final norm, adaLN, output
     return embed + cfg.depth * block + head
+
+
+def dit_dh_parameters(cfg: DiTDHConfig) -> int:
+    """Parameters of a DiT-DH: encoder, head and the learned positions and registers."""
+    D, H = cfg.dim, cfg.dh_dim
+
+    def block(w: int, hidden: int) -> int:
+        return 2 * w + _linear(w, 3 * w) + _linear(w, w) + _swiglu(w, hidden) + _linear(w, 6 * w)
+
+    embed = _linear(cfg.latent_dim, D) + _linear(cfg.latent_dim, H) + cfg.tokens * D
+    embed += _linear(2 * 256, D) + _linear(D, D) + (cfg.num_classes + 1) * D
+    embed += cfg.registers * (D + H) + (_linear(D, H) if D != H else 0)
+    blocks = cfg.depth * block(D, cfg.mlp_hidden) + cfg.dh_depth * block(H, cfg.dh_mlp_hidden)
+    return embed + blocks + H + _linear(H, 2 * H) + _linear(H, cfg.latent_dim)
+
+
+def generator_parameters(cfg: DiTConfig | DiTDHConfig) -> int:
+    return dit_dh_parameters(cfg) if isinstance(cfg, DiTDHConfig) else dit_parameters(cfg)
 
 
 def pixel_decoder_parameters(cfg: PixelDecoderConfig) -> int:

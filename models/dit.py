@@ -60,7 +60,8 @@ class FourierTimeEmbedding(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x (B, T, D) with shift and scale (B, 1, D) for the whole sequence or (B, T, D) per token."""
+    return x * (1 + scale) + shift
 
 
 class RopeAttention(nn.Module):
@@ -72,32 +73,40 @@ class RopeAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)  # the official (three heads head_dim) layout
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sin: torch.Tensor | None, cos: torch.Tensor | None
+    ) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rot_embed(q, sin, cos), apply_rot_embed(k, sin, cos)  # (B, H, T, hd)
+        if sin is not None and cos is not None:  # None: no rotary embedding (DiT-DH use_rope off)
+            q, k = apply_rot_embed(q, sin, cos), apply_rot_embed(k, sin, cos)  # (B, H, T, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm block with adaLN-Zero: shift/scale/gate per branch from the conditioning."""
+    """Pre-norm block with adaLN-Zero: shift/scale/gate per branch from the conditioning c, one
+    vector per sample (B, D) or one per token (B, T, D) (the DiT-DH head's)."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, dim: int, heads: int, mlp_hidden: int):
         super().__init__()
-        D = cfg.dim
-        self.norm1 = RmsNorm(D, eps=EPS)
-        self.attn = RopeAttention(D, cfg.heads)
-        self.norm2 = RmsNorm(D, eps=EPS)
-        self.mlp = SwiGLU(D, cfg.mlp_hidden)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.norm1 = RmsNorm(dim, eps=EPS)
+        self.attn = RopeAttention(dim, heads)
+        self.norm2 = RmsNorm(dim, eps=EPS)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        sin: torch.Tensor | None,
+        cos: torch.Tensor | None,
     ) -> torch.Tensor:
-        s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, dim=-1)  # (B, D) each
-        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), s1, sc1), sin, cos)
-        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), s2, sc2))
+        c = c[:, None] if c.dim() == 2 else c  # (B, 1 or T, D)
+        s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), s1, sc1), sin, cos)
+        return x + g2 * self.mlp(modulate(self.norm2(x), s2, sc2))
 
 
 class LightningDiT(nn.Module):
@@ -114,7 +123,8 @@ class LightningDiT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.t_embed = FourierTimeEmbedding(D)
         self.y_embed = nn.Embedding(cfg.num_classes + 1, D)  # + the null class for CFG
-        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
+        blocks = [DiTBlock(D, cfg.heads, cfg.mlp_hidden) for _ in range(cfg.depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.final_norm = RmsNorm(D, eps=EPS)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, cfg.latent_dim)
@@ -150,7 +160,7 @@ class LightningDiT(nn.Module):
         c = self.t_embed(t).to(h.dtype) + self.y_embed(y)  # (B, D)
         for block in self.blocks:
             h = block(h, c, self.rope_sin, self.rope_cos)
-        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
         return self.out(modulate(self.final_norm(h), shift, scale))  # (B, T, d)
 
 

@@ -33,6 +33,8 @@ OFFICIAL_PARAMETERS: dict[str, int] = {
     "dit-b": 130_703_744,
     "dit-l": 458_423_440,
     "dit-xl": 675_478_016,
+    # train_generator.get_experiment("ditxl-dh"): tests/data/official/make_parity_dit_dh.py
+    "dit-dh-xl": 835_058_132,
 }
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..models.dit import DiTConfig, LightningDiT
+from ..models.dit import LightningDiT
+from ..models.dit_dh import DiTDH, build_generator, generator_config
 from ..models.flow import LatentNorm
 from ..models.pixel_decoder import (
     PIXEL_DECODER_PRESETS,
@@ -211,14 +212,17 @@ def read_flow(path: Path, fix: str) -> FlowRecord:
     return FlowRecord.from_json(read_json(path, fix, "a DiT's flow.json"), repr(str(path)))
 
 
-def load_dit(path: str, ema: bool = True) -> tuple[LightningDiT, FlowRecord, LatentNorm, Path]:
-    """The DiT (EMA or raw weights), its flow.json, its latent normalisation, and its folder."""
+def load_dit(
+    path: str, ema: bool = True
+) -> tuple[LightningDiT | DiTDH, FlowRecord, LatentNorm, Path]:
+    """The generator (EMA or raw weights; a LightningDiT or a DiT-DH, as its config.json's `kind`
+    says), its flow.json, its latent normalisation, and its folder."""
     ckpt = resolve_checkpoint(path, "--dit", "train-dit")
     if not (ckpt / "flow.json").exists():
         raise FlatDinoError(f"--dit {path!r} is not a train-dit checkpoint (no flow.json)")
     fix = rewrite("train-dit")
     weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
-    model = _rebuild(ckpt, LightningDiT, DiTConfig, weights, fix, "DiT")
+    model = _rebuild(ckpt, build_generator, generator_config, weights, fix, "DiT")
     stats = read_weights(ckpt / "latent_stats.safetensors", fix)
     norm = LatentNorm(stats["mean"], stats["std"])
     flow = read_flow(ckpt / "flow.json", fix)

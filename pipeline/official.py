@@ -16,12 +16,14 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..models.dit import DIT_PRESETS, count_dit_parameters
+from ..models.dit import DIT_PRESETS, DiTConfig
+from ..models.dit_dh import DIT_DH_PRESETS, DiTDHConfig, count_generator_parameters
 from ..models.flow import LatentNorm
 from ..models.official import (
     OfficialFormatError,
@@ -33,6 +35,13 @@ from ..models.official import (
     flatten,
     vae_config_from_official,
     vae_config_from_shapes,
+)
+from ..models.official_dh import (
+    convert_dit_dh,
+    dit_dh_config_from_official,
+    dit_dh_config_from_shapes,
+    dit_dh_flow_from_official,
+    is_dit_dh,
 )
 from ..models.vae import VAE_PRESETS, count_parameters
 from .checkpoints import resolve_vae
@@ -162,7 +171,30 @@ def import_official(cfg: ImportConfig) -> dict:
 
 def _preset_name(presets: dict, cfg) -> str:
     """The preset the imported architecture is (its init aside), else "custom"."""
-    return next((n for n, p in presets.items() if replace(p, init=cfg.init) == cfg), "custom")
+    same = (lambda p: replace(p, init=cfg.init)) if hasattr(cfg, "init") else (lambda p: p)
+    return next((n for n, p in presets.items() if same(p) == cfg), "custom")
+
+
+def _generator_config(
+    official: dict | None, tree: dict
+) -> tuple[str, DiTConfig | DiTDHConfig, dict, Callable]:
+    """(preset, config, flow settings, converter) of an official generator: a LightningDiT or,
+    by its config's model_type or its tensors, a DiT-DH."""
+    dh = official.get("model_type") == "dit_dh" if official is not None else is_dit_dh(tree)
+    convert = convert_dit_dh if dh else convert_dit
+    if official is not None:
+        model_cfg = (dit_dh_config_from_official if dh else dit_config_from_official)(official)
+        flow = (dit_dh_flow_from_official if dh else dit_flow_from_official)(official)
+        return (
+            _preset_name(DIT_DH_PRESETS if dh else DIT_PRESETS, model_cfg),
+            model_cfg,
+            flow,
+            convert,
+        )
+    preset, model_cfg = (dit_dh_config_from_shapes if dh else dit_config_from_shapes)(tree)
+    flow = {"kappa": 1.0, "class_dropout": 0.1, "normalize": False}
+    log.warning("no config item: κ = 1 (no time shift) and class dropout 0.1 are assumed")
+    return preset, model_cfg, flow, convert
 
 
 def _import_vae(cfg: ImportConfig, folder: Path, official: dict | None, source: dict) -> dict:
@@ -193,15 +225,8 @@ def _import_dit(
 ) -> dict:
     trees = {item: read_item(folder, item) for item in DIT_ITEMS if item in items}
     first = next(iter(trees.values()))
-    if official is not None:
-        model_cfg = dit_config_from_official(official)
-        preset = _preset_name(DIT_PRESETS, model_cfg)
-        flow = dit_flow_from_official(official)
-    else:
-        preset, model_cfg = dit_config_from_shapes(first)
-        flow = {"kappa": 1.0, "class_dropout": 0.1, "normalize": False}
-        log.warning("no config item: κ = 1 (no time shift) and class dropout 0.1 are assumed")
-    states = {item: convert_dit(tree, model_cfg) for item, tree in trees.items()}
+    preset, model_cfg, flow, convert = _generator_config(official, first)
+    states = {item: convert(tree, model_cfg) for item, tree in trees.items()}
     raw, stats = states.get("model", states.get("model_ema"))
     ema, _ = states.get("model_ema", (raw, stats))
     if "model_ema" not in states:
@@ -222,7 +247,7 @@ def _import_dit(
         "class_names": None,
         "official": source,
     }
-    params = count_dit_parameters(model_cfg)
+    params = count_generator_parameters(model_cfg)
     summary = {"kind": "dit", "preset": preset, "parameters": params, "flow": flow, **source}
     _write_folder(
         Path(cfg.out),

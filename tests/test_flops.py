@@ -64,3 +64,23 @@ def test_flops_command_prints_both_tables():
     assert result.exit_code == 0, result.output
     assert "DiT-XL     FlatDINO    32     14.3" in result.output and "4.1x" in result.output
     assert "dit-xl" in result.output and "675.5M params" in result.output
+    assert "dit-dh-xl         FlatDINO  S=32      835.1M params     19.8 GFLOPs" in result.output
+
+
+def test_dit_dh_xl_counted_is_the_dit_xl_plus_its_head():
+    """dit-dh-xl on 32 x 128 latents, measured: DiT-XL's count less its final layer, plus the
+    head counted by hand. The head's adaLN reads each token (S·H·6H per block, S·H·2H in the final
+    layer): 1.88 of the 2.2 GFLOPs by which the module exceeds Table 7's formula (17.56)."""
+    from flatdino.eval.flops import forward_flops, project_table
+
+    rows = {(r["module"], r["latent"]): r for r in project_table()}
+    dh, xl = rows["dit-dh-xl", "FlatDINO"], rows["dit-xl", "FlatDINO"]
+    S, D, H, hidden, d = 32, 1152, 2048, 5461, 128
+    block = S * (4 * H * H + 3 * H * hidden) + 2 * S * S * H + S * H * 6 * H
+    head = 2 * block + S * H * 2 * H + S * H * d + S * d * H + S * D * H  # final, embed, project
+    expected = xl["forward_G"] * 1e9 - (D * 2 * D + S * D * d) + head
+    assert dh["forward_G"] * 1e9 == pytest.approx(expected, rel=1e-12)
+    assert dh["params_M"] == pytest.approx(835.058132)
+    formula = forward_flops(32, [(1152, 28), (2048, 2)]) / 1e9
+    assert round(formula, 1) == 17.6 and dh["forward_G"] - formula == pytest.approx(2.2, abs=0.01)
+    assert dh["forward_G"] / xl["forward_G"] == pytest.approx(1.356, abs=1e-3)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..models.configs import (
-    DIT_PRESETS,
+    GENERATOR_PRESETS,
     PIXEL_DECODER_PRESETS,
     VAE_PRESETS,
-    dit_parameters,
+    generator_parameters,
     pixel_decoder_parameters,
     vae_parameters,
 )
@@ -153,10 +153,11 @@ class TrainDiTConfig:
     )
     preset: str = opt(  # T, d and the class count come from the store
         "dit-xl",
-        choices=DIT_PRESETS,
+        choices=GENERATOR_PRESETS,
         help=_counts(
-            "LightningDiT preset, parameters on 32x128 latents: ",
-            {n: dit_parameters(c) for n, c in DIT_PRESETS.items()},
+            "Generator preset (dit-dh-*: DiT-DH, a DiT with a wide decoupled head; the others "
+            "LightningDiT), parameters on 32x128 latents: ",
+            {n: generator_parameters(c) for n, c in GENERATOR_PRESETS.items()},
             ". T, d and the class count are read from --latents.",
         ),
     )

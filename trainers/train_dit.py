@@ -1,12 +1,14 @@
-"""`flatdino train-dit`: LightningDiT flow matching on cached latents (single process or torchrun).
+"""`flatdino train-dit`: flow matching of a generator (LightningDiT or DiT-DH) on cached latents
+(single process or torchrun).
 
 Neither DINOv2 nor the FlatDINO encoder runs here: the latents store from `encode-latents` is read
 into memory once and the loop (trainers/loop.py, shared with train-vae) only runs the DiT.
 
 A checkpoint folder holds model.safetensors (raw weights), ema.safetensors (the fp32 EMA the
 sampler uses by default), latent_stats.safetensors (the normalisation to undo after sampling),
-config.json (the DiTConfig) and flow.json (κ, time distribution, the latents store and the VAE it
-came from), so `flatdino sample` never needs an option typed again.
+config.json (the DiTConfig, or a DiTDHConfig whose `kind` says so) and flow.json (κ, time
+distribution, the latents store and the VAE it came from), so `flatdino sample` never needs an
+option typed again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
-from ..models.dit import DIT_PRESETS, DiTConfig, LightningDiT, dit_preset
+from ..models.dit import DiTConfig
+from ..models.dit_dh import GENERATOR_PRESETS, DiTDHConfig, build_generator, generator_preset
 from ..models.flow import LatentNorm, flow_loss
 from ..pipeline.checkpoints import (
     FlowRecord,
@@ -48,12 +51,14 @@ from .runner import Dist, setup_distributed
 log = logging.getLogger("flatdino.train")
 
 
-def build_model_config(cfg: TrainDiTConfig, store: LatentStore) -> DiTConfig:
+def build_model_config(cfg: TrainDiTConfig, store: LatentStore) -> DiTConfig | DiTDHConfig:
     """The preset with T, d and the class count taken from the store."""
-    if cfg.preset not in DIT_PRESETS:
-        raise FlatDinoError(f"--preset must be one of {sorted(DIT_PRESETS)}; got {cfg.preset!r}")
+    if cfg.preset not in GENERATOR_PRESETS:
+        raise FlatDinoError(
+            f"--preset must be one of {sorted(GENERATOR_PRESETS)}; got {cfg.preset!r}"
+        )
     t, d = store.token_shape
-    return dit_preset(cfg.preset, tokens=t, latent_dim=d, num_classes=store.num_classes())
+    return generator_preset(cfg.preset, tokens=t, latent_dim=d, num_classes=store.num_classes())
 
 
 def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> FlowRecord:
@@ -72,7 +77,9 @@ def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> FlowRecord:
     )
 
 
-def latent_norm(cfg: TrainDiTConfig, store: LatentStore, model_cfg: DiTConfig) -> LatentNorm:
+def latent_norm(
+    cfg: TrainDiTConfig, store: LatentStore, model_cfg: DiTConfig | DiTDHConfig
+) -> LatentNorm:
     if not cfg.normalize:
         return LatentNorm.identity(model_cfg.tokens, model_cfg.latent_dim)
     mean, std = store.stats()
@@ -120,7 +127,7 @@ class SampleMonitor:
         self,
         cfg: TrainDiTConfig,
         store: LatentStore,
-        model_cfg: DiTConfig,
+        model_cfg: DiTConfig | DiTDHConfig,
         norm: LatentNorm,
         flow: FlowRecord,
         d: Dist,
@@ -210,7 +217,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
             ema = ModelEmaV3(model, decay=cfg.ema_decay, dtype=torch.float32)
             return {"ema": ema.module}
 
-        model = run.build(lambda: LightningDiT(model_cfg), {"best_fd": float("inf")}, with_ema)
+        model = run.build(lambda: build_generator(model_cfg), {"best_fd": float("inf")}, with_ema)
         run.extra_weights["latent_stats"] = norm
         run.extra_json["flow"] = flow.to_json()
         log.info(
