@@ -374,7 +374,7 @@ def object_count(
     features object (+ its scales object, int8; + its CLS object, format 4), valid chunk and done
     marker (+1 errors object for a shard with failures); zarr.json of the group and of its 4-6
     arrays, the labels chunks and the manifest. (A shard whose every image failed writes no valid
-    chunk: zarr skips chunks equal to the fill value.)"""
+    or cls chunk: zarr skips chunks equal to the fill value.)"""
     shards = -(-num_images // shard_size)
     extra = int(int8) + int(cls_token)  # arrays beside features, labels, valid and done
     labels = -(-num_images // LABEL_CHUNK)
