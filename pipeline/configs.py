@@ -77,6 +77,12 @@ class ExtractConfig:
         help="Stored features: float16, or int8 with one float16 scale per patch vector (0.50 of "
         "the bytes, under 1% relative error; docs/stores.md).",
     )
+    cls_token: bool = opt(  # in the fingerprint when True (--no-cls stores keep theirs)
+        True,
+        flags=("--cls/--no-cls",),
+        help="Also keep each view's DINOv2 CLS token (float16, C values; what train-dit --cls "
+        "generates beside the latents). --no-cls: patches only, as stores before format 4.",
+    )
     device: str = opt("auto", help=DEVICE_HELP)
     backend: str = opt("ray", choices=BACKENDS, help=BACKEND_HELP)
     workers: int = opt(1, min=1, help=WORKERS_HELP)

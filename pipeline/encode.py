@@ -1,8 +1,9 @@
 """`flatdino encode-latents`: a feature store -> FlatDINO latents (mu, optional logvar) in Zarr.
 
 Runs on the shard engine of extract-features (`pipeline.engine`): `read_shard` reads a shard's
-features on a CPU task, `ShardEncoder` (the VAE encoder, loaded once) encodes every stored view of
-every valid image and writes the shard, then marks it done. Resume, idempotence and refusal are
+features (and CLS tokens, format 4) on a CPU task, `ShardEncoder` (the VAE encoder, loaded once)
+encodes every stored view of every valid image and writes the shard with the CLS tokens as they
+are (not encoded, not normalised), then marks it done. Resume, idempotence and refusal are
 `pipeline.store.open_or_create`'s, as for feature stores; the layout is `LatentStore`'s.
 """
 
@@ -29,11 +30,16 @@ from .lock import writer_lock
 from .quantise import Stored, each, to_device
 from .store import Shard, check_finite, open_or_create
 
+Payload = tuple[Shard, Stored, np.ndarray, np.ndarray | None]
 
-def read_shard(features: str, shard: Shard) -> tuple[Shard, Stored, np.ndarray]:
+
+def read_shard(features: str, shard: Shard) -> Payload:
     """The CPU half: one contiguous read of a shard's stored features (n, V, P, C) (int8: with
-    their scales, dequantised on the encoder's device) and valid flags."""
-    return shard, *FeatureStore(features).read_shard(shard)
+    their scales, dequantised on the encoder's device), valid flags, and float16 CLS tokens
+    (n, V, C) when the store keeps them (else None)."""
+    store = FeatureStore(features)
+    cls = store.read_cls(shard.start, shard.stop) if store.has_cls else None
+    return shard, *store.read_shard(shard), cls
 
 
 class ShardEncoder:
@@ -50,8 +56,8 @@ class ShardEncoder:
         self.store = LatentStore(cfg.out, mode="r+")
 
     @torch.inference_mode()
-    def __call__(self, payload: tuple[Shard, Stored, np.ndarray]) -> tuple[int, int, dict]:
-        shard, feats, valid = payload
+    def __call__(self, payload: Payload) -> tuple[int, int, dict]:
+        shard, feats, valid, cls = payload
         n, v = (feats[0] if isinstance(feats, tuple) else feats).shape[:2]  # codes or features
         t, d = self.model.cfg.tokens, self.model.cfg.latent_dim
         mu = np.zeros((n, v, t, d), np.float32)
@@ -73,7 +79,7 @@ class ShardEncoder:
         check_finite(mu.astype(self.cfg.dtype), shard, "the VAE's latents (mu)", fix)
         if self.cfg.save_logvar:
             check_finite(logvar.astype(self.cfg.dtype), shard, "the VAE's logvar", fix)
-        self.store.write_shard(shard, mu, logvar if self.cfg.save_logvar else None)
+        self.store.write_shard(shard, mu, logvar if self.cfg.save_logvar else None, cls)
         return shard.index, n, {}
 
 

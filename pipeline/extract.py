@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..models.dinov2 import BACKBONES, DinoPatchFeatures
-from .backbone import load_backbone
+from ..models.dinov2 import BACKBONES
+from .backbone import DinoTokens, load_backbone
 from .configs import FEATURE_DTYPES, ExtractConfig
 from .engine import Placement, ShardJob, run_shards
 from .env import package_version, resolve_device
@@ -94,15 +94,16 @@ def decode_shard(
 
 @torch.inference_mode()
 def embed_views(
-    model: DinoPatchFeatures,
+    model: DinoTokens,
     crops: np.ndarray,
     indices: np.ndarray,
     recipe: ViewRecipe,
     batch_size: int,
     dtype: torch.dtype,
     device: torch.device,
-) -> np.ndarray:
-    """(n, S, S, 3) uint8 crops -> (n, V, P, C) float16 features of their views.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, S, S, 3) uint8 crops -> float16 (features (n, V, P, C), CLS tokens (n, V, C)) of their
+    views.
 
     Views are made on `device` one backbone batch at a time, so memory holds one batch of float32
     views whatever the shard size. Batches are the same `batch_size` slices of the flattened
@@ -114,6 +115,7 @@ def embed_views(
         crops = crops.copy()
     pixels = torch.from_numpy(crops)  # (n, S, S, 3) uint8
     out = np.empty((n * v, model.num_patches, model.dim), np.float16)
+    cls = np.empty((n * v, model.dim), np.float16)
     for i in range(0, n * v, batch_size):
         j = min(i + batch_size, n * v)
         lo, hi = i // v, -(-j // v)  # the images whose views fall in [i, j)
@@ -121,9 +123,10 @@ def embed_views(
         views = views_from_crops(crop, indices[lo:hi], recipe, device).flatten(0, 1)
         x = views[i - lo * v : j - lo * v]  # (b, 3, H, W) of the ((hi-lo)*V) views
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            y = model(x)  # (b, P, C)
+            y, c = model.tokens(x)  # (b, P, C), (b, C)
         out[i:j] = y.float().cpu().numpy().astype(np.float16)
-    return out.reshape(n, v, *out.shape[1:])  # (n, V, P, C)
+        cls[i:j] = c.float().cpu().numpy().astype(np.float16)
+    return out.reshape(n, v, *out.shape[1:]), cls.reshape(n, v, -1)  # (n, V, P, C), (n, V, C)
 
 
 class ShardEmbedder:
@@ -145,8 +148,10 @@ class ShardEmbedder:
         shard = decoded.shard
         n = shard.stop - shard.start
         feats = np.zeros((n, *self.store.features.shape[1:]), np.float16)
+        _, v, _, c = feats.shape
+        cls = np.zeros((n, v, c), np.float16)  # (n, V, C)
         if len(decoded.crops):
-            feats[decoded.valid] = embed_views(
+            feats[decoded.valid], cls[decoded.valid] = embed_views(
                 self.model,
                 decoded.crops,
                 decoded.indices,
@@ -155,10 +160,12 @@ class ShardEmbedder:
                 DTYPES[self.cfg.dtype],
                 self.device,
             )
-        check_finite(
-            feats, shard, "the backbone's float16 features", "check --weights, or use --dtype fp32"
-        )
-        self.store.write_shard(shard, feats, decoded.valid, decoded.errors)
+        fix = "check --weights, or use --dtype fp32"
+        check_finite(feats, shard, "the backbone's float16 features", fix)
+        kept = cls if self.store.has_cls else None  # None: a store made with --no-cls
+        if kept is not None:
+            check_finite(kept, shard, "the backbone's float16 CLS tokens", fix)
+        self.store.write_shard(shard, feats, decoded.valid, decoded.errors, cls=kept)
         return shard.index, n, decoded.errors
 
 
@@ -184,7 +191,12 @@ def fingerprint(cfg: ExtractConfig, source: ImageSource, recipe: ViewRecipe, sha
     }
     if cfg.feature_dtype != "float16":  # float16 stores keep the fingerprint they always had
         fp["feature_dtype"] = cfg.feature_dtype
+    if cfg.cls_token:  # --no-cls stores keep it too, so a store from before --cls resumes
+        fp["cls_token"] = True
     return json.loads(json.dumps(fp))  # the form it takes after a round trip through zarr.json
+
+
+OPTIONS = {"cls_token": "--cls/--no-cls", "feature_dtype": "--feature-dtype"}  # fingerprint keys
 
 
 def open_or_create_store(
@@ -199,6 +211,7 @@ def open_or_create_store(
         shard_size=cfg.shard_size,
         chunk_rows=cfg.chunk_rows,
         feature_dtype=cfg.feature_dtype,
+        cls_token=cfg.cls_token,
         attrs={
             "fingerprint": fp,
             "config": asdict(cfg),
@@ -209,7 +222,7 @@ def open_or_create_store(
             "package_version": package_version(),
         },
     )
-    return open_or_create(FeatureStore, cfg.out, fp, cfg.overwrite, layout)
+    return open_or_create(FeatureStore, cfg.out, fp, cfg.overwrite, layout, OPTIONS)
 
 
 def validate(cfg: ExtractConfig) -> None:

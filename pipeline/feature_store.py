@@ -1,6 +1,6 @@
 """The feature store: a Zarr v3 group of DINOv2 patch features plus a Parquet manifest.
 
-Layout (FORMAT_VERSION 2), N images, V views, P patches, C channels:
+Layout (format 4; formats 2 and 3 lack `cls`), N images, V views, P patches, C channels:
 
     STORE/zarr.json                  attrs: format, fingerprint (backbone, weights sha256,
                                      preprocessing, input), class names, shard size, complete, ...
@@ -11,6 +11,9 @@ Layout (FORMAT_VERSION 2), N images, V views, P patches, C channels:
                                      features holds int8 codes and this float16 (N, V, P) one
                                      scale per patch vector (`pipeline.quantise`), sharded and
                                      chunked as features
+    STORE/cls                        format 4 only: float16 (N, V, C), each view's DINOv2 CLS token
+                                     (the same non-affine final LayerNorm as the patches; float16
+                                     in int8 stores too), one chunk (shard_size, V, C) per shard
     STORE/labels                     int32 (N,), written once at creation
     STORE/valid                      bool (N,), chunks (shard_size,): false for undecodable images
     STORE/done                       bool (S,), chunks (1,): shard s fully written
@@ -20,14 +23,17 @@ Layout (FORMAT_VERSION 2), N images, V views, P patches, C channels:
 
 STORE is a local directory or an object-storage prefix (`pipeline.storage`). Shards, done markers,
 creation and resume are `pipeline.store`'s. `done[s]` is set only after shard s's features, valid
-flags and errors are written. Objects per store: 3 per shard (features, valid, done) plus one per
-shard with failed images, plus ~6; 1.28M images in shards of 256 are ~15,000 objects.
+flags and errors are written. Objects per store: 4 per shard (features, cls, valid, done) plus one
+per shard with failed images, plus ~7; 1.28M images in shards of 256 are ~20,000 objects.
 
 Format 1 (before per-view chunks) stored `features` as plain chunks (chunk_rows, V, P, C), one
 file each: such stores are still read (every view of a chunk comes with each read); they are not
 resumed by a job of this version, which writes format 2 (`--overwrite` rebuilds them).
 Format 3 is format 2 with int8 features (`extract-features --feature-dtype int8`): a new number,
 so that a flatdino from before it refuses such a store instead of reading codes as features.
+Format 4 is format 2 or 3 (told apart by `feature_dtype`, as in 3) with the `cls` array; a job
+writes it unless asked `--no-cls`, which writes format 2 or 3 as before (and so resumes an
+unfinished store from before format 4: the fingerprint has `cls_token` only for format 4).
 Readers get floats either way: `features` dequantises (float32) for the evaluations, while
 `read_shard` and `read_drawn` return the stored batch (the pair) for a device to dequantise.
 """
@@ -52,14 +58,17 @@ from .quantise import FEATURE_DTYPES, Stored, dequantise, quantise
 from .storage import Location, explained
 from .store import Shard, ShardedStore, create, shard_bounds, utc_now
 
-FORMAT_VERSION = 2
+FLOAT16_FORMAT = 2  # per-view chunks, float16 features
 INT8_FORMAT = 3  # format 2 with int8 codes + feature_scales
-READABLE_FORMATS = (1, 2, 3)
+CLS_FORMAT = 4  # format 2 or 3 with the CLS token array `cls`
+FORMAT_VERSION = CLS_FORMAT  # what a job writes by default (--no-cls: 2 or 3)
+READABLE_FORMATS = (1, 2, 3, 4)
 KIND = "flatdino.features"
 MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = ("index", "path", "label", "class_name", "status", "error")
 ERRORS_DIR = "_errors"
 SCALES = "feature_scales"
+CLS = "cls"
 LABEL_CHUNK = 1 << 16  # labels are written once, at creation: few, large chunks
 
 
@@ -71,8 +80,8 @@ class FeatureStore(ShardedStore):
     NAME = "flatdino feature store"
     MAKER = "extract-features"
     ROWS = "features"
-    ARRAYS = ("features", SCALES, "labels", "valid", "done")
-    RESUMABLE = (FORMAT_VERSION, INT8_FORMAT)  # the fingerprint tells the dtypes apart
+    ARRAYS = ("features", SCALES, CLS, "labels", "valid", "done")
+    RESUMABLE = (FLOAT16_FORMAT, INT8_FORMAT, CLS_FORMAT)  # the fingerprint tells them apart
 
     def __init__(self, path: str | Path, mode: str = "r", option: str = ""):
         super().__init__(path, mode, option)
@@ -88,6 +97,15 @@ class FeatureStore(ShardedStore):
     def feature_dtype(self) -> str:
         """How features are stored: "float16", or "int8" (codes + one scale per patch vector)."""
         return self.attrs.get("feature_dtype", "float16")
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether the store holds each view's CLS token (format 4)."""
+        return self.attrs.get("format_version", 1) >= CLS_FORMAT
+
+    def read_cls(self, start: int, stop: int) -> np.ndarray:
+        """The float16 CLS tokens (n, V, C) of rows [start, stop): one read per chunk (a shard)."""
+        return np.asarray(self.array(CLS)[start:stop])
 
     @property
     def features(self) -> zarr.Array | Dequantised:
@@ -139,10 +157,17 @@ class FeatureStore(ShardedStore):
         return _stored_batch(parts)
 
     def write_shard(
-        self, shard: Shard, features: np.ndarray, valid: np.ndarray, errors: dict[int, str]
+        self,
+        shard: Shard,
+        features: np.ndarray,
+        valid: np.ndarray,
+        errors: dict[int, str],
+        cls: np.ndarray | None = None,
     ) -> None:
-        """Write one shard's rows, then its errors (if any), then mark it done (in that order)."""
+        """Write one shard's rows (features, and the CLS tokens (n, V, C) of a format-4 store),
+        then its errors (if any), then mark it done (in that order)."""
         assert features.shape[0] == shard.stop - shard.start == valid.shape[0]
+        assert (cls is not None) == self.has_cls, "CLS tokens given iff the store keeps them"
         with explained(self.path):  # a failing object store: one line, from any worker
             if self.feature_dtype == "int8":
                 codes, scales = quantise(features)
@@ -150,6 +175,8 @@ class FeatureStore(ShardedStore):
                 self.array(SCALES)[shard.start : shard.stop] = scales
             else:
                 self.array("features")[shard.start : shard.stop] = features
+            if cls is not None:
+                self.array(CLS)[shard.start : shard.stop] = cls.astype(np.float16)
             self.array("valid")[shard.start : shard.stop] = valid
             if errors:  # a shard without failures writes no object (fewer objects per store)
                 body = json.dumps({str(k): v for k, v in sorted(errors.items())}, sort_keys=True)
@@ -199,6 +226,7 @@ class FeatureStore(ShardedStore):
         chunk_rows: int,
         attrs: dict,
         feature_dtype: str = "float16",
+        cls_token: bool = False,
     ) -> Callable[[zarr.Group, Location], None]:
         """The `build` of an empty store (all shards pending), for `store.open_or_create`."""
         if shard_size % chunk_rows:
@@ -230,6 +258,15 @@ class FeatureStore(ShardedStore):
                     fill_value=0,
                     compressors=None,
                 )
+            if cls_token:  # float16 in int8 stores too: C values against P * C codes
+                group.create_array(
+                    CLS,
+                    shape=(n, v, c),
+                    chunks=(shard_size, v, c),  # one object per job shard, as `valid`
+                    dtype="float16",
+                    fill_value=0,
+                    compressors=None,
+                )
             # labels are written once, here, by one process: large chunks (few files) are safe
             label_chunk = max(1, min(n, LABEL_CHUNK))
             group.create_array(
@@ -247,7 +284,7 @@ class FeatureStore(ShardedStore):
             group.attrs.update(
                 {
                     "kind": KIND,
-                    "format_version": INT8_FORMAT if int8 else FORMAT_VERSION,
+                    "format_version": format_version(feature_dtype, cls_token),
                     **({"feature_dtype": "int8", "quantisation": QUANTISATION} if int8 else {}),
                     "shard_size": shard_size,
                     "class_names": list(class_names),
@@ -264,6 +301,13 @@ class FeatureStore(ShardedStore):
         """A new, empty store at `path` (see `layout` for the arguments)."""
         create(Location(str(path)), KIND, FORMAT_VERSION, cls.layout(**layout))
         return cls(path, mode="r+")
+
+
+def format_version(feature_dtype: str, cls_token: bool) -> int:
+    """The format a store of these settings is written in (module docstring)."""
+    if cls_token:
+        return CLS_FORMAT
+    return INT8_FORMAT if feature_dtype == "int8" else FLOAT16_FORMAT
 
 
 def _runs(rows: np.ndarray, views: np.ndarray) -> list[tuple[int, int]]:
@@ -320,16 +364,21 @@ def _stored_batch(parts: list[np.ndarray]) -> Stored:
 
 
 def object_count(
-    num_images: int, shard_size: int, failed_shards: int = 0, int8: bool = False
+    num_images: int,
+    shard_size: int,
+    failed_shards: int = 0,
+    int8: bool = False,
+    cls_token: bool = True,
 ) -> int:
     """Objects (files) of a complete store of this format, from the layout alone: per shard its
-    features object (+ its scales object, int8), valid chunk and done marker (+1 errors object
-    for a shard with failures); zarr.json of the group and of its 4 (5) arrays, the labels chunks
-    and the manifest. (A shard whose every image failed writes no valid chunk: zarr skips chunks
-    equal to the fill value.)"""
+    features object (+ its scales object, int8; + its CLS object, format 4), valid chunk and done
+    marker (+1 errors object for a shard with failures); zarr.json of the group and of its 4-6
+    arrays, the labels chunks and the manifest. (A shard whose every image failed writes no valid
+    or cls chunk: zarr skips chunks equal to the fill value.)"""
     shards = -(-num_images // shard_size)
-    per_shard = 4 if int8 else 3
-    return per_shard * shards + failed_shards + 5 + int8 + -(-num_images // LABEL_CHUNK) + 1
+    extra = int(int8) + int(cls_token)  # arrays beside features, labels, valid and done
+    labels = -(-num_images // LABEL_CHUNK)
+    return (3 + extra) * shards + failed_shards + 5 + extra + labels + 1
 
 
 def write_parquet(location: Location, key: str, table: pa.Table) -> None:

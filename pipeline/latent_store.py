@@ -6,11 +6,15 @@ Layout (FORMAT_VERSION 1), N images, V views, T tokens, d dims:
                       shard_size, class_names, complete, created, package_version
     STORE/mu          float32 | float16 (N, V, T, d), one chunk per shard
     STORE/logvar      same shape (with --save-logvar)
+    STORE/cls         float16 (N, V, C), one chunk per shard: each view's DINOv2 CLS token, copied
+                      from a feature store of format 4 (absent for older ones); not normalised
     STORE/labels      int32 (N,);  STORE/valid  bool (N,) (copied from the feature store)
     STORE/done        bool (shards,)
     STORE/mu_mean, STORE/mu_std   float32 (T, d): statistics of mu over valid rows and all views
 
 STORE is a local directory or an object-storage prefix (`pipeline.storage`). Shards, done markers, creation and resume are `pipeline.store`'s.
+`cls` is optional as `logvar` is (no new format number): a store without it is read as before, and
+`require_cls` is the one refusal for a run that needs it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class LatentStore(ShardedStore):
     NAME = "flatdino latents store"
     MAKER = "encode-latents"
     ROWS = "mu"
-    ARRAYS = ("mu", "logvar", "labels", "valid", "done", "mu_mean", "mu_std")
+    ARRAYS = ("mu", "logvar", "cls", "labels", "valid", "done", "mu_mean", "mu_std")
 
     @property
     def mu(self) -> zarr.Array:
@@ -50,6 +54,21 @@ class LatentStore(ShardedStore):
         _, _, t, d = self.mu.shape
         return int(t), int(d)
 
+    @property
+    def has_cls(self) -> bool:
+        """Whether the store holds each view's DINOv2 CLS token (from a format-4 feature store)."""
+        return self.has("cls")
+
+    def require_cls(self, option: str = "--latents") -> None:
+        """The one refusal of a run that needs the CLS token (train-dit --cls) on a store without
+        it: one line naming the store and what to re-run."""
+        if not self.has_cls:
+            raise InputError(
+                f"{option} {self.path!r} holds no DINOv2 CLS token (its features store was "
+                "written before format 4 or with --no-cls); re-run `flatdino extract-features` "
+                "(it keeps the token by default) and `flatdino encode-latents` on its output"
+            )
+
     def train_views(self, views: int | None) -> int:
         """How many stored views to train on: `views` (checked), or all of them for None."""
         stored = self.num_views
@@ -60,17 +79,18 @@ class LatentStore(ShardedStore):
         return stored if views is None else views
 
     def read_rows(
-        self, rows: np.ndarray, views: int, progress: bool = False
+        self, rows: np.ndarray, views: int, progress: bool = False, name: str = "mu"
     ) -> tuple[np.ndarray, int]:
-        """(mu[rows, :views] (n, views, T, d), bytes read) for sorted `rows`, reading only the
-        chunks that hold them, each whole and once."""
-        mu = self.mu
-        out = np.empty((len(rows), views, *mu.shape[2:]), dtype=mu.dtype)  # (n, V, T, d)
+        """(array[rows, :views] (n, views, ...), bytes read) of the array `name` (mu (n, V, T, d),
+        or cls (n, V, C)) for sorted `rows`, reading only the chunks that hold them, each whole
+        and once."""
+        mu = self.array(name)
+        out = np.empty((len(rows), views, *mu.shape[2:]), dtype=mu.dtype)  # (n, V, ...)
         block, at, read = row_block(mu), 0, 0
         first, last = (rows[0] // block, rows[-1] // block + 1) if len(rows) else (0, 0)
         for lo in tqdm(
             range(first * block, last * block, block),
-            desc="load latents",
+            desc=f"load {name}",
             unit="chunk",
             disable=not progress,
         ):
@@ -91,13 +111,23 @@ class LatentStore(ShardedStore):
         """(mu_mean, mu_std), each (T, d) float32: the normalisation train-dit may apply."""
         return self.array("mu_mean")[:], self.array("mu_std")[:]
 
-    def write_shard(self, shard: Shard, mu: np.ndarray, logvar: np.ndarray | None) -> None:
-        """Write one shard's latents (logvar when the store keeps it), then mark it done."""
+    def write_shard(
+        self,
+        shard: Shard,
+        mu: np.ndarray,
+        logvar: np.ndarray | None,
+        cls: np.ndarray | None = None,
+    ) -> None:
+        """Write one shard's latents (logvar, CLS tokens (n, V, C) when the store keeps them),
+        then mark it done."""
         dtype = self.mu.dtype
+        assert (cls is not None) == self.has_cls, "CLS tokens given iff the store keeps them"
         with explained(self.path):  # a failing object store: one line, from any worker
             self.array("mu")[shard.start : shard.stop] = mu.astype(dtype)
             if logvar is not None and self.has("logvar"):
                 self.array("logvar")[shard.start : shard.stop] = logvar.astype(dtype)
+            if cls is not None:
+                self.array("cls")[shard.start : shard.stop] = cls.astype(np.float16)
             self.array("done")[shard.index] = True  # last: the shard is complete
 
     def finalize(self) -> None:
@@ -133,6 +163,11 @@ class LatentStore(ShardedStore):
                     chunks=(size, v, tokens, dim),
                     dtype=dtype,
                     fill_value=0,
+                )
+            if features.has_cls:  # as stored: float16, not normalised (DESIGN.md)
+                c = features.array("cls").shape[2]
+                group.create_array(
+                    "cls", shape=(n, v, c), chunks=(size, v, c), dtype="float16", fill_value=0
                 )
             group.create_array("labels", shape=(n,), chunks=(max(1, n),), dtype="int32")
             group.create_array("valid", shape=(n,), chunks=(max(1, n),), dtype="bool")

@@ -248,6 +248,9 @@ class LatentBatches:
     is fixed for the run; the up to W-1 rows that do not divide evenly are left out, so every rank
     runs the same number of steps. Per epoch, from (seed, epoch, rank) alone: a permutation of the
     rank's rows and one random view per row; the last partial batch is dropped.
+
+    With `cls`, the rank's CLS tokens (n, V, C) float16 are held too (1,536 bytes per row-view for
+    ViT-B) and each batch also carries those of its rows and drawn views; the draws are the same.
     """
 
     def __init__(
@@ -256,9 +259,13 @@ class LatentBatches:
         cfg: LoaderConfig,
         progress: bool = False,
         views: int | None = None,
+        cls: bool = False,
     ):
-        """`views`: train on the first K stored views only (None: all of them)."""
+        """`views`: train on the first K stored views only (None: all of them). `cls`: also
+        yield each row's DINOv2 CLS token (a store without it is `require_cls`'s error)."""
         self.cfg = cfg
+        if cls:
+            store.require_cls()
         self.num_views = store.train_views(views)
         valid = store.valid_rows()
         per_rank = len(valid) // cfg.world
@@ -266,12 +273,14 @@ class LatentBatches:
         self.labels = store.labels()[rows]
         # (n, V, T, d); bytes_read (of mu) for the read-amplification benchmark
         self.latents, self.bytes_read = store.read_rows(rows, self.num_views, progress)
+        self.cls = store.read_rows(rows, self.num_views, progress, "cls")[0] if cls else None
 
     def steps_per_epoch(self) -> int:
         return len(self.latents) // self.cfg.batch_size
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (latents (B, T, d) float32, labels (B,)) for steps start_step.. of `epoch`."""
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield (latents (B, T, d) float32, labels (B,)) for steps start_step.. of `epoch`, and
+        with `cls` a third item: the CLS tokens (B, C) float32 of the same rows and views."""
         rng = np.random.default_rng([self.cfg.seed, epoch, self.cfg.rank])
         order = rng.permutation(len(self.latents))
         views = rng.integers(0, self.num_views, len(self.latents))
@@ -279,4 +288,8 @@ class LatentBatches:
         for i in range(start_step, self.steps_per_epoch()):
             idx = order[i * b : (i + 1) * b]
             x = torch.from_numpy(self.latents[idx, views[idx]]).float()  # (B, T, d)
-            yield x, torch.from_numpy(self.labels[idx])
+            if self.cls is None:
+                yield x, torch.from_numpy(self.labels[idx])
+            else:
+                c = torch.from_numpy(self.cls[idx, views[idx]]).float()  # (B, C)
+                yield x, torch.from_numpy(self.labels[idx]), c

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -318,9 +318,11 @@ def open_or_create(
     fingerprint: dict,
     overwrite: bool,
     build: Callable[[zarr.Group, Location], None],
+    options: Mapping[str, str] | None = None,
 ) -> S:
     """Resume the `cls` store at --out when its fingerprint matches, replace it with --overwrite,
     or create it with `build`. Anything at --out that is not a `cls` store is never deleted.
+    `options` names the option that sets a fingerprint key, for the refusal's message.
     The caller holds --out's writer lock (`pipeline.lock.writer_lock`), so a store that another
     live job writes is refused before anything is deleted; the lock itself is kept."""
     location = Location(str(out))
@@ -354,7 +356,7 @@ def open_or_create(
                 f"{cls.FORMAT_VERSION}; pass --overwrite to rebuild it, or finish it with the "
                 "flatdino that made it"
             )
-        check_fingerprint(out, store.attrs.get("fingerprint", {}), fingerprint)
+        check_fingerprint(out, store.attrs.get("fingerprint", {}), fingerprint, options)
         return store
     create(location, cls.KIND, cls.FORMAT_VERSION, build, overwrite=False)
     return cls(out, mode="r+")
@@ -365,8 +367,11 @@ def without_lock(keys: list[str]) -> list[str]:
     return [k for k in keys if not k.startswith(LOCK_NAME)]
 
 
-def check_fingerprint(path: str, recorded: dict, fingerprint: dict) -> None:
-    """Refuse to resume a store whose recorded fingerprint differs from the one asked for now."""
+def check_fingerprint(
+    path: str, recorded: dict, fingerprint: dict, options: Mapping[str, str] | None = None
+) -> None:
+    """Refuse to resume a store whose recorded fingerprint differs from the one asked for now;
+    the message names the option of a differing key found in `options` (key -> option)."""
     diffs = [
         k for k in sorted(set(recorded) | set(fingerprint)) if recorded.get(k) != fingerprint.get(k)
     ]
@@ -374,9 +379,11 @@ def check_fingerprint(path: str, recorded: dict, fingerprint: dict) -> None:
         detail = "; ".join(
             f"{k}: store has {recorded.get(k)!r}, now {fingerprint.get(k)!r}" for k in diffs
         )
+        named = [options[k] for k in diffs if k in (options or {})]
+        match = f"set {' and '.join(named)} as the store was made, " if named else ""
         raise StoreMismatchError(
             f"store {path!r} was made with other settings ({_shorten(detail)}); "
-            "pass --overwrite to replace it, or choose another --out"
+            f"{match}pass --overwrite to replace it, or choose another --out"
         )
 
 

@@ -47,7 +47,8 @@ def tiny_config(data: str, out: Path, **overrides) -> ExtractConfig:
 def read_store(path: Path | str) -> dict[str, np.ndarray]:
     """Every array of a store (a path or a URL), for bit-level comparisons."""
     group = open_group(path)
-    return {name: group[name][:] for name in ("features", "labels", "valid", "done")}
+    names = ("features", "cls", "labels", "valid", "done")
+    return {name: group[name][:] for name in names if name in group}
 
 
 def assert_same_store(a: Path | str, b: Path | str) -> None:
@@ -55,6 +56,7 @@ def assert_same_store(a: Path | str, b: Path | str) -> None:
     from flatdino.pipeline.feature_store import FeatureStore
 
     left, right = read_store(a), read_store(b)
+    assert left.keys() == right.keys()
     for name in left:
         assert left[name].dtype == right[name].dtype, name
         assert left[name].tobytes() == right[name].tobytes(), f"{name} differs"
@@ -154,13 +156,20 @@ def fake_latents_store(
     shard_size: int = 16,
     class_names: list[str] | None = None,
     fingerprint: dict | None = None,
+    cls: np.ndarray | None = None,
 ) -> Path:
-    """A complete latents store (encode-latents' layout) holding the given mu (N, V, T, d)."""
+    """A complete latents store (encode-latents' layout) holding the given mu (N, V, T, d) (and
+    CLS tokens (N, V, C) when given)."""
     n, v, t, d = mu.shape
     valid = np.ones(n, bool) if valid is None else valid
     group = zarr.create_group(str(path), zarr_format=3)
     group.create_array("mu", shape=mu.shape, chunks=(shard_size, v, t, d), dtype=mu.dtype)
     group["mu"][:] = mu
+    if cls is not None:
+        group.create_array(
+            "cls", shape=cls.shape, chunks=(shard_size, v, cls.shape[2]), dtype=cls.dtype
+        )
+        group["cls"][:] = cls
     for name, value in (("labels", labels.astype(np.int32)), ("valid", valid)):
         group.create_array(name, shape=(n,), dtype=value.dtype)
         group[name][:] = value

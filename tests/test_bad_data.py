@@ -114,9 +114,9 @@ def test_extract_refuses_to_write_non_finite_features(tmp_path, monkeypatch):
     real = extract.embed_views
 
     def overflowing(*args, **kwargs):  # float16 overflow or a broken backbone
-        out = real(*args, **kwargs)
+        out, cls = real(*args, **kwargs)
         out[1, 0, 5, 3] = np.inf
-        return out
+        return out, cls
 
     out = tmp_path / "s.zarr"
     monkeypatch.setattr(extract, "embed_views", overflowing)

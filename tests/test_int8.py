@@ -69,7 +69,7 @@ def test_int8_store_layout_attrs_size_and_values(int8_store, digits_val_store):
     codes, scales = store.array("features"), store.array("feature_scales")
     assert codes.dtype == np.int8 and scales.dtype == np.float16
     assert scales.shape == (359, 2, 256) and scales.shards == (16, 2, 256)
-    assert store.attrs["format_version"] == 3 and store.feature_dtype == "int8"
+    assert store.attrs["format_version"] == 4 and store.feature_dtype == "int8"  # 4: CLS kept
     assert store.attrs["fingerprint"]["feature_dtype"] == "int8"
     assert "feature_dtype" not in ref.attrs["fingerprint"] and ref.feature_dtype == "float16"
     assert store.attrs["complete"] and store.num_images == 359
@@ -181,16 +181,16 @@ def test_resuming_with_the_other_feature_dtype_is_refused(int8_store, digits_val
 
 
 def test_float16_stores_keep_their_fingerprint_and_format(digits_val_store):
-    """A float16 store is written as before (format 2, no new fingerprint key), so old stores
-    resume and latents stores keep the fingerprint of their features; old stores read as before."""
+    """A float16 store is written as before but for the CLS token (format 4, its one new
+    fingerprint key; --no-cls writes format 2 exactly, test_cls.py); old stores read as before."""
     old = FeatureStore.open_complete(str(FIXTURE2 / "features.zarr"), "--features")
     assert old.feature_dtype == "float16" and old.features.dtype == np.float16
     drawn = old.read_drawn(0, 4, np.arange(4), np.zeros(4, int))
     assert isinstance(drawn, np.ndarray) and drawn.dtype == np.float16
     np.testing.assert_array_equal(drawn, old.array("features")[0:4, 0])
     store = FeatureStore(digits_val_store)  # written by this version, float16 by default
-    assert store.attrs["format_version"] == 2 and "feature_dtype" not in store.attrs
-    assert set(store.attrs["fingerprint"]) == set(old.attrs["fingerprint"])
+    assert store.attrs["format_version"] == 4 and "feature_dtype" not in store.attrs
+    assert set(store.attrs["fingerprint"]) - set(old.attrs["fingerprint"]) == {"cls_token"}
     assert not store.has("feature_scales")
 
 

@@ -63,7 +63,7 @@ def test_features_on_s3_are_bit_identical_to_local_and_few_objects(s3, digits_va
     assert extract_features(tiny_config("digits", url, split="val")).shards_run == 0  # resumed
     # one object per array per job shard: the count the layout predicts, on S3 and on disk
     objects = Location(url).keys()
-    assert len(objects) == object_count(359, 16) == 3 * 23 + 7
+    assert len(objects) == object_count(359, 16) == 4 * 23 + 8  # features, cls, valid, done
     assert sum(k.startswith("features/c/") for k in objects) == 23
     local = [p for p in digits_val_store.rglob("*") if p.is_file()]
     assert len(local) == len(objects)

@@ -95,11 +95,11 @@ def test_a_format_1_store_is_not_resumed_but_rebuilt_with_overwrite(tmp_path):
     out = tmp_path / "features.zarr"
     shutil.copytree(FIXTURE / "features.zarr", out)
     with pytest.raises(
-        StoreMismatchError, match="format 1, this flatdino writes format 2.*--overwrite"
+        StoreMismatchError, match="format 1, this flatdino writes format 4.*--overwrite"
     ):
         extract_features(tiny_config("digits", out, split="val"))
     extract_features(tiny_config("digits", out, split="val", overwrite=True))
-    assert FeatureStore(out).attrs["format_version"] == 2
+    assert FeatureStore(out).attrs["format_version"] == 4  # with the CLS token (test_cls.py)
 
 
 def test_a_store_of_an_unknown_format_is_refused_in_one_line(tmp_path):
