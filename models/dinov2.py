@@ -54,7 +54,9 @@ def build_vit(spec: BackboneSpec) -> VisionTransformer:
 
 
 class DinoPatchFeatures(nn.Module):
-    """(B, 3, 224, 224) normalised images -> (B, 256, C) patch tokens, final LN without affine."""
+    """(B, 3, 224, 224) normalised images -> (B, 256, C) patch tokens, final LN without affine;
+    `tokens` also gives each image's CLS token, the official generator's `in_cls_dim` input
+    (noctrog/flatdino `train_generator.py` takes the first token of the same output)."""
 
     def __init__(self, vit: VisionTransformer):
         super().__init__()
@@ -63,13 +65,17 @@ class DinoPatchFeatures(nn.Module):
         self.dim = vit.embed_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)[0]  # (B, 256, C)
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, 224, 224) normalised images -> (patches (B, 256, C), CLS (B, C))."""
         vit = self.vit
         x = vit.patch_embed(x)  # (B, 256, C)
-        x = vit._pos_embed(x)  # (B, 1 + 4 + 256, C)
+        x = vit._pos_embed(x)  # (B, 1 + 4 + 256, C): CLS first
         x = vit.norm_pre(x)
         x = vit.blocks(x)
         x = F.layer_norm(x, (self.dim,), eps=vit.norm.eps)  # the norm's statistics, not its affine
-        return x[:, vit.num_prefix_tokens :]  # (B, 256, C)
+        return x[:, vit.num_prefix_tokens :], x[:, 0]
 
 
 def hf_to_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,5 @@
 """Loading the DINOv2 backbone's weights: local files (timm safetensors, the original `.pth`, a
-transformers directory) or the Hugging Face hub; the model itself is `flatdino.models.dinov2`
-(`DinoTokens` adds the CLS token that extract-features keeps beside the patches).
+transformers directory) or the Hugging Face hub; the model itself is `flatdino.models.dinov2`.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
@@ -60,27 +58,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-class DinoTokens(DinoPatchFeatures):
-    """`DinoPatchFeatures` (its forward unchanged) that also gives each image's CLS token.
-
-    The CLS token is the official generator's `in_cls_dim` input (noctrog/flatdino
-    `train_generator.py`: `dino(imgs)[:, 0]`, the output of the same non-affine final LayerNorm as
-    the patches `[:, 5:]`). `tokens` repeats the forward's five lines and keeps the first token:
-    models/ is another change's to edit (move it there as the forward's body when both land);
-    tests/test_cls.py checks its patches equal the forward's, bit for bit."""
-
-    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, 224, 224) normalised images -> (patches (B, 256, C), CLS (B, C))."""
-        vit = self.vit
-        x = vit.patch_embed(x)  # (B, 256, C)
-        x = vit._pos_embed(x)  # (B, 1 + 4 + 256, C): CLS first
-        x = vit.norm_pre(x)
-        x = vit.blocks(x)
-        x = F.layer_norm(x, (self.dim,), eps=vit.norm.eps)  # the norm's statistics, not its affine
-        return x[:, vit.num_prefix_tokens :], x[:, 0]  # (B, 256, C), (B, C)
-
-
-def load_backbone(name: str, weights: str | None = None) -> tuple[DinoTokens, str]:
+def load_backbone(name: str, weights: str | None = None) -> tuple[DinoPatchFeatures, str]:
     """Build backbone `name` with weights from `weights`, the hub, or its seed; returns (model, sha)."""
     if name not in BACKBONES:
         raise WeightsError(f"unknown backbone {name!r}; choose --backbone from {sorted(BACKBONES)}")
@@ -92,7 +70,7 @@ def load_backbone(name: str, weights: str | None = None) -> tuple[DinoTokens, st
     elif spec.timm_name is not None:
         vit = _from_hub(spec)
     vit.eval().requires_grad_(False)
-    return DinoTokens(vit), state_sha256(vit)
+    return DinoPatchFeatures(vit), state_sha256(vit)
 
 
 def _from_hub(spec: BackboneSpec) -> VisionTransformer:

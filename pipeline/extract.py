@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..models.dinov2 import BACKBONES
-from .backbone import DinoTokens, load_backbone
+from ..models.dinov2 import BACKBONES, DinoPatchFeatures
+from .backbone import load_backbone
 from .configs import FEATURE_DTYPES, ExtractConfig
 from .engine import Placement, ShardJob, run_shards
 from .env import package_version, resolve_device
@@ -94,7 +94,7 @@ def decode_shard(
 
 @torch.inference_mode()
 def embed_views(
-    model: DinoTokens,
+    model: DinoPatchFeatures,
     crops: np.ndarray,
     indices: np.ndarray,
     recipe: ViewRecipe,
