@@ -76,3 +76,9 @@ def test_a_decoder_config_with_unknown_fields_is_not_a_decoder_checkpoint(tmp_pa
     ckpt = checkpoint(tmp_path / "dec", {"patch_size": 16, "mlp_dim": 8, "colour": "red"})
     with pytest.raises(WeightsError, match=r"is not a pixel decoder checkpoint \(.*'colour'"):
         load_pixel_decoder(str(ckpt))
+
+
+def test_a_config_holding_a_json_list_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(MetadataError, match=r"config.json' holds a JSON list, not a flatdino conf"):
+        read_json(tmp_path / "config.json", "fix")
