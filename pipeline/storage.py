@@ -67,11 +67,6 @@ def is_url(path: str | os.PathLike) -> bool:
     return scheme_of(path) is not None
 
 
-def join(base: str | os.PathLike, *keys: str) -> str:
-    """`base/key/...` for messages and attrs, for paths and URLs alike."""
-    return "/".join([str(base).rstrip("/"), *keys])
-
-
 @dataclass(frozen=True)
 class Location:
     """A store's root: `url` is what the user gave (a path or a URL). Cheap, picklable."""
@@ -143,13 +138,6 @@ class Location:
             return []
         with explained(self.url):
             return sorted(collect_aiterator(self.store.list_prefix(prefix)))
-
-    def is_empty(self) -> bool:
-        return not self.keys()
-
-    def exists(self) -> bool:
-        """Something is there: a local file or directory, or at least one object."""
-        return self.path.exists() if not self.remote else not self.is_empty()
 
     def attrs(
         self, expected: str = "a flatdino store's zarr.json", fix: str = DAMAGED

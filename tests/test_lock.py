@@ -208,3 +208,156 @@ def test_a_lease_on_s3_is_renewed_while_held_and_runs_out_after_a_crash(s3, monk
         with pytest.raises(LockedError, match=f"pid {os.getpid()} on "):
             WriterLock(url, "--out", lease).acquire()
     assert holder(url) is None  # released
+
+
+# --------------------------------------------------------------------------- races and failures
+
+
+def test_a_holder_whose_process_is_someone_elses_counts_as_alive(monkeypatch):
+    def denied(pid):
+        raise lock.psutil.AccessDenied(pid)
+
+    monkeypatch.setattr(lock.psutil, "Process", denied)
+    assert lock.process_runs(1, 0.0) is True
+
+
+def test_a_lock_file_deleted_between_two_reads_is_neither_replaced_nor_deleted(tmp_path):
+    files = lock._Files(tmp_path)
+    assert files.read() is None  # no lock file at all
+    assert files.replace(b"new", b"old") is None  # gone before the flock
+    files.delete(b"old")  # nothing to delete: no error
+    assert not files.path.exists()
+
+
+def test_a_lock_file_deleted_while_waiting_for_its_flock_is_not_replaced(tmp_path, monkeypatch):
+    files = lock._Files(tmp_path)
+    assert files.create(b"old") == b"old"
+    flock = lock.fcntl.flock
+
+    def released_meanwhile(fd, op):  # the holder deletes its lock while we wait for the flock
+        files.path.unlink()
+        flock(fd, op)
+
+    monkeypatch.setattr(lock.fcntl, "flock", released_meanwhile)
+    assert files.replace(b"new", b"old") is None
+    assert not files.path.exists()  # nothing written in its place
+
+
+def test_a_lock_changed_since_it_was_read_is_not_replaced(tmp_path):
+    files = lock._Files(tmp_path)
+    files.create(b"theirs")
+    assert files.replace(b"mine", b"what I read earlier") is None
+    files.delete(b"what I read earlier")
+    assert files.path.read_bytes() == b"theirs"
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(lock.FlatDinoError, match="^--out 'run' is a file, not a folder; choose"):
+        WriterLock(tmp_path / "run", "--out 'run'").acquire()
+
+
+class Racing:
+    """A lock backend where every create loses to another writer; `reads` are what each read
+    finds afterwards (None: that writer let go in between)."""
+
+    def __init__(self, reads: list):
+        self.reads, self.creates = reads, 0
+
+    def __str__(self) -> str:
+        return "racing-lock"
+
+    def create(self, data):
+        self.creates += 1
+        return None
+
+    def read(self):
+        return self.reads.pop(0) if self.reads else None
+
+    def replace(self, data, version):
+        return None
+
+    def delete(self, version):
+        raise AssertionError("a lock never taken is never deleted")
+
+
+def test_a_writer_that_keeps_losing_the_race_gives_up_after_five_turns(tmp_path, monkeypatch):
+    stale = foreign(renewed=0.0)  # a lease long run out: worth taking over, but replace loses
+    backend = Racing([None, (stale, "v1"), None, (stale, "v2"), None])
+    monkeypatch.setattr(WriterLock, "_open_backend", lambda self: backend)
+    with pytest.raises(LockedError, match=r"^--out: other writers keep taking its lock \(racing"):
+        WriterLock(tmp_path, "--out").acquire()
+    assert backend.creates == 5 and backend.reads == []
+
+
+class Renewals:
+    """A lock backend that took the lock, then answers each renewal from `answers` (an exception
+    is raised); the lock is lost once they run out."""
+
+    def __init__(self, answers: list):
+        self.answers, self.renewed = answers, []
+
+    def __str__(self) -> str:
+        return "renewed-lock"
+
+    def create(self, data):
+        return "v0"
+
+    def replace(self, data, version):
+        answer = self.answers.pop(0) if self.answers else None
+        if isinstance(answer, Exception):
+            raise answer
+        if answer is not None:
+            self.renewed.append(Holder.parse(data))
+        return answer
+
+    def delete(self, version):
+        self.deleted = version
+
+
+def test_renewal_retries_after_an_error_and_stops_when_the_lock_was_taken(
+    tmp_path, monkeypatch, caplog
+):
+    backend = Renewals([OSError("network down"), "v1", None])
+    monkeypatch.setattr(WriterLock, "_open_backend", lambda self: backend)
+    held = WriterLock(tmp_path, "--out", lease_s=0.02)
+    with caplog.at_level(logging.WARNING, "flatdino.lock"):
+        held.acquire()
+        held._renewer.join(timeout=10)  # ends by itself once the lock is lost
+    assert not held._renewer.is_alive()
+    assert "--out: could not renew the lock (network down); retrying" in caplog.text
+    assert "--out: another writer took over this run's lock renewed-lock" in caplog.text
+    assert held.version == "v1" and held.holder == backend.renewed[0]  # the one renewal kept
+    held.release()
+    assert backend.deleted == "v1"
+
+
+def test_s3_lock_reads_none_when_absent_and_replaces_only_its_own_version(s3):
+    objects = lock._Objects(Location(f"{s3}/f.zarr"))
+    assert objects.read() is None
+    assert objects.replace(b"x", '"not-an-etag"') is None  # absent: nothing to replace
+    version = objects.create(b"mine")
+    assert objects.replace(b"late", '"stale"') is None
+    assert objects.read() == (b"mine", version)
+    objects.delete('"stale"')  # not ours (any more): stays
+    assert objects.read()[0] == b"mine"
+    objects.delete(version)
+    assert objects.read() is None
+
+
+def test_a_lock_in_a_missing_bucket_says_the_bucket_does_not_exist(s3):
+    url = f"{s3}-missing/f.zarr"
+    with pytest.raises(lock.FlatDinoError, match=r"the bucket 'flatdino-\w+-missing' does not"):
+        WriterLock(url, "--out").acquire()
+
+
+def test_a_put_not_found_in_a_bucket_that_lists_is_raised_as_it_came(s3, monkeypatch):
+    import obstore
+
+    def not_found(*args, **kwargs):
+        raise FileNotFoundError("Object at location .flatdino-lock not found")
+
+    monkeypatch.setattr(obstore, "put", not_found)
+    objects = lock._Objects(Location(f"{s3}/f.zarr"))
+    with pytest.raises(FileNotFoundError, match="^Object at location .flatdino-lock not found$"):
+        objects.create(b"mine")  # the bucket lists, so it is not a missing bucket
