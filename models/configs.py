@@ -108,6 +108,9 @@ class DiTConfig:
     # every Linear, N(0, 0.02) embeddings), the one the 64-wide demo model was tuned with.
     # Both zero the adaLN and output layers (adaLN-Zero).
     init: str = "official"
+    # C of the DINOv2 CLS token generated beside the latents (the official `in_cls_dim`): it
+    # enters as an extra first token and its velocity is read back; 0: latents only.
+    cls_dim: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +158,7 @@ class DiTDHConfig:
     rope_base: float = 10000.0
     use_rope: bool = True  # 1-D RoPE in both parts (the official use_rope)
     registers: int = 0  # learned tokens prepended in both parts (num_registers); no RoPE
+    cls_dim: int = 0  # C of the CLS token generated beside the latents (in_cls_dim); 0: none
 
     def to_dict(self) -> dict:
         return asdict(self)

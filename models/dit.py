@@ -8,6 +8,11 @@ a learnable scale, SwiGLU with bias (hidden round(8D/3)), adaLN-Zero conditionin
 class embedding with a null class for classifier-free guidance. The time embedding is Gaussian
 Fourier features of the raw t in [0, 1] (a fixed random buffer W of 256 frequencies, saved with the
 weights) followed by Linear-SiLU-Linear. Pure nn.Module.
+
+With `cls_dim` (the official `in_cls_dim`) the model also moves the DINOv2 CLS token: x is the
+pair (tokens, cls), cls (B, C) enters through a Linear C -> D as an extra first token (no position
+value, not rotated by RoPE), and its velocity is a Linear D -> C of that token's residual stream
+after the last block (before the final norm); the output is the pair (v, v_cls).
 """
 
 from __future__ import annotations
@@ -57,6 +62,30 @@ class FourierTimeEmbedding(nn.Module):
         args = t.float()[:, None] * self.W.float()[None] * (2 * math.pi)  # (B, 256), in fp32
         feats = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+def skip_first(
+    sin: torch.Tensor | None, cos: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """RoPE tables with a leading identity row (sin 0, cos 1): the CLS token, first in the
+    sequence, is left unrotated while the latent tokens keep positions 0 .. T-1 (the official
+    `rope_skip_cls`)."""
+    if sin is None or cos is None:
+        return sin, cos
+    return F.pad(sin, (0, 0, 1, 0)), F.pad(cos, (0, 0, 1, 0), value=1.0)  # (1 + T, hd)
+
+
+def split_cls(
+    x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], cls_dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens, cls or None) of a generator's input: the pair (tokens, cls) iff cls_dim > 0."""
+    tokens, cls = x if isinstance(x, tuple) else (x, None)
+    if (cls is not None) != bool(cls_dim):
+        raise ValueError(
+            f"a generator with cls_dim={cls_dim} takes "
+            + ("the pair (tokens, cls)" if cls_dim else "the tokens alone")
+        )
+    return tokens, cls
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -128,13 +157,17 @@ class LightningDiT(nn.Module):
         self.final_norm = RmsNorm(D, eps=EPS)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, cfg.latent_dim)
+        if cfg.cls_dim:  # the official in_cls_proj / out_cls_proj
+            self.cls_embed = nn.Linear(cfg.cls_dim, D)
+            self.cls_out = nn.Linear(D, cfg.cls_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """adaLN-Zero either way. "official": truncated normal 0.02 (cut at ±2σ, as jax's
         initializer) for the attention, MLP, time and class layers, Xavier-uniform for the token
         embedding. "xavier": DiT's init, Xavier for every Linear, N(0, 0.02) for the time MLP and
-        the class table. Biases zero, norm scales one, W ~ N(0, 1)."""
+        the class table. The CLS layers Xavier-uniform in both (the official in/out_cls_proj).
+        Biases zero, norm scales one, W ~ N(0, 1)."""
         if self.cfg.init == "official":
             linear = embedding = partial(trunc_normal_tf_, std=0.02, a=-2.0, b=2.0)
         else:
@@ -144,6 +177,9 @@ class LightningDiT(nn.Module):
                 linear(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.embed.weight)
+        if self.cfg.cls_dim:
+            nn.init.xavier_uniform_(self.cls_embed.weight)
+            nn.init.xavier_uniform_(self.cls_out.weight)
         for p in (self.t_embed.mlp[0].weight, self.t_embed.mlp[2].weight, self.y_embed.weight):
             embedding(p)
         for ada in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
@@ -154,14 +190,26 @@ class LightningDiT(nn.Module):
     def null_class(self) -> int:
         return self.cfg.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], t: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x: the tokens (B, T, d), or with cls_dim the pair (tokens, cls (B, C)); the velocity
+        comes back in the same form."""
+        x, cls = split_cls(x, self.cfg.cls_dim)
         B, T, d = x.shape
         h = self.embed(x) + self.pos  # (B, T, D)
         c = self.t_embed(t).to(h.dtype) + self.y_embed(y)  # (B, D)
+        sin, cos = self.rope_sin, self.rope_cos
+        if cls is not None:
+            h = torch.cat([self.cls_embed(cls)[:, None].to(h.dtype), h], dim=1)  # (B, 1 + T, D)
+            sin, cos = skip_first(sin, cos)
         for block in self.blocks:
-            h = block(h, c, self.rope_sin, self.rope_cos)
+            h = block(h, c, sin, cos)
         shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
-        return self.out(modulate(self.final_norm(h), shift, scale))  # (B, T, d)
+        if cls is None:
+            return self.out(modulate(self.final_norm(h), shift, scale))  # (B, T, d)
+        v = self.out(modulate(self.final_norm(h[:, 1:]), shift, scale))  # (B, T, d)
+        return v, self.cls_out(h[:, 0])  # the un-normalised residual stream -> (B, C)
 
 
 def count_dit_parameters(cfg: DiTConfig) -> int:

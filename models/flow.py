@@ -3,6 +3,10 @@
 Convention, stated once: t = 0 is noise x0 ~ N(0, I), t = 1 is data x1; x_t = (1 - t)·x0 + t·x1,
 and the model predicts the velocity v = x1 - x0. Times are shifted toward noise with
 t' = t / (κ - (κ - 1)·t), κ = 3 in training and sampling (paper §4.3).
+
+A state is the latent tokens (B, T, d), or for a generator with a CLS token the pair (tokens,
+cls (B, C)): both parts share each sample's t, are integrated and guided alike, and the loss is one
+mean over all their elements (the official train_generator.py and decoder/sampling.py).
 """
 
 from __future__ import annotations
@@ -17,11 +21,27 @@ import torch.nn.functional as F
 
 from .configs import CFG_INTERVAL  # noqa: F401 (the samplers' default, re-exported)
 
+State = torch.Tensor | tuple[torch.Tensor, ...]  # tokens, or (tokens, cls)
 
-def sample_noise(seed: int, index: int, shape: tuple[int, ...]) -> np.ndarray:
+
+def sample_noise(seed: int, index: int, shape: tuple[int, ...], stream: int = 0) -> np.ndarray:
     """The starting noise of sample `index`: float32 N(0, I) from its own stream, seeded by
-    (seed, index) only, so it does not depend on the batch, the rank or the number of samples."""
-    return np.random.default_rng([seed, index]).standard_normal(shape, dtype=np.float32)
+    (seed, index) only, so it does not depend on the batch, the rank or the number of samples.
+    `stream` 1 is the CLS token's, independent of the latents' (stream 0)."""
+    key = [seed, index, stream] if stream else [seed, index]
+    return np.random.default_rng(key).standard_normal(shape, dtype=np.float32)
+
+
+def smap(fn: Callable[..., torch.Tensor], *states: State) -> State:
+    """fn applied part by part to states of the same form (tokens, or (tokens, cls))."""
+    if isinstance(states[0], tuple):
+        return tuple(fn(*parts) for parts in zip(*states, strict=True))
+    return fn(*states)
+
+
+def batch_size(x: State) -> int:
+    """B of a state."""
+    return (x[0] if isinstance(x, tuple) else x).shape[0]
 
 
 def shift_time(t: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -49,24 +69,42 @@ def sample_time(
     return shift_time(t, kappa)
 
 
+def velocity_loss(
+    model: Callable, x0: State, x1: State, t: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """MSE between the predicted and the true velocity x1 - x0 at x_t, time t (B,): with a CLS
+    token one mean over every latent and CLS element together, as the official loss."""
+    xt = smap(lambda a, b: (1 - _bcast(t, a)) * a + _bcast(t, a) * b, x0, x1)
+    v = model(xt, t, y)
+    if not isinstance(v, tuple):
+        return F.mse_loss(v.float(), (x1 - x0).float())
+    err = [(p.float() - (b - a).float()).square() for p, a, b in zip(v, x0, x1, strict=True)]
+    return sum(e.sum() for e in err) / sum(e.numel() for e in err)
+
+
 def flow_loss(
     model: Callable,
-    x1: torch.Tensor,
+    x1: State,
     y: torch.Tensor,
     kappa: float = 3.0,
     class_dropout: float = 0.1,
     null_class: int = 1000,
     time_dist: str = "uniform",
 ) -> torch.Tensor:
-    """MSE between the predicted and the true velocity at a random time; labels dropped to null."""
-    B = x1.shape[0]
-    t = sample_time(B, x1.device, kappa, time_dist)
-    x0 = torch.randn_like(x1)
-    xt = (1 - _bcast(t, x1)) * x0 + _bcast(t, x1) * x1
-    drop = torch.rand(B, device=x1.device) < class_dropout
+    """`velocity_loss` at a random time from fresh noise; labels dropped to null. One t per
+    sample, shared by the tokens and the CLS token."""
+    B = batch_size(x1)
+    device = (x1[0] if isinstance(x1, tuple) else x1).device
+    t = sample_time(B, device, kappa, time_dist)
+    x0 = smap(torch.randn_like, x1)
+    drop = torch.rand(B, device=device) < class_dropout
     y = torch.where(drop, torch.full_like(y, null_class), y)
-    v = model(xt, t, y)
-    return F.mse_loss(v.float(), (x1 - x0).float())
+    return velocity_loss(model, x0, x1, t, y)
+
+
+def _advance(x: State, dt: torch.Tensor, v: State) -> State:
+    """x + dt·v, part by part."""
+    return smap(lambda a, b: a + dt * b, x, v)
 
 
 SAMPLERS = ("euler", "heun")  # first order; second order (SiT's "heun2", EDM's Algorithm 1)
@@ -87,20 +125,22 @@ def _velocity_field(
     null = torch.full_like(y, null_class)
     lo, hi = cfg_interval
 
-    def net(m: Callable, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-            return m(x, t, y).float()
+    def net(m: Callable, x: State, t: torch.Tensor, y: torch.Tensor) -> State:
+        with torch.autocast(t.device.type, dtype=autocast, enabled=autocast is not None):
+            return smap(lambda v: v.float(), m(x, t, y))
 
-    def velocity(x: torch.Tensor, t: torch.Tensor, time: float) -> torch.Tensor:
-        tb = t.expand(x.shape[0])
+    def velocity(x: State, t: torch.Tensor, time: float) -> State:
+        B = batch_size(x)
+        tb = t.expand(B)
         if cfg == 1.0 or not lo < time < hi:  # strictly inside, as the official sampler
             return net(model, x, tb, y)
         if guide is not None:  # AutoGuidance (Karras et al. 2024): both passes conditional
             v_weak = net(guide, x, tb, y)
-            return v_weak + cfg * (net(model, x, tb, y) - v_weak)
-        both = net(model, torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null]))
-        v_c, v_u = both.chunk(2)
-        return v_u + cfg * (v_c - v_u)
+            return smap(lambda w, m: w + cfg * (m - w), v_weak, net(model, x, tb, y))
+        xx = smap(lambda a: torch.cat([a, a]), x)
+        both = net(model, xx, torch.cat([tb, tb]), torch.cat([y, null]))
+        v_c, v_u = smap(lambda v: v[:B], both), smap(lambda v: v[B:], both)
+        return smap(lambda u, c: u + cfg * (c - u), v_u, v_c)  # the CLS token guided too
 
     return velocity
 
@@ -108,7 +148,7 @@ def _velocity_field(
 @torch.no_grad()
 def flow_sample(
     model: Callable,
-    x0: torch.Tensor,
+    x0: State,
     y: torch.Tensor,
     steps: int = 50,
     kappa: float = 3.0,
@@ -118,8 +158,9 @@ def flow_sample(
     autocast: torch.dtype | None = None,
     sampler: str = "euler",
     guide: Callable | None = None,
-) -> torch.Tensor:
-    """Integrate dx/dt = v from t = 0 (noise x0) to t = 1 on the κ-shifted grid t_0 .. t_steps.
+) -> State:
+    """Integrate dx/dt = v from t = 0 (noise x0) to t = 1 on the κ-shifted grid t_0 .. t_steps;
+    x0 is the tokens' noise, or the pair (tokens, cls) for a generator with a CLS token.
 
     Args:
         sampler: "euler", x += dt·v(x, t_i); or "heun", the second-order step of SiT
@@ -137,16 +178,18 @@ def flow_sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    grid = shift_time(torch.linspace(0, 1, steps + 1, device=x0.device), kappa)
+    lead = x0[0] if isinstance(x0, tuple) else x0  # the tokens
+    grid = shift_time(torch.linspace(0, 1, steps + 1, device=lead.device), kappa)
     times = grid.tolist()  # one host copy of the grid, not one sync per step
     velocity = _velocity_field(model, y, cfg, cfg_interval, null_class, autocast, guide)
-    x = x0.float()
+    x = smap(lambda a: a.float(), x0)
     for i in range(steps):
         dt = grid[i + 1] - grid[i]
         v = velocity(x, grid[i], times[i])
         if sampler == "heun" and i < steps - 1:
-            v = 0.5 * (v + velocity(x + dt * v, grid[i + 1], times[i + 1]))
-        x = x + dt * v
+            v_next = velocity(_advance(x, dt, v), grid[i + 1], times[i + 1])
+            v = smap(lambda a, b: 0.5 * (a + b), v, v_next)
+        x = _advance(x, dt, v)
     return x
 
 

@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .configs import DiTDHConfig
 from .dit import DIT_PRESETS, DiTConfig, LightningDiT, rope_1d, sincos_1d
 from .vae import VAE_PRESETS, VAEConfig, build_on_meta
 
@@ -180,7 +181,6 @@ DIT_SETTINGS = {
     "wo_shift": (False,),
     "learn_sigma": (False,),
     "use_rope": (True,),
-    "in_cls_dim": (None,),
 }
 DIT_BLOCK_SETTINGS = {**VAE_BLOCK_SETTINGS, "norm_type": ("rms",), "qk_norm": (False,)}
 
@@ -332,6 +332,7 @@ def dit_config_from_official(cfg: Mapping) -> DiTConfig:
             mlp_hidden_ratio=_ratio(t["mlp_hidden_dim"], dim),
             num_classes=dit["num_classes"],
             init="official",
+            cls_dim=dit.get("in_cls_dim") or 0,
         )
     except (KeyError, TypeError) as e:
         raise OfficialFormatError(f"the config is not an official GeneratorConfig (no {e})") from e
@@ -340,6 +341,18 @@ def dit_config_from_official(cfg: Mapping) -> DiTConfig:
 def _ratio(hidden: int, dim: int) -> float:
     """8/3 when round(8D/3) is the hidden size (the presets' value), else hidden / D."""
     return 8 / 3 if round(8 / 3 * dim) == hidden else hidden / dim
+
+
+def cls_dim_from_shapes(tree: Tree) -> int:
+    """C of an official generator's CLS token (`in_cls_proj`), 0 without one."""
+    return tree["in_cls_proj/kernel"].shape[0] if "in_cls_proj/kernel" in tree else 0
+
+
+def convert_cls(r: _Reader, out: dict, cfg: DiTConfig | DiTDHConfig) -> None:
+    """The CLS token's layers of either official generator, when the config has one."""
+    if cfg.cls_dim:
+        r.linear(out, "cls_embed", "in_cls_proj")
+        r.linear(out, "cls_out", "out_cls_proj")
 
 
 def dit_shapes(tree: Tree) -> dict:
@@ -352,6 +365,7 @@ def dit_shapes(tree: Tree) -> dict:
             "depth": _blocks(tree, ""),
             "num_classes": tree["y_embedder/embedding_table/embedding"].shape[0] - 1,
             "mlp_hidden": tree["blocks/0/mlp/up_proj/kernel"].shape[1],
+            "cls_dim": cls_dim_from_shapes(tree),
         }
     except KeyError as e:
         raise OfficialFormatError(f"not an official LightningDiT (no {e.args[0]!r})") from e
@@ -365,7 +379,7 @@ def dit_config_from_shapes(tree: Tree) -> tuple[str, DiTConfig]:
             and preset.depth == found["depth"]
             and (preset.mlp_hidden == found["mlp_hidden"])
         ):
-            sizes = {k: found[k] for k in ("tokens", "latent_dim", "num_classes")}
+            sizes = {k: found[k] for k in ("tokens", "latent_dim", "num_classes", "cls_dim")}
             return name, replace(preset, init="official", **sizes)
     raise OfficialFormatError(
         f"the generator's shapes ({_describe(found)}) match no preset ({', '.join(DIT_PRESETS)}) "
@@ -391,6 +405,7 @@ def convert_dit(tree: Tree, cfg: DiTConfig) -> tuple[dict[str, torch.Tensor], di
     r.norm(out, "final_norm", "final_layer/norm_final", bias=False)
     r.linear(out, "final_ada.1", "final_layer/adaLN_modulation/layers/1")
     r.linear(out, "out", "final_layer/linear")
+    convert_cls(r, out, cfg)
     stats = None
     if "latent_mean" in tree or "latent_std" in tree:
         shape = (cfg.tokens, cfg.latent_dim)

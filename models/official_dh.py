@@ -22,12 +22,13 @@ from .official import (
     _Reader,
     _require_all,
     _to_torch,
+    cls_dim_from_shapes,
+    convert_cls,
 )
 
 # The official DiTDHConfig settings flatdino implements (key -> allowed values, first the default).
 DIT_DH_SETTINGS = {
     "patch_size": (None,),
-    "in_cls_dim": (None,),
     "use_qknorm": (False,),
     "use_swiglu": (True,),
     "use_rmsnorm": (True,),
@@ -65,6 +66,7 @@ def dit_dh_config_from_official(cfg: Mapping) -> DiTDHConfig:
             num_classes=dh["num_classes"],
             use_rope=dh["use_rope"],
             registers=dh["num_registers"],
+            cls_dim=dh.get("in_cls_dim") or 0,
         )
     except (KeyError, TypeError) as e:
         raise OfficialFormatError(f"the config is not an official GeneratorConfig (no {e})") from e
@@ -103,6 +105,7 @@ def dit_dh_config_from_shapes(tree: Tree) -> tuple[str, DiTDHConfig]:
             "num_classes": tree["y_embedder/embedding_table/embedding"].shape[0] - 1,
             "registers": tree["reg_enc_tokens"].shape[1] if "reg_enc_tokens" in tree else 0,
             "use_rope": "enc_feat_rope/freqs_sin" in tree,
+            "cls_dim": cls_dim_from_shapes(tree),
         }
     except KeyError as e:
         raise OfficialFormatError(f"not an official DiT-DH (no {e.args[0]!r})") from e
@@ -124,8 +127,8 @@ def _dit_block(r: _Reader, out: dict, ours: str, theirs: str) -> None:
 
 
 def convert_dit_dh(tree: Tree, cfg: DiTDHConfig) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Official DiTDH tree (`patch_size=None`, no CLS token) -> (DiTDH state dict, latent
-    mean/std or None)."""
+    """Official DiTDH tree (`patch_size=None`, with or without a CLS token) -> (DiTDH state
+    dict, latent mean/std or None)."""
     r, out = _Reader(tree, "the official DiT-DH"), {}
     r.linear(out, "embed", "s_embedder")
     r.linear(out, "head_embed", "x_embedder")
@@ -154,6 +157,7 @@ def convert_dit_dh(tree: Tree, cfg: DiTDHConfig) -> tuple[dict[str, torch.Tensor
     r.norm(out, "final_norm", "final_layer/norm_final", bias=False)
     r.linear(out, "final_ada.1", "final_layer/adaLN_modulation/layers/1")
     r.linear(out, "out", "final_layer/linear")
+    convert_cls(r, out, cfg)
     stats = None
     if "latent_mean" in tree or "latent_std" in tree:
         shape = (cfg.tokens, cfg.latent_dim)

@@ -293,6 +293,7 @@ def test_generator_shapes_that_match_no_preset_are_refused(ref):
         "depth": 2,
         "num_classes": 10,
         "mlp_hidden": 85,
+        "cls_dim": 0,
     }
     with pytest.raises(OfficialFormatError, match="match no preset"):
         dit_config_from_shapes(tree)
