@@ -34,7 +34,7 @@ from ..models.flow import CFG_INTERVAL
 from ..pipeline.env import fast_matmul, inference_dtype, resolve_device
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.feature_store import FeatureStore
-from ..pipeline.generate import Generator, Guidance, generate, noise
+from ..pipeline.generate import Generator, Guidance, generate, start_noise
 from ..sampling.bundle import load_bundle
 from ..sampling.outdir import batches_of, check_out, identity
 from ..sampling.sample import class_labels
@@ -162,12 +162,11 @@ def measure(
     cfg: SweepConfig, run: _Run, ref: _Reference, w: float, start: float, device: torch.device
 ) -> dict[str, float]:
     """FD-DINOv2 (and FID) of cell (w, start): `sample`'s batches through the same chain."""
-    shape = (run.gen.dit.cfg.tokens, run.gen.dit.cfg.latent_dim)
     guidance = Guidance(cfg.steps, w, (start, CFG_INTERVAL[1]))
     dino = RunningStats(run.gen.vae.cfg.in_dim)
     pixels: RunningStats | None = None  # the Inception space, with a decoder
     for rows in batches_of(cfg.n, cfg.batch_size):
-        x0 = torch.from_numpy(noise(cfg.seed, rows, shape)).to(device)
+        x0 = start_noise(cfg.seed, rows, run.gen.dit.cfg, device)
         y = torch.from_numpy(run.labels[rows.start : rows.stop]).to(device)
         out = generate(run.gen, x0, y, guidance, run.dtype)
         # float16, then pooled in float32: the numbers features.npy holds and `eval fid` pools

@@ -115,11 +115,11 @@ def _load_guide(
             "train-dit run folder or one of its RUN/steps/NNNNNNN"
         )
     guide, guide_flow, _, _ = load_dit(str(ckpt), ema)
-    shape = (dit.cfg.tokens, dit.cfg.latent_dim, dit.cfg.num_classes)
-    found = (guide.cfg.tokens, guide.cfg.latent_dim, guide.cfg.num_classes)
+    shape = (dit.cfg.tokens, dit.cfg.latent_dim, dit.cfg.num_classes, dit.cfg.cls_dim)
+    found = (guide.cfg.tokens, guide.cfg.latent_dim, guide.cfg.num_classes, guide.cfg.cls_dim)
     if found != shape:
         raise FlatDinoError(
-            f"--guide-dit {path!r} is a DiT for (tokens, latent_dim, classes) = {found} "
+            f"--guide-dit {path!r} is a DiT for (tokens, latent_dim, classes, cls_dim) = {found} "
             f"but --dit is one for {shape}; guide with a DiT trained on the same latents"
         )
     fixes = {"latents_fingerprint": "--latents", "normalize": "--latents and --normalize"}

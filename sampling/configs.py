@@ -80,7 +80,10 @@ class SampleConfig:
         "batches are part of the result's identity.",
     )
     save_features: bool = opt(
-        False, flags=("--save-features",), help="Also write latents.npy and features.npy."
+        False,
+        flags=("--save-features",),
+        help="Also write latents.npy and features.npy (and cls.npy, the sampled CLS token of a "
+        "train-dit --cls model).",
     )
     device: str = opt("auto", help=DEVICE_HELP)
     dist_timeout: int = opt(  # longer than the trainers': the other ranks wait while rank 0

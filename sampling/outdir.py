@@ -57,8 +57,9 @@ def bytes_needed(left: int, total: int, dit, vae, decoder, keep_features: bool) 
     """At most how many bytes a run writes beside --out: the batch files and PNGs of the `left`
     samples still to generate, plus the assembled arrays of all `total`."""
     arrays = 0  # per sample, in a batch file and again in the assembled outputs
-    if keep_features:  # latents float32, features float16
+    if keep_features:  # latents float32, features float16, a CLS token float32
         arrays += dit.cfg.tokens * dit.cfg.latent_dim * 4 + vae.cfg.num_patches * vae.cfg.in_dim * 2
+        arrays += dit.cfg.cls_dim * 4
     pixels = decoder.cfg.image_size**2 * decoder.cfg.channels if decoder is not None else 0
     return left * (arrays + 2 * pixels) + total * (arrays + pixels)  # PNGs at most the raw size
 
@@ -129,11 +130,12 @@ def batch_file(work: Path, b: int) -> Path:
 
 
 def assemble(work: Path, labels: np.ndarray, batch_size: int, shown: frozenset[int]) -> dict:
-    """Rank 0, once every batch is written: samples.npz (arr_0 + labels), latents.npy and
-    features.npy in `work`, appended batch by batch in sample order. Returns the images numbered
+    """Rank 0, once every batch is written: samples.npz (arr_0 + labels), latents.npy,
+    features.npy (and cls.npy) in `work`, appended batch by batch in sample order. Returns the images numbered
     in `shown` (the ones grid.png shows)."""
     kept: dict[int, np.ndarray] = {}
     names = {"pixels": "samples.npz", "latents": "latents.npy", "features": "features.npy"}
+    names["cls"] = "cls.npy"
     with ExitStack() as files:
         writers: dict[str, NpyWriter] = {}
         for b, rows in enumerate(batches_of(len(labels), batch_size)):

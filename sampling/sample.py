@@ -9,6 +9,8 @@ Outputs in --out:
     samples.npz       arr_0: uint8 (N, H, W, 3) and labels (N,): the ADM / OpenAI FID evaluator's layout
     latents.npy, features.npy   (N, T, d) float32 and (N, P, C) float16, with --save-features or
                       without a pixel decoder
+    cls.npy           (N, C) float32: the sampled DINOv2 CLS token, beside those two when the DiT
+                      generates one (train-dit --cls); features and images do not use it
     sample.json       the config (sampler and guide included), the identities of the
                       checkpoints used and the timings
 
@@ -43,7 +45,7 @@ from ..models.flow import SAMPLERS
 from ..pipeline.checkpoints import FlowRecord
 from ..pipeline.env import fast_matmul, inference_dtype
 from ..pipeline.errors import FlatDinoError
-from ..pipeline.generate import Generator, Guidance, generate, noise
+from ..pipeline.generate import Generator, Guidance, generate, start_noise
 from ..trainers.pictures import to_uint8
 from ..trainers.runner import Dist
 from .bundle import Bundle, load_bundle
@@ -150,9 +152,8 @@ def generate_batches(
     """Generate the batches `todo` (numbers into `batches_of`) into `work`: per batch its PNGs
     (with a decoder) and batches/BBBBBB.npz holding `pixels` uint8 (B, H, W, 3) with a decoder,
     `latents` float32 (B, T, d) and `features` float16 (B, P, C) with --save-features or without
-    one. The networks run under autocast `dtype` (None: fp32). Returns the seconds spent in the
+    one (and `cls` float32 (B, C) beside them from a CLS generator). The networks run under autocast `dtype` (None: fp32). Returns the seconds spent in the
     networks (the rest is the writers' and the host's share)."""
-    shape = (gen.dit.cfg.tokens, gen.dit.cfg.latent_dim)
     keep_features = cfg.save_features or gen.decoder is None
     guidance = Guidance(cfg.steps, cfg.cfg, cfg.cfg_interval, cfg.sampler)
     batches = batches_of(len(labels), cfg.batch_size)
@@ -163,14 +164,16 @@ def generate_batches(
             todo, desc="sample", unit="batch", disable=not (cfg.progress and show_progress)
         ):
             rows = batches[b]
-            x0 = torch.from_numpy(noise(cfg.seed, rows, shape))
+            x0 = start_noise(cfg.seed, rows, gen.dit.cfg, device)
             y = torch.from_numpy(labels[rows.start : rows.stop])
             tic = time.perf_counter()
-            out = generate(gen, x0.to(device), y.to(device), guidance, dtype)
+            out = generate(gen, x0, y.to(device), guidance, dtype)
             arrays = {}
             if keep_features:
                 arrays["latents"] = out.latents.float().cpu().numpy()
                 arrays["features"] = out.features.half().cpu().numpy()
+                if out.cls is not None:
+                    arrays["cls"] = out.cls.float().cpu().numpy()
             if out.pixels is not None:  # (B, 3, H, W) -> (B, H, W, 3) uint8
                 arrays["pixels"] = to_uint8(out.pixels)
             network += time.perf_counter() - tic  # the copies to the host wait for the device
@@ -204,7 +207,8 @@ class _Run:
         """The arrays in each batch file."""
         decoder = self.bundle.gen.decoder is not None
         names = {"pixels"} if decoder else set()
-        return names | ({"latents", "features"} if save_features or not decoder else set())
+        kept = {"latents", "features"} | ({"cls"} if self.bundle.gen.dit.cfg.cls_dim else set())
+        return names | (kept if save_features or not decoder else set())
 
 
 def _prepare(cfg: SampleConfig, d: Dist) -> _Run:
@@ -331,8 +335,8 @@ def _summary(cfg: SampleConfig, run: _Run, record: dict, network: float) -> dict
         if run.bundle.gen.decoder is not None
         else []
     )
-    if "latents" in run.arrays(cfg.save_features):
-        written += ["latents.npy", "features.npy"]
+    arrays = run.arrays(cfg.save_features)
+    written += [f"{name}.npy" for name in ("latents", "features", "cls") if name in arrays]
     return {
         "out": cfg.out,
         "samples": len(run.labels),

@@ -134,3 +134,19 @@ def test_every_parameter_learns_and_the_plain_path_is_unchanged(preset):
     plain = build_generator(generator_preset(preset, tokens=4, latent_dim=8))
     names = {n for n in model.state_dict()} - set(plain.state_dict())
     assert names == {"cls_embed.weight", "cls_embed.bias", "cls_out.weight", "cls_out.bias"}
+
+
+@pytest.mark.parametrize("name", ["dit", "dh"])
+def test_heun_and_bf16_autocast_carry_the_cls_token(ref, name):
+    """The CLS token goes through Heun's second evaluation and through bf16 autocast with the
+    state kept in float32, as the latents do."""
+    model = _official(ref, name)
+    x0, cls0 = _get(ref, name, "traj/x0", "traj/cls0")
+    y, run = torch.tensor([2, 5]), dict(cfg=4.5, cfg_interval=(0.225, 1.0), null_class=10)
+    euler = flow_sample(model, (x0, cls0), y, 4, **run)
+    heun = flow_sample(model, (x0, cls0), y, 4, sampler="heun", **run)
+    bf16 = flow_sample(model, (x0, cls0), y, 4, autocast=torch.bfloat16, **run)
+    for out in (heun, bf16):
+        pairs = zip(out, euler, strict=True)
+        assert all(p.dtype == torch.float32 and p.shape == e.shape for p, e in pairs)
+    assert _rel(heun[1], euler[1].numpy()) > 1e-4 and _rel(bf16[1], euler[1].numpy()) < 0.05

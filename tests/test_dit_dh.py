@@ -201,13 +201,17 @@ def test_dit_dh_trains_resumes_bit_exactly_and_samples(tmp_path):
 # --------------------------------------------------------------------------- import-official
 
 
-def _orbax_checkpoint(root: Path, tree: dict[str, np.ndarray], config: str, step: int) -> Path:
+def _orbax_checkpoint(
+    root: Path,
+    tree: dict[str, np.ndarray],
+    config: str,
+    step: int,
+    buffers: tuple[str, ...] = ("t_embedder/W", "feat_rope/"),
+) -> Path:
     """An orbax CheckpointManager folder as the official trainer's `save_checkpoint` writes it:
-    `model` and `model_ema` (every Param × 0.5; buffers kept) PyTree items of the nested nnx
-    state and the `config` JSON item (optim and loader left out, as in tests/data/official)."""
+    `model` and `model_ema` (every Param × 0.5; the `buffers` kept) PyTree items of the nested
+    nnx state and the `config` JSON item (optim and loader left out, as in tests/data/official)."""
     import orbax.checkpoint as ocp
-
-    buffers = ("t_embedder/W", "feat_rope/")
 
     def nested(flat: dict) -> dict:
         out: dict = {}

@@ -337,11 +337,11 @@ def test_a_guide_for_other_latents_or_shapes_is_refused_in_one_line(chain, tmp_p
         (other, "was not trained on the latents --dit was (their flow.json's latents_fingerprint"),
         (
             _copy_dit(weak, tmp_path / "classes", num_classes=3),
-            "(tokens, latent_dim, classes) = (8, 16, 3)",
+            "(tokens, latent_dim, classes, cls_dim) = (8, 16, 3, 0)",
         ),
         (
             _copy_dit(weak, tmp_path / "tokens", tokens=4),
-            "(tokens, latent_dim, classes) = (4, 16, 10)",
+            "(tokens, latent_dim, classes, cls_dim) = (4, 16, 10, 0)",
         ),
         (tmp_path, "--guide-dit"),  # no checkpoint at all
     ]

@@ -192,6 +192,13 @@ class TrainDiTConfig:
         help="Train on the first K stored views only (1: view 0, no flips); default: all stored "
         "views.",
     )
+    cls: bool = opt(
+        False,
+        flags=("--cls",),
+        help="Also generate each image's DINOv2 CLS token beside the latents (the official "
+        "in_cls_dim; needs a latents store that kept it). `sample --save-features` writes it "
+        "as cls.npy; the images do not use it.",
+    )
     sample_every: int = opt(
         5000,
         min=0,

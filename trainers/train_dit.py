@@ -26,7 +26,7 @@ from timm.utils import ModelEmaV3
 
 from ..models.dit import DiTConfig
 from ..models.dit_dh import GENERATOR_PRESETS, DiTDHConfig, build_generator, generator_preset
-from ..models.flow import LatentNorm, flow_loss
+from ..models.flow import LatentNorm, State, batch_size, flow_loss, smap
 from ..pipeline.checkpoints import (
     FlowRecord,
     load_pixel_decoder,
@@ -38,7 +38,7 @@ from ..pipeline.checkpoints import (
 from ..pipeline.env import inference_dtype
 from ..pipeline.errors import FlatDinoError
 from ..pipeline.frechet import RunningStats, frechet_distance, store_statistics
-from ..pipeline.generate import Generator, Guidance, generate, noise
+from ..pipeline.generate import Generator, Guidance, generate, start_noise
 from ..pipeline.latent_store import LatentStore
 from ..pipeline.loader import LatentBatches, LoaderConfig
 from .configs import TrainDiTConfig
@@ -52,13 +52,19 @@ log = logging.getLogger("flatdino.train")
 
 
 def build_model_config(cfg: TrainDiTConfig, store: LatentStore) -> DiTConfig | DiTDHConfig:
-    """The preset with T, d and the class count taken from the store."""
+    """The preset with T, d, the class count and (--cls) the CLS width C taken from the store."""
     if cfg.preset not in GENERATOR_PRESETS:
         raise FlatDinoError(
             f"--preset must be one of {sorted(GENERATOR_PRESETS)}; got {cfg.preset!r}"
         )
     t, d = store.token_shape
-    return generator_preset(cfg.preset, tokens=t, latent_dim=d, num_classes=store.num_classes())
+    cls_dim = 0
+    if cfg.cls:
+        store.require_cls("--latents")
+        cls_dim = int(store.array("cls").shape[2])  # (N, V, C)
+    return generator_preset(
+        cfg.preset, tokens=t, latent_dim=d, num_classes=store.num_classes(), cls_dim=cls_dim
+    )
 
 
 def flow_record(cfg: TrainDiTConfig, store: LatentStore) -> FlowRecord:
@@ -154,19 +160,18 @@ class SampleMonitor:
         # the DiT is the EMA module of each call; guided with the full interval
         self.gen = Generator(None, norm, vae, float(flow.kappa), decoder)
         self.guidance = Guidance(cfg.sample_steps, cfg.sample_cfg, (0.0, 1.0))
-        shape = (model_cfg.tokens, model_cfg.latent_dim)
         k = model_cfg.num_classes
         self.labels = np.resize(np.arange(k), cfg.fd_samples)
-        self.noise = noise(cfg.run.seed, range(cfg.fd_samples), shape)
+        self.noise = start_noise(cfg.run.seed, range(cfg.fd_samples), model_cfg)
         self.grid_labels = np.repeat(np.arange(min(k, 8)), 8)
-        self.grid_noise = noise(cfg.run.seed + 1, range(len(self.grid_labels)), shape)
+        self.grid_noise = start_noise(cfg.run.seed + 1, range(len(self.grid_labels)), model_cfg)
 
     @torch.no_grad()
-    def generate(self, model, noise: np.ndarray, labels: np.ndarray, pixels: bool, batch=256):
+    def generate(self, model, noise: State, labels: np.ndarray, pixels: bool, batch=256):
         """The chain of `flatdino sample` in batches of `batch`, from `model`'s weights."""
         gen = dataclasses.replace(self.gen, dit=model)
-        for i in range(0, len(noise), batch):
-            x0 = torch.from_numpy(noise[i : i + batch]).to(self.device)
+        for i in range(0, batch_size(noise), batch):
+            x0 = smap(lambda a, i=i: a[i : i + batch].to(self.device), noise)
             y = torch.from_numpy(labels[i : i + batch]).to(self.device)
             yield generate(gen, x0, y, self.guidance, self.dtype, pixels)
 
@@ -206,6 +211,7 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
             LoaderConfig(run.micro, cfg.run.seed, 0, 0, d.rank, d.world),
             progress=cfg.run.progress and d.main,
             views=flow.views,
+            cls=cfg.cls,
         )
         steps_per_epoch, schedule = _schedule(cfg, loader, run.accum, d)
         norm = latent_norm(cfg, store, model_cfg).to(d.device)
@@ -233,8 +239,9 @@ def train_dit(cfg: TrainDiTConfig) -> dict:
         )
 
         def loss(net, batch) -> tuple[dict, int]:
-            x, y = (t.to(d.device, non_blocking=True) for t in batch)  # (B, T, d), (B,)
-            x1 = norm.normalize(x)
+            x, y, *cls = (t.to(d.device, non_blocking=True) for t in batch)  # (B, T, d), (B,)
+            x1 = norm.normalize(x)  # the CLS token (B, C) is not normalised (as the official)
+            x1 = (x1, *cls) if cls else x1
             value = flow_loss(
                 net, x1, y, cfg.kappa, cfg.class_dropout, model_cfg.num_classes, cfg.time_dist
             )
