@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..models.configs import DiTConfig, DiTDHConfig
 from ..models.flow import LatentNorm, State, flow_sample, sample_noise
 from .env import autocast
 
@@ -63,7 +64,10 @@ def noise(seed: int, rows: Sequence[int], shape: tuple[int, ...], stream: int = 
 
 
 def start_noise(
-    seed: int, rows: Sequence[int], dit_cfg, device: torch.device | None = None
+    seed: int,
+    rows: Sequence[int],
+    dit_cfg: DiTConfig | DiTDHConfig,
+    device: torch.device | None = None,
 ) -> State:
     """The sampler's starting state for samples `rows` of a generator with config `dit_cfg`: the
     tokens' noise (B, T, d), and with a CLS token the pair with its noise (B, C) (stream 1), so

@@ -99,6 +99,18 @@ def test_cls_samples_are_the_same_bytes_under_two_ranks(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
+def test_train_dit_cls_under_two_gloo_ranks(tmp_path):
+    """DDP over a CLS model (both CLS layers take part, so no unused-parameter error); rank 0's
+    checkpoint rebuilds with the token."""
+    from conftest import tiny_dit_args, torchrun
+    from flatdino.pipeline.checkpoints import load_dit
+
+    run = tmp_path / "ddp"
+    done = torchrun(2, *tiny_dit_args(_store(tmp_path), run, 2, "--preset", "dit-dh-tiny", "--cls"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_dit(str(run))[0].cfg.cls_dim == C
+
+
 def test_a_store_without_the_cls_token_is_refused_in_one_line(tmp_path):
     store = _store(tmp_path, cls=False)
     args = ["train-dit", "--latents", store, "--out", tmp_path / "run", "--preset", "tiny"]
