@@ -19,7 +19,7 @@ import torch
 from flatdino.models.dit import LightningDiT
 from flatdino.models.dit_dh import DiTDH, build_generator, generator_preset
 from flatdino.models.flow import flow_loss, flow_sample, velocity_loss
-from flatdino.models.official import convert_dit, dit_config_from_official
+from flatdino.models.official import cls_dim_from_shapes, convert_dit, dit_config_from_official
 from flatdino.models.official_dh import convert_dit_dh, dit_dh_config_from_official
 
 DATA = Path(__file__).parent / "data" / "official" / "parity_cls.npz"
@@ -76,6 +76,7 @@ def test_both_velocities_match_the_official_model(ref, name):
         assert ref[f"{name}/{key}"].std() > 0.1  # a reference that moves
         assert _rel(ours, ref[f"{name}/{key}"]) < 1e-5, key
     assert sum(p.numel() for p in model.parameters()) == int(ref[f"{name}/params"])
+    assert cls_dim_from_shapes(_tree(ref, name)) == 6  # what import-official reads without config
     with pytest.raises(ValueError, match="the pair"):
         model(x, t, y.long())  # a CLS model is never run without its token
 

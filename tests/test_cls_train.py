@@ -162,3 +162,12 @@ def test_the_monitor_and_sweep_cfg_run_a_cls_model(tmp_path):
     args += ["--out", tmp_path / "sweep", "--scales", "1,2", "--interval-starts", "0", "--n", "16"]
     args += ["--no-ema", "--steps", "3", "--batch-size", "8", "--device", "cpu", "--no-progress"]
     assert "2 cells computed" in invoke(*args).output
+
+
+def test_resuming_a_cls_run_without_cls_names_the_difference(tmp_path):
+    args = ["train-dit", "--latents", _store(tmp_path), "--out", tmp_path / "run"]
+    args += ["--preset", "tiny", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+    invoke(*args, "--cls", "--steps", "1", "--sample-every", "0")
+    result = runner.invoke(app, [str(a) for a in (*args, "--steps", "2", "--resume")])
+    assert result.exit_code == 1 and "(cls_dim 5, now 0)" in result.output
+    assert "--cls" in result.output and "\n" not in result.output.strip()

@@ -149,9 +149,14 @@ def resume_run(
         return
     saved_cfg = read_json(resume_dir / "config.json", RESUME_FIX)
     if saved_cfg != model_config:
+        keys = sorted(
+            k for k in {*saved_cfg, *model_config} if saved_cfg.get(k) != model_config.get(k)
+        )
+        differ = ", ".join(f"{k} {saved_cfg.get(k)!r}, now {model_config.get(k)!r}" for k in keys)
         raise FlatDinoError(
-            f"checkpoint {str(resume_dir)!r} holds a model {saved_cfg} that does not match "
-            f"this store and preset {model_config}; resume with the same store and preset"
+            f"checkpoint {str(resume_dir)!r} holds a model that does not match this store and "
+            f"preset ({differ}); resume with the same store, preset and model options (train-dit: "
+            "--cls)"
         )
     saved = load_trainer_state(resume_dir)
     _agree(int(saved["state"]["step"]), resume_dir, d)
