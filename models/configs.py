@@ -285,7 +285,8 @@ def dit_parameters(cfg: DiTConfig) -> int:
     embed = _linear(cfg.latent_dim, D) + _linear(2 * 256, D) + _linear(D, D)  # tokens, time
     embed += (cfg.num_classes + 1) * D  # classes + the null class
     head = D + _linear(D, 2 * D) + _linear(D, cfg.latent_dim)  # final norm, adaLN, output
-    return embed + cfg.depth * block + head
+    cls = _linear(cfg.cls_dim, D) + _linear(D, cfg.cls_dim) if cfg.cls_dim else 0  # in and out
+    return embed + cfg.depth * block + head + cls
 
 
 def dit_dh_parameters(cfg: DiTDHConfig) -> int:
@@ -299,7 +300,8 @@ def dit_dh_parameters(cfg: DiTDHConfig) -> int:
     embed += _linear(2 * 256, D) + _linear(D, D) + (cfg.num_classes + 1) * D
     embed += cfg.registers * (D + H) + (_linear(D, H) if D != H else 0)
     blocks = cfg.depth * block(D, cfg.mlp_hidden) + cfg.dh_depth * block(H, cfg.dh_mlp_hidden)
-    return embed + blocks + H + _linear(H, 2 * H) + _linear(H, cfg.latent_dim)
+    cls = _linear(cfg.cls_dim, D) + _linear(H, cfg.cls_dim) if cfg.cls_dim else 0  # in and out
+    return embed + blocks + H + _linear(H, 2 * H) + _linear(H, cfg.latent_dim) + cls
 
 
 def generator_parameters(cfg: DiTConfig | DiTDHConfig) -> int:

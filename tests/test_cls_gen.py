@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from flatdino.models.configs import generator_parameters
 from flatdino.models.dit import LightningDiT
-from flatdino.models.dit_dh import DiTDH, build_generator, generator_preset
+from flatdino.models.dit_dh import (
+    DiTDH,
+    build_generator,
+    count_generator_parameters,
+    generator_preset,
+)
 from flatdino.models.flow import flow_loss, flow_sample, velocity_loss
 from flatdino.models.official import cls_dim_from_shapes, convert_dit, dit_config_from_official
 from flatdino.models.official_dh import convert_dit_dh, dit_dh_config_from_official
@@ -75,7 +81,8 @@ def test_both_velocities_match_the_official_model(ref, name):
     for ours, key in ((v, "v"), (v_cls, "v_cls")):
         assert ref[f"{name}/{key}"].std() > 0.1  # a reference that moves
         assert _rel(ours, ref[f"{name}/{key}"]) < 1e-5, key
-    assert sum(p.numel() for p in model.parameters()) == int(ref[f"{name}/params"])
+    n = sum(p.numel() for p in model.parameters())
+    assert n == int(ref[f"{name}/params"]) == generator_parameters(model.cfg)
     assert cls_dim_from_shapes(_tree(ref, name)) == 6  # what import-official reads without config
     with pytest.raises(ValueError, match="the pair"):
         model(x, t, y.long())  # a CLS model is never run without its token
@@ -151,3 +158,14 @@ def test_heun_and_bf16_autocast_carry_the_cls_token(ref, name):
         pairs = zip(out, euler, strict=True)
         assert all(p.dtype == torch.float32 and p.shape == e.shape for p, e in pairs)
     assert _rel(heun[1], euler[1].numpy()) > 1e-4 and _rel(bf16[1], euler[1].numpy()) < 0.05
+
+
+@pytest.mark.parametrize("preset", ["dit-xl", "dit-dh-xl"])
+def test_the_xl_presets_build_with_a_768_wide_cls_token(preset):
+    """On the meta device: the CLS layers add C·D + D + W·C + C parameters (W: the width the
+    velocity is read from, the head's 2048 for DiT-DH), as the analytic count says."""
+    base, cls = generator_preset(preset), generator_preset(preset, cls_dim=768)
+    width = 2048 if preset == "dit-dh-xl" else 1152
+    extra = 768 * 1152 + 1152 + width * 768 + 768
+    assert count_generator_parameters(cls) - count_generator_parameters(base) == extra
+    assert generator_parameters(cls) == count_generator_parameters(cls)
