@@ -146,38 +146,39 @@ class Demo:
         )
         return {"items": s["images"], "unit": "images"}
 
-    def _train_dit(self) -> dict:
+    def _train_dit(self, run: str = "runs/dit", preset: str = "tiny", **changes) -> dict:
+        """The demo's generator; bench/generators.py trains others with the same settings,
+        changing only `run`, `preset` and the options in `changes`."""
         from ..trainers.train_dit import TrainDiTConfig, train_dit
 
         batch = 64
-        train_dit(
-            TrainDiTConfig(
-                latents=self.p("latents-train.zarr"),
-                out=self.p("runs/dit"),
-                preset="tiny",
-                steps=self.cfg.dit_steps,
-                batch_size=batch,
-                lr=1e-3,
-                ema_decay=0.995,
-                normalize=True,
-                # View 1 is the horizontal flip: fine for ImageNet, but a mirrored 5 is no 5. Trained
-                # on both views, 79–83% of the generated digits were recognised (5, 6 the worst);
-                # on view 0 alone, 100%. The VAE still learns from both views.
-                views=1,
-                log_every=200,
-                ckpt_every=500,
-                device=self.cfg.device,
-                resume=True,
-                progress=self.cfg.progress,
-                # watched: EMA samples through the pixel decoder and their FD against the val features
-                sample_every=self._every(),
-                fd_samples=10 * self.cfg.per_class,
-                sample_steps=20,
-                fd_features=self.p("features-val.zarr"),
-                decoder=self.p("runs/decoder"),
-                keep_every=self._guide_step(),  # steps/ keeps the weak model of AutoGuidance
-            )
+        options = dict(
+            latents=self.p("latents-train.zarr"),
+            out=self.p(run),
+            preset=preset,
+            steps=self.cfg.dit_steps,
+            batch_size=batch,
+            lr=1e-3,
+            ema_decay=0.995,
+            normalize=True,
+            # View 1 is the horizontal flip: fine for ImageNet, but a mirrored 5 is no 5. Trained
+            # on both views, 79–83% of the generated digits were recognised (5, 6 the worst);
+            # on view 0 alone, 100%. The VAE still learns from both views.
+            views=1,
+            log_every=200,
+            ckpt_every=500,
+            device=self.cfg.device,
+            resume=True,
+            progress=self.cfg.progress,
+            # watched: EMA samples through the pixel decoder and their FD against the val features
+            sample_every=self._every(),
+            fd_samples=10 * self.cfg.per_class,
+            sample_steps=20,
+            fd_features=self.p("features-val.zarr"),
+            decoder=self.p("runs/decoder"),
+            keep_every=self._guide_step(),  # steps/ keeps the weak model of AutoGuidance
         )
+        train_dit(TrainDiTConfig(**{**options, **changes}))
         return {"items": self.cfg.dit_steps * batch, "unit": "samples"}
 
     def _every(self) -> int:
@@ -214,14 +215,16 @@ class Demo:
         samples = self._sample_into("samples", cfg=self.cfg.cfg, save_features=True)
         return {"items": len(samples["labels"]), "unit": "samples"}
 
-    def _sample_into(self, folder: str, cfg: float, save_features: bool, **options):
-        """`flatdino sample` of every class into OUT/folder; returns its samples.npz."""
+    def _sample_into(
+        self, folder: str, cfg: float, save_features: bool, dit: str = "runs/dit", **options
+    ):
+        """`flatdino sample` of every class from OUT/dit into OUT/folder; returns its samples.npz."""
         from ..sampling.sample import SampleConfig, sample
 
         settings = {"steps": self.cfg.sample_steps, **options}
         sample(
             SampleConfig(
-                dit=self.p("runs/dit"),
+                dit=self.p(dit),
                 out=self.p(folder),
                 decoder=self.p("runs/decoder"),
                 classes="all",
