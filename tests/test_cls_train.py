@@ -83,14 +83,15 @@ def test_train_dit_cls_trains_resumes_bit_exactly_and_samples(tmp_path, preset):
     assert np.all(np.isfinite(cls)) and cls.std() > 0
 
 
-def test_cls_samples_are_the_same_bytes_under_two_ranks(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "dit-dh-tiny"])
+def test_cls_samples_are_the_same_bytes_under_two_ranks(tmp_path, preset):
     """torchrun with 2 gloo ranks writes the same latents, features and CLS tokens as one
-    process: each sample's two noises depend on (seed, sample) only."""
+    process, for both generator kinds: each sample's two noises depend on (seed, sample) only."""
     from conftest import torchrun
     from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
     store, run = _store(tmp_path), tmp_path / "run"
-    kw = dict(preset="tiny", cls=True, steps=3, batch_size=8, progress=False, device="cpu")
+    kw = dict(preset=preset, cls=True, steps=3, batch_size=8, progress=False, device="cpu")
     train_dit(TrainDiTConfig(latents=str(store), out=str(run), **kw))
     invoke(*_sample_args(run, tmp_path / "vae", tmp_path / "one"))
     two = torchrun(2, *_sample_args(run, tmp_path / "vae", tmp_path / "two"))

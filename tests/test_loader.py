@@ -169,3 +169,21 @@ def test_prefetch_pins_every_tensor_of_a_batch_and_leaves_the_rest(monkeypatch):
     assert isinstance(x, tuple) and torch.equal(x[0], codes) and x[0] is not codes
     assert torch.equal(y, labels) and y is not labels and torch.equal(x2, torch.zeros(2, 3, 4))
     assert r is rows and r2 is rows
+
+
+def test_pending_rows_grow_past_their_bound_and_come_back_in_the_asked_order():
+    """The slots that hold rows between their block and their batch: a block larger than the free
+    slots grows them (the plan's bound, buffer + batch + block, is not relied on), a batch comes
+    back in its own row order whatever the slots, and a taken row's slot is used again."""
+    from flatdino.pipeline.loader import _Pending
+
+    pending = _Pending([((2,), np.int8), ((), np.float16)], capacity=1)
+    codes = np.arange(8, dtype=np.int8).reshape(4, 2)
+    pending.add(np.array([10, 11, 12, 13]), [codes, np.array([0.5, 1, 2, 4], np.float16)])
+    assert pending.has(np.array([13, 10])) and not pending.has(np.array([10, 14]))
+    got_codes, got_scales = pending.take(np.array([12, 10]))
+    assert got_codes.tolist() == [[4, 5], [0, 1]] and got_scales.tolist() == [2.0, 0.5]
+    slots = len(pending.parts[0])
+    pending.add(np.array([20, 21]), [codes[:2] + 50, np.zeros(2, np.float16)])
+    assert len(pending.parts[0]) == slots  # the two freed slots were used again
+    assert pending.take(np.array([21, 11, 20]))[0].tolist() == [[52, 53], [2, 3], [50, 51]]
