@@ -144,6 +144,12 @@ def _check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 # --------------------------------------------------------------------------- the VAE
 
 
+def _not_a_config(what: str, e: Exception) -> OfficialFormatError:
+    """A config JSON of another layout: the key it lacks, or the part of the wrong type."""
+    why = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+    return OfficialFormatError(f"the config is not an official {what} ({why})")
+
+
 def _require(cfg: Mapping, key: str, allowed, what: str) -> None:
     value = cfg.get(key, allowed[0])
     if value not in allowed:
@@ -218,8 +224,8 @@ def vae_config_from_official(cfg: Mapping) -> VAEConfig:
             mlp_ratio=ratios.pop(),
             init="official",
         )
-    except (KeyError, TypeError) as e:
-        raise OfficialFormatError(f"the config is not an official FlatDinoConfig (no {e})") from e
+    except (KeyError, TypeError, AttributeError) as e:  # a missing key, a null or scalar part
+        raise _not_a_config("FlatDinoConfig", e) from e
 
 
 def vae_shapes(tree: Tree) -> dict:
@@ -334,8 +340,8 @@ def dit_config_from_official(cfg: Mapping) -> DiTConfig:
             init="official",
             cls_dim=dit.get("in_cls_dim") or 0,
         )
-    except (KeyError, TypeError) as e:
-        raise OfficialFormatError(f"the config is not an official GeneratorConfig (no {e})") from e
+    except (KeyError, TypeError, AttributeError) as e:
+        raise _not_a_config("GeneratorConfig", e) from e
 
 
 def _ratio(hidden: int, dim: int) -> float:

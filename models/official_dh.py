@@ -19,6 +19,7 @@ from .official import (
     _block,
     _check_shapes,
     _describe,
+    _not_a_config,
     _Reader,
     _require_all,
     _to_torch,
@@ -68,8 +69,8 @@ def dit_dh_config_from_official(cfg: Mapping) -> DiTDHConfig:
             registers=dh["num_registers"],
             cls_dim=dh.get("in_cls_dim") or 0,
         )
-    except (KeyError, TypeError) as e:
-        raise OfficialFormatError(f"the config is not an official GeneratorConfig (no {e})") from e
+    except (KeyError, TypeError, AttributeError) as e:
+        raise _not_a_config("GeneratorConfig", e) from e
 
 
 def dit_dh_flow_from_official(cfg: Mapping) -> dict:
