@@ -411,6 +411,15 @@ def convert_dit(tree: Tree, cfg: DiTConfig) -> tuple[dict[str, torch.Tensor], di
     r.norm(out, "final_norm", "final_layer/norm_final", bias=False)
     r.linear(out, "final_ada.1", "final_layer/adaLN_modulation/layers/1")
     r.linear(out, "out", "final_layer/linear")
+    return finish_generator(r, out, tree, cfg, LightningDiT, "the official generator")
+
+
+def finish_generator(
+    r: _Reader, out: dict, tree: Tree, cfg: DiTConfig | DiTDHConfig, model: type, what: str
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The end of either generator's conversion: its CLS layers, the latent mean/std the
+    checkpoint holds (per token, or None), every leaf used, and the state's shapes checked
+    against `model(cfg)`'s."""
     convert_cls(r, out, cfg)
     stats = None
     if "latent_mean" in tree or "latent_std" in tree:
@@ -422,6 +431,6 @@ def convert_dit(tree: Tree, cfg: DiTConfig) -> tuple[dict[str, torch.Tensor], di
     r.check_all_used()
     state = _to_torch(out)
     with torch.device("meta"):
-        expected = LightningDiT(cfg).state_dict()
-    _check_shapes(state, expected, "the official generator")
+        expected = model(cfg).state_dict()
+    _check_shapes(state, expected, what)
     return state, stats

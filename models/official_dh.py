@@ -8,7 +8,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from .dit import rope_1d
@@ -17,14 +16,12 @@ from .official import (
     OfficialFormatError,
     Tree,
     _block,
-    _check_shapes,
     _describe,
     _not_a_config,
     _Reader,
     _require_all,
-    _to_torch,
     cls_dim_from_shapes,
-    convert_cls,
+    finish_generator,
 )
 
 # The official DiTDHConfig settings flatdino implements (key -> allowed values, first the default).
@@ -158,17 +155,4 @@ def convert_dit_dh(tree: Tree, cfg: DiTDHConfig) -> tuple[dict[str, torch.Tensor
     r.norm(out, "final_norm", "final_layer/norm_final", bias=False)
     r.linear(out, "final_ada.1", "final_layer/adaLN_modulation/layers/1")
     r.linear(out, "out", "final_layer/linear")
-    convert_cls(r, out, cfg)
-    stats = None
-    if "latent_mean" in tree or "latent_std" in tree:
-        shape = (cfg.tokens, cfg.latent_dim)
-        stats = {
-            k: torch.from_numpy(np.broadcast_to(r.get(f"latent_{k}"), shape).copy())
-            for k in ("mean", "std")
-        }
-    r.check_all_used()
-    state = _to_torch(out)
-    with torch.device("meta"):
-        expected = DiTDH(cfg).state_dict()
-    _check_shapes(state, expected, "the official DiT-DH")
-    return state, stats
+    return finish_generator(r, out, tree, cfg, DiTDH, "the official DiT-DH")
