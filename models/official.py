@@ -298,18 +298,22 @@ def convert_vae(tree: Tree, cfg: VAEConfig) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- the generator
 
 
-def dit_flow_from_official(cfg: Mapping) -> dict:
-    """κ, class dropout and latent normalisation of an official GeneratorConfig JSON.
+def official_kappa(cfg: Mapping, size: int) -> float:
+    """The time shift κ an official generator was trained with, `size` = T·d (train_generator.py):
+    none without `time_dist_shift_base`, whatever `kappa` says; with it, `kappa` when set, else
+    sqrt(T·d / time_dist_shift_base)."""
+    base, kappa = cfg.get("time_dist_shift_base"), cfg.get("kappa")
+    if not base:
+        return 1.0
+    return float(kappa) if kappa is not None else math.sqrt(size / base)
 
-    The official trainer shifts time by `kappa` when set, else by sqrt(T·d / time_dist_shift_base)
-    (train_generator.py), and by nothing when both are unset."""
+
+def dit_flow_from_official(cfg: Mapping) -> dict:
+    """κ (`official_kappa`), class dropout and latent normalisation of an official GeneratorConfig
+    JSON."""
     dit = cfg["dit"]
-    kappa = cfg.get("kappa")
-    base = cfg.get("time_dist_shift_base")
-    if kappa is None:
-        kappa = math.sqrt(dit["num_patches"] * dit["in_channels"] / base) if base else 1.0
     return {
-        "kappa": float(kappa),
+        "kappa": official_kappa(cfg, dit["num_patches"] * dit["in_channels"]),
         "class_dropout": float(dit.get("class_dropout_prob", 0.0)),
         "normalize": bool(cfg.get("use_latent_norm", False)),
     }

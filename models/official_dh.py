@@ -4,7 +4,6 @@ mapping it shares (the official LightningDDTBlock holds the tensors of a Lightni
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -22,6 +21,7 @@ from .official import (
     _require_all,
     cls_dim_from_shapes,
     finish_generator,
+    official_kappa,
 )
 
 # The official DiTDHConfig settings flatdino implements (key -> allowed values, first the default).
@@ -72,13 +72,10 @@ def dit_dh_config_from_official(cfg: Mapping) -> DiTDHConfig:
 
 def dit_dh_flow_from_official(cfg: Mapping) -> dict:
     """κ, class dropout and latent normalisation of an official DiT-DH GeneratorConfig JSON
-    (κ as `dit_flow_from_official` reads it, from input_size · in_channels)."""
+    (κ from input_size · in_channels)."""
     dh = cfg["dit_dh"]
-    kappa, base = cfg.get("kappa"), cfg.get("time_dist_shift_base")
-    if kappa is None:
-        kappa = math.sqrt(dh["input_size"] * dh["in_channels"] / base) if base else 1.0
     return {
-        "kappa": float(kappa),
+        "kappa": official_kappa(cfg, dh["input_size"] * dh["in_channels"]),
         "class_dropout": float(dh.get("class_dropout_prob", 0.0)),
         "normalize": bool(cfg.get("use_latent_norm", False)),
     }

@@ -140,6 +140,9 @@ def test_flow_settings_follow_the_official_trainer():
     assert flow["class_dropout"] == 0.1 and flow["normalize"] is False
     assert dit_flow_from_official({**cfg, "kappa": 3.0})["kappa"] == 3.0
     assert dit_flow_from_official({**cfg, "time_dist_shift_base": None})["kappa"] == 1.0
+    # the official trainer shifts nothing without a base, even with kappa set
+    no_base = {**cfg, "kappa": 3.0, "time_dist_shift_base": None}
+    assert dit_flow_from_official(no_base)["kappa"] == 1.0
 
 
 # --------------------------------------------------------------------------- import-official
