@@ -91,9 +91,9 @@ class DiTDH(nn.Module):
     def initialize_weights(self) -> None:
         """The official `DiTDH.__init__`: Xavier-uniform for the blocks' attention and MLP and for
         the encoder-to-head projection; truncated normal (cut at ±2σ, as jax's initializer) 0.01
-        for both token embeddings, the registers and both CLS layers, 0.02 for the position table, the time MLP
-        and the class table; adaLN and output layers zero (adaLN-Zero). Biases zero, norm scales
-        one, W ~ N(0, 1)."""
+        for both token embeddings, the registers and both CLS layers, 0.02 for the position table,
+        the time MLP and the class table; adaLN and output layers zero (adaLN-Zero). Biases zero,
+        norm scales one, W ~ N(0, 1)."""
         tn = partial(trunc_normal_tf_, a=-2.0, b=2.0)
         for m in self.modules():
             if isinstance(m, nn.Linear):

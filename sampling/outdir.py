@@ -131,11 +131,11 @@ def batch_file(work: Path, b: int) -> Path:
 
 def assemble(work: Path, labels: np.ndarray, batch_size: int, shown: frozenset[int]) -> dict:
     """Rank 0, once every batch is written: samples.npz (arr_0 + labels), latents.npy,
-    features.npy (and cls.npy) in `work`, appended batch by batch in sample order. Returns the images numbered
-    in `shown` (the ones grid.png shows)."""
+    features.npy (and cls.npy) in `work`, appended batch by batch in sample order. Returns the
+    images numbered in `shown` (the ones grid.png shows)."""
     kept: dict[int, np.ndarray] = {}
     names = {"pixels": "samples.npz", "latents": "latents.npy", "features": "features.npy"}
-    names["cls"] = "cls.npy"
+    names |= {"cls": "cls.npy"}  # a CLS generator's
     with ExitStack() as files:
         writers: dict[str, NpyWriter] = {}
         for b, rows in enumerate(batches_of(len(labels), batch_size)):

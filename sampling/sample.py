@@ -152,8 +152,9 @@ def generate_batches(
     """Generate the batches `todo` (numbers into `batches_of`) into `work`: per batch its PNGs
     (with a decoder) and batches/BBBBBB.npz holding `pixels` uint8 (B, H, W, 3) with a decoder,
     `latents` float32 (B, T, d) and `features` float16 (B, P, C) with --save-features or without
-    one (and `cls` float32 (B, C) beside them from a CLS generator). The networks run under autocast `dtype` (None: fp32). Returns the seconds spent in the
-    networks (the rest is the writers' and the host's share)."""
+    one (and `cls` float32 (B, C) beside them from a CLS generator). The networks run under
+    autocast `dtype` (None: fp32). Returns the seconds spent in the networks (the rest is the
+    writers' and the host's share)."""
     keep_features = cfg.save_features or gen.decoder is None
     guidance = Guidance(cfg.steps, cfg.cfg, cfg.cfg_interval, cfg.sampler)
     batches = batches_of(len(labels), cfg.batch_size)
