@@ -308,15 +308,19 @@ def official_kappa(cfg: Mapping, size: int) -> float:
     return float(kappa) if kappa is not None else math.sqrt(size / base)
 
 
-def dit_flow_from_official(cfg: Mapping) -> dict:
+def generator_flow(cfg: Mapping, part: Mapping, tokens: int) -> dict:
     """κ (`official_kappa`), class dropout and latent normalisation of an official GeneratorConfig
-    JSON."""
-    dit = cfg["dit"]
+    JSON of either kind: `part` is its `dit` or `dit_dh` item, `tokens` its T."""
     return {
-        "kappa": official_kappa(cfg, dit["num_patches"] * dit["in_channels"]),
-        "class_dropout": float(dit.get("class_dropout_prob", 0.0)),
+        "kappa": official_kappa(cfg, tokens * part["in_channels"]),
+        "class_dropout": float(part.get("class_dropout_prob", 0.0)),
         "normalize": bool(cfg.get("use_latent_norm", False)),
     }
+
+
+def dit_flow_from_official(cfg: Mapping) -> dict:
+    """`generator_flow` of an official LightningDiT's GeneratorConfig JSON."""
+    return generator_flow(cfg, cfg["dit"], cfg["dit"]["num_patches"])
 
 
 def dit_config_from_official(cfg: Mapping) -> DiTConfig:

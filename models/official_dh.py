@@ -21,7 +21,7 @@ from .official import (
     _require_all,
     cls_dim_from_shapes,
     finish_generator,
-    official_kappa,
+    generator_flow,
 )
 
 # The official DiTDHConfig settings flatdino implements (key -> allowed values, first the default).
@@ -71,14 +71,8 @@ def dit_dh_config_from_official(cfg: Mapping) -> DiTDHConfig:
 
 
 def dit_dh_flow_from_official(cfg: Mapping) -> dict:
-    """κ, class dropout and latent normalisation of an official DiT-DH GeneratorConfig JSON
-    (κ from input_size · in_channels)."""
-    dh = cfg["dit_dh"]
-    return {
-        "kappa": official_kappa(cfg, dh["input_size"] * dh["in_channels"]),
-        "class_dropout": float(dh.get("class_dropout_prob", 0.0)),
-        "normalize": bool(cfg.get("use_latent_norm", False)),
-    }
+    """`generator_flow` of an official DiT-DH's GeneratorConfig JSON."""
+    return generator_flow(cfg, cfg["dit_dh"], cfg["dit_dh"]["input_size"])
 
 
 def is_dit_dh(tree: Tree) -> bool:
