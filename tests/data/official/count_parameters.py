@@ -24,26 +24,16 @@ import make_parity  # noqa: E402  (the source checkout and the import stubs)
 
 
 def main() -> None:
-    make_parity.ensure_source()
-    sys.path.insert(0, str(make_parity.SRC))
-    sys.meta_path.append(make_parity._StubFinder())
+    make_parity.open_official()
 
     import flax.nnx as nnx
-    import jax
-    import jmp
-    import numpy as np
-    from jax.sharding import Mesh
 
     import flatdino.train as official_train
     import flatdino.train_generator as official_gen
     from flatdino.autoencoder import FlatDinoAutoencoder
 
-    jax.config.update("jax_enable_compilation_cache", False)
-    jax.set_mesh(Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model")))
-    mp = jmp.get_policy("params=float32,compute=float32,output=float32")
-
-    def count(module) -> int:
-        return int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(module, nnx.Param))))
+    mp, _ = make_parity.jax_ready()
+    count = make_parity.param_count
 
     out: dict = {}
     for name, experiment in (

@@ -219,6 +219,91 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+# --------------------------------------------------------------------------- shared by the scripts here
+
+
+def open_official() -> str:
+    """The official package importable: its source checked out and on sys.path, the stub finder
+    installed; returns the commit. Import the official modules after this, then `jax_ready`."""
+    commit = ensure_source()
+    sys.path.insert(0, str(SRC))
+    sys.meta_path.append(FINDER)
+    return commit
+
+
+FINDER = _StubFinder()  # what it stubbed: FINDER.stubbed
+
+
+def jax_ready():
+    """After the official imports: their persistent compilation cache off (their entry points
+    set its options at import time; nothing is written to /tmp/jax_cache), the one-device mesh
+    the official trainers set (nnx.with_partitioning initialisers need a "model" axis); returns
+    (the fp32 policy the toy models are built with, that mesh)."""
+    import jax
+    import jmp
+    from jax.sharding import Mesh
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    jax.set_mesh(mesh)
+    return jmp.get_policy("params=float32,compute=float32,output=float32"), mesh
+
+
+def param_count(module) -> int:
+    """The module's nnx.Param count."""
+    import flax.nnx as nnx
+    import jax
+
+    return int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(module, nnx.Param))))
+
+
+def to_bf16_grid(a: np.ndarray) -> np.ndarray:
+    """`a` rounded to bfloat16 values, kept as float32."""
+    import jax.numpy as jnp
+
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+# Params drawn like embeddings (registers and CLS tokens of every official model included).
+EMBEDDINGS = (
+    "embedding",
+    "pos_embed",
+    "reg_tokens",
+    "cls_token",
+    "reg_enc_tokens",
+    "reg_dec_tokens",
+)
+
+
+def randomize(module, rng: np.random.Generator) -> None:
+    """Every nnx.Param of `module` redrawn from `rng` in sorted path order (non-Param Variables
+    stay as made): kernel N(0, 1/fan_in), embeddings N(0, 0.5²), scale 1 + N(0, 0.1²), bias
+    N(0, 0.05²), rounded to bfloat16 values."""
+    import flax.nnx as nnx
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    params = nnx.state(module, nnx.Param)
+    new = {}
+    for path, leaf in sorted(
+        flatten_dict(nnx.to_pure_dict(params)).items(), key=lambda kv: str(kv[0])
+    ):
+        name, shape = path[-1], tuple(leaf.shape)
+        if name == "kernel":
+            val = rng.normal(0.0, 1.0 / np.sqrt(shape[0]), shape)
+        elif name in EMBEDDINGS:
+            val = rng.normal(0.0, 0.5, shape)
+        elif name == "scale":
+            val = 1.0 + rng.normal(0.0, 0.1, shape)
+        elif name == "bias":
+            val = rng.normal(0.0, 0.05, shape)
+        else:
+            raise KeyError(f"unhandled Param {'/'.join(map(str, path))}")
+        new[path] = jnp.asarray(to_bf16_grid(val.astype(np.float32)))
+    nnx.replace_by_pure_dict(params, unflatten_dict(new))
+    nnx.update(module, params)
+
+
 # --------------------------------------------------------------------------- sizes
 
 C, P, T, D = 24, 16, 4, 8
@@ -231,34 +316,21 @@ STEPS, SHIFT, CFG, LO, HI, LO2 = 6, 3.0, 4.5, 0.0, 1.0, 0.225
 
 
 def main() -> None:
-    commit = ensure_source()
-    sys.path.insert(0, str(SRC))
-    finder = _StubFinder()
-    sys.meta_path.append(finder)
+    commit = open_official()
 
     import flax
     import flax.nnx as nnx
     import jax
     import jax.numpy as jnp
-    import jmp
     import orbax.checkpoint as ocp
     from flax.traverse_util import flatten_dict
-    from jax.sharding import Mesh
 
     import flatdino.train as official_train
     import flatdino.train_generator as official_gen
     from flatdino.autoencoder import FlatDinoAutoencoder, FlatDinoConfig
     from flatdino.decoder import sampling as official_sampling
 
-    # The official entry points set persistent-compilation-cache options at import time;
-    # turn the cache off so nothing is written to /tmp/jax_cache.
-    jax.config.update("jax_enable_compilation_cache", False)
-
-    # The official trainers call jax.set_mesh(Mesh(devices, ("data", "model"))); the
-    # nnx.with_partitioning initialisers require a mesh with a "model" axis.
-    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-    jax.set_mesh(mesh)
-    mp = jmp.get_policy("params=float32,compute=float32,output=float32")
+    mp, mesh = jax_ready()
 
     # ------------------------------------------------------------------ helpers
     def flat(tree, prefix: str) -> dict[str, np.ndarray]:
@@ -276,33 +348,6 @@ def main() -> None:
     def weights_npz(module, prefix: str) -> dict[str, np.ndarray]:
         pure = nnx.to_pure_dict(nnx.state(module, nnx.Not(nnx.RngState)))
         return {k: np.asarray(v) for k, v in flat(pure, prefix).items()}
-
-    def to_bf16_grid(a: np.ndarray) -> np.ndarray:
-        return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
-
-    def randomize(module, rng: np.random.Generator) -> None:
-        params = nnx.state(module, nnx.Param)
-        pure = nnx.to_pure_dict(params)
-        flat_p = flatten_dict(pure)
-        new = {}
-        for path, leaf in sorted(flat_p.items(), key=lambda kv: str(kv[0])):
-            name = path[-1]
-            shape = tuple(leaf.shape)
-            if name == "kernel":
-                val = rng.normal(0.0, 1.0 / np.sqrt(shape[0]), shape)
-            elif name in ("embedding", "pos_embed", "reg_tokens", "cls_token"):
-                val = rng.normal(0.0, 0.5, shape)
-            elif name == "scale":
-                val = 1.0 + rng.normal(0.0, 0.1, shape)
-            elif name == "bias":
-                val = rng.normal(0.0, 0.05, shape)
-            else:
-                raise KeyError(f"unhandled Param {'/'.join(map(str, path))}")
-            new[path] = jnp.asarray(to_bf16_grid(val.astype(np.float32)))
-        from flax.traverse_util import unflatten_dict
-
-        nnx.replace_by_pure_dict(params, unflatten_dict(new))
-        nnx.update(module, params)
 
     # ------------------------------------------------------------------ VAE
     base = official_train.baseline
@@ -592,7 +637,7 @@ def main() -> None:
         "orbax",
         ocp.__version__ if hasattr(ocp, "__version__") else "?",
     )
-    print("stubbed modules:", sorted(finder.stubbed))
+    print("stubbed modules:", sorted(FINDER.stubbed))
 
 
 if __name__ == "__main__":

@@ -70,50 +70,18 @@ STEPS, SHIFT, CFG, LO, HI = 4, 3.0, 4.5, 0.225, 1.0
 
 
 def main() -> None:
-    commit = make_parity.ensure_source()
-    sys.path.insert(0, str(make_parity.SRC))
-    sys.meta_path.append(make_parity._StubFinder())
+    commit = make_parity.open_official()
 
     import flax.nnx as nnx
     import jax
     import jax.numpy as jnp
-    import jmp
-    from flax.traverse_util import flatten_dict, unflatten_dict
-    from jax.sharding import Mesh
+    from flax.traverse_util import flatten_dict
 
     import flatdino.decoder.sampling as official_sampling
     import flatdino.train_generator as official_gen
 
-    jax.config.update("jax_enable_compilation_cache", False)
-    jax.set_mesh(Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model")))
-    mp = jmp.get_policy("params=float32,compute=float32,output=float32")
-
-    def count(module) -> int:
-        return int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(module, nnx.Param))))
-
-    def bf16(a: np.ndarray) -> np.ndarray:
-        return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
-
-    def randomize(module, rng: np.random.Generator) -> None:
-        params = nnx.state(module, nnx.Param)
-        new = {}
-        for path, leaf in sorted(
-            flatten_dict(nnx.to_pure_dict(params)).items(), key=lambda kv: str(kv[0])
-        ):
-            name, shape = path[-1], tuple(leaf.shape)
-            if name == "kernel":
-                val = rng.normal(0.0, 1.0 / np.sqrt(shape[0]), shape)
-            elif name in ("embedding", "pos_embed", "reg_enc_tokens", "reg_dec_tokens"):
-                val = rng.normal(0.0, 0.5, shape)
-            elif name == "scale":
-                val = 1.0 + rng.normal(0.0, 0.1, shape)
-            elif name == "bias":
-                val = rng.normal(0.0, 0.05, shape)
-            else:
-                raise KeyError(f"unhandled Param {'/'.join(map(str, path))}")
-            new[path] = jnp.asarray(bf16(val.astype(np.float32)))
-        nnx.replace_by_pure_dict(params, unflatten_dict(new))
-        nnx.update(module, params)
+    mp, _ = make_parity.jax_ready()
+    count, randomize = make_parity.param_count, make_parity.randomize
 
     g0 = official_gen.GeneratorConfig()
     dit_cfg = replace(
