@@ -290,6 +290,43 @@ def _chain_inputs(invoke) -> Path:
     return root
 
 
+def npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (a parity file of tests/data/official), read once."""
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def official_weights(ref: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    """The official weights of model `name` in a parity file, as float32 (bfloat16 values are
+    stored as their raw 16 bits, `make_parity_dit_dh.py`)."""
+    prefix, out = f"{name}/w/", {}
+    for k, bits in ref.items():
+        if k.startswith(prefix):
+            wide = bits.astype(np.uint32) << 16 if bits.dtype == np.uint16 else bits
+            out[k[len(prefix) :]] = wide.view(np.float32)
+    return out
+
+
+def train_dit_straight_and_resumed(tmp_path: Path, stop_after: int, **kw) -> Path:
+    """train-dit with `kw` straight through and again stopped after `stop_after` steps and
+    resumed; asserts the two runs' raw and EMA weights are the same bits; returns the straight
+    run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_dit(TrainDiTConfig(out=str(straight), **kw))
+    train_dit(TrainDiTConfig(out=str(split), stop_after=stop_after, **kw))
+    train_dit(TrainDiTConfig(out=str(split), resume=True, **kw))
+    for name in ("model", "ema"):
+        a = load_file(str(straight / "checkpoints" / f"{name}.safetensors"))
+        b = load_file(str(split / "checkpoints" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    return straight
+
+
 def free_port() -> str:
     """A TCP port nobody listens on now. Another process may take it before it is used: prefer a
     launcher that binds port 0 itself (`torchrun` below) where there is one."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import npz_arrays, official_weights
 from flatdino.models.configs import generator_parameters
 from flatdino.models.dit import LightningDiT
 from flatdino.models.dit_dh import (
@@ -34,18 +35,7 @@ NAMES = ("dit", "dh", "dh_regs")
 
 @pytest.fixture(scope="module")
 def ref() -> dict[str, np.ndarray]:
-    with np.load(DATA) as f:
-        return {k: f[k] for k in f.files}
-
-
-def _tree(ref: dict, name: str) -> dict[str, np.ndarray]:
-    """The official weights of one model as float32 (stored as their raw bits)."""
-    prefix, out = f"{name}/w/", {}
-    for k, bits in ref.items():
-        if k.startswith(prefix):
-            wide = bits.astype(np.uint32) << 16 if bits.dtype == np.uint16 else bits
-            out[k[len(prefix) :]] = wide.view(np.float32)
-    return out
+    return npz_arrays(DATA)
 
 
 def _official(ref: dict, name: str):
@@ -53,10 +43,10 @@ def _official(ref: dict, name: str):
     official = json.loads(str(ref[f"{name}/config"]))
     if name == "dit":
         cfg = dit_config_from_official(official)
-        state, _ = convert_dit(_tree(ref, name), cfg)
+        state, _ = convert_dit(official_weights(ref, name), cfg)
     else:
         cfg = dit_dh_config_from_official(official)
-        state, _ = convert_dit_dh(_tree(ref, name), cfg)
+        state, _ = convert_dit_dh(official_weights(ref, name), cfg)
     model = build_generator(cfg).eval()
     model.load_state_dict(state, strict=True)
     return model
@@ -83,7 +73,9 @@ def test_both_velocities_match_the_official_model(ref, name):
         assert _rel(ours, ref[f"{name}/{key}"]) < 1e-5, key
     n = sum(p.numel() for p in model.parameters())
     assert n == int(ref[f"{name}/params"]) == generator_parameters(model.cfg)
-    assert cls_dim_from_shapes(_tree(ref, name)) == 6  # what import-official reads without config
+    assert (
+        cls_dim_from_shapes(official_weights(ref, name)) == 6
+    )  # what import-official reads without config
     with pytest.raises(ValueError, match="the pair"):
         model(x, t, y.long())  # a CLS model is never run without its token
 

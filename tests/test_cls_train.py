@@ -55,22 +55,16 @@ def _sample_args(run: Path, vae: Path, out: Path) -> list[str]:
 def test_train_dit_cls_trains_resumes_bit_exactly_and_samples(tmp_path, preset):
     from safetensors.torch import load_file
 
+    from conftest import train_dit_straight_and_resumed
     from flatdino.pipeline.checkpoints import load_dit
-    from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
     store = _store(tmp_path)
     kw = dict(
         latents=str(store), preset=preset, cls=True, steps=6, batch_size=8, micro_batch=4,
         lr=1e-3, ema_decay=0.9, log_every=1, ckpt_every=100, progress=False, device="cpu",
     )  # fmt: skip
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train_dit(TrainDiTConfig(out=str(straight), **kw))
-    train_dit(TrainDiTConfig(out=str(split), stop_after=4, **kw))
-    train_dit(TrainDiTConfig(out=str(split), resume=True, **kw))
-    for name in ("model", "ema"):
-        a = load_file(str(straight / "checkpoints" / f"{name}.safetensors"))
-        b = load_file(str(split / "checkpoints" / f"{name}.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    straight = train_dit_straight_and_resumed(tmp_path, 4, **kw)
+    a = load_file(str(straight / "checkpoints" / "ema.safetensors"))
     assert a["cls_out.weight"].shape == (C, a["cls_out.weight"].shape[1])
     config = json.loads((straight / "checkpoints" / "config.json").read_text())
     assert config["cls_dim"] == C
@@ -126,14 +120,14 @@ def test_a_store_without_the_cls_token_is_refused_in_one_line(tmp_path):
 def test_import_official_reads_an_in_cls_dim_checkpoint(tmp_path, name):
     """An official checkpoint with a CLS token (config item) imports into a folder `sample`
     takes; the imported model's two velocities are the official ones."""
-    from test_cls_gen import DATA, _rel, _tree
+    from test_cls_gen import DATA, _rel
     from test_dit_dh import _orbax_checkpoint
 
+    from conftest import npz_arrays, official_weights
     from flatdino.pipeline.checkpoints import load_dit
 
-    with np.load(DATA) as f:
-        ref = {k: f[k] for k in f.files}
-    tree = _tree(ref, name)
+    ref = npz_arrays(DATA)
+    tree = official_weights(ref, name)
     fixed = ("t_embedder/W", "feat_rope/", *(("pos_embed",) if name == "dit" else ()))
     config = str(ref[f"{name}/config"])
     ckpt = _orbax_checkpoint(tmp_path / "official", tree, config, 300, fixed)

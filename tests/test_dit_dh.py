@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import npz_arrays, official_weights
 from flatdino.models.configs import dit_dh_parameters
 from flatdino.models.dit_dh import (
     DIT_DH_PRESETS,
@@ -44,18 +45,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def ref() -> dict[str, np.ndarray]:
-    with np.load(DATA) as f:
-        return {k: f[k] for k in f.files}
-
-
-def _tree(ref: dict, name: str) -> dict[str, np.ndarray]:
-    """The official weights of one variant as float32 (stored as their raw bits)."""
-    prefix, out = f"{name}/w/", {}
-    for k, bits in ref.items():
-        if k.startswith(prefix):
-            wide = bits.astype(np.uint32) << 16 if bits.dtype == np.uint16 else bits
-            out[k[len(prefix) :]] = wide.view(np.float32)
-    return out
+    return npz_arrays(DATA)
 
 
 def _rel(a: torch.Tensor, b: np.ndarray) -> float:
@@ -67,7 +57,7 @@ def _rel(a: torch.Tensor, b: np.ndarray) -> float:
 def test_velocity_matches_the_official_dit_dh(ref, name):
     cfg = VARIANTS[name]
     model = DiTDH(cfg).eval()
-    state, stats = convert_dit_dh(_tree(ref, name), cfg)
+    state, stats = convert_dit_dh(official_weights(ref, name), cfg)
     assert stats is None  # trained without latent normalisation
     model.load_state_dict(state, strict=True)
     x, t, y = (torch.from_numpy(ref[f"{name}/{k}"]) for k in ("x", "t", "y"))
@@ -90,7 +80,7 @@ def test_dit_dh_xl_has_the_official_parameter_count(ref):
 
 
 def test_the_converter_refuses_what_it_cannot_place(ref):
-    tree = _tree(ref, "rope")
+    tree = official_weights(ref, "rope")
     with pytest.raises(OfficialFormatError, match="holds 'in_cls_proj/kernel'"):
         convert_dit_dh({**tree, "in_cls_proj/kernel": np.zeros((2, 2), np.float32)}, TOY)
     with pytest.raises(OfficialFormatError, match="no 'decoder_blocks/1/mlp/up_proj/kernel'"):
@@ -153,10 +143,9 @@ def test_dit_dh_trains_resumes_bit_exactly_and_samples(tmp_path):
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
-    from conftest import fake_latents_store
+    from conftest import fake_latents_store, train_dit_straight_and_resumed
     from flatdino.cli.main import app
     from flatdino.pipeline.checkpoints import load_dit
-    from flatdino.trainers.train_dit import TrainDiTConfig, train_dit
 
     T, d = 4, 6
     sha = _vae_checkpoint(tmp_path / "vae", T, d)
@@ -170,14 +159,8 @@ def test_dit_dh_trains_resumes_bit_exactly_and_samples(tmp_path):
         latents=str(store), preset="dit-dh-tiny", steps=6, batch_size=8, micro_batch=4, lr=1e-3,
         ema_decay=0.9, log_every=1, ckpt_every=100, progress=False, device="cpu",
     )  # fmt: skip
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train_dit(TrainDiTConfig(out=str(straight), **kw))
-    train_dit(TrainDiTConfig(out=str(split), stop_after=4, **kw))
-    train_dit(TrainDiTConfig(out=str(split), resume=True, **kw))
-    for name in ("model", "ema"):
-        a = load_file(str(straight / "checkpoints" / f"{name}.safetensors"))
-        b = load_file(str(split / "checkpoints" / f"{name}.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    straight = train_dit_straight_and_resumed(tmp_path, 4, **kw)
+    a = load_file(str(straight / "checkpoints" / "ema.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in a.items() if k.startswith("out."))  # it trained
 
     config = json.loads((straight / "checkpoints" / "config.json").read_text())
@@ -251,7 +234,7 @@ def test_import_official_dit_dh_round_trip(ref, tmp_path, name):
     from flatdino.cli.main import app
     from flatdino.pipeline.checkpoints import load_dit
 
-    tree = _tree(ref, name)
+    tree = official_weights(ref, name)
     ckpt = _orbax_checkpoint(tmp_path / "official", tree, str(ref[f"{name}/config"]), 300)
     out = tmp_path / "imported"
     r = CliRunner().invoke(app, ["import-official", str(ckpt), "--out", str(out)])
@@ -284,7 +267,9 @@ def test_official_dit_dh_settings_it_cannot_represent_are_refused(ref):
     with pytest.raises(OfficialFormatError, match="pred_type = 'x'"):
         dit_dh_config_from_official({**official, "pred_type": "x"})
     with pytest.raises(OfficialFormatError, match="match no preset"):
-        dit_dh_config_from_shapes(_tree(ref, "rope"))  # toy sizes: no preset to take heads from
+        dit_dh_config_from_shapes(
+            official_weights(ref, "rope")
+        )  # toy sizes: no preset to take heads from
 
 
 def test_dit_dh_trains_under_two_gloo_ranks(tmp_path):

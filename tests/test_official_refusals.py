@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import npz_arrays, official_weights
 from flatdino.models.configs import DIT_DH_PRESETS, DIT_PRESETS, VAE_PRESETS, DiTConfig
 from flatdino.models.official import (
     OfficialFormatError,
@@ -47,28 +48,22 @@ DATA = Path(__file__).parent / "data" / "official"
 VAE_STEP, DIT_STEP = DATA / "vae_ckpt" / "100", DATA / "dit_ckpt" / "200"
 
 
-def _npz(name: str, prefix: str) -> dict[str, np.ndarray]:
-    """One toy model's flattened official tree; DiT-DH weights are stored as bfloat16 bits."""
-    with np.load(DATA / name) as f:
-        out = {}
-        for k in f.files:
-            if k.startswith(prefix):
-                bits = f[k]
-                wide = bits.astype(np.uint32) << 16 if bits.dtype == np.uint16 else bits
-                out[k[len(prefix) :]] = wide.view(np.float32) if "dit_dh" in name else bits
-        return out
+def _parity_tree(prefix: str) -> dict[str, np.ndarray]:
+    """One toy model's flattened official tree in parity.npz."""
+    ref = npz_arrays(DATA / "parity.npz")
+    return {k[len(prefix) :]: v for k, v in ref.items() if k.startswith(prefix)}
 
 
 def _vae_tree() -> dict[str, np.ndarray]:
-    return _npz("parity.npz", "vae/")
+    return _parity_tree("vae/")
 
 
 def _dit_tree() -> dict[str, np.ndarray]:
-    return _npz("parity.npz", "dit/")
+    return _parity_tree("dit/")
 
 
 def _dh_tree() -> dict[str, np.ndarray]:
-    return _npz("parity_dit_dh.npz", "rope/w/")
+    return official_weights(npz_arrays(DATA / "parity_dit_dh.npz"), "rope")
 
 
 def _config(step: Path) -> dict:
