@@ -211,14 +211,19 @@ def _write_json(path: Path, record: dict) -> None:
 
 def _open_out(cfg: SweepConfig, out: Path, run: _Run) -> dict:
     """The previous record of this config in --out ({} when there is none, or when --overwrite
-    replaces another config's sweep); another config's sweep is refused, naming what differs."""
+    replaces another config's sweep or an unreadable record); another config's sweep is refused,
+    naming what differs."""
     path = out / "sweep.json"
     if not path.exists():
         return {}
     try:
         record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
     except (OSError, ValueError) as e:
-        raise FlatDinoError(f"{str(path)!r} is unreadable ({e}); pass --overwrite") from e
+        if not cfg.overwrite:
+            raise FlatDinoError(f"{str(path)!r} is unreadable ({e}); pass --overwrite") from e
+        record = {}  # replaced below, as another config's sweep is
     if record.get("key") == run.key:
         return record
     if not cfg.overwrite:
