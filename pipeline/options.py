@@ -93,12 +93,9 @@ def option(
     return dataclasses.field(default=default, metadata={META: meta})
 
 
-def internal(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None):
+def internal(default: Any = dataclasses.MISSING):
     """A config field with no command-line option (set from Python, or kept from --config)."""
-    meta = {"internal": True}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={META: meta})
-    return dataclasses.field(default=default, metadata={META: meta})
+    return dataclasses.field(default=default, metadata={META: {"internal": True}})
 
 
 def field_meta(f: dataclasses.Field) -> dict | None:
