@@ -72,6 +72,10 @@ def _load_vae(path: str | None, flow: FlowRecord) -> tuple[torch.nn.Module, Path
     given, path = path is not None, path or flow.vae_checkpoint
     if not path:
         raise FlatDinoError("the DiT checkpoint names no VAE; pass --vae RUN_DIR")
+    if not isinstance(path, str):  # a hand-edited flow.json
+        raise FlatDinoError(
+            f"the DiT's flow.json names the VAE {path!r}, not a path; pass --vae RUN_DIR"
+        )
     try:
         ckpt = resolve_vae(path)
         model, sha = load_vae(ckpt)
@@ -79,8 +83,6 @@ def _load_vae(path: str | None, flow: FlowRecord) -> tuple[torch.nn.Module, Path
         if given:
             raise
         raise FlatDinoError(f"{e} (the VAE the DiT's latents came from; pass --vae)") from e
-    except (TypeError, KeyError, RuntimeError) as e:  # another model's checkpoint
-        raise FlatDinoError(f"--vae {path!r} is not a FlatDINO VAE checkpoint: {e}") from e
     expected = (flow.latents_fingerprint or {}).get("vae_sha256")
     if expected and sha != expected:
         raise FlatDinoError(

@@ -85,6 +85,15 @@ def test_the_vae_the_dit_names_is_gone(tmp_path):
     assert str(e.value).endswith(" (the VAE the DiT's latents came from; pass --vae)")
 
 
+def test_a_flow_json_whose_vae_is_not_a_path_asks_for_vae():
+    """A hand-edited flow.json: one line naming flow.json, not a --vae nobody typed."""
+    with pytest.raises(
+        FlatDinoError,
+        match=r"^the DiT's flow.json names the VAE 5, not a path; pass --vae RUN_DIR$",
+    ):
+        bundle._load_vae(None, FlowRecord(kappa=1.0, vae_checkpoint=5))
+
+
 def test_a_decoder_for_other_features_than_the_vae_makes():
     decoder = SimpleNamespace(cfg=SimpleNamespace(num_patches=256, in_dim=768))
     vae = SimpleNamespace(cfg=SimpleNamespace(num_patches=256, in_dim=1024))
