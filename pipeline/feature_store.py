@@ -142,19 +142,28 @@ class FeatureStore(ShardedStore):
         valid = np.asarray(self.array("valid")[shard.start : shard.stop], dtype=bool)
         return feats, valid
 
-    def read_drawn(self, lo: int, hi: int, rows: np.ndarray, views: np.ndarray) -> Stored:
+    def read_drawn(
+        self,
+        lo: int,
+        hi: int,
+        rows: np.ndarray,
+        views: np.ndarray,
+        out: list[np.ndarray] | None = None,
+    ) -> Stored:
         """Stored features[rows, views] (m, P, C) (int8: with scales (m, P)) for `rows` inside
         the block [lo, hi) and one view each: only the drawn views are read (format >= 2, as
-        runs of consecutive rows, `_read_runs`), or the block's chunk whole (format 1)."""
-        if not self.per_view:
-            chunk = self.array("features")[lo:hi]  # (k, V, P, C): every view, read whole once
-            return chunk[rows - lo, views]
-        parts = []
-        for array in self._stored():
-            out = np.empty((len(rows), *array.shape[2:]), array.dtype)  # (m, P, C) or (m, P)
-            sync(_read_runs(array.async_array, rows, views, out))
-            parts.append(out)
-        return _stored_batch(parts)
+        runs of consecutive rows, `_read_runs`), or the block's chunk whole (format 1). `out`:
+        arrays of at least m rows per part to decode into (the loader's shared block slots)."""
+        arrays = self._stored()
+        if out is None:
+            out = [np.empty((len(rows), *a.shape[2:]), a.dtype) for a in arrays]  # (m, P[, C])
+        out = [o[: len(rows)] for o in out]
+        if not self.per_view:  # format 1 (float16 only): every view, read whole once
+            out[0][...] = self.array("features")[lo:hi][rows - lo, views]
+        else:
+            for array, part in zip(arrays, out, strict=True):
+                sync(_read_runs(array.async_array, rows, views, part))
+        return _stored_batch(out)
 
     def write_shard(
         self,
