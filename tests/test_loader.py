@@ -98,20 +98,44 @@ def test_resume_mid_epoch_yields_the_remaining_batches(digits_val_store):
     assert tail[0][0].dtype.is_floating_point and tail[0][0].shape[1:] == (256, 64)
 
 
-def test_block_reader_pickles_without_the_store(digits_val_store):
-    """Spawn-safe: the dataset sent to worker processes holds a path and indices, no open store."""
-    import pickle
+def test_block_reader_runs_in_a_spawned_worker_and_fills_the_shared_slots(digits_val_store):
+    """Spawn-safe (the default start method of Python 3.14 is not fork): the dataset sent to a
+    worker holds a path, indices, the shared block slots and their queues, no open store; the
+    worker decodes into the slots the main process reads, and stops when handed None."""
+    import multiprocessing
 
-    from flatdino.pipeline.loader import _BlockReader
+    from torch.utils.data import DataLoader
 
-    n = 359
+    from flatdino.pipeline.feature_store import FeatureStore
+    from flatdino.pipeline.loader import _BlockReader, _BlockSlots
+
+    store = FeatureStore(digits_val_store)
+    n, views = store.num_images, np.ones(store.num_images, np.int64)
+    slots = _BlockSlots([((256, 64), np.float16)], 8, readers=1)
+    spawn = multiprocessing.get_context("spawn")
+    free = slots.queues(spawn)
     reader = _BlockReader(
-        str(digits_val_store), np.arange(45), 8, np.ones(n, bool), np.zeros(n, np.int64)
+        str(digits_val_store), np.array([2, 0, 1]), 8, np.ones(n, bool), views, slots, free
     )
-    clone = pickle.loads(pickle.dumps(reader))
-    rows, data = next(iter(clone))
-    assert rows.tolist() == list(range(8)) and tuple(data.shape) == (8, 256, 64)
-    assert len(pickle.dumps(reader)) < 20_000
+    stream = iter(DataLoader(reader, batch_size=None, num_workers=1, multiprocessing_context=spawn))
+    for block in (2, 0, 1):
+        rows, slot = next(stream)
+        rows = np.asarray(rows)
+        assert rows.tolist() == list(range(8 * block, 8 * block + 8))
+        got = slots.buffers[slot][0][:8].numpy()
+        assert np.array_equal(got, store.read_drawn(rows[0], rows[-1] + 1, rows, views[rows]))
+        free[0].put(slot)
+    assert next(stream, "done") == "done"
+    stopped = [spawn.Queue()]
+    stopped[0].put(None)  # no slot free, and None: the epoch was left early
+    assert (
+        list(
+            _BlockReader(
+                str(digits_val_store), np.array([0]), 8, np.ones(n, bool), views, slots, stopped
+            )
+        )
+        == []
+    )
 
 
 def test_prefetch_keeps_order_raises_and_stops():
@@ -187,3 +211,87 @@ def test_pending_rows_grow_past_their_bound_and_come_back_in_the_asked_order():
     pending.add(np.array([20, 21]), [codes[:2] + 50, np.zeros(2, np.float16)])
     assert len(pending.parts[0]) == slots  # the two freed slots were used again
     assert pending.take(np.array([21, 11, 20]))[0].tolist() == [[52, 53], [2, 3], [50, 51]]
+
+
+def test_batches_kept_by_the_caller_are_never_written_again(digits_val_store):
+    """Batch buffers are handed out again only once nothing refers to them: every batch of two
+    epochs, all kept, still holds its own rows; the same epochs with each batch dropped at once
+    (as the training loop does) are equal and come from at most `keep` buffers, and the second
+    epoch reuses the first one's memory."""
+    store = FeatureStore(digits_val_store)
+    cfg = LoaderConfig(batch_size=16, seed=1, shuffle_buffer=24, num_workers=0)
+    loader = FeatureBatches(store, cfg)
+    kept = [(x, rows, e) for e in (0, 1) for x, _, rows in loader.epoch(e)]
+    assert len(kept) > 4  # more batches than buffers: the later ones are new memory
+    features = zarr.open_group(str(digits_val_store))["features"][:]  # (N, V, P, C)
+    for x, rows, e in kept:
+        assert np.array_equal(x.numpy(), features[rows, loader.views(e)[rows]])
+    loader, memory, step = FeatureBatches(store, cfg), set(), 0
+    for e in (0, 1):
+        for x, _, rows in loader.epoch(e):
+            assert torch.equal(x, kept[step][0]) and np.array_equal(rows, kept[step][1])
+            memory.add(x.data_ptr())
+            step += 1
+            del x
+    (idle,) = loader._idle  # one set of memory, both epochs
+    assert memory == {parts[0].ctypes.data for parts, _ in idle.batches.buffers}
+    assert len(memory) <= idle.batches.keep
+
+
+def test_an_epoch_left_early_stops_its_workers_and_gives_its_memory_back(
+    digits_val_store, monkeypatch
+):
+    """The training loop leaving an epoch (a crash, the run's last step): the workers waiting for
+    a free block slot are told to stop, so closing takes well under DataLoader's 5 s join, and
+    the next epoch reuses the memory and is exact."""
+    import time
+
+    from flatdino.pipeline.loader import _BlockSlots
+
+    monkeypatch.setattr(_BlockSlots, "per_reader", 1)  # a worker waits for its slot at once
+    store = FeatureStore(digits_val_store)
+    cfg = LoaderConfig(batch_size=8, seed=2, shuffle_buffer=8, num_workers=2)
+    loader = FeatureBatches(store, cfg)
+    epoch = loader.epoch(0)
+    next(epoch)  # the workers are blocked: each has filled its slots
+    start = time.perf_counter()
+    epoch.close()
+    assert time.perf_counter() - start < 3 and len(loader._idle) == 1
+    got = [rows.tolist() for _, _, rows in loader.epoch(1)]
+    assert got == [
+        rows.tolist() for rows in plan_epoch(loader.valid, 2, loader.block_rows, cfg, 1).batches
+    ]
+    assert len(loader._idle) == 1
+
+
+def test_a_worker_whose_trainer_died_stops_waiting_for_a_slot(monkeypatch):
+    """A worker waiting for a free slot returns None once its parent process is gone (its
+    parent pid changes), rather than waiting for ever; a slot or None is handed through."""
+    import queue as queues
+
+    from flatdino.pipeline import loader
+
+    free = queues.Queue()
+    free.put(3)
+    free.put(None)
+    assert loader._free_slot(free, poll=0.01) == 3 and loader._free_slot(free, poll=0.01) is None
+    parents = iter([100, 100, 1])  # alive at the start and after one poll, then re-parented
+    monkeypatch.setattr(loader.os, "getppid", lambda: next(parents))
+    assert loader._free_slot(free, poll=0.01) is None
+
+
+def test_a_read_error_reaches_the_trainer_and_its_epoch_memory_is_not_reused(
+    digits_val_store, monkeypatch
+):
+    """A block that cannot be read raises in the training loop as it was raised; that epoch's
+    memory is dropped, not reused (after an error a worker may still be writing into it)."""
+    store = FeatureStore(digits_val_store)
+    loader = FeatureBatches(store, LoaderConfig(batch_size=8, num_workers=0))
+
+    def fail(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(FeatureStore, "read_drawn", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        next(loader.epoch(0))
+    assert loader._idle == []
