@@ -8,12 +8,17 @@ below reads from the page cache (the store must fit in RAM; dropping caches need
     of bytes the loader delivers, read sequentially;
   - loader: train-vae's loader as train-vae uses it (FeatureBatches: block order, shuffle buffer,
     one drawn view per row, DataLoader workers; one batch ahead on a thread, `prefetch`), with
-    0 and N workers; float16 batches as the trainer receives them (its .float() runs on the device);
+    0 and N workers; float16 batches as the trainer receives them (its .float() runs on the device).
+    An epoch starts by filling the shuffle buffer (batch + buffer rows read before the first batch)
+    and ends by draining it (its last buffer / batch batches need no read), so its rate is given
+    three ways: the steady rate between (what an ImageNet epoch of 2,500 batches runs at), the time
+    to the first batch, and the whole epoch. One loader is kept across the repeats, as train-vae
+    keeps one across epochs, after one epoch that is not measured (its memory's first touch);
   - VAE steps: forward + backward + AdamW of a ViT-B-size VAE (encoder and decoder ViT-B) and of
     flatdino-32x128 (ViT-B encoder, ViT-L decoder) on CPU, fp32, at a small batch.
 Each configuration runs --repeats times, interleaved; the table shows medians.
 
-    python bench/vae_loader.py [--rows 2000] [--batch 512] [--workers 2] [--repeats 3]
+    python bench/vae_loader.py [--rows 4000] [--batch 512] [--workers 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -76,15 +81,19 @@ def plain(store: FeatureStore) -> float:
     return nbytes / (time.perf_counter() - start)
 
 
-def loader(store: FeatureStore, batch: int, workers: int, epoch: int) -> float:
-    """Bytes/s of one epoch of train-vae's loader, as its training loop draws it (CPU: no pin)."""
-    cfg = LoaderConfig(
-        batch, shuffle_buffer=TrainVAEConfig.shuffle_buffer, num_workers=workers
-    )  # train-vae's: LoaderConfig(micro, seed, cfg.shuffle_buffer, cfg.num_workers, ...)
-    start, nbytes = time.perf_counter(), 0
-    for x, _, _ in prefetch(FeatureBatches(store, cfg).epoch(epoch)):
-        nbytes += x.numel() * x.element_size()
-    return nbytes / (time.perf_counter() - start)
+def loader(batches: FeatureBatches, epoch: int) -> tuple[float, float, float]:
+    """One epoch of train-vae's loader as its training loop draws it (CPU: no pin): bytes/s
+    between the fill and the drain of the shuffle buffer, seconds to the first batch, and bytes/s
+    of the whole epoch."""
+    start, arrived, sizes = time.perf_counter(), [], []
+    for x, _, _ in prefetch(batches.epoch(epoch)):
+        arrived.append(time.perf_counter() - start)
+        sizes.append(x.numel() * x.element_size())
+    drain = -(-batches.cfg.shuffle_buffer // batches.cfg.batch_size)  # batches after the last read
+    first, last = 0, len(arrived) - 1 - drain
+    assert last > first, "too few batches for a steady rate: pass more --rows"
+    steady = sum(sizes[first + 1 : last + 1]) / (arrived[last] - arrived[first])
+    return steady, arrived[0], sum(sizes) / arrived[-1]
 
 
 def vae_step(cfg, batch: int, steps: int) -> float:
@@ -112,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, default=2000, help="images in the store")
+    parser.add_argument("--rows", type=int, default=4000, help="images in the store")
     parser.add_argument("--batch", type=int, default=512, help="train-vae's default micro batch")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -125,20 +134,24 @@ def main() -> None:
     try:
         store = make_store(path, args.rows)
         files(path)  # every byte into the page cache once: all reads below come from RAM
+        loaders = {  # train-vae's: LoaderConfig(micro, seed, cfg.shuffle_buffer, cfg.num_workers)
+            w: FeatureBatches(store, LoaderConfig(args.batch, 0, TrainVAEConfig.shuffle_buffer, w))
+            for w in (0, args.workers)
+        }
+        for batches in loaders.values():  # epoch 0 touches the loader's memory for the first time
+            loader(batches, 0)
         rates: dict[str, list[float]] = {}
+        epochs: dict[int, list[tuple[float, float, float]]] = {w: [] for w in loaders}
         for rep in range(args.repeats):  # interleaved, so that load from elsewhere hits all alike
-            for name, measure in (
-                ("files (every view)", lambda _: files(path)),
-                ("plain read (view 0)", lambda _: plain(store)),
-                ("loader, 0 workers", lambda epoch: loader(store, args.batch, 0, epoch)),
-                (
-                    f"loader, {args.workers} workers",
-                    lambda epoch: loader(store, args.batch, args.workers, epoch),
-                ),
-            ):
-                rates.setdefault(name, []).append(measure(rep))
+            rates.setdefault("files (every view)", []).append(files(path))
+            rates.setdefault("plain read (view 0)", []).append(plain(store))
+            for w, batches in loaders.items():
+                epochs[w].append(loader(batches, 1 + rep))
     finally:
         shutil.rmtree(path, ignore_errors=True)
+    for w, runs in epochs.items():
+        rates[f"loader, {w} workers, steady"] = [r[0] for r in runs]
+        rates[f"loader, {w} workers, whole epoch"] = [r[2] for r in runs]
     base = vae_preset("flatdino-32x128", in_dim=C)
     vit_b = replace(base, dec_dim=base.enc_dim, dec_depth=base.enc_depth, dec_heads=base.enc_heads)
     steps = {
@@ -146,12 +159,18 @@ def main() -> None:
         "VAE step, flatdino-32x128 (B + L)": vae_step(base, args.vae_batch, args.vae_steps),
     }
     plain_rate = statistics.median(rates["plain read (view 0)"])
-    print(f"{'':34s} {'MB/s':>8s} {'samples/s':>10s} {'/ plain read':>13s}")
+    print(f"{'':40s} {'MB/s':>8s} {'samples/s':>10s} {'/ plain read':>13s}  each run, MB/s")
     for name, values in rates.items():
         rate = statistics.median(values)
-        print(f"{name:34s} {rate / 1e6:8.0f} {rate / ROW_BYTES:10.0f} {rate / plain_rate:13.2f}")
+        runs = " ".join(f"{v / 1e6:.0f}" for v in values)
+        print(
+            f"{name:40s} {rate / 1e6:8.0f} {rate / ROW_BYTES:10.0f} {rate / plain_rate:13.2f}  {runs}"
+        )
     for name, rate in steps.items():
-        print(f"{name:34s} {'':8s} {rate:10.2f}")
+        print(f"{name:40s} {'':8s} {rate:10.2f}")
+    for w, runs in epochs.items():
+        first = statistics.median(r[1] for r in runs)
+        print(f"loader, {w} workers: first batch after {first:.2f} s (the shuffle buffer's fill)")
     print(
         f"store: {args.rows} rows x {V} views x {P} x {C} float16 ({args.rows * V * ROW_BYTES / 1e9:.2f}"
         f" GB), from the page cache; loader batch {args.batch}; VAE batch {args.vae_batch}, fp32; "
