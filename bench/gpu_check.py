@@ -3,10 +3,10 @@
 1. The whole chain on the built-in digits with tiny presets, through the same config functions the
    CLI calls: extract-features, train-vae, encode-latents, train-dit, train-decoder, sample, eval
    fid (FD-DINOv2 of the samples against the val features).
-2. A few optimiser steps of the full presets (flatdino-32x128 VAE on 256 x 768 features, dit-xl on
-   32 x 128 latents, the rae-vitxl pixel decoder) on random data in bf16 autocast, without and with
-   torch.compile, and one 50-step Euler batch of dit-xl with CFG (the rate a 50K-sample FID run
-   goes at).
+2. A few optimiser steps of the full presets (flatdino-32x128 VAE on 256 x 768 features; dit-xl,
+   dit-dh-xl and dit-xl with the CLS token on 32 x 128 latents; the rae-vitxl pixel decoder) on
+   random data in bf16 autocast, without and with torch.compile (not repeated for the CLS token),
+   and one 50-step Euler batch of dit-xl with CFG (the rate a 50K-sample FID run goes at).
 
 Each stage prints a row: ok/failed (with the error), seconds (warm-up and compilation included),
 samples/s (timed steps only) and the peak GPU memory. A failed stage does not stop the others;
@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from flatdino.eval.fid import FidConfig, fid
+from flatdino.models.configs import generator_preset
 from flatdino.models.dit import LightningDiT, dit_preset
+from flatdino.models.dit_dh import build_generator
 from flatdino.models.flow import euler_sample, flow_loss
 from flatdino.models.pixel_decoder import PixelDecoder, pixel_decoder_preset
 from flatdino.models.vae import FlatDinoVAE, kl_weight, vae_loss, vae_preset
@@ -249,11 +251,15 @@ def _steps(
 
 
 def full_presets(device: torch.device, reduced: bool, compile: bool) -> list:
-    """Training steps of the paper's three models (tiny ones when reduced) and a dit-xl batch."""
+    """Training steps of the paper's models (tiny ones when reduced): the VAE, both generator
+    kinds (LightningDiT, DiT-DH) and LightningDiT with the CLS token, the pixel decoder; and a
+    dit-xl sampling batch."""
     size = "tiny" if reduced else None
     steps = 1 if reduced else 5
     vcfg = vae_preset(size or "flatdino-32x128")
-    dcfg = dit_preset(size or "dit-xl", tokens=vcfg.tokens, latent_dim=vcfg.latent_dim)
+    latents = {"tokens": vcfg.tokens, "latent_dim": vcfg.latent_dim}
+    dcfg = dit_preset(size or "dit-xl", **latents)
+    hcfg = generator_preset("dit-dh-tiny" if reduced else "dit-dh-xl", **latents)
     pcfg = pixel_decoder_preset(size or "rae-vitxl", in_dim=vcfg.in_dim)
     b_vae, b_dit, b_dec, b_sample = (4, 8, 2, 4) if reduced else (64, 256, 32, 256)
     n_steps = 5 if reduced else 50  # Euler steps of the sampling row
@@ -271,11 +277,16 @@ def full_presets(device: torch.device, reduced: bool, compile: bool) -> list:
 
         return lambda: _steps(FlatDinoVAE(vcfg), loss, b_vae, steps, device, compiled)
 
-    def dit(compiled):
-        x1 = torch.randn(b_dit, dcfg.tokens, dcfg.latent_dim, device=device)
-        y = torch.randint(0, dcfg.num_classes, (b_dit,), device=device)
-        loss = lambda net: flow_loss(net, x1, y, null_class=dcfg.num_classes)  # noqa: E731
-        return lambda: _steps(LightningDiT(dcfg), loss, b_dit, steps, device, compiled)
+    def generator(cfg):  # the CLS token, when cfg has one, is the DINOv2 CLS of the features
+        def make(compiled):
+            x1 = torch.randn(b_dit, cfg.tokens, cfg.latent_dim, device=device)
+            if cfg.cls_dim:
+                x1 = (x1, torch.randn(b_dit, cfg.cls_dim, device=device))
+            y = torch.randint(0, cfg.num_classes, (b_dit,), device=device)
+            loss = lambda net: flow_loss(net, x1, y, null_class=cfg.num_classes)  # noqa: E731
+            return lambda: _steps(build_generator(cfg), loss, b_dit, steps, device, compiled)
+
+        return make
 
     def decoder(compiled):
         x = feats(b_dec)
@@ -303,23 +314,21 @@ def full_presets(device: torch.device, reduced: bool, compile: bool) -> list:
             torch.cuda.synchronize()
         return {"items": b_sample, "seconds": time.perf_counter() - tic}
 
-    names = (
-        f"VAE {size or 'flatdino-32x128'}",
-        f"DiT {size or 'dit-xl'}",
-        f"decoder {size or 'rae-vitxl'}",
-    )
+    dit_name = f"DiT {size or 'dit-xl'}"
+    models = [  # (name, batch, make, with a --compile row)
+        (f"VAE {size or 'flatdino-32x128'}", b_vae, vae, True),
+        (dit_name, b_dit, generator(dcfg), True),
+        (f"DiT-DH {'dit-dh-tiny' if reduced else 'dit-dh-xl'}", b_dit, generator(hcfg), True),
+        (f"{dit_name} + CLS token", b_dit, generator(replace(dcfg, cls_dim=vcfg.in_dim)), False),
+        (f"decoder {size or 'rae-vitxl'}", b_dec, decoder, True),
+    ]
     precision = "bf16" if device.type == "cuda" else "fp32"
     stages = []
-    for name, make in zip(names, (vae, dit, decoder), strict=True):
-        stages.append(
-            (
-                f"train {name} {precision}, batch {b_vae if 'VAE' in name else b_dit if 'DiT' in name else b_dec}",
-                make(False),
-            )
-        )
-        if compile:
+    for name, batch, make, compilable in models:
+        stages.append((f"train {name} {precision}, batch {batch}", make(False)))
+        if compile and compilable:
             stages.append((f"train {name} {precision} --compile", make(True)))
-    stages.append((f"sample {names[1]}: {n_steps} Euler steps, CFG, batch {b_sample}", sampler))
+    stages.append((f"sample {dit_name}: {n_steps} Euler steps, CFG, batch {b_sample}", sampler))
     return stages
 
 

@@ -10,12 +10,9 @@ run the same number of steps (a rank with fewer rows gets a shorter, possibly em
 
 Blocks are read by torch DataLoader workers that open the store lazily (spawn-safe: the dataset
 holds a path, index arrays and shared buffers), in block order; the main process assembles batches.
-No byte crosses into memory it has not used before: the workers decode each block straight into
-block slots in shared memory, the main process copies its rows into row slots, and a batch is
-copied out of those into a batch buffer that is handed out again once nothing refers to it, all
-allocated once per loader (`_BlockSlots`, `_Pending`, `_Batches`). Fresh memory is what made the
-loader slow: a first touch costs a page fault per 4 KiB, or, for numpy's transparent huge pages, a
-compaction stall now and then (docs/benchmarks.md).
+No byte goes into memory the loader has not used before (`pipeline.loader_memory`): the workers
+decode each block straight into block slots in shared memory, the main process copies its rows
+into row slots, and a batch is copied out of those into a batch buffer.
 
 Batches hold features as stored (`pipeline.quantise`): float16, or for an int8 store the pair
 (codes, scales), which the trainer copies to its device and dequantises there
@@ -25,12 +22,10 @@ Batches hold features as stored (`pipeline.quantise`): float16, or for an int8 s
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
-import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from queue import Empty, Full, Queue
+from queue import Full, Queue
 
 import numpy as np
 import torch
@@ -38,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
+from .loader_memory import Batches, BlockSlots, Pending, free_slot
 from .quantise import Stored
 
 
@@ -102,36 +98,6 @@ def _shuffle_buffer(stream: np.ndarray, size: int, rng: np.random.Generator) -> 
     return out
 
 
-class _BlockSlots:
-    """Block-sized buffers in shared memory, `per_reader` for each reader: reader w decodes its
-    blocks into its own slots, w * per_reader + 0.., and the main process hands each slot back
-    (through reader w's queue) once it has copied the rows out. A reader waits for a free slot, so
-    it runs at most `per_reader` blocks ahead; it never waits on a block the main process has yet
-    to ask for, since that takes its blocks in order and hands each back before the next."""
-
-    per_reader = 4  # DataLoader asks each worker for 2 blocks ahead of the one in use
-
-    def __init__(self, parts: list[tuple[tuple[int, ...], type]], block_rows: int, readers: int):
-        self.readers = readers
-        dtypes = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8}
-        self.buffers = [
-            [
-                torch.empty((block_rows, *shape), dtype=dtypes[np.dtype(dtype)]).share_memory_()
-                for shape, dtype in parts
-            ]
-            for _ in range(readers * self.per_reader)
-        ]
-
-    def queues(self, context) -> list:
-        """One queue of free slots per reader, all free, in the DataLoader's multiprocessing
-        `context` (new per epoch: an epoch left early leaves no slot taken in the next)."""
-        queues = [context.Queue() for _ in range(self.readers)]
-        for w, queue in enumerate(queues):
-            for slot in range(w * self.per_reader, (w + 1) * self.per_reader):
-                queue.put(slot)
-        return queues
-
-
 class _BlockReader(IterableDataset):
     """Yields (rows, slot) per block, the drawn view of each of `rows` decoded into the shared
     `slots.buffers[slot]`; worker w reads blocks w, w + W, ... into its slots."""
@@ -143,7 +109,7 @@ class _BlockReader(IterableDataset):
         block_rows: int,
         needed: np.ndarray,
         views: np.ndarray,
-        slots: _BlockSlots,
+        slots: BlockSlots,
         free: list,
     ):
         self.path, self.blocks, self.block_rows = path, blocks, block_rows
@@ -157,24 +123,12 @@ class _BlockReader(IterableDataset):
         for b in self.blocks[worker::workers]:
             lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, store.num_images)
             rows = np.flatnonzero(self.needed[lo:hi]) + lo  # not empty: `epoch` skips such blocks
-            slot = _free_slot(self.free[worker])
+            slot = free_slot(self.free[worker])
             if slot is None:  # the epoch was left early, or the main process is gone
                 return
             out = [buffer.numpy() for buffer in self.slots.buffers[slot]]
             store.read_drawn(lo, hi, rows, self.views[rows], out=out)
             yield rows, slot
-
-
-def _free_slot(queue, poll: float = 1.0) -> int | None:
-    """The next free slot from `queue`: None when handed None, or when the process that started
-    this one has died (a worker waiting here would otherwise outlive a killed trainer)."""
-    parent = os.getppid()
-    while True:
-        try:
-            return queue.get(timeout=poll)
-        except Empty:
-            if os.getppid() != parent:
-                return None
 
 
 class FeatureBatches:
@@ -272,9 +226,9 @@ class FeatureBatches:
         parts = [((p, c), np.int8), ((p,), np.float16)] if self.int8 else [((p, c), np.float16)]
         capacity = self.cfg.shuffle_buffer + self.cfg.batch_size + self.block_rows
         return _Memory(
-            _BlockSlots(parts, self.block_rows, readers),
-            _Pending(parts, capacity),
-            _Batches(parts, self.cfg.batch_size),
+            BlockSlots(parts, self.block_rows, readers),
+            Pending(parts, capacity),
+            Batches(parts, self.cfg.batch_size),
         )
 
     def _empty(self) -> Stored:
@@ -288,79 +242,9 @@ class FeatureBatches:
 class _Memory:
     """What one epoch of `FeatureBatches` copies through, kept for the next."""
 
-    slots: _BlockSlots
-    pending: _Pending
-    batches: _Batches
-
-
-class _Pending:
-    """Rows read but not yet batched, copied out of their block into slots of a few arrays that
-    live as long as the loader. A block slot is handed back as soon as its rows are copied: the
-    rows waiting in the shuffle buffer hold only themselves, not their whole block (which kept
-    ~3.5x the waiting rows alive: 88 blocks, 2.2 GB of real rows, for 1,568 rows at batch 512). A
-    batch is its rows copied out of the slots with `np.take` (torch 2.14's CPU stack of float16
-    rows copies at 0.1-1 GB/s here, numpy at ~10 GB/s; `np.take`'s default mode="raise" copies
-    through a temporary array, new memory again)."""
-
-    def __init__(self, parts: list[tuple[tuple[int, ...], type]], capacity: int):
-        self.parts = [np.empty((capacity, *shape), dtype) for shape, dtype in parts]
-        self.clear()
-
-    def clear(self) -> None:
-        """Every slot free (a new epoch)."""
-        self.free = list(range(len(self.parts[0]) - 1, -1, -1))
-        self.slot: dict[int, int] = {}  # row -> its slot
-
-    def has(self, rows: np.ndarray) -> bool:
-        return all(int(r) in self.slot for r in rows)
-
-    def add(self, rows: np.ndarray, data: list[np.ndarray]) -> None:
-        if len(rows) > len(self.free):  # more rows waiting than the plan's bound: grow
-            n = len(self.parts[0])
-            extra = max(n, len(rows))
-            self.parts = [
-                np.concatenate([a, np.empty_like(a, shape=(extra, *a.shape[1:]))])
-                for a in self.parts
-            ]
-            self.free[:0] = range(n + extra - 1, n - 1, -1)
-        slots = [self.free.pop() for _ in range(len(rows))]
-        for array, block in zip(self.parts, data, strict=True):
-            array[slots] = block
-        self.slot.update(zip(rows.tolist(), slots, strict=True))
-
-    def take(self, rows: np.ndarray, into: _Batches | None = None) -> list[np.ndarray]:
-        """The parts of `rows`, in that order, in new arrays (from `into` when given); their
-        slots are free again."""
-        slots = np.array([self.slot.pop(int(r)) for r in rows], dtype=np.int64)
-        out = into.get(len(rows)) if into else [np.empty_like(a[: len(rows)]) for a in self.parts]
-        for array, part in zip(self.parts, out, strict=True):
-            np.take(array, slots, axis=0, out=part, mode="clip")  # slots are valid indices
-        self.free.extend(slots.tolist())
-        return out
-
-
-class _Batches:
-    """Batch buffers for `_Pending.take`, each handed out as a new view and handed out again once
-    no view of it is alive (the trainer has moved on: its batch, and any tensor sharing its
-    memory, is gone). When all are in use (a caller keeping its batches) a batch is new memory."""
-
-    def __init__(self, parts: list[tuple[tuple[int, ...], type]], rows: int, keep: int = 4):
-        self.parts, self.rows, self.keep = parts, rows, keep
-        self.buffers: list[tuple[list[np.ndarray], list[weakref.ref]]] = []
-
-    def get(self, n: int) -> list[np.ndarray]:
-        """One array of n <= `rows` rows per part."""
-        idle = [i for i, (_, handed) in enumerate(self.buffers) if all(r() is None for r in handed)]
-        if not idle:
-            buffers = [np.empty((self.rows, *shape), dtype) for shape, dtype in self.parts]
-            if len(self.buffers) >= self.keep:
-                return [b[:n] for b in buffers]
-            self.buffers.append((buffers, []))
-            idle = [len(self.buffers) - 1]
-        buffers, handed = self.buffers[idle[0]]
-        views = [b[:n] for b in buffers]
-        handed[:] = [weakref.ref(v) for v in views]
-        return views
+    slots: BlockSlots
+    pending: Pending
+    batches: Batches
 
 
 def _pinned(batch):

@@ -24,8 +24,9 @@ def test_the_gpu_check_runs_every_stage_on_cpu(tmp_path, capsys):
         "sample",
         "eval",
     ]
-    assert len(rows) == 11 and all(r.ok for r in rows), [r.error for r in rows if not r.ok]
+    assert len(rows) == 13 and all(r.ok for r in rows), [r.error for r in rows if not r.ok]
     assert all(r.samples_per_s and r.samples_per_s > 0 for r in rows)
     table = capsys.readouterr().out
-    assert "11 of 11 stages ok" in table and "train DiT tiny" in table
+    assert "13 of 13 stages ok" in table and "train DiT tiny" in table
+    assert "train DiT-DH dit-dh-tiny" in table and "train DiT tiny + CLS token" in table
     assert (tmp_path / "rows.json").exists()

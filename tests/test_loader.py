@@ -107,11 +107,12 @@ def test_block_reader_runs_in_a_spawned_worker_and_fills_the_shared_slots(digits
     from torch.utils.data import DataLoader
 
     from flatdino.pipeline.feature_store import FeatureStore
-    from flatdino.pipeline.loader import _BlockReader, _BlockSlots
+    from flatdino.pipeline.loader import _BlockReader
+    from flatdino.pipeline.loader_memory import BlockSlots
 
     store = FeatureStore(digits_val_store)
     n, views = store.num_images, np.ones(store.num_images, np.int64)
-    slots = _BlockSlots([((256, 64), np.float16)], 8, readers=1)
+    slots = BlockSlots([((256, 64), np.float16)], 8, readers=1)
     spawn = multiprocessing.get_context("spawn")
     free = slots.queues(spawn)
     reader = _BlockReader(
@@ -199,9 +200,9 @@ def test_pending_rows_grow_past_their_bound_and_come_back_in_the_asked_order():
     """The slots that hold rows between their block and their batch: a block larger than the free
     slots grows them (the plan's bound, buffer + batch + block, is not relied on), a batch comes
     back in its own row order whatever the slots, and a taken row's slot is used again."""
-    from flatdino.pipeline.loader import _Pending
+    from flatdino.pipeline.loader_memory import Pending
 
-    pending = _Pending([((2,), np.int8), ((), np.float16)], capacity=1)
+    pending = Pending([((2,), np.int8), ((), np.float16)], capacity=1)
     codes = np.arange(8, dtype=np.int8).reshape(4, 2)
     pending.add(np.array([10, 11, 12, 13]), [codes, np.array([0.5, 1, 2, 4], np.float16)])
     assert pending.has(np.array([13, 10])) and not pending.has(np.array([10, 14]))
@@ -246,9 +247,9 @@ def test_an_epoch_left_early_stops_its_workers_and_gives_its_memory_back(
     the next epoch reuses the memory and is exact."""
     import time
 
-    from flatdino.pipeline.loader import _BlockSlots
+    from flatdino.pipeline.loader_memory import BlockSlots
 
-    monkeypatch.setattr(_BlockSlots, "per_reader", 1)  # a worker waits for its slot at once
+    monkeypatch.setattr(BlockSlots, "per_reader", 1)  # a worker waits for its slot at once
     store = FeatureStore(digits_val_store)
     cfg = LoaderConfig(batch_size=8, seed=2, shuffle_buffer=8, num_workers=2)
     loader = FeatureBatches(store, cfg)
@@ -269,15 +270,18 @@ def test_a_worker_whose_trainer_died_stops_waiting_for_a_slot(monkeypatch):
     parent pid changes), rather than waiting for ever; a slot or None is handed through."""
     import queue as queues
 
-    from flatdino.pipeline import loader
+    from flatdino.pipeline import loader_memory
 
     free = queues.Queue()
     free.put(3)
     free.put(None)
-    assert loader._free_slot(free, poll=0.01) == 3 and loader._free_slot(free, poll=0.01) is None
+    assert (
+        loader_memory.free_slot(free, poll=0.01) == 3
+        and loader_memory.free_slot(free, poll=0.01) is None
+    )
     parents = iter([100, 100, 1])  # alive at the start and after one poll, then re-parented
-    monkeypatch.setattr(loader.os, "getppid", lambda: next(parents))
-    assert loader._free_slot(free, poll=0.01) is None
+    monkeypatch.setattr(loader_memory.os, "getppid", lambda: next(parents))
+    assert loader_memory.free_slot(free, poll=0.01) is None
 
 
 def test_a_read_error_reaches_the_trainer_and_its_epoch_memory_is_not_reused(
