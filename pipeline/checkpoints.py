@@ -141,8 +141,10 @@ def _rebuild(ckpt: Path, model_cls, config_cls, weights: Path, fix: str, what: s
     try:
         model = model_cls(config_cls(**config))
         model.load_state_dict(state, strict=True)
-    except (TypeError, ValueError, RuntimeError) as e:
-        detail = str(e).strip().splitlines()[0][:160]
+    # TypeError: unknown keys; ValueError, AssertionError, ArithmeticError: sizes no model has (a
+    # hand-edited config: 0 heads, heads that do not divide the width); RuntimeError: the weights
+    except (TypeError, ValueError, AssertionError, ArithmeticError, RuntimeError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise FlatDinoError(
             f"{str(ckpt)!r} does not fit this flatdino's {what} ({detail}); checkpoints written "
             f"before the {what} became the official model's layout must be trained again (or "

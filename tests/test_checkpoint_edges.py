@@ -82,3 +82,24 @@ def test_a_config_holding_a_json_list_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(MetadataError, match=r"config.json' holds a JSON list, not a flatdino conf"):
         read_json(tmp_path / "config.json", "fix")
+
+
+@pytest.mark.parametrize(
+    ("change", "cause"), [({"enc_heads": 0}, ZeroDivisionError), ({"dec_heads": 3}, AssertionError)]
+)
+def test_a_hand_edited_vae_config_of_sizes_no_model_has_is_one_line(tmp_path, change, cause):
+    """0 heads, or heads that do not divide the width: one line naming the checkpoint, not the
+    model constructor's ZeroDivisionError or AssertionError."""
+    import shutil
+
+    from flatdino.pipeline.checkpoints import load_vae, resolve_vae
+
+    run = tmp_path / "vae"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "format-v2" / "vae", run)
+    for path in run.rglob("config.json"):  # the run's and its checkpoint's
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    ckpt = resolve_vae(str(run))
+    with pytest.raises(FlatDinoError, match="does not fit this flatdino's") as e:
+        load_vae(ckpt)
+    assert "\n" not in str(e.value) and str(ckpt) in str(e.value)
+    assert isinstance(e.value.__cause__, cause)
