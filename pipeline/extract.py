@@ -237,7 +237,10 @@ def validate(cfg: ExtractConfig) -> None:
             f"--shard-size must be a positive multiple of {cfg.chunk_rows} (chunk rows)",
         ),
         (cfg.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}"),
-        (cfg.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {FEATURE_DTYPES}"),
+        (
+            cfg.feature_dtype in FEATURE_DTYPES,
+            f"--feature-dtype must be one of {FEATURE_DTYPES}; got {cfg.feature_dtype!r}",
+        ),
         (cfg.backend in ("ray", "local"), "--backend must be ray or local"),
         (0.0 <= cfg.max_failed_fraction <= 1.0, "--max-failed-fraction must be in [0, 1]"),
     ]

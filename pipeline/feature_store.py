@@ -243,7 +243,9 @@ class FeatureStore(ShardedStore):
                 f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}"
             )
         if feature_dtype not in FEATURE_DTYPES:
-            raise FlatDinoError(f"--feature-dtype must be one of {FEATURE_DTYPES}")
+            raise FlatDinoError(
+                f"--feature-dtype must be one of {FEATURE_DTYPES}; got {feature_dtype!r}"
+            )
         int8 = feature_dtype == "int8"
 
         def build(group: zarr.Group, location: Location) -> None:
