@@ -34,11 +34,11 @@ test-all: lint
 	$(BIN)/pytest -m ''
 
 # Both suites under coverage.py, then the ledger of library lines no test runs (docs/coverage.md).
+# A failing test still gets its ledger printed; make then fails with the tests' status.
 coverage: setup
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest -m '' -q
-	$(BIN)/coverage combine -q
-	$(BIN)/python tests/coverage_ledger.py
+	$(BIN)/coverage run -m pytest -m '' -q; status=$$?; \
+	$(BIN)/coverage combine -q && $(BIN)/python tests/coverage_ledger.py && exit $$status
 
 bench: setup
 	$(BIN)/python bench/extract.py
