@@ -127,8 +127,11 @@ def local_ray():
     ray.shutdown()
 
 
-def fake_feature_store(path: Path | str, channels: int, n: int = 4) -> Path | str:
-    """A complete feature store of ones with C = `channels` (to test shape refusals)."""
+def fake_feature_store(
+    path: Path | str, channels: int, n: int = 4, valid: bool = True
+) -> Path | str:
+    """A complete feature store of ones with C = `channels` (to test shape refusals); with
+    `valid` False every image failed."""
     from flatdino.pipeline.feature_store import FeatureStore
 
     store = FeatureStore.create(
@@ -142,7 +145,7 @@ def fake_feature_store(path: Path | str, channels: int, n: int = 4) -> Path | st
         attrs={"fingerprint": {}},
     )
     store.write_shard(
-        store.shards()[0], np.ones((n, 1, 256, channels), np.float16), np.ones(n, bool), {}
+        store.shards()[0], np.ones((n, 1, 256, channels), np.float16), np.full(n, valid), {}
     )
     store.finalize()
     return path

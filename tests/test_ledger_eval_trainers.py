@@ -22,23 +22,9 @@ from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.trainers.runner import Dist, save_checkpoint
 
 
-def no_valid_store(path: Path, channels: int = 64, n: int = 2) -> str:
+def no_valid_store(path: Path, channels: int = 64) -> str:
     """A complete feature store whose every image failed (valid all False)."""
-    store = FeatureStore.create(
-        path,
-        shape=(n, 1, 256, channels),
-        labels=np.zeros(n, np.int32),
-        paths=[str(i) for i in range(n)],
-        class_names=["a"],
-        shard_size=8,
-        chunk_rows=8,
-        attrs={"fingerprint": {}},
-    )
-    store.write_shard(
-        store.shards()[0], np.zeros((n, 1, 256, channels), np.float16), np.zeros(n, bool), {}
-    )
-    store.finalize()
-    return str(path)
+    return str(fake_feature_store(path, channels, n=2, valid=False))
 
 
 @pytest.fixture(scope="module")
