@@ -5,6 +5,9 @@ the published RAE decoder file. Models are rebuilt from the config.json saved be
 from __future__ import annotations
 
 import hashlib
+import json
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -165,6 +168,19 @@ def vae_sha256(ckpt: Path) -> str:
     return hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
 
 
+_JSON_NAMES = {dict: "object", list: "list", str: "string", bool: "true/false", float: "number"}
+_JSON_NAMES |= {int: "whole number", type(None): "null"}
+
+
+def _json_kinds(annotation) -> tuple[type, ...]:
+    """The Python types a JSON value of a field annotated `annotation` may have: its types (the
+    origin of a generic), None when optional, and int where a float is expected."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = tuple(typing.get_origin(a) or a for a in typing.get_args(annotation) or (annotation,))
+    kinds = kinds if union else (typing.get_origin(annotation) or annotation,)
+    return kinds + ((int,) if float in kinds else ())
+
+
 @dataclass(frozen=True)
 class FlowRecord:
     """flow.json, saved beside every DiT checkpoint: how the model was trained and on what, for
@@ -189,7 +205,18 @@ class FlowRecord:
                 f"{source} is {describe_json(data)}, not a DiT's flow.json (no kappa); "
                 f"{rewrite('train-dit')}"
             )
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        record = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        hints = typing.get_type_hints(cls)
+        for name, value in record.items():  # a hand-edited file: its field named, no traceback
+            kinds = _json_kinds(hints[name])
+            if not isinstance(value, kinds):
+                names = [_JSON_NAMES[k] for k in kinds if not (k is int and float in kinds)]
+                raise MetadataError(
+                    f"{source} has {name} {json.dumps(value)[:60]}, where a JSON "
+                    f"{' or '.join(names)} belongs; "
+                    f"{rewrite('train-dit')}"
+                )
+        return cls(**record)
 
     def to_json(self) -> dict:
         """The flow.json dict: every field in order, `official` only when set."""

@@ -72,10 +72,6 @@ def _load_vae(path: str | None, flow: FlowRecord) -> tuple[torch.nn.Module, Path
     given, path = path is not None, path or flow.vae_checkpoint
     if not path:
         raise FlatDinoError("the DiT checkpoint names no VAE; pass --vae RUN_DIR")
-    if not isinstance(path, str):  # a hand-edited flow.json
-        raise FlatDinoError(
-            f"the DiT's flow.json names the VAE {path!r}, not a path; pass --vae RUN_DIR"
-        )
     try:
         ckpt = resolve_vae(path)
         model, sha = load_vae(ckpt)

@@ -25,8 +25,8 @@ from flatdino.cli.main import app
 from flatdino.models.configs import dit_preset, vae_preset
 from flatdino.models.dit import LightningDiT
 from flatdino.models.vae import FlatDinoVAE
-from flatdino.pipeline.checkpoints import FlowRecord
-from flatdino.pipeline.errors import FlatDinoError
+from flatdino.pipeline.checkpoints import FlowRecord, read_flow
+from flatdino.pipeline.errors import FlatDinoError, MetadataError
 from flatdino.sampling import bundle, outdir
 from flatdino.sampling import sample as sample_mod
 from flatdino.sampling.configs import SampleConfig
@@ -85,13 +85,25 @@ def test_the_vae_the_dit_names_is_gone(tmp_path):
     assert str(e.value).endswith(" (the VAE the DiT's latents came from; pass --vae)")
 
 
-def test_a_flow_json_whose_vae_is_not_a_path_asks_for_vae():
-    """A hand-edited flow.json: one line naming flow.json, not a --vae nobody typed."""
-    with pytest.raises(
-        FlatDinoError,
-        match=r"^the DiT's flow.json names the VAE 5, not a path; pass --vae RUN_DIR$",
-    ):
-        bundle._load_vae(None, FlowRecord(kappa=1.0, vae_checkpoint=5))
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("vae_checkpoint", 5, "a JSON string or null"),
+        ("latents_fingerprint", [1], "a JSON object or null"),
+        ("kappa", None, "a JSON number"),
+        ("views", 2.5, "a JSON whole number or null"),
+    ],
+)
+def test_a_hand_edited_flow_json_names_the_field(tmp_path, field, value, expected):
+    """A flow.json field of the wrong JSON type: one line naming the file and the field, not a
+    traceback later (an AttributeError) or a --vae nobody typed."""
+    path = tmp_path / "flow.json"
+    path.write_text(json.dumps({"kappa": 1.0, field: value}))
+    with pytest.raises(MetadataError) as e:
+        read_flow(path, "fix")
+    message = str(e.value)
+    assert message.startswith(f"{str(path)!r} has {field} {json.dumps(value)}, where {expected}")
+    assert "\n" not in message
 
 
 def test_a_decoder_for_other_features_than_the_vae_makes():
