@@ -51,7 +51,10 @@ class ShardEncoder:
         self.dtype = inference_dtype(cfg.precision, self.device)
         model, sha = load_vae(Path(ckpt))
         if sha != expected_sha:
-            raise FlatDinoError(f"worker loaded VAE {sha[:12]}, driver {expected_sha[:12]}")
+            raise FlatDinoError(  # e.g. another file at the same path on another node
+                f"worker loaded VAE {sha[:12]}, driver {expected_sha[:12]}; --vae must be the same "
+                "files on every node (a shared file system, or copy them)"
+            )
         self.model = model.to(self.device)
         self.store = LatentStore(cfg.out, mode="r+")
 

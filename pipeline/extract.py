@@ -138,7 +138,8 @@ class ShardEmbedder:
         model, sha = load_backbone(cfg.backbone, cfg.weights)
         if sha != expected_sha:  # e.g. another file at the same path on another node
             raise WeightsError(
-                f"worker loaded weights with sha256 {sha[:12]}, driver {expected_sha[:12]}"
+                f"worker loaded weights with sha256 {sha[:12]}, driver {expected_sha[:12]}; "
+                "--weights must be the same file on every node (a shared file system, or copy it)"
             )
         self.model = model.to(self.device)
         self.store = FeatureStore(cfg.out, mode="r+")

@@ -240,7 +240,8 @@ class FeatureStore(ShardedStore):
         """The `build` of an empty store (all shards pending), for `store.open_or_create`."""
         if shard_size % chunk_rows:
             raise FlatDinoError(
-                f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}"
+                f"shard size {shard_size} must be a multiple of chunk rows {chunk_rows}; "
+                "change --shard-size"
             )
         if feature_dtype not in FEATURE_DTYPES:
             raise FlatDinoError(

@@ -69,7 +69,10 @@ LAYOUT = dict(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (dict(shard_size=12, chunk_rows=8), r"^shard size 12 must be a multiple of chunk rows 8$"),
+        (
+            dict(shard_size=12, chunk_rows=8),
+            r"^shard size 12 must be a multiple of chunk rows 8; change --shard-size$",
+        ),
         (
             dict(shard_size=8, chunk_rows=8, feature_dtype="bfloat16"),
             r"^--feature-dtype must be one of \('float16', 'int8'\)",
@@ -94,7 +97,8 @@ def test_encode_worker_with_another_vae_is_refused(tmp_path):
     ckpt = resolve_vae(str(VAE))
     sha = vae_sha256(ckpt)
     with pytest.raises(
-        FlatDinoError, match=rf"^worker loaded VAE {sha[:12]}, driver 000000000000$"
+        FlatDinoError,
+        match=rf"^worker loaded VAE {sha[:12]}, driver 000000000000; --vae must be the same files",
     ):
         ShardEncoder(cfg, str(ckpt), "0" * 64)
 
@@ -141,7 +145,7 @@ def test_read_only_crops_reach_the_backbone_as_a_writable_copy(monkeypatch):
 def test_extract_worker_with_other_weights_is_refused(tmp_path):
     cfg = tiny_config("digits", tmp_path / "f.zarr")
     sha = load_backbone("tiny")[1]
-    with pytest.raises(WeightsError, match=rf"with sha256 {sha[:12]}, driver 000000000000$"):
+    with pytest.raises(WeightsError, match=rf"sha256 {sha[:12]}, driver 000000000000; --weights"):
         extract.ShardEmbedder(cfg, "0" * 64)
 
 
