@@ -405,7 +405,7 @@ def read_parquet(location: Location, key: str, fix: str) -> pa.Table:
     raw = location.read(key)
     where = f"{location.url.rstrip('/')}/{key}"
     if raw is None:
-        raise FlatDinoError(f"{location.url!r} has no {key}; rebuild the store with --overwrite")
+        raise MetadataError(f"{location.url!r} has no {key}; {fix}")
     try:
         return pq.read_table(pa.BufferReader(raw))
     except (pa.ArrowException, OSError) as e:  # ArrowInvalid: not Parquet, or cut short

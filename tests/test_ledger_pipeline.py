@@ -23,7 +23,7 @@ from flatdino.pipeline import env, extract, preprocess
 from flatdino.pipeline.backbone import load_backbone, read_state_dict
 from flatdino.pipeline.checkpoints import resolve_vae, vae_sha256
 from flatdino.pipeline.encode import EncodeConfig, ShardEncoder, encode_latents
-from flatdino.pipeline.errors import FlatDinoError, InputError, WeightsError
+from flatdino.pipeline.errors import FlatDinoError, InputError, MetadataError, WeightsError
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.preprocess import ViewRecipe, _random_crop_box
 from flatdino.pipeline.sources import open_source
@@ -84,10 +84,10 @@ def test_feature_store_layout_refuses_bad_settings(settings, message):
         FeatureStore.layout(**LAYOUT, **settings)
 
 
-def test_store_without_manifest_says_rebuild(tmp_path):
+def test_store_without_manifest_says_what_to_do(tmp_path):
     path = fake_feature_store(tmp_path / "f.zarr", channels=8)
     (path / "manifest.parquet").unlink()
-    with pytest.raises(FlatDinoError, match=r"has no manifest.parquet; rebuild the store with"):
+    with pytest.raises(MetadataError, match=r"has no manifest.parquet; restore the file, or dele"):
         FeatureStore(path).manifest()
 
 
