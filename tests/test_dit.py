@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_zero_init_and_every_parameter_learns
 from flatdino.models.dit import (
     DIT_PRESETS,
     LightningDiT,
@@ -44,18 +45,7 @@ def test_presets_on_the_meta_device(name):
 
 
 def test_zero_init_output_and_every_parameter_learns():
-    model = tiny()
-    x, t, y = torch.randn(4, 8, 16), torch.rand(4), torch.tensor([0, 3, 9, 10])
-    assert model(x, t, y).abs().max() == 0  # adaLN-Zero: the untrained model predicts v = 0
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(4):  # behind zero-initialised layers, gradients arrive a few updates later
-        opt.zero_grad()
-        flow_loss(model, x, y, null_class=model.null_class).backward()
-        opt.step()
-    v = model(x, t, y)
-    assert torch.isfinite(v).all() and v.abs().max() > 0
-    stale = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert stale == []
+    assert_zero_init_and_every_parameter_learns(tiny())
 
 
 def test_class_and_time_condition_the_output():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import npz_arrays, official_weights
+from conftest import assert_zero_init_and_every_parameter_learns, npz_arrays, official_weights
 from flatdino.models.configs import dit_dh_parameters
 from flatdino.models.dit_dh import (
     DIT_DH_PRESETS,
@@ -25,7 +25,6 @@ from flatdino.models.dit_dh import (
     count_generator_parameters,
     generator_preset,
 )
-from flatdino.models.flow import flow_loss
 from flatdino.models.official import OFFICIAL_PARAMETERS, OfficialFormatError
 from flatdino.models.official_dh import convert_dit_dh
 
@@ -104,19 +103,9 @@ def test_presets_on_the_meta_device(name):
 
 def test_zero_init_output_and_every_parameter_learns():
     torch.manual_seed(0)
-    model = DiTDH(generator_preset("dit-dh-tiny", tokens=8, latent_dim=16, registers=2,
-                                   use_rope=False))  # fmt: skip
-    x, t, y = torch.randn(4, 8, 16), torch.rand(4), torch.tensor([0, 3, 9, 10])
-    assert model(x, t, y).abs().max() == 0  # adaLN-Zero: the untrained model predicts v = 0
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(4):  # behind zero-initialised layers, gradients arrive a few updates later
-        opt.zero_grad()
-        flow_loss(model, x, y, null_class=model.null_class).backward()
-        opt.step()
-    v = model(x, t, y)
-    assert torch.isfinite(v).all() and v.abs().max() > 0
-    stale = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert stale == []
+    assert_zero_init_and_every_parameter_learns(
+        DiTDH(generator_preset("dit-dh-tiny", tokens=8, latent_dim=16, registers=2, use_rope=False))
+    )
 
 
 # --------------------------------------------------------------------------- train-dit and sample
