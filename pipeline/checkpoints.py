@@ -168,16 +168,23 @@ def vae_sha256(ckpt: Path) -> str:
     return hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
 
 
-_JSON_NAMES = {dict: "object", list: "list", str: "string", bool: "true/false", float: "number"}
-_JSON_NAMES |= {int: "whole number", type(None): "null"}
+_JSON_NAMES = {
+    dict: "object",
+    list: "list",
+    str: "string",
+    bool: "true/false",
+    float: "number",
+    int: "whole number",
+    type(None): "null",
+}
 
 
 def _json_kinds(annotation) -> tuple[type, ...]:
     """The Python types a JSON value of a field annotated `annotation` may have: its types (the
     origin of a generic), None when optional, and int where a float is expected."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    kinds = tuple(typing.get_origin(a) or a for a in typing.get_args(annotation) or (annotation,))
-    kinds = kinds if union else (typing.get_origin(annotation) or annotation,)
+    parts = typing.get_args(annotation) if union else (annotation,)
+    kinds = tuple(typing.get_origin(a) or a for a in parts)
     return kinds + ((int,) if float in kinds else ())
 
 
