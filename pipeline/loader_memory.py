@@ -4,17 +4,36 @@ where rows wait for their batch, and batch buffers handed out again once nothing
 
 Fresh memory is what made the loader slow: on the VM it was measured on, a first touch costs a page
 fault per 4 KiB (a new 201 MB array fills at 2.4 GB/s, a warm one at 16 GB/s), or, for numpy's
-transparent huge pages, a compaction stall now and then (docs/benchmarks.md).
+transparent huge pages, a compaction stall now and then (docs/benchmarks.md). Forked workers make
+warm memory fresh again: while a child forked from the trainer lives, each page the trainer writes
+is first copied for it (copy-on-write), so the row slots and batch buffers are `private_array`s,
+which a forked child does not map.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import weakref
 from queue import Empty
 
 import numpy as np
 import torch
+
+
+def private_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An empty array that a forked child process does not inherit (Linux's MADV_DONTFORK), so
+    the parent's writes to it never copy a page for a child (copy-on-write): with fork, the
+    default start method of Python <= 3.13 on Linux, the DataLoader's workers live for a whole
+    epoch, and writing the loader's memory through shared pages faulted once per 4 KiB (6x the
+    CPU time of the copies, measured). Only the process that made it may touch it."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if not nbytes or not hasattr(mmap, "MADV_DONTFORK"):
+        return np.empty(shape, dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # page-aligned
+    memory.madvise(mmap.MADV_DONTFORK)
+    return np.frombuffer(memory, dtype).reshape(shape)  # keeps `memory` alive
 
 
 class BlockSlots:
@@ -69,7 +88,7 @@ class Pending:
     through a temporary array, new memory again)."""
 
     def __init__(self, parts: list[tuple[tuple[int, ...], type]], capacity: int):
-        self.parts = [np.empty((capacity, *shape), dtype) for shape, dtype in parts]
+        self.parts = [private_array((capacity, *shape), dtype) for shape, dtype in parts]
         self.clear()
 
     def clear(self) -> None:
@@ -84,10 +103,10 @@ class Pending:
         if len(rows) > len(self.free):  # more rows waiting than the plan's bound: grow
             n = len(self.parts[0])
             extra = max(n, len(rows))
-            self.parts = [
-                np.concatenate([a, np.empty_like(a, shape=(extra, *a.shape[1:]))])
-                for a in self.parts
-            ]
+            grown = [private_array((n + extra, *a.shape[1:]), a.dtype) for a in self.parts]
+            for new, old in zip(grown, self.parts, strict=True):
+                new[:n] = old
+            self.parts = grown
             self.free[:0] = range(n + extra - 1, n - 1, -1)
         slots = [self.free.pop() for _ in range(len(rows))]
         for array, block in zip(self.parts, data, strict=True):
@@ -118,9 +137,9 @@ class Batches:
         """One array of n <= `rows` rows per part."""
         idle = [i for i, (_, handed) in enumerate(self.buffers) if all(r() is None for r in handed)]
         if not idle:
-            buffers = [np.empty((self.rows, *shape), dtype) for shape, dtype in self.parts]
-            if len(self.buffers) >= self.keep:
-                return [b[:n] for b in buffers]
+            if len(self.buffers) >= self.keep:  # the caller's to keep: plain memory
+                return [np.empty((n, *shape), dtype) for shape, dtype in self.parts]
+            buffers = [private_array((self.rows, *shape), dtype) for shape, dtype in self.parts]
             self.buffers.append((buffers, []))
             idle = [len(self.buffers) - 1]
         buffers, handed = self.buffers[idle[0]]

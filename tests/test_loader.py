@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 import torch
@@ -120,8 +122,9 @@ def test_block_reader_runs_in_a_spawned_worker_and_fills_the_shared_slots(digits
     )
     stream = iter(DataLoader(reader, batch_size=None, num_workers=1, multiprocessing_context=spawn))
     for block in (2, 0, 1):
-        rows, slot = next(stream)
-        rows = np.asarray(rows)
+        got, slot = next(stream)  # two ints: no array crosses (each a new shared-memory fd)
+        assert type(got) is int and type(slot) is int and got == block
+        rows = reader.rows(block, n)[2]
         assert rows.tolist() == list(range(8 * block, 8 * block + 8))
         got = slots.buffers[slot][0][:8].numpy()
         assert np.array_equal(got, store.read_drawn(rows[0], rows[-1] + 1, rows, views[rows]))
@@ -299,3 +302,33 @@ def test_a_read_error_reaches_the_trainer_and_its_epoch_memory_is_not_reused(
     with pytest.raises(OSError, match="disk gone"):
         next(loader.epoch(0))
     assert loader._idle == []
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTFORK"), reason="Linux: fork shares pages")
+def test_the_loaders_memory_is_not_shared_with_a_forked_worker():
+    """While a child forked from the trainer lives (a DataLoader worker, all epoch long), the
+    trainer writing a plain array it wrote before copies every page first (copy-on-write, a page
+    fault each); writing a `private_array` copies none, since the child never mapped it."""
+    import multiprocessing
+    import resource
+
+    from flatdino.pipeline.loader_memory import private_array
+
+    def faults_of_writing(array: np.ndarray) -> int:
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        array[:] = 2
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+    plain, private = np.empty((256, 4096), np.uint8), private_array((256, 4096), np.uint8)
+    plain[:], private[:] = 1, 1  # both warm: every page touched once
+    fork = multiprocessing.get_context("fork")
+    done = fork.Event()
+    child = fork.Process(target=done.wait, daemon=True)
+    child.start()
+    try:
+        assert faults_of_writing(plain) >= 200  # 256 pages of 4 KiB, copied for the child
+        assert faults_of_writing(private) <= 8
+        assert private.tolist() == [[2] * 4096] * 256
+    finally:
+        done.set()
+        child.join()
