@@ -55,6 +55,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .errors import FlatDinoError, MetadataError, json_object
+from .local_shards import LocalShards
 from .quantise import FEATURE_DTYPES, Stored, dequantise, quantise
 from .storage import Location, explained
 from .store import Shard, ShardedStore, create, shard_bounds, utc_now
@@ -138,6 +139,19 @@ class FeatureStore(ShardedStore):
             return self.array("features"), self.array(SCALES)
         return (self.array("features"),)
 
+    @cached_property
+    def _local(self) -> tuple[LocalShards, ...] | None:
+        """Direct readers of `_stored`'s shard files (a local store in the layout extract-features
+        writes), or None: zarr reads them."""
+        where = None if self.location.remote else self.location.path
+        names = ("features", SCALES) if self.feature_dtype == "int8" else ("features",)
+        fix = f"delete {str(self.path)!r} and run `flatdino {self.MAKER}` again"
+        readers = [
+            LocalShards.of(a, where and where / n, fix)
+            for a, n in zip(self._stored, names, strict=True)
+        ]
+        return None if None in readers else tuple(readers)
+
     def read_shard(self, shard: Shard) -> tuple[Stored, np.ndarray]:
         """One contiguous read of a shard's stored features (n, V, P, C) (int8: the pair with
         scales (n, V, P), `pipeline.quantise`) and valid flags (n,)."""
@@ -155,14 +169,18 @@ class FeatureStore(ShardedStore):
     ) -> Stored:
         """Stored features[rows, views] (m, P, C) (int8: with scales (m, P)) for `rows` inside
         the block [lo, hi) and one view each: only the drawn views are read (format >= 2, as
-        runs of consecutive rows, `_read_runs`), or the block's chunk whole (format 1). `out`:
-        arrays of at least m rows per part to decode into (the loader's shared block slots)."""
+        runs of consecutive rows, `_read_runs`, or row by row from a local shard, `LocalShards`),
+        or the block's chunk whole (format 1). `out`: arrays of at least m rows per part to decode
+        into (the loader's shared block slots)."""
         arrays = self._stored
         if out is None:
             out = [np.empty((len(rows), *a.shape[2:]), a.dtype) for a in arrays]  # (m, P[, C])
         out = [o[: len(rows)] for o in out]
         if not self.per_view:  # format 1 (float16 only): every view, read whole once
             out[0][...] = arrays[0][lo:hi][rows - lo, views]
+        elif self._local and len(rows):
+            for reader, part in zip(self._local, out, strict=True):
+                reader.read(rows, views, part)
         else:
             for array, part in zip(arrays, out, strict=True):
                 sync(_read_runs(array.async_array, rows, views, part))
