@@ -144,12 +144,8 @@ class FeatureStore(ShardedStore):
         """Direct readers of `_stored`'s shard files (a local store in the layout extract-features
         writes), or None: zarr reads them."""
         where = None if self.location.remote else self.location.path
-        names = ("features", SCALES) if self.feature_dtype == "int8" else ("features",)
         fix = f"delete {str(self.path)!r} and run `flatdino {self.MAKER}` again"
-        readers = [
-            LocalShards.of(a, where and where / n, fix)
-            for a, n in zip(self._stored, names, strict=True)
-        ]
+        readers = [LocalShards.of(a, where and where / a.basename, fix) for a in self._stored]
         return None if None in readers else tuple(readers)
 
     def read_shard(self, shard: Shard) -> tuple[Stored, np.ndarray]:
@@ -166,25 +162,30 @@ class FeatureStore(ShardedStore):
         rows: np.ndarray,
         views: np.ndarray,
         out: list[np.ndarray] | None = None,
+        at: np.ndarray | None = None,
     ) -> Stored:
         """Stored features[rows, views] (m, P, C) (int8: with scales (m, P)) for `rows` inside
         the block [lo, hi) and one view each: only the drawn views are read (format >= 2, as
         runs of consecutive rows, `_read_runs`, or row by row from a local shard, `LocalShards`),
-        or the block's chunk whole (format 1). `out`: arrays of at least m rows per part to decode
-        into (the loader's shared block slots)."""
+        or the block's chunk whole (format 1). `out`: arrays, one per part, to read into, row k
+        into out[k], or with `at` into out[at[k]] (the loader's shared row slots); returned as
+        they are then."""
         arrays = self._stored
         if out is None:
             out = [np.empty((len(rows), *a.shape[2:]), a.dtype) for a in arrays]  # (m, P[, C])
-        out = [o[: len(rows)] for o in out]
-        if not self.per_view:  # format 1 (float16 only): every view, read whole once
-            out[0][...] = arrays[0][lo:hi][rows - lo, views]
-        elif self._local and len(rows):
+        if self._local and self.per_view and len(rows):
             for reader, part in zip(self._local, out, strict=True):
-                reader.read(rows, views, part)
+                reader.read(rows, views, part, np.arange(len(rows)) if at is None else at)
         else:
             for array, part in zip(arrays, out, strict=True):
-                sync(_read_runs(array.async_array, rows, views, part))
-        return _stored_batch(out)
+                got = part[: len(rows)] if at is None else np.empty_like(part[: len(rows)])
+                if not self.per_view:  # format 1 (float16 only): every view, read whole once
+                    got[...] = array[lo:hi][rows - lo, views]
+                else:
+                    sync(_read_runs(array.async_array, rows, views, got))
+                if at is not None:
+                    part[at] = got
+        return _stored_batch(out if at is not None else [o[: len(rows)] for o in out])
 
     def write_shard(
         self,

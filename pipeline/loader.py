@@ -11,8 +11,8 @@ run the same number of steps (a rank with fewer rows gets a shorter, possibly em
 Blocks are read by torch DataLoader workers that open the store lazily (spawn-safe: the dataset
 holds a path, index arrays and shared buffers), in block order; the main process assembles batches.
 No byte goes into memory the loader has not used before (`pipeline.loader_memory`): the workers
-decode each block straight into block slots in shared memory, the main process copies its rows
-into row slots, and a batch is copied out of those into a batch buffer.
+read each row straight into its row slot in shared memory, and the main process copies each batch
+out of those into a batch buffer, its one copy.
 
 Batches hold features as stored (`pipeline.quantise`): float16, or for an int8 store the pair
 (codes, scales), which the trainer copies to its device and dequantises there
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
-from .loader_memory import Batches, BlockSlots, Pending, free_slot
+from .loader_memory import Batches, RowSlots, SlotPlan, wait_turn
 from .quantise import Stored
 
 
@@ -99,10 +99,11 @@ def _shuffle_buffer(stream: np.ndarray, size: int, rng: np.random.Generator) -> 
 
 
 class _BlockReader(IterableDataset):
-    """Yields (block, slot) per block, the drawn view of each of its `rows` decoded into the
-    shared `slots.buffers[slot]`; worker w reads blocks w, w + W, ... into its slots. Two ints
-    cross to the main process, not the rows: DataLoader sends an array as a tensor in new shared
-    memory, one file descriptor handed over per block (8 ms of the main process's time, measured)."""
+    """Reads blocks in order, each row's drawn view into its row slot (`SlotPlan`), and yields
+    the block's position once it is in; worker w reads positions w, w + W, ..., each once the main
+    process has handed it the turn (through its queue: the block's slots are free). An int is
+    all that crosses to the main process: DataLoader sends an array as a tensor in new shared
+    memory, one file descriptor handed over per block (8 ms of the main process's time)."""
 
     def __init__(
         self,
@@ -111,25 +112,26 @@ class _BlockReader(IterableDataset):
         block_rows: int,
         needed: np.ndarray,
         views: np.ndarray,
-        slots: BlockSlots,
-        free: list,
+        slots: RowSlots,
+        slot: np.ndarray,
+        turns: list,
     ):
         self.path, self.blocks, self.block_rows = path, blocks, block_rows
         self.needed, self.views = needed, views  # needed: (N,) bool, rows still to deliver
-        self.slots, self.free = slots, free
+        self.slots, self.slot, self.turns = slots, slot, turns  # slot: (N,) each row's slot
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         store = FeatureStore(self.path)  # opened in the worker (path or URL)
-        for b in self.blocks[worker::workers]:
-            lo, hi, rows = self.rows(int(b), store.num_images)
-            slot = free_slot(self.free[worker])
-            if slot is None:  # the epoch was left early, or the main process is gone
-                return
-            out = [buffer.numpy() for buffer in self.slots.buffers[slot]]
-            store.read_drawn(lo, hi, rows, self.views[rows], out=out)
-            yield int(b), slot
+        self.slots.prefault()
+        out = self.slots.arrays()
+        for p in range(worker, len(self.blocks), workers):
+            lo, hi, rows = self.rows(int(self.blocks[p]), store.num_images)
+            if wait_turn(self.turns[worker]) is None:  # the epoch was left early, or the main
+                return  # process is gone
+            store.read_drawn(lo, hi, rows, self.views[rows], out=out, at=self.slot[rows])
+            yield p
 
     def rows(self, block: int, num_images: int) -> tuple[int, int, np.ndarray]:
         """The bounds [lo, hi) of `block` and its rows to read (not none: `epoch` skips those)."""
@@ -169,20 +171,23 @@ class FeatureBatches:
         needed = np.zeros(len(self.valid), dtype=bool)
         for rows in batches:
             needed[rows] = True
+        k = self.block_rows
+        rows_of = [np.flatnonzero(needed[b * k : (b + 1) * k]) + b * k for b in plan.blocks]
         blocks = np.array(
-            [
-                b
-                for b in plan.blocks
-                if needed[b * self.block_rows : (b + 1) * self.block_rows].any()
-            ],
-            dtype=np.int64,
+            [b for b, r in zip(plan.blocks, rows_of, strict=True) if len(r)], np.int64
         )
+        read = [r for r in rows_of if len(r)]  # each block's rows, in read order
         workers = min(self.cfg.num_workers, len(blocks))
-        memory = self._memory(max(workers, 1))
-        slots, pending = memory.slots, memory.pending
+        # A block may be written once the batches needing blocks `ahead` before it are copied
+        # out: DataLoader asks each worker for 2 blocks in advance.
+        plan_slots = SlotPlan.of(batches, read, len(self.valid), ahead=2 * max(workers, 1) + 1)
+        memory = self._memory(plan_slots.capacity)
         context = multiprocessing.get_context()  # the platform's default, as DataLoader's
-        free = slots.queues(context)
-        reader = _BlockReader(self.path, blocks, self.block_rows, needed, plan.views, slots, free)
+        turns = [context.Queue() for _ in range(max(workers, 1))]  # new per epoch
+        reader = _BlockReader(
+            self.path, blocks, self.block_rows, needed, plan.views, memory.slots,
+            plan_slots.slot, turns,
+        )  # fmt: skip
         # Own generator: a DataLoader iterator draws a seed, which must not advance the global RNG
         # (the trainer's sampling noise), or resuming mid-epoch would not be exact.
         generator = torch.Generator().manual_seed(0)
@@ -195,16 +200,20 @@ class FeatureBatches:
                 multiprocessing_context=context if workers else None,
             )
         )
+        turn = received = 0  # blocks handed their turn; blocks read
         finished = False  # the epoch ran out or its consumer closed it: its memory is reusable
         try:
-            for rows in batches:
-                while not pending.has(rows):
-                    block, slot = next(stream)
-                    got = reader.rows(block, len(self.valid))[2]
-                    pending.add(got, [b.numpy()[: len(got)] for b in slots.buffers[slot]])
-                    free[slot // slots.per_reader].put(slot)  # its rows are copied out
+            for step, rows in enumerate(batches):
+                while turn < len(blocks) and plan_slots.after[turn] <= step:
+                    turns[turn % len(turns)].put(turn)  # its slots' rows are copied out
+                    turn += 1
+                while received <= plan_slots.last_block[step]:
+                    got = next(stream)
+                    assert got == received, (got, received)  # DataLoader keeps the order
+                    received += 1
                 if len(rows):
-                    got = [torch.from_numpy(part) for part in pending.take(rows, memory.batches)]
+                    got = memory.slots.take(plan_slots.slot[rows], memory.batches)
+                    got = [torch.from_numpy(part) for part in got]
                     x = tuple(got) if self.int8 else got[0]  # (B, P, C) (int8: and scales (B, P))
                 else:
                     x = self._empty()  # empty tail batch
@@ -214,28 +223,25 @@ class FeatureBatches:
             finished = True
             raise
         finally:
-            for queue in free:  # a reader waiting for a slot stops (the epoch was left early)
+            for queue in turns:  # a reader waiting for its turn stops (the epoch was left early)
                 queue.put(None)
             del stream  # the DataLoader stops its workers (joins them) once nothing refers to it
             if finished:  # after an error a worker may outlive this frame: drop its memory
-                pending.clear()
                 self._idle.append(memory)
 
-    def _memory(self, readers: int) -> _Memory:
-        """The memory of an earlier epoch (warm), or new memory (the first epoch, more readers,
-        or another epoch of this loader still open)."""
+    def _memory(self, capacity: int) -> _Memory:
+        """The memory of an earlier epoch (warm), or new memory (the first epoch, more rows
+        waiting than it had room for, or another epoch of this loader still open), with a
+        block's rows to spare: an epoch's plan may need a few more slots than the last one's."""
         for memory in self._idle:
-            if memory.slots.readers >= readers:
+            if memory.slots.capacity >= capacity:
                 self._idle.remove(memory)
                 return memory
+        self._idle.clear()  # too small for this epoch: not kept beside the new memory
         p, c = self.sample_shape
         parts = [((p, c), np.int8), ((p,), np.float16)] if self.int8 else [((p, c), np.float16)]
-        capacity = self.cfg.shuffle_buffer + self.cfg.batch_size + self.block_rows
-        return _Memory(
-            BlockSlots(parts, self.block_rows, readers),
-            Pending(parts, capacity),
-            Batches(parts, self.cfg.batch_size),
-        )
+        slots = RowSlots(parts, capacity + self.block_rows)
+        return _Memory(slots, Batches(parts, self.cfg.batch_size))
 
     def _empty(self) -> Stored:
         p, c = self.sample_shape
@@ -248,8 +254,7 @@ class FeatureBatches:
 class _Memory:
     """What one epoch of `FeatureBatches` copies through, kept for the next."""
 
-    slots: BlockSlots
-    pending: Pending
+    slots: RowSlots
     batches: Batches
 
 

@@ -1,20 +1,24 @@
 """The memory the feature loader (`pipeline.loader`) copies its bytes through, allocated once per
-loader and reused every epoch: block slots in shared memory that the workers decode into, row slots
-where rows wait for their batch, and batch buffers handed out again once nothing refers to them.
+loader and reused every epoch: row slots in shared memory that the workers read each row into, where
+it waits for its batch (`SlotPlan` says which slot and when), and batch buffers, handed out again
+once nothing refers to them.
 
 Fresh memory is what made the loader slow: on the VM it was measured on, a first touch costs a page
 fault per 4 KiB (a new 201 MB array fills at 2.4 GB/s, a warm one at 16 GB/s), or, for numpy's
 transparent huge pages, a compaction stall now and then (docs/benchmarks.md). Forked workers make
 warm memory fresh again: while a child forked from the trainer lives, each page the trainer writes
-is first copied for it (copy-on-write), so the row slots and batch buffers are `private_array`s,
-which a forked child does not map.
+is first copied for it (copy-on-write), so the batch buffers are `private_array`s, which a forked
+child does not map.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import sys
 import weakref
+from dataclasses import dataclass
 from queue import Empty
 
 import numpy as np
@@ -36,38 +40,94 @@ def private_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(memory, dtype).reshape(shape)  # keeps `memory` alive
 
 
-class BlockSlots:
-    """Block-sized buffers in shared memory, `per_reader` for each reader: reader w decodes its
-    blocks into its own slots, w * per_reader + 0.., and the main process hands each slot back
-    (through reader w's queue) once it has copied the rows out. A reader waits for a free slot, so
-    it runs at most `per_reader` blocks ahead; it never waits on a block the main process has yet
-    to ask for, since that takes its blocks in order and hands each back before the next."""
+MADV_POPULATE_WRITE = 23  # <linux/mman.h>, Linux >= 5.14
 
-    per_reader = 4  # DataLoader asks each worker for 2 blocks ahead of the one in use
 
-    def __init__(self, parts: list[tuple[tuple[int, ...], type]], block_rows: int, readers: int):
-        self.readers = readers
+class RowSlots:
+    """Row-sized slots in shared memory, one array per stored part, where each row read waits for
+    its batch: a worker reads a block's rows straight into their slots (`SlotPlan`), and the main
+    process copies each batch out of them. One copy per byte in the main process, none of it into
+    new memory."""
+
+    def __init__(self, parts: list[tuple[tuple[int, ...], type]], capacity: int):
+        self.capacity = capacity
         dtypes = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8}
-        self.buffers = [
-            [
-                torch.empty((block_rows, *shape), dtype=dtypes[np.dtype(dtype)]).share_memory_()
-                for shape, dtype in parts
-            ]
-            for _ in range(readers * self.per_reader)
+        self.tensors = [
+            torch.empty((capacity, *shape), dtype=dtypes[np.dtype(dtype)]).share_memory_()
+            for shape, dtype in parts
         ]
 
-    def queues(self, context) -> list:
-        """One queue of free slots per reader, all free, in the DataLoader's multiprocessing
-        `context` (new per epoch: an epoch left early leaves no slot taken in the next)."""
-        queues = [context.Queue() for _ in range(self.readers)]
-        for w, queue in enumerate(queues):
-            for slot in range(w * self.per_reader, (w + 1) * self.per_reader):
-                queue.put(slot)
-        return queues
+    def prefault(self) -> None:
+        """Map every page of the slots into this process at once (Linux's MADV_POPULATE_WRITE),
+        for a worker started for an epoch: a process's first write to a page of shared memory is a
+        page fault (fork copies no page tables of shared memory), 146,000 per worker per epoch,
+        a quarter of its reading time (measured: 6 ms per 25 MB block, 1.5 ms once mapped).
+        Elsewhere, or on a kernel before 5.14 (EINVAL), a no-op: the pages fault in as written."""
+        if not sys.platform.startswith("linux"):
+            return
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for t in self.tensors:
+            start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+            madvise(start, t.data_ptr() + t.nbytes - start, MADV_POPULATE_WRITE)
+
+    def arrays(self) -> list[np.ndarray]:
+        """The slots as numpy arrays (views: not attributes, or a spawned worker would be sent
+        their bytes)."""
+        return [t.numpy() for t in self.tensors]
+
+    def take(self, slots: np.ndarray, into: Batches) -> list[np.ndarray]:
+        """The rows in `slots`, in that order, copied into a buffer of `into` with `np.take`
+        (torch 2.14's CPU stack of float16 rows copies at 0.1-1 GB/s here, numpy at ~10 GB/s;
+        its default mode="raise" copies through a temporary array, new memory again)."""
+        out = into.get(len(slots))
+        for array, part in zip(self.arrays(), out, strict=True):
+            np.take(array, slots, axis=0, out=part, mode="clip")  # slots are valid indices
+        return out
 
 
-def free_slot(queue, poll: float = 1.0) -> int | None:
-    """The next free slot from `queue`: None when handed None, or when the process that started
+@dataclass
+class SlotPlan:
+    """Where each row of an epoch waits between its block and its batch, fixed before any byte is
+    read: `slot[row]`, and for block position p the number of batches, `after[p]`, the main
+    process must have copied out before a worker may write block p (its slots are theirs).
+
+    A block only takes slots that batches needing blocks before p - `ahead` gave back, so a worker
+    never waits on a batch that needs its own block (no deadlock) nor, with `ahead` at least the
+    blocks the DataLoader asks for in advance, on the batch being assembled."""
+
+    slot: np.ndarray  # (N,) int64, -1 for a row not read this epoch
+    after: np.ndarray  # (blocks,) int64, non-decreasing
+    last_block: np.ndarray  # (batches,) the last block position each batch waits for
+    capacity: int
+
+    @classmethod
+    def of(cls, batches: list[np.ndarray], blocks: list[np.ndarray], n: int, ahead: int):
+        """The plan of `batches` (row indices) over `blocks` (the rows read from each block, in
+        read order) for a store of `n` rows."""
+        position = np.full(n, -1, np.int64)
+        for p, rows in enumerate(blocks):
+            position[rows] = p
+        needs = [int(position[rows].max()) if len(rows) else -1 for rows in batches]
+        last_block = np.maximum.accumulate(needs) if needs else np.zeros(0, np.int64)
+        slot, after = np.full(n, -1, np.int64), np.zeros(len(blocks), np.int64)
+        free: list[int] = []
+        capacity = taken = 0
+        for p, rows in enumerate(blocks):
+            while taken < len(batches) and last_block[taken] < p - ahead:
+                free.extend(slot[batches[taken]].tolist())  # copied out before p is written
+                taken += 1
+            after[p] = taken
+            reused = min(len(free), len(rows))
+            new = len(rows) - reused
+            slot[rows] = free[len(free) - reused :] + list(range(capacity, capacity + new))
+            del free[len(free) - reused :]
+            capacity += new
+        return cls(slot, after, last_block, capacity)
+
+
+def wait_turn(queue, poll: float = 1.0) -> int | None:
+    """The next permit from `queue`: None when handed None, or when the process that started
     this one has died (a worker waiting here would otherwise outlive a killed trainer)."""
     parent = os.getppid()
     while True:
@@ -78,54 +138,8 @@ def free_slot(queue, poll: float = 1.0) -> int | None:
                 return None
 
 
-class Pending:
-    """Rows read but not yet batched, copied out of their block into slots of a few arrays that
-    live as long as the loader. A block slot is handed back as soon as its rows are copied: the
-    rows waiting in the shuffle buffer hold only themselves, not their whole block (which kept
-    ~3.5x the waiting rows alive: 88 blocks, 2.2 GB of real rows, for 1,568 rows at batch 512). A
-    batch is its rows copied out of the slots with `np.take` (torch 2.14's CPU stack of float16
-    rows copies at 0.1-1 GB/s here, numpy at ~10 GB/s; `np.take`'s default mode="raise" copies
-    through a temporary array, new memory again)."""
-
-    def __init__(self, parts: list[tuple[tuple[int, ...], type]], capacity: int):
-        self.parts = [private_array((capacity, *shape), dtype) for shape, dtype in parts]
-        self.clear()
-
-    def clear(self) -> None:
-        """Every slot free (a new epoch)."""
-        self.free = list(range(len(self.parts[0]) - 1, -1, -1))
-        self.slot: dict[int, int] = {}  # row -> its slot
-
-    def has(self, rows: np.ndarray) -> bool:
-        return all(int(r) in self.slot for r in rows)
-
-    def add(self, rows: np.ndarray, data: list[np.ndarray]) -> None:
-        if len(rows) > len(self.free):  # more rows waiting than the plan's bound: grow
-            n = len(self.parts[0])
-            extra = max(n, len(rows))
-            grown = [private_array((n + extra, *a.shape[1:]), a.dtype) for a in self.parts]
-            for new, old in zip(grown, self.parts, strict=True):
-                new[:n] = old
-            self.parts = grown
-            self.free[:0] = range(n + extra - 1, n - 1, -1)
-        slots = [self.free.pop() for _ in range(len(rows))]
-        for array, block in zip(self.parts, data, strict=True):
-            array[slots] = block
-        self.slot.update(zip(rows.tolist(), slots, strict=True))
-
-    def take(self, rows: np.ndarray, into: Batches | None = None) -> list[np.ndarray]:
-        """The parts of `rows`, in that order, in new arrays (from `into` when given); their
-        slots are free again."""
-        slots = np.array([self.slot.pop(int(r)) for r in rows], dtype=np.int64)
-        out = into.get(len(rows)) if into else [np.empty_like(a[: len(rows)]) for a in self.parts]
-        for array, part in zip(self.parts, out, strict=True):
-            np.take(array, slots, axis=0, out=part, mode="clip")  # slots are valid indices
-        self.free.extend(slots.tolist())
-        return out
-
-
 class Batches:
-    """Batch buffers for `Pending.take`, each handed out as a new view and handed out again once
+    """Batch buffers for `RowSlots.take`, each handed out as a new view and handed out again once
     no view of it is alive (the trainer has moved on: its batch, and any tensor sharing its
     memory, is gone). When all are in use (a caller keeping its batches) a batch is new memory."""
 

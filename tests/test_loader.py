@@ -102,44 +102,42 @@ def test_resume_mid_epoch_yields_the_remaining_batches(digits_val_store):
 
 def test_block_reader_runs_in_a_spawned_worker_and_fills_the_shared_slots(digits_val_store):
     """Spawn-safe (the default start method of Python 3.14 is not fork): the dataset sent to a
-    worker holds a path, indices, the shared block slots and their queues, no open store; the
-    worker decodes into the slots the main process reads, and stops when handed None."""
+    worker holds a path, indices, the shared row slots and its queue, no open store; the worker
+    waits for each block's turn, reads its rows into their slots (any slots, in any order), yields
+    the block's position (an int), and stops when handed None."""
     import multiprocessing
 
     from torch.utils.data import DataLoader
 
     from flatdino.pipeline.feature_store import FeatureStore
     from flatdino.pipeline.loader import _BlockReader
-    from flatdino.pipeline.loader_memory import BlockSlots
+    from flatdino.pipeline.loader_memory import RowSlots
 
     store = FeatureStore(digits_val_store)
     n, views = store.num_images, np.ones(store.num_images, np.int64)
-    slots = BlockSlots([((256, 64), np.float16)], 8, readers=1)
+    slots = RowSlots([((256, 64), np.float16)], 24)
+    slot = np.full(n, -1)
+    slot[:24] = np.random.default_rng(0).permutation(24)  # rows 0..23: blocks 0, 1, 2 of 8 rows
     spawn = multiprocessing.get_context("spawn")
-    free = slots.queues(spawn)
+    turns = [spawn.Queue()]
     reader = _BlockReader(
-        str(digits_val_store), np.array([2, 0, 1]), 8, np.ones(n, bool), views, slots, free
+        str(digits_val_store), np.array([2, 0, 1]), 8, np.ones(n, bool), views, slots, slot, turns
     )
     stream = iter(DataLoader(reader, batch_size=None, num_workers=1, multiprocessing_context=spawn))
-    for block in (2, 0, 1):
-        got, slot = next(stream)  # two ints: no array crosses (each a new shared-memory fd)
-        assert type(got) is int and type(slot) is int and got == block
-        rows = reader.rows(block, n)[2]
-        assert rows.tolist() == list(range(8 * block, 8 * block + 8))
-        got = slots.buffers[slot][0][:8].numpy()
-        assert np.array_equal(got, store.read_drawn(rows[0], rows[-1] + 1, rows, views[rows]))
-        free[0].put(slot)
+    for p, block in enumerate((2, 0, 1)):
+        turns[0].put(p)
+        got = next(stream)
+        assert type(got) is int and got == p  # an int crosses, not the rows
+        rows = np.arange(8 * block, 8 * block + 8)
+        expected = store.read_drawn(rows[0], rows[-1] + 1, rows, views[rows])
+        assert np.array_equal(slots.arrays()[0][slot[rows]], expected)
     assert next(stream, "done") == "done"
     stopped = [spawn.Queue()]
-    stopped[0].put(None)  # no slot free, and None: the epoch was left early
-    assert (
-        list(
-            _BlockReader(
-                str(digits_val_store), np.array([0]), 8, np.ones(n, bool), views, slots, stopped
-            )
-        )
-        == []
+    stopped[0].put(None)  # no turn, and None: the epoch was left early
+    reader = _BlockReader(
+        str(digits_val_store), np.array([0]), 8, np.ones(n, bool), views, slots, slot, stopped
     )
+    assert list(reader) == []
 
 
 def test_prefetch_keeps_order_raises_and_stops():
@@ -199,22 +197,49 @@ def test_prefetch_pins_every_tensor_of_a_batch_and_leaves_the_rest(monkeypatch):
     assert r is rows and r2 is rows
 
 
-def test_pending_rows_grow_past_their_bound_and_come_back_in_the_asked_order():
-    """The slots that hold rows between their block and their batch: a block larger than the free
-    slots grows them (the plan's bound, buffer + batch + block, is not relied on), a batch comes
-    back in its own row order whatever the slots, and a taken row's slot is used again."""
-    from flatdino.pipeline.loader_memory import Pending
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 400),
+    block=st.sampled_from([1, 7, 16, 64]),
+    batch=st.integers(1, 64),
+    buffer=st.sampled_from([0, 1, 24, 100]),
+    ahead=st.integers(0, 5),
+    start=st.integers(0, 3),
+)
+def test_slot_plans_never_share_a_waiting_slot_and_never_deadlock(
+    n, block, batch, buffer, ahead, start
+):
+    """For any epoch (a resumed one too): every row read gets a slot; a slot given to a row of
+    block p was freed by a batch copied out before p may be written (so no row is overwritten
+    while it waits); a block never waits on a batch that needs it or the `ahead` blocks before
+    it (no deadlock, no stall); and the slots are about buffer + batch + ahead + 1 blocks."""
+    from flatdino.pipeline.loader_memory import SlotPlan
 
-    pending = Pending([((2,), np.int8), ((), np.float16)], capacity=1)
-    codes = np.arange(8, dtype=np.int8).reshape(4, 2)
-    pending.add(np.array([10, 11, 12, 13]), [codes, np.array([0.5, 1, 2, 4], np.float16)])
-    assert pending.has(np.array([13, 10])) and not pending.has(np.array([10, 14]))
-    got_codes, got_scales = pending.take(np.array([12, 10]))
-    assert got_codes.tolist() == [[4, 5], [0, 1]] and got_scales.tolist() == [2.0, 0.5]
-    slots = len(pending.parts[0])
-    pending.add(np.array([20, 21]), [codes[:2] + 50, np.zeros(2, np.float16)])
-    assert len(pending.parts[0]) == slots  # the two freed slots were used again
-    assert pending.take(np.array([21, 11, 20]))[0].tolist() == [[52, 53], [2, 3], [50, 51]]
+    valid = np.random.default_rng(n).random(n) < 0.9
+    cfg = LoaderConfig(batch_size=batch, seed=n, shuffle_buffer=buffer)
+    epoch = plan_epoch(valid, 2, block, cfg, 0)
+    batches = epoch.batches[start:]
+    needed = np.zeros(n, bool)
+    for rows in batches:
+        needed[rows] = True
+    read = [np.flatnonzero(needed[b * block : (b + 1) * block]) + b * block for b in epoch.blocks]
+    read = [rows for rows in read if len(rows)]
+    plan = SlotPlan.of(batches, read, n, ahead)
+    assert np.flatnonzero(plan.slot >= 0).tolist() == np.flatnonzero(needed).tolist()
+    assert plan.slot.max(initial=-1) < plan.capacity
+    freed_by: dict[int, int] = {}  # slot -> the batch its last row was copied out in
+    position = {int(r): p for p, rows in enumerate(read) for r in rows}
+    batch_of = {int(r): j for j, rows in enumerate(batches) for r in rows}
+    for p, rows in enumerate(read):
+        for r in rows.tolist():
+            s = int(plan.slot[r])
+            assert plan.after[p] > freed_by.get(s, -1)  # its last row's batch is copied out
+            freed_by[s] = batch_of[r]
+        taken = plan.after[p]
+        assert taken == 0 or plan.last_block[taken - 1] < p - ahead
+    needs = [max((position[int(r)] for r in rows), default=-1) for rows in batches]
+    assert plan.last_block.tolist() == (np.maximum.accumulate(needs).tolist() if needs else [])
+    assert plan.capacity <= buffer + 2 * batch + (ahead + 2) * block
 
 
 def test_batches_kept_by_the_caller_are_never_written_again(digits_val_store):
@@ -250,9 +275,6 @@ def test_an_epoch_left_early_stops_its_workers_and_gives_its_memory_back(
     the next epoch reuses the memory and is exact."""
     import time
 
-    from flatdino.pipeline.loader_memory import BlockSlots
-
-    monkeypatch.setattr(BlockSlots, "per_reader", 1)  # a worker waits for its slot at once
     store = FeatureStore(digits_val_store)
     cfg = LoaderConfig(batch_size=8, seed=2, shuffle_buffer=8, num_workers=2)
     loader = FeatureBatches(store, cfg)
@@ -279,12 +301,12 @@ def test_a_worker_whose_trainer_died_stops_waiting_for_a_slot(monkeypatch):
     free.put(3)
     free.put(None)
     assert (
-        loader_memory.free_slot(free, poll=0.01) == 3
-        and loader_memory.free_slot(free, poll=0.01) is None
+        loader_memory.wait_turn(free, poll=0.01) == 3
+        and loader_memory.wait_turn(free, poll=0.01) is None
     )
     parents = iter([100, 100, 1])  # alive at the start and after one poll, then re-parented
     monkeypatch.setattr(loader_memory.os, "getppid", lambda: next(parents))
-    assert loader_memory.free_slot(free, poll=0.01) is None
+    assert loader_memory.wait_turn(free, poll=0.01) is None
 
 
 def test_a_read_error_reaches_the_trainer_and_its_epoch_memory_is_not_reused(
@@ -332,3 +354,36 @@ def test_the_loaders_memory_is_not_shared_with_a_forked_worker():
     finally:
         done.set()
         child.join()
+
+
+def test_a_worker_maps_the_row_slots_at_once_not_a_page_fault_per_page():
+    """A forked worker (a new one every epoch) writing shared slots that its parent has mapped
+    takes a fault per page; `prefault` maps them in one call: a fresh child then writes them
+    with (almost) none. Linux >= 5.14 (this machine's kernel)."""
+    import multiprocessing
+
+    from flatdino.pipeline.loader_memory import RowSlots
+
+    slots = RowSlots([((8192,), np.float16), ((512,), np.int8)], capacity=512)  # 2,112 pages
+    for array in slots.arrays():
+        array[:] = 0  # the parent's pages exist; a child has no page tables for them
+    fork = multiprocessing.get_context("fork")
+    faults = []
+    for prefault_first in (False, True):
+        queue = fork.Queue()
+        child = fork.Process(target=_prefault_child, args=(slots, queue, prefault_first))
+        child.start()
+        faults.append(queue.get(timeout=30))
+        child.join()
+    assert faults[0] >= 2112 and faults[1] <= faults[0] / 10, faults  # the rest: Python's own
+
+
+def _prefault_child(slots, queue, prefault_first: bool) -> None:
+    import resource
+
+    if prefault_first:
+        slots.prefault()
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for array in slots.arrays():
+        array[:] = 1
+    queue.put(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
