@@ -178,9 +178,12 @@ class FeatureBatches:
         )
         read = [r for r in rows_of if len(r)]  # each block's rows, in read order
         workers = min(self.cfg.num_workers, len(blocks))
-        # A block may be written once the batches needing blocks `ahead` before it are copied
-        # out: DataLoader asks each worker for 2 blocks in advance.
-        plan_slots = SlotPlan.of(batches, read, len(self.valid), ahead=2 * max(workers, 1) + 1)
+        # DataLoader asks each worker for `prefetch` blocks ahead: a batch's worth between them, so
+        # that they read the next batch while this process copies one out, and 2 more each. A
+        # block may be written once the batches that need blocks `ahead` before it are copied out.
+        prefetch = -(-self.cfg.batch_size // (k * max(workers, 1))) + 2
+        ahead = prefetch * max(workers, 1) + 1
+        plan_slots = SlotPlan.of(batches, read, len(self.valid), ahead)
         memory = self._memory(plan_slots.capacity)
         context = multiprocessing.get_context()  # the platform's default, as DataLoader's
         turns = [context.Queue() for _ in range(max(workers, 1))]  # new per epoch
@@ -198,6 +201,7 @@ class FeatureBatches:
                 num_workers=workers,
                 generator=generator,
                 multiprocessing_context=context if workers else None,
+                prefetch_factor=prefetch if workers else None,
             )
         )
         turn = received = 0  # blocks handed their turn; blocks read
