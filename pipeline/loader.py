@@ -205,12 +205,18 @@ class FeatureBatches:
             )
         )
         turn = received = 0  # blocks handed their turn; blocks read
+
+        def hand_turns(taken: int) -> None:
+            """Each block whose slots the first `taken` batches freed may be written now."""
+            nonlocal turn
+            while turn < len(blocks) and plan_slots.after[turn] <= taken:
+                turns[turn % len(turns)].put(turn)
+                turn += 1
+
+        hand_turns(0)
         finished = False  # the epoch ran out or its consumer closed it: its memory is reusable
         try:
             for step, rows in enumerate(batches):
-                while turn < len(blocks) and plan_slots.after[turn] <= step:
-                    turns[turn % len(turns)].put(turn)  # its slots' rows are copied out
-                    turn += 1
                 while received <= plan_slots.last_block[step]:
                     got = next(stream)
                     assert got == received, (got, received)  # DataLoader keeps the order
@@ -221,6 +227,7 @@ class FeatureBatches:
                     x = tuple(got) if self.int8 else got[0]  # (B, P, C) (int8: and scales (B, P))
                 else:
                     x = self._empty()  # empty tail batch
+                hand_turns(step + 1)  # before the yield, which waits for the consumer
                 yield x, torch.from_numpy(self.labels[rows]), rows
             finished = True
         except GeneratorExit:  # the training loop left the epoch
