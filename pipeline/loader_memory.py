@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import shutil
 import sys
 import weakref
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from queue import Empty
 
 import numpy as np
 import torch
+
+from .errors import FlatDinoError
+
+SHARED = "/dev/shm"  # where torch puts shared memory on Linux (a tmpfs: Docker's default is 64 MB)
 
 
 def private_array(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -51,6 +56,14 @@ class RowSlots:
 
     def __init__(self, parts: list[tuple[tuple[int, ...], type]], capacity: int):
         self.capacity = capacity
+        nbytes = sum(capacity * int(np.prod(shape)) * np.dtype(t).itemsize for shape, t in parts)
+        free = shutil.disk_usage(SHARED).free if os.path.isdir(SHARED) else nbytes
+        if nbytes > free:  # else a bus error in the first process to touch a page past the end
+            raise FlatDinoError(
+                f"the feature loader needs {nbytes / 1e9:.2f} GB of shared memory ({SHARED}) for "
+                f"its row slots and {free / 1e9:.2f} GB is free; give the container more "
+                "(`docker run --shm-size 16g`), or pass a smaller --micro-batch"
+            )
         dtypes = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8}
         self.tensors = [
             torch.empty((capacity, *shape), dtype=dtypes[np.dtype(dtype)]).share_memory_()

@@ -393,3 +393,23 @@ def _prefault_child(slots, queue, prefault_first: bool) -> None:
     for array in slots.arrays():
         array[:] = 1
     queue.put(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+
+def test_too_little_shared_memory_for_the_row_slots_is_one_line(digits_val_store, monkeypatch):
+    """A container's /dev/shm too small for the row slots (Docker's default is 64 MB): one line
+    with the sizes and the fixes, before any byte is written (past its end a page is a bus
+    error in whichever process touches it)."""
+    import shutil
+
+    from flatdino.pipeline import loader_memory
+    from flatdino.pipeline.errors import FlatDinoError
+
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(loader_memory.shutil, "disk_usage", lambda path: usage._replace(free=10**6))
+    loader = FeatureBatches(FeatureStore(digits_val_store), LoaderConfig(8, num_workers=0))
+    with pytest.raises(FlatDinoError, match=r"needs 0\.\d\d GB of shared memory \(/dev/shm\)") as e:
+        next(loader.epoch(0))
+    assert "0.00 GB is free" in str(e.value) and "--shm-size" in str(e.value)
+    assert "--micro-batch" in str(e.value)
+    monkeypatch.undo()
+    assert next(loader.epoch(0))[0].shape[0] == 8
