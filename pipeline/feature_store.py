@@ -41,7 +41,6 @@ Readers get floats either way: `features` dequantises (float32) for the evaluati
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import Callable
 from functools import cached_property
@@ -49,7 +48,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -58,7 +56,7 @@ from .errors import FlatDinoError, MetadataError, json_object
 from .local_shards import LocalShards
 from .quantise import FEATURE_DTYPES, Stored, dequantise, quantise
 from .storage import Location, explained
-from .store import Shard, ShardedStore, create, shard_bounds, utc_now
+from .store import Shard, ShardedStore, create, read_parquet, shard_bounds, utc_now, write_parquet
 
 FLOAT16_FORMAT = 2  # per-view chunks, float16 features
 INT8_FORMAT = 3  # format 2 with int8 codes + feature_scales
@@ -149,9 +147,16 @@ class FeatureStore(ShardedStore):
         return None if None in readers else tuple(readers)
 
     def read_shard(self, shard: Shard) -> tuple[Stored, np.ndarray]:
-        """One contiguous read of a shard's stored features (n, V, P, C) (int8: the pair with
-        scales (n, V, P), `pipeline.quantise`) and valid flags (n,)."""
-        feats = _stored_batch([a[shard.start : shard.stop] for a in self._stored])
+        """A shard's stored features (n, V, P, C) (int8: the pair with scales (n, V, P),
+        `pipeline.quantise`) and valid flags (n,): one zarr read, or on local disk every row-view
+        read straight from the shard file (`LocalShards`: 10 GB/s here against zarr's 0.5-0.7)."""
+        n, v = shard.stop - shard.start, self.num_views
+        if self._local and self.per_view:
+            rows, views = np.repeat(np.arange(shard.start, shard.stop), v), np.tile(np.arange(v), n)
+            got = self.read_drawn(shard.start, shard.stop, rows, views)  # (n * V, P[, C])
+            feats = _stored_batch([p.reshape(n, v, *p.shape[1:]) for p in _parts(got)])
+        else:
+            feats = _stored_batch([a[shard.start : shard.stop] for a in self._stored])
         valid = np.asarray(self.array("valid")[shard.start : shard.stop], dtype=bool)
         return feats, valid
 
@@ -397,6 +402,10 @@ def _stored_batch(parts: list[np.ndarray]) -> Stored:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _parts(stored: Stored) -> list[np.ndarray]:
+    return list(stored) if isinstance(stored, tuple) else [stored]
+
+
 def object_count(
     num_images: int,
     shard_size: int,
@@ -413,26 +422,6 @@ def object_count(
     extra = int(int8) + int(cls_token)  # arrays beside features, labels, valid and done
     labels = -(-num_images // LABEL_CHUNK)
     return (3 + extra) * shards + failed_shards + 5 + extra + labels + 1
-
-
-def write_parquet(location: Location, key: str, table: pa.Table) -> None:
-    """`table` as one Parquet object at `key` (a single put: no reader sees half of it)."""
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    location.write(key, sink.getvalue())
-
-
-def read_parquet(location: Location, key: str, fix: str) -> pa.Table:
-    """The Parquet object `key`; missing, empty or truncated is one line that says `fix`."""
-    raw = location.read(key)
-    where = f"{location.url.rstrip('/')}/{key}"
-    if raw is None:
-        raise MetadataError(f"{location.url!r} has no {key}; {fix}")
-    try:
-        return pq.read_table(pa.BufferReader(raw))
-    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: not Parquet, or cut short
-        found = "is empty" if not raw else f"is truncated or not Parquet ({str(e)[:80]})"
-        raise MetadataError(f"{where!r} {found}, not a feature store's manifest; {fix}") from None
 
 
 def _pending_manifest(labels: np.ndarray, paths: list[str], class_names: list[str]) -> pa.Table:

@@ -24,6 +24,7 @@ again; killed in 4 or 5, it resumes from the done markers.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 from tqdm import tqdm
 
@@ -389,3 +392,23 @@ def check_fingerprint(
 
 def _shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def write_parquet(location: Location, key: str, table: pa.Table) -> None:
+    """`table` as one Parquet object at `key` (a single put: no reader sees half of it)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    location.write(key, sink.getvalue())
+
+
+def read_parquet(location: Location, key: str, fix: str) -> pa.Table:
+    """The Parquet object `key`; missing, empty or truncated is one line that says `fix`."""
+    raw = location.read(key)
+    where = f"{location.url.rstrip('/')}/{key}"
+    if raw is None:
+        raise MetadataError(f"{location.url!r} has no {key}; {fix}")
+    try:
+        return pq.read_table(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: not Parquet, or cut short
+        found = "is empty" if not raw else f"is truncated or not Parquet ({str(e)[:80]})"
+        raise MetadataError(f"{where!r} {found}, not a feature store's manifest; {fix}") from None

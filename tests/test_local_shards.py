@@ -69,6 +69,21 @@ def test_drawn_rows_equal_zarrs_read_of_them(tmp_path, dtype, chunk_rows):
         assert (np.abs(direct[0]).sum() > 0) == (lo < 3 * SHARD)  # unwritten shards: zeros
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_whole_shards_equal_zarrs_read_of_them(tmp_path, dtype):
+    """`read_shard` (encode-latents' reader): every row and view of a shard, written or not,
+    read directly, equals zarr's read of the same slice, in its (n, V, ...) shape."""
+    store = store_of(tmp_path / "f.zarr", dtype, 2, written=3)
+    for shard in store.shards():
+        direct, valid = store.read_shard(shard)
+        store.__dict__["_local"] = None
+        expected, valid_zarr = store.read_shard(shard)
+        del store.__dict__["_local"]
+        for a, b in zip(parts(direct), parts(expected), strict=True):
+            assert a.shape[:2] == (shard.stop - shard.start, V) and np.array_equal(a, b)
+        assert np.array_equal(valid, valid_zarr)
+
+
 def test_chunks_missing_from_a_written_shard_read_as_the_fill_value(tmp_path):
     """A shard that zarr wrote only some chunks of (the rest are the index's empty entries)."""
     store = store_of(tmp_path / "f.zarr", "float16", 1, written=0)
