@@ -150,7 +150,7 @@ class FeatureStore(ShardedStore):
         """A shard's stored features (n, V, P, C) (int8: the pair with scales (n, V, P),
         `pipeline.quantise`) and valid flags (n,): one zarr read, or on local disk every row-view
         read straight from the shard file (`LocalShards`: 10 GB/s here against zarr's 0.5-0.7)."""
-        n, v = shard.stop - shard.start, self.num_views
+        n, v = shard.stop - shard.start, self._stored[0].shape[1]  # no metadata read per shard
         if self._local and self.per_view:
             rows, views = np.repeat(np.arange(shard.start, shard.stop), v), np.tile(np.arange(v), n)
             got = self.read_drawn(shard.start, shard.stop, rows, views)  # (n * V, P[, C])

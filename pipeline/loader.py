@@ -127,16 +127,17 @@ class _BlockReader(IterableDataset):
         self.slots.prefault()
         out = self.slots.arrays()
         for p in range(worker, len(self.blocks), workers):
-            lo, hi, rows = self.rows(int(self.blocks[p]), store.num_images)
+            lo, hi, rows = _block(self.needed, int(self.blocks[p]), self.block_rows)
             if wait_turn(self.turns[worker]) is None:  # the epoch was left early, or the main
                 return  # process is gone
             store.read_drawn(lo, hi, rows, self.views[rows], out=out, at=self.slot[rows])
             yield p
 
-    def rows(self, block: int, num_images: int) -> tuple[int, int, np.ndarray]:
-        """The bounds [lo, hi) of `block` and its rows to read (not none: `epoch` skips those)."""
-        lo, hi = block * self.block_rows, min((block + 1) * self.block_rows, num_images)
-        return lo, hi, np.flatnonzero(self.needed[lo:hi]) + lo
+
+def _block(needed: np.ndarray, block: int, block_rows: int) -> tuple[int, int, np.ndarray]:
+    """The bounds [lo, hi) of `block` and its rows still `needed` ((N,) bool)."""
+    lo, hi = block * block_rows, min((block + 1) * block_rows, len(needed))
+    return lo, hi, np.flatnonzero(needed[lo:hi]) + lo
 
 
 class FeatureBatches:
@@ -172,7 +173,7 @@ class FeatureBatches:
         for rows in batches:
             needed[rows] = True
         k = self.block_rows
-        rows_of = [np.flatnonzero(needed[b * k : (b + 1) * k]) + b * k for b in plan.blocks]
+        rows_of = [_block(needed, int(b), k)[2] for b in plan.blocks]
         blocks = np.array(
             [b for b, r in zip(plan.blocks, rows_of, strict=True) if len(r)], np.int64
         )
