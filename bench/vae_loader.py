@@ -5,7 +5,8 @@ extract-features writes them) on local disk, every byte read once first so that 
 below reads from the page cache (the store must fit in RAM; dropping caches needs root):
   - files: the shard files read whole, in order (raw bytes, every view): the I/O ceiling;
   - plain read: view 0 of every row, block by block, through the store's reader: the same number
-    of bytes the loader delivers, read sequentially;
+    of bytes the loader delivers, read sequentially, into a new array per block (the ratios'
+    denominator) and into one warm array;
   - loader: train-vae's loader as train-vae uses it (FeatureBatches: block order, shuffle buffer,
     one drawn view per row, DataLoader workers; one batch ahead on a thread, `prefetch`), with
     0 and N workers; float16 batches as the trainer receives them (its .float() runs on the device).
@@ -72,12 +73,20 @@ def files(path: Path) -> float:
     return nbytes / (time.perf_counter() - start)
 
 
-def plain(store: FeatureStore) -> float:
-    """Bytes/s of view 0 of every row, one storage block at a time, through the store's reader."""
-    start, nbytes, step = time.perf_counter(), 0, store.block_rows
+def plain(store: FeatureStore, reuse: bool = False) -> float:
+    """Bytes/s of view 0 of every row, one storage block at a time, through the store's reader:
+    into a new array per block, or with `reuse` into one warm block-sized array."""
+    step = store.block_rows
+    buffer = np.zeros((step, P, C), np.float16)
+    start, nbytes = time.perf_counter(), 0
     for lo in range(0, store.num_images, step):
         rows = np.arange(lo, min(lo + step, store.num_images))
-        nbytes += store.read_drawn(lo, rows[-1] + 1, rows, np.zeros(len(rows), np.int64)).nbytes
+        views = np.zeros(len(rows), np.int64)
+        if reuse:
+            store.read_drawn(lo, rows[-1] + 1, rows, views, into=[list(buffer[: len(rows)])])
+            nbytes += len(rows) * ROW_BYTES
+        else:
+            nbytes += store.read_drawn(lo, rows[-1] + 1, rows, views).nbytes
     return nbytes / (time.perf_counter() - start)
 
 
@@ -145,6 +154,7 @@ def main() -> None:
         for rep in range(args.repeats):  # interleaved, so that load from elsewhere hits all alike
             rates.setdefault("files (every view)", []).append(files(path))
             rates.setdefault("plain read (view 0)", []).append(plain(store))
+            rates.setdefault("plain read, into one warm buffer", []).append(plain(store, True))
             for w, batches in loaders.items():
                 epochs[w].append(loader(batches, 1 + rep))
     finally:
@@ -170,7 +180,11 @@ def main() -> None:
         print(f"{name:40s} {'':8s} {rate:10.2f}")
     for w, runs in epochs.items():
         first = statistics.median(r[1] for r in runs)
-        print(f"loader, {w} workers: first batch after {first:.2f} s (the shuffle buffer's fill)")
+        replaced = loaders[w]._idle[0].ring.replaced  # a batch still held when its buffer was due
+        print(
+            f"loader, {w} workers: first batch after {first:.2f} s (the shuffle buffer's fill); "
+            f"batch buffers replaced: {replaced}"
+        )
     print(
         f"store: {args.rows} rows x {V} views x {P} x {C} float16 ({args.rows * V * ROW_BYTES / 1e9:.2f}"
         f" GB), from the page cache; loader batch {args.batch}; VAE batch {args.vae_batch}, fp32; "

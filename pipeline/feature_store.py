@@ -166,31 +166,31 @@ class FeatureStore(ShardedStore):
         hi: int,
         rows: np.ndarray,
         views: np.ndarray,
-        out: list[np.ndarray] | None = None,
-        at: np.ndarray | None = None,
-    ) -> Stored:
+        into: list[list[np.ndarray]] | None = None,
+    ) -> Stored | None:
         """Stored features[rows, views] (m, P, C) (int8: with scales (m, P)) for `rows` inside
         the block [lo, hi) and one view each: only the drawn views are read (format >= 2, as
         runs of consecutive rows, `_read_runs`, or row by row from a local shard, `LocalShards`),
-        or the block's chunk whole (format 1). `out`: arrays, one per part, to read into, row k
-        into out[k], or with `at` into out[at[k]] (the loader's shared row slots); returned as
-        they are then."""
+        or the block's chunk whole (format 1). `into`: per part, the m arrays to read the rows
+        into (the loader's shared batch buffers and row slots), and nothing returned."""
         arrays = self._stored
-        if out is None:
+        out = None
+        if into is None:
             out = [np.empty((len(rows), *a.shape[2:]), a.dtype) for a in arrays]  # (m, P[, C])
+            into = [list(part) for part in out]
         if self._local and self.per_view and len(rows):
-            for reader, part in zip(self._local, out, strict=True):
-                reader.read(rows, views, part, np.arange(len(rows)) if at is None else at)
+            for reader, part in zip(self._local, into, strict=True):
+                reader.read(rows, views, part)
         else:
-            for array, part in zip(arrays, out, strict=True):
-                got = part[: len(rows)] if at is None else np.empty_like(part[: len(rows)])
+            for array, part in zip(arrays, into, strict=True):
+                got = np.empty((len(rows), *array.shape[2:]), array.dtype)
                 if not self.per_view:  # format 1 (float16 only): every view, read whole once
                     got[...] = array[lo:hi][rows - lo, views]
                 else:
                     sync(_read_runs(array.async_array, rows, views, got))
-                if at is not None:
-                    part[at] = got
-        return _stored_batch(out if at is not None else [o[: len(rows)] for o in out])
+                for target, row in zip(part, got, strict=True):
+                    target[...] = row
+        return None if out is None else _stored_batch(out)
 
     def write_shard(
         self,

@@ -61,29 +61,30 @@ class LocalShards:
         native = one_byte or array.dtype.byteorder in "=<" and sys.byteorder == "little"
         return cls(array, where, fix) if layout and native else None
 
-    def read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
-        """array[rows[k], views[k]] into out[at[k]] for every k; `rows` inside one shard."""
+    def read(self, rows: np.ndarray, views: np.ndarray, into: list[np.ndarray]) -> None:
+        """array[rows[k], views[k]] into the C-contiguous array into[k] for every k; `rows`
+        inside one shard."""
         shard = int(rows[0]) // self.shard_rows
         path = self.where / self.encode((shard, *(0,) * (1 + len(self.row_shape))))
-        assert out.flags.c_contiguous
-        target = out.reshape(len(out), -1).view(np.uint8)  # (slots, row bytes)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # a shard never written holds the fill value
-            out[at] = self.fill
+            for target in into:
+                target[...] = self.fill
             return
         try:
             index = self._index(fd, path)
             local = np.asarray(rows) - shard * self.shard_rows
             entries = index[local // self.chunk_rows, np.asarray(views)]  # (m, 2)
             starts = entries[:, 0] + (local % self.chunk_rows).astype(np.uint64) * self.row_bytes
-            for k, start, (offset, length) in zip(
-                at.tolist(), starts.tolist(), entries.tolist(), strict=True
+            for target, start, (offset, length) in zip(
+                into, starts.tolist(), entries.tolist(), strict=True
             ):
+                assert target.flags.c_contiguous  # else reshape would read into a copy
                 if offset == MISSING:
-                    out[k] = self.fill
+                    target[...] = self.fill
                 elif length != self.chunk_rows * self.row_bytes or (
-                    os.preadv(fd, [target[k]], start) != self.row_bytes
+                    os.preadv(fd, [target.reshape(-1).view(np.uint8)], start) != self.row_bytes
                 ):
                     self._damaged(path, f"a chunk of {length} bytes at {offset}")
         finally:

@@ -478,4 +478,9 @@ def inception_weights(tmp_path_factory) -> Path:
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(tempfile.tempdir, ignore_errors=True)
+    # After multiprocessing's own exit work, which removes its folder in there (the socket that
+    # hands a shared tensor's file descriptor to another process, `resource_sharer`) and fails
+    # loudly when it is gone: its finalizers run in decreasing priority, that folder's at -100.
+    from multiprocessing.util import Finalize
+
+    Finalize(None, shutil.rmtree, (tempfile.tempdir, True), exitpriority=-200)

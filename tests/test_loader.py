@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatdino.pipeline.feature_store import FeatureStore
-from flatdino.pipeline.loader import FeatureBatches, LoaderConfig, _shuffle_buffer, plan_epoch
+from flatdino.pipeline.loader import (
+    FeatureBatches,
+    LoaderConfig,
+    _shuffle_buffer,
+    plan_epoch,
+    prefetch,
+)
 
 
 @given(
@@ -100,42 +104,56 @@ def test_resume_mid_epoch_yields_the_remaining_batches(digits_val_store):
     assert tail[0][0].dtype.is_floating_point and tail[0][0].shape[1:] == (256, 64)
 
 
-def test_block_reader_runs_in_a_spawned_worker_and_fills_the_shared_slots(digits_val_store):
+def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digits_val_store):
     """Spawn-safe (the default start method of Python 3.14 is not fork): the dataset sent to a
-    worker holds a path, indices, the shared row slots and its queue, no open store; the worker
-    waits for each block's turn, reads its rows into their slots (any slots, in any order), yields
-    the block's position (an int), and stops when handed None."""
+    worker holds a path, indices, the shared memory and its queue, no open store; the worker
+    waits for each block's turn, reads each row into the place its plan gives (a row slot, or its
+    place in its batch's buffer: any, in any order; a buffer replaced on its queue is the new one),
+    yields the block's position (an int), and stops when handed None."""
     import multiprocessing
 
     from torch.utils.data import DataLoader
 
     from flatdino.pipeline.feature_store import FeatureStore
     from flatdino.pipeline.loader import _BlockReader
-    from flatdino.pipeline.loader_memory import RowSlots
+    from flatdino.pipeline.loader_memory import RowSlots, SlotPlan
 
     store = FeatureStore(digits_val_store)
     n, views = store.num_images, np.ones(store.num_images, np.int64)
-    slots = RowSlots([((256, 64), np.float16)], 24)
-    slot = np.full(n, -1)
-    slot[:24] = np.random.default_rng(0).permutation(24)  # rows 0..23: blocks 0, 1, 2 of 8 rows
+    rng = np.random.default_rng(0)
+    batch, index, slot = (np.full(n, -1) for _ in range(3))
+    batch[:24] = np.arange(24) % 2  # rows 0..23: blocks 0, 1, 2 of 8 rows; batches 0 and 1
+    for t in (0, 1):
+        index[batch == t] = rng.permutation(12)
+    slot[:24:3] = rng.permutation(8)  # every third row waits in a slot, the rest go straight in
+    empty = np.zeros(0, np.int64)
+    plan = SlotPlan(batch, index, slot, empty, [], empty, 8)
+    parts = [((256, 64), np.float16)]
+    slots, ring = RowSlots(parts, 8), [RowSlots(parts, 12) for _ in range(2)]
     spawn = multiprocessing.get_context("spawn")
     turns = [spawn.Queue()]
     reader = _BlockReader(
-        str(digits_val_store), np.array([2, 0, 1]), 8, np.ones(n, bool), views, slots, slot, turns
+        str(digits_val_store), np.array([2, 0, 1]), 8, views, plan, slots, ring, turns
     )
     stream = iter(DataLoader(reader, batch_size=None, num_workers=1, multiprocessing_context=spawn))
     for p, block in enumerate((2, 0, 1)):
+        if p == 1:
+            ring[1] = RowSlots(parts, 12)  # a caller kept batch 1: its buffer is new memory
+            turns[0].put((1, ring[1]))
         turns[0].put(p)
         got = next(stream)
         assert type(got) is int and got == p  # an int crosses, not the rows
         rows = np.arange(8 * block, 8 * block + 8)
         expected = store.read_drawn(rows[0], rows[-1] + 1, rows, views[rows])
-        assert np.array_equal(slots.arrays()[0][slot[rows]], expected)
+        buffers = [b.arrays()[0] for b in ring]
+        for r, row in zip(rows, expected, strict=True):
+            place = slots.arrays()[0][slot[r]] if slot[r] >= 0 else buffers[batch[r]][index[r]]
+            assert np.array_equal(place, row), r
     assert next(stream, "done") == "done"
     stopped = [spawn.Queue()]
     stopped[0].put(None)  # no turn, and None: the epoch was left early
     reader = _BlockReader(
-        str(digits_val_store), np.array([0]), 8, np.ones(n, bool), views, slots, slot, stopped
+        str(digits_val_store), np.array([0]), 8, views, plan, slots, ring, stopped
     )
     assert list(reader) == []
 
@@ -205,14 +223,18 @@ def test_prefetch_pins_every_tensor_of_a_batch_and_leaves_the_rest(monkeypatch):
     buffer=st.sampled_from([0, 1, 24, 100]),
     ahead=st.integers(0, 5),
     start=st.integers(0, 3),
+    lag=st.integers(1, 3),
+    more=st.integers(0, 4),
 )
-def test_slot_plans_never_share_a_waiting_slot_and_never_deadlock(
-    n, block, batch, buffer, ahead, start
+def test_slot_plans_never_share_a_waiting_place_and_never_deadlock(
+    n, block, batch, buffer, ahead, start, lag, more
 ):
-    """For any epoch (a resumed one too): every row read gets a slot; a slot given to a row of
-    block p was freed by a batch copied out before p may be written (so no row is overwritten
-    while it waits); a block never waits on a batch that needs it or the `ahead` blocks before
-    it (no deadlock, no stall); and the slots are about buffer + batch + ahead + 1 blocks."""
+    """For any epoch (a resumed one too): every row read has its place in its batch, and goes
+    there straight only when the batch buffer's earlier batch was assembled `lag` batches before
+    the block may be written, else waits in a slot; a slot given to a row of block p was freed by a
+    batch assembled before p may be written (so no row is overwritten while it waits); a block
+    never waits on a batch that needs it or the `ahead` blocks before it (no deadlock, no stall);
+    and the slots are about buffer + batch + ahead + 1 blocks."""
     from flatdino.pipeline.loader_memory import SlotPlan
 
     valid = np.random.default_rng(n).random(n) < 0.9
@@ -224,47 +246,62 @@ def test_slot_plans_never_share_a_waiting_slot_and_never_deadlock(
         needed[rows] = True
     read = [np.flatnonzero(needed[b * block : (b + 1) * block]) + b * block for b in epoch.blocks]
     read = [rows for rows in read if len(rows)]
-    plan = SlotPlan.of(batches, read, n, ahead)
-    assert np.flatnonzero(plan.slot >= 0).tolist() == np.flatnonzero(needed).tolist()
+    ring = lag + more
+    plan = SlotPlan.of(batches, read, n, ahead, ring, lag)
+    assert np.flatnonzero(plan.batch >= 0).tolist() == np.flatnonzero(needed).tolist()
+    for t, rows in enumerate(batches):
+        assert plan.batch[rows].tolist() == [t] * len(rows)
+        assert plan.index[rows].tolist() == list(range(len(rows)))
     assert plan.slot.max(initial=-1) < plan.capacity
+    assert not (plan.slot[~needed] >= 0).any()
     freed_by: dict[int, int] = {}  # slot -> the batch its last row was copied out in
     position = {int(r): p for p, rows in enumerate(read) for r in rows}
-    batch_of = {int(r): j for j, rows in enumerate(batches) for r in rows}
     for p, rows in enumerate(read):
-        for r in rows.tolist():
+        taken, straight = plan.after[p], plan.slot[rows] < 0
+        # the buffer's earlier batch, t - ring, was assembled at least lag batches before
+        assert (plan.batch[rows[straight]] - ring <= taken - 1 - lag).all()
+        assert (plan.batch[rows[~straight]] >= taken + ring - lag).all()  # else it would not wait
+        assert plan.claims[p].tolist() == sorted(set(plan.batch[rows[straight]].tolist()))
+        for r in rows[~straight].tolist():
             s = int(plan.slot[r])
-            assert plan.after[p] > freed_by.get(s, -1)  # its last row's batch is copied out
-            freed_by[s] = batch_of[r]
-        taken = plan.after[p]
+            assert taken > freed_by.get(s, -1)  # its last row's batch is copied out
+            freed_by[s] = int(plan.batch[r])
         assert taken == 0 or plan.last_block[taken - 1] < p - ahead
     needs = [max((position[int(r)] for r in rows), default=-1) for rows in batches]
     assert plan.last_block.tolist() == (np.maximum.accumulate(needs).tolist() if needs else [])
     assert plan.capacity <= buffer + 2 * batch + (ahead + 2) * block
 
 
-def test_batches_kept_by_the_caller_are_never_written_again(digits_val_store):
-    """Batch buffers are handed out again only once nothing refers to them: every batch of two
-    epochs, all kept, still holds its own rows; the same epochs with each batch dropped at once
-    (as the training loop does) are equal and come from at most `keep` buffers, and the second
-    epoch reuses the first one's memory."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_kept_by_the_caller_are_never_written_again(digits_val_store, workers):
+    """A batch buffer is written again only once nothing refers to its batch: every batch of two
+    epochs, all kept, still holds its own rows (the buffers are replaced); the same epochs drawn
+    as the training loop draws them (through `prefetch`, each batch dropped when the next comes)
+    are equal, come from the ring's own buffers, none replaced, and the second epoch reuses the
+    first one's memory."""
+    import time
+
+    from flatdino.pipeline.loader import RING
+
     store = FeatureStore(digits_val_store)
-    cfg = LoaderConfig(batch_size=16, seed=1, shuffle_buffer=24, num_workers=0)
+    cfg = LoaderConfig(batch_size=16, seed=1, shuffle_buffer=24, num_workers=workers)
     loader = FeatureBatches(store, cfg)
     kept = [(x, rows, e) for e in (0, 1) for x, _, rows in loader.epoch(e)]
-    assert len(kept) > 4  # more batches than buffers: the later ones are new memory
     features = zarr.open_group(str(digits_val_store))["features"][:]  # (N, V, P, C)
     for x, rows, e in kept:
         assert np.array_equal(x.numpy(), features[rows, loader.views(e)[rows]])
+    assert len(kept) > 2 * RING  # more batches than buffers: the later ones are new memory
+    assert loader._idle[0].ring.replaced >= len(kept) - RING
     loader, memory, step = FeatureBatches(store, cfg), set(), 0
     for e in (0, 1):
-        for x, _, rows in loader.epoch(e):
+        for x, _, rows in prefetch(loader.epoch(e)):
             assert torch.equal(x, kept[step][0]) and np.array_equal(rows, kept[step][1])
             memory.add(x.data_ptr())
             step += 1
-            del x
+            time.sleep(0.02)  # a training step: `prefetch` holds the batches ahead of it
     (idle,) = loader._idle  # one set of memory, both epochs
-    assert memory == {parts[0].ctypes.data for parts, _ in idle.batches.buffers}
-    assert len(memory) <= idle.batches.keep
+    assert idle.ring.replaced == 0
+    assert memory == {buffer.tensors[0].data_ptr() for buffer in idle.ring.memory}
 
 
 def test_an_epoch_left_early_stops_its_workers_and_gives_its_memory_back(
@@ -324,37 +361,6 @@ def test_a_read_error_reaches_the_trainer_and_its_epoch_memory_is_not_reused(
     with pytest.raises(OSError, match="disk gone"):
         next(loader.epoch(0))
     assert loader._idle == []
-
-
-@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTFORK"), reason="Linux: fork shares pages")
-def test_the_loaders_memory_is_not_shared_with_a_forked_worker():
-    """While a child forked from the trainer lives (a DataLoader worker, all epoch long), the
-    trainer writing a plain array it wrote before copies every page first (copy-on-write, a page
-    fault each); writing a `private_array` copies none, since the child never mapped it."""
-    import multiprocessing
-    import resource
-
-    from flatdino.pipeline.loader_memory import private_array
-
-    def faults_of_writing(array: np.ndarray) -> int:
-        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-        array[:] = 2
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
-
-    plain, private = np.empty((256, 4096), np.uint8), private_array((256, 4096), np.uint8)
-    plain[:], private[:] = 1, 1  # both warm: every page touched once
-    fork = multiprocessing.get_context("fork")
-    done = fork.Event()
-    child = fork.Process(target=done.wait, daemon=True)
-    child.start()
-    try:
-        assert faults_of_writing(plain) >= 200  # 256 pages of 4 KiB, copied for the child
-        assert faults_of_writing(private) <= 8
-        assert private.tolist() == [[2] * 4096] * 256
-    finally:
-        done.set()
-        child.join()
-    assert private_array((0, 4), np.uint8).shape == (0, 4)  # no pages to map: plain numpy
 
 
 def test_a_worker_maps_the_row_slots_at_once_not_a_page_fault_per_page(monkeypatch):
