@@ -10,10 +10,11 @@ run the same number of steps (a rank with fewer rows gets a shorter, possibly em
 
 Blocks are read by torch DataLoader workers that open the store lazily (spawn-safe: the dataset
 holds a path, index arrays and shared buffers), in block order; the main process assembles batches.
-No byte goes into memory the loader has not used before (`pipeline.loader_memory`): the workers
-read most rows straight into their batch's buffer in shared memory, which the batch is a view of,
-and the others into row slots, where they wait for a batch whose buffer is still in use and the
-main process copies them into it.
+On local disk no byte goes into memory the loader has not used before (`pipeline.loader_memory`):
+the workers read most rows straight into their batch's buffer in shared memory, which the batch is
+a view of, and the others into row slots, where they wait for a batch whose buffer is still in use
+and the main process copies them into it. The workers live as long as that memory: started once,
+not per epoch.
 
 Batches hold features as stored (`pipeline.quantise`): float16, or for an int8 store the pair
 (codes, scales), which the trainer copies to its device and dequantises there
@@ -100,56 +101,80 @@ def _shuffle_buffer(stream: np.ndarray, size: int, rng: np.random.Generator) -> 
 
 
 class _BlockReader(IterableDataset):
-    """Reads blocks in order, each row's drawn view into its batch's buffer or its row slot
-    (`SlotPlan`), and yields the block's position once it is in; worker w reads positions w,
-    w + W, ..., each once the main process has handed it the turn through its queue (the places
-    are free), which also carries any batch buffer replaced since (a caller kept a batch). An int
-    is all that crosses to the main process: DataLoader sends an array as a tensor in new shared
-    memory, one file descriptor handed over per block (8 ms of the main process's time)."""
+    """Reads blocks, each row's drawn view into its batch's buffer or its row slot (`SlotPlan`),
+    and yields the block's position once it is in. Its workers live as long as the loader's memory
+    (DataLoader's persistent workers): one iteration per epoch, the n-th of which reads the
+    epoch the main process tagged n. Worker w's queue carries the epoch's plan, then the turn of
+    each of its blocks (positions w, w + W, ...: their places are free), any batch buffer replaced
+    since (a caller kept a batch) and the epoch's end; what an earlier epoch left in it is
+    skipped. An int is all that crosses to the main process: DataLoader sends an array as a tensor
+    in new shared memory, one file descriptor handed over per block (8 ms of the main process's
+    time)."""
 
     def __init__(
-        self,
-        path: str,
-        blocks: np.ndarray,
-        block_rows: int,
-        views: np.ndarray,
-        plan: SlotPlan,
-        slots: RowSlots,
-        ring: list[RowSlots],
-        turns: list,
+        self, path: str, block_rows: int, slots: RowSlots, ring: list[RowSlots], turns: list
     ):
-        self.path, self.blocks, self.block_rows = path, blocks, block_rows
-        self.views, self.plan = views, plan  # views: (N,) the view drawn for each row
-        self.slots, self.ring, self.turns = slots, ring, turns
+        self.path, self.block_rows, self.turns = path, block_rows, turns
+        self.slots, self.ring = slots, list(ring)  # ring: in the order of BatchRing.memory
+        self.epochs = 0  # iterations started in this process
+        self.store: FeatureStore | None = None  # opened in the worker (path or URL), once
 
     def __iter__(self):
+        self.epochs += 1  # here, not in the generator: an epoch left early may never run it
+        return self._epoch(self.epochs)
+
+    def _epoch(self, tag: int):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        store = FeatureStore(self.path)  # opened in the worker (path or URL)
-        plan, ring = self.plan, list(self.ring)
-        for memory in (self.slots, *ring):
-            memory.prefault()
-        slots, buffers = self.slots.arrays(), [b.arrays() for b in ring]
-        needed = plan.batch >= 0
-        for p in range(worker, len(self.blocks), workers):
-            lo, hi, rows = _block(needed, int(self.blocks[p]), self.block_rows)
-            while isinstance(got := wait_turn(self.turns[worker]), tuple):
-                i, ring[i] = got  # a batch buffer replaced: a caller kept the batch in it
-                ring[i].prefault()
-                buffers[i] = ring[i].arrays()
-            if got is None:  # the epoch was left early, or the main process is gone
-                return
+        if self.store is None:  # this process's first epoch
+            self.store = FeatureStore(self.path)
+            for memory in (self.slots, *self.ring):
+                memory.prefault()
+        queue = self.turns[worker]
+        got = self._next(queue, tag)
+        if got is None or got[0] != "epoch":  # the epoch ended before it began here
+            return
+        blocks, views, slot, batch, index, first = got[2:]
+        needed = batch >= 0
+        for p in range(worker, len(blocks), workers):
+            lo, hi, rows = _block(needed, int(blocks[p]), self.block_rows)
+            got = self._next(queue, tag)
+            if got is None or got[0] != "turn":  # the epoch was left early, or the main
+                return  # process is gone
+            slots = self.slots.arrays()
+            buffers = [
+                b.arrays() for b in self.ring[first:] + self.ring[:first]
+            ]  # batch t: [t % R]
             into: list[list[np.ndarray]] = [[] for _ in slots]  # per part, each row's place
             for s, t, j in zip(
-                plan.slot[rows].tolist(),
-                plan.batch[rows].tolist(),
-                plan.index[rows].tolist(),
-                strict=True,
+                slot[rows].tolist(), batch[rows].tolist(), index[rows].tolist(), strict=True
             ):
                 for k, part in enumerate(into):
-                    part.append(slots[k][s] if s >= 0 else buffers[t % len(ring)][k][j])
-            store.read_drawn(lo, hi, rows, self.views[rows], into=into)
+                    part.append(slots[k][s] if s >= 0 else buffers[t % len(buffers)][k][j])
+            self.store.read_drawn(lo, hi, rows, views[rows], into=into)
             yield p
+
+    def _next(self, queue, tag: int) -> tuple | None:
+        """The next message of epoch `tag` on `queue`, once any batch buffer replaced before it is
+        in place (and mapped), skipping what earlier epochs left; None when the main process is
+        gone."""
+        while True:
+            got = wait_turn(queue)
+            if got is None:
+                return None
+            if got[0] == "buffer":
+                _, i, self.ring[i] = got
+                self.ring[i].prefault()
+            elif got[1] == tag:
+                return got
+
+
+def _fill(batch: list[np.ndarray], slots: list[np.ndarray], waited: np.ndarray) -> None:
+    """Row j of `batch` (per part) from row slot waited[j], for the rows that waited in a slot
+    (>= 0): no name here outlives the call holding a view of the batch (`BatchRing`)."""
+    for j in np.flatnonzero(waited >= 0).tolist():
+        for part, array in zip(batch, slots, strict=True):
+            part[j] = array[waited[j]]
 
 
 def _block(needed: np.ndarray, block: int, block_rows: int) -> tuple[int, int, np.ndarray]:
@@ -159,11 +184,13 @@ def _block(needed: np.ndarray, block: int, block_rows: int) -> tuple[int, int, n
 
 
 # The batch buffers (`BatchRing`), and the batches a consumer holds while the next is assembled:
-# through `prefetch`, the one in its queue, the producer thread's last one and the training loop's.
-# A row is read straight into its batch's buffer when its batch is at most RING - HELD - 1 ahead of
-# the one being assembled, else into a row slot and copied again. Measured at batch 512 of 64-row
-# blocks: 77-81% of the rows straight in, 968 slots; a training loop through `prefetch` kept 0
-# buffers from reuse in 2 epochs of 16 batches (HELD = 2: 4, and a replaced buffer is new memory).
+# through `prefetch`, the one the training loop is on and the one in the queue (also the producer
+# thread's last), and, until the loop's thread has rebound its loop variable, the one before
+# (`BatchRing.claim` waits a few ms for that). A row is read straight into its batch's buffer when
+# its batch is at most RING - HELD - 1 ahead of the one being assembled, else into a row slot and
+# copied again. Measured at batch 512 of 64-row blocks: 77-81% of the rows straight in, 968 slots;
+# a training loop through `prefetch` kept 0 buffers from reuse in 2 epochs of 16 batches (HELD = 2:
+# 4; a replaced buffer is new shared memory).
 HELD = 3
 RING = HELD + 5
 
@@ -207,33 +234,22 @@ class FeatureBatches:
             [b for b, r in zip(plan.blocks, rows_of, strict=True) if len(r)], np.int64
         )
         read = [r for r in rows_of if len(r)]  # each block's rows, in read order
-        workers = min(self.cfg.num_workers, len(blocks))
-        # DataLoader asks each worker for `prefetch` blocks ahead: a batch's worth between them, so
-        # that they read the next batch while this process hands one out, and 2 more each. A
-        # block may be written once the batches that need blocks `ahead` before it are assembled.
-        prefetch = -(-self.cfg.batch_size // (k * max(workers, 1))) + 2
-        ahead = prefetch * max(workers, 1) + 1
+        # DataLoader asks each worker for `prefetch` blocks ahead (`_memory`): a batch's worth
+        # between them, so that they read the next batch while this process hands one out, and 2
+        # more each. A block may be written once the batches that need blocks `ahead` before it
+        # are assembled.
+        ahead = self._prefetch() * max(self.cfg.num_workers, 1) + 1
         places = SlotPlan.of(batches, read, len(self.valid), ahead, RING, HELD)
         memory = self._memory(places.capacity)
         memory.ring.begin()
-        context = multiprocessing.get_context()  # the platform's default, as DataLoader's
-        turns = [context.Queue() for _ in range(max(workers, 1))]  # new per epoch
-        reader = _BlockReader(
-            self.path, blocks, k, plan.views, places, memory.slots, memory.ring.buffers(), turns
-        )
-        # Own generator: a DataLoader iterator draws a seed, which must not advance the global RNG
-        # (the trainer's sampling noise), or resuming mid-epoch would not be exact.
-        generator = torch.Generator().manual_seed(0)
-        stream = iter(
-            DataLoader(
-                reader,
-                batch_size=None,
-                num_workers=workers,
-                generator=generator,
-                multiprocessing_context=context if workers else None,
-                prefetch_factor=prefetch if workers else None,
-            )
-        )
+        memory.epochs += 1
+        tag, turns = memory.epochs, memory.turns
+        for queue in turns:  # the n-th iteration of each worker reads epoch n
+            queue.put(
+                ("epoch", tag, blocks, plan.views, places.slot, places.batch, places.index,
+                 memory.ring.first)
+            )  # fmt: skip
+        stream = iter(memory.loader)  # persistent workers: restarted on this epoch, not new
         turn = received = 0  # blocks handed their turn; blocks read
 
         def hand_turns(taken: int) -> None:
@@ -242,7 +258,7 @@ class FeatureBatches:
             while turn < len(blocks) and places.after[turn] <= taken:
                 for t in places.claims[turn].tolist():
                     memory.ring.claim(t, turns)
-                turns[turn % len(turns)].put(turn)
+                turns[turn % len(turns)].put(("turn", tag, turn))
                 turn += 1
 
         hand_turns(0)
@@ -257,10 +273,7 @@ class FeatureBatches:
                 if len(rows):
                     memory.ring.claim(step, turns)
                     got = memory.ring.view(step, len(rows))
-                    waited = places.slot[rows]  # the rows read before their buffer was free
-                    for j in np.flatnonzero(waited >= 0).tolist():
-                        for part, array in zip(got, slots, strict=True):
-                            part[j] = array[waited[j]]
+                    _fill(got, slots, places.slot[rows])
                     got = [torch.from_numpy(part) for part in got]
                     x = tuple(got) if self.int8 else got[0]  # (B, P, C) (int8: and scales (B, P))
                 else:
@@ -273,15 +286,24 @@ class FeatureBatches:
             raise
         finally:
             for queue in turns:  # a reader waiting for its turn stops (the epoch was left early)
-                queue.put(None)
-            del stream  # the DataLoader stops its workers (joins them) once nothing refers to it
-            if finished:  # after an error a worker may outlive this frame: drop its memory
+                queue.put(("stop", tag))
+            if finished:
                 self._idle.append(memory)
+            else:  # after an error a worker may still be writing: drop the memory, stop them now
+                # (the error's traceback holds the iterator, whose deletion would stop them)
+                getattr(stream, "_shutdown_workers", lambda: None)()  # none with 0 workers
+                memory.loader = None
+            del stream
+
+    def _prefetch(self) -> int:
+        """Blocks DataLoader asks each worker for ahead: a batch's worth between them, plus 2."""
+        return -(-self.cfg.batch_size // (self.block_rows * max(self.cfg.num_workers, 1))) + 2
 
     def _memory(self, capacity: int) -> _Memory:
-        """The memory of an earlier epoch (warm), or new memory (the first epoch, more rows
-        waiting than it had room for, or another epoch of this loader still open), with a
-        block's rows to spare: an epoch's plan may need a few more slots than the last one's."""
+        """The memory of an earlier epoch (warm) and its workers, or new memory and workers (the
+        first epoch, more rows waiting than it had room for, or another epoch of this loader
+        still open), with a block's rows to spare: an epoch's plan may need a few more slots than
+        the last one's."""
         for memory in self._idle:
             if memory.slots.capacity >= capacity:
                 self._idle.remove(memory)
@@ -291,7 +313,23 @@ class FeatureBatches:
         parts = [((p, c), np.int8), ((p,), np.float16)] if self.int8 else [((p, c), np.float16)]
         rows, batch = capacity + self.block_rows, self.cfg.batch_size
         check_shared(shared_bytes(parts, rows + RING * batch))
-        return _Memory(RowSlots(parts, rows), BatchRing(parts, batch, RING))
+        slots, ring = RowSlots(parts, rows), BatchRing(parts, batch, RING)
+        workers = self.cfg.num_workers
+        context = multiprocessing.get_context()  # the platform's default, as DataLoader's
+        turns = [context.Queue() for _ in range(max(workers, 1))]
+        reader = _BlockReader(self.path, self.block_rows, slots, ring.memory, turns)
+        loader = DataLoader(
+            reader,
+            batch_size=None,
+            num_workers=workers,
+            # Own generator: a DataLoader iterator draws a seed, which must not advance the
+            # global RNG (the trainer's sampling noise), or resuming mid-epoch would not be exact.
+            generator=torch.Generator().manual_seed(0),
+            multiprocessing_context=context if workers else None,
+            prefetch_factor=self._prefetch() if workers else None,
+            persistent_workers=workers > 0,  # no new processes, no new page tables, per epoch
+        )
+        return _Memory(slots, ring, turns, loader)
 
     def _empty(self) -> Stored:
         p, c = self.sample_shape
@@ -302,10 +340,13 @@ class FeatureBatches:
 
 @dataclass
 class _Memory:
-    """What one epoch of `FeatureBatches` copies through, kept for the next."""
+    """What one epoch of `FeatureBatches` reads into and its workers, kept for the next."""
 
     slots: RowSlots
     ring: BatchRing
+    turns: list  # a queue per worker (`_BlockReader`)
+    loader: DataLoader | None  # its workers, kept from epoch to epoch
+    epochs: int = 0  # epochs begun
 
 
 def _pinned(batch):

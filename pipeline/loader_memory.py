@@ -84,10 +84,10 @@ class RowSlots:
 
 
 class BatchRing:
-    """`size` batch buffers in shared memory; batch t of an epoch is assembled in buffer t % size
-    of the epoch's order (`buffers()`: the buffers handed out last come last, as a training loop
-    still holds the previous epoch's last batch) and handed out as a view of it; the workers
-    read its rows straight in (`SlotPlan`).
+    """`size` batch buffers in shared memory; batch t of an epoch is assembled in buffer
+    (first + t) % size, `first` the one after the last handed out in the epoch before (a training loop
+    still holds that epoch's last batch), and handed out as a view of it; the workers read its
+    rows straight in (`SlotPlan`).
 
     A buffer is written again only once no view of it is alive (the trainer has moved on: its
     batch, and any tensor sharing its memory, is gone). When one still is (a caller keeping its
@@ -100,17 +100,13 @@ class BatchRing:
         self.handed: list[list[weakref.ref]] = [[] for _ in range(size)]
         self.holder: list[int | None] = [None] * size  # the batch each buffer is for this epoch
         self.first = 0  # the buffer of this epoch's batch 0
+        self.last = -1  # the last batch handed out this epoch
         self.replaced = 0  # buffers replaced since the loader was made (a caller kept a batch)
 
     def begin(self) -> None:
-        """A new epoch: batch numbers start again at 0, in the buffer after the last one used."""
-        used = [t for t in self.holder if t is not None]
-        self.first = (self.first + max(used) + 1) % self.size if used else self.first
-        self.holder = [None] * self.size
-
-    def buffers(self) -> list[RowSlots]:
-        """The buffers in this epoch's order: batch t's is [t % size]."""
-        return self.memory[self.first :] + self.memory[: self.first]
+        """A new epoch: batch numbers start again at 0, in the buffer after the last handed out."""
+        self.first = (self.first + self.last + 1) % self.size
+        self.holder, self.last = [None] * self.size, -1
 
     def claim(self, batch: int, queues: list) -> None:
         """Batch `batch`'s buffer, before a row of it is written; its earlier batch has been
@@ -124,7 +120,7 @@ class BatchRing:
             self.memory[i], self.handed[i] = RowSlots(self.parts, self.rows), []
             self.replaced += 1
             for queue in queues:
-                queue.put((batch % self.size, self.memory[i]))
+                queue.put(("buffer", i, self.memory[i]))
 
     def _released(self, i: int) -> bool:
         """Whether no view of buffer i is alive, after a few ms for the consumer's thread to let
@@ -141,7 +137,7 @@ class BatchRing:
         i = (self.first + batch) % self.size
         assert self.holder[i] == batch, (self.holder[i], batch)
         views = [array[:n] for array in self.memory[i].arrays()]
-        self.handed[i] = [weakref.ref(v) for v in views]
+        self.handed[i], self.last = [weakref.ref(v) for v in views], batch
         return views
 
 

@@ -20,7 +20,7 @@ from flatdino.pipeline.errors import StoreMismatchError
 from flatdino.pipeline.extract import extract_features
 from flatdino.pipeline.feature_store import FeatureStore, object_count
 from flatdino.pipeline.latent_store import LatentStore
-from flatdino.pipeline.loader import FeatureBatches, LoaderConfig
+from flatdino.pipeline.loader import RING, FeatureBatches, LoaderConfig
 from flatdino.pipeline.quantise import dequantise, quantise, to_device
 from flatdino.trainers.train_vae import TrainVAEConfig, train_vae
 
@@ -86,12 +86,15 @@ def test_int8_store_layout_attrs_size_and_values(int8_store, digits_val_store):
     assert np.linalg.norm(y - x) / np.linalg.norm(x) < 0.01
 
 
-def test_loader_ships_codes_and_the_device_dequantises(int8_store):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_ships_codes_and_the_device_dequantises(int8_store, workers):
+    """Codes and scales, as stored, for every row; all batches kept (more than the loader's
+    batch buffers: the later ones in replaced buffers, codes and scales alike)."""
     store = FeatureStore(int8_store)
-    batches = FeatureBatches(store, LoaderConfig(batch_size=50, seed=3, num_workers=0))
+    batches = FeatureBatches(store, LoaderConfig(batch_size=20, seed=3, num_workers=workers))
     views = batches.views(0)
     seen = 0
-    for x, labels, rows in batches.epoch(0):
+    for x, labels, rows in list(batches.epoch(0)):
         codes, scales = x
         assert codes.dtype == torch.int8 and scales.dtype == torch.float16
         assert codes.shape == (len(rows), 256, 64) and scales.shape == (len(rows), 256)
@@ -101,6 +104,7 @@ def test_loader_ships_codes_and_the_device_dequantises(int8_store):
         assert torch.equal(labels, torch.from_numpy(store.labels()[rows]))
         seen += len(rows)
     assert seen == 359
+    assert batches._idle[0].ring.replaced >= -(-359 // 20) - RING
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])

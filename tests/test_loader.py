@@ -81,15 +81,14 @@ def test_batches_hold_the_stored_view_of_each_row(digits_val_store, workers):
         batch_size=40, seed=3, shuffle_buffer=32, num_workers=workers, rank=1, world=2
     )
     loader = FeatureBatches(FeatureStore(digits_val_store), cfg)
-    features = zarr.open_group(str(digits_val_store))["features"]
+    features = zarr.open_group(str(digits_val_store))["features"][:]  # (N, V, P, C)
     labels = zarr.open_group(str(digits_val_store))["labels"][:]
     plan = plan_epoch(loader.valid, 2, loader.block_rows, cfg, 4)
     seen = []
     for step, (x, y, rows) in enumerate(loader.epoch(4)):
         np.testing.assert_array_equal(rows, plan.batches[step])
         np.testing.assert_array_equal(y.numpy(), labels[rows])
-        expected = np.stack([features[r, plan.views[r]] for r in rows[:3]])
-        np.testing.assert_array_equal(x[:3].numpy(), expected)
+        np.testing.assert_array_equal(x.numpy(), features[rows, plan.views[rows]])
         seen.extend(rows.tolist())
     assert len(seen) == len(set(seen)) > 150  # about half of the 359 rows
 
@@ -102,21 +101,25 @@ def test_resume_mid_epoch_yields_the_remaining_batches(digits_val_store):
     tail = [(x, rows) for x, _, rows in loader.epoch(2, start_step=3)]
     assert [r.tolist() for _, r in tail] == [r.tolist() for r in full[3:]]
     assert tail[0][0].dtype.is_floating_point and tail[0][0].shape[1:] == (256, 64)
+    features, views = zarr.open_group(str(digits_val_store))["features"][:], loader.views(2)
+    for x, rows in tail:
+        np.testing.assert_array_equal(x.numpy(), features[rows, views[rows]])
 
 
 def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digits_val_store):
     """Spawn-safe (the default start method of Python 3.14 is not fork): the dataset sent to a
-    worker holds a path, indices, the shared memory and its queue, no open store; the worker
-    waits for each block's turn, reads each row into the place its plan gives (a row slot, or its
-    place in its batch's buffer: any, in any order; a buffer replaced on its queue is the new one),
-    yields the block's position (an int), and stops when handed None."""
+    worker holds a path, the shared memory and its queue, no open store. For each epoch its
+    queue carries the plan, then each block's turn: the worker reads each row into the place the
+    plan gives (a row slot, or its place in its batch's buffer, the ring turned by `first`; a
+    buffer replaced on the queue is the new one), yields the block's position (an int), and stops
+    at the epoch's end. The same worker reads the next epoch, skipping what the last one left."""
     import multiprocessing
 
     from torch.utils.data import DataLoader
 
     from flatdino.pipeline.feature_store import FeatureStore
     from flatdino.pipeline.loader import _BlockReader
-    from flatdino.pipeline.loader_memory import RowSlots, SlotPlan
+    from flatdino.pipeline.loader_memory import RowSlots
 
     store = FeatureStore(digits_val_store)
     n, views = store.num_images, np.ones(store.num_images, np.int64)
@@ -126,36 +129,41 @@ def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digi
     for t in (0, 1):
         index[batch == t] = rng.permutation(12)
     slot[:24:3] = rng.permutation(8)  # every third row waits in a slot, the rest go straight in
-    empty = np.zeros(0, np.int64)
-    plan = SlotPlan(batch, index, slot, empty, [], empty, 8)
     parts = [((256, 64), np.float16)]
     slots, ring = RowSlots(parts, 8), [RowSlots(parts, 12) for _ in range(2)]
     spawn = multiprocessing.get_context("spawn")
     turns = [spawn.Queue()]
-    reader = _BlockReader(
-        str(digits_val_store), np.array([2, 0, 1]), 8, views, plan, slots, ring, turns
-    )
-    stream = iter(DataLoader(reader, batch_size=None, num_workers=1, multiprocessing_context=spawn))
-    for p, block in enumerate((2, 0, 1)):
-        if p == 1:
-            ring[1] = RowSlots(parts, 12)  # a caller kept batch 1: its buffer is new memory
-            turns[0].put((1, ring[1]))
-        turns[0].put(p)
-        got = next(stream)
-        assert type(got) is int and got == p  # an int crosses, not the rows
-        rows = np.arange(8 * block, 8 * block + 8)
-        expected = store.read_drawn(rows[0], rows[-1] + 1, rows, views[rows])
-        buffers = [b.arrays()[0] for b in ring]
-        for r, row in zip(rows, expected, strict=True):
-            place = slots.arrays()[0][slot[r]] if slot[r] >= 0 else buffers[batch[r]][index[r]]
-            assert np.array_equal(place, row), r
-    assert next(stream, "done") == "done"
+    reader = _BlockReader(str(digits_val_store), 8, slots, ring, turns)
+    loader = DataLoader(
+        reader, batch_size=None, num_workers=1, multiprocessing_context=spawn,
+        persistent_workers=True,
+    )  # fmt: skip
+    blocks = np.array([2, 0, 1])
+    for epoch, first in ((1, 1), (2, 0)):
+        turns[0].put(("epoch", epoch, blocks, views, slot, batch, index, first))
+        stream = iter(loader)
+        for p, block in enumerate(blocks):
+            if p == 1:  # a caller kept a batch: buffer 1 is new memory
+                ring[1] = RowSlots(parts, 12)
+                turns[0].put(("buffer", 1, ring[1]))
+            turns[0].put(("turn", epoch, p))
+            got = next(stream)
+            assert type(got) is int and got == p  # an int crosses, not the rows
+            rows = np.arange(8 * block, 8 * block + 8)
+            expected = store.read_drawn(rows[0], rows[-1] + 1, rows, views[rows])
+            buffers = [b.arrays()[0] for b in ring[first:] + ring[:first]]
+            for r, row in zip(rows, expected, strict=True):
+                place = slots.arrays()[0][slot[r]] if slot[r] >= 0 else buffers[batch[r]][index[r]]
+                assert np.array_equal(place, row), (epoch, r)
+            for array in (*slots.arrays(), *buffers):
+                array[:] = 0  # the next epoch must write them again
+        turns[0].put(("turn", epoch, 99))  # an earlier epoch's leftovers, skipped by the next
+        turns[0].put(("stop", epoch))
+        assert next(stream, "done") == "done"
+    del stream, loader
     stopped = [spawn.Queue()]
-    stopped[0].put(None)  # no turn, and None: the epoch was left early
-    reader = _BlockReader(
-        str(digits_val_store), np.array([0]), 8, views, plan, slots, ring, stopped
-    )
-    assert list(reader) == []
+    stopped[0].put(("stop", 1))  # the epoch ended before its plan came: nothing read
+    assert list(_BlockReader(str(digits_val_store), 8, slots, ring, stopped)) == []
 
 
 def test_prefetch_keeps_order_raises_and_stops():
@@ -301,6 +309,7 @@ def test_batches_kept_by_the_caller_are_never_written_again(digits_val_store, wo
             time.sleep(0.02)  # a training step: `prefetch` holds the batches ahead of it
     (idle,) = loader._idle  # one set of memory, both epochs
     assert idle.ring.replaced == 0
+    assert idle.ring.first == len(kept) // 2 % RING  # epoch 1 began after epoch 0's last batch
     assert memory == {buffer.tensors[0].data_ptr() for buffer in idle.ring.memory}
 
 
@@ -308,8 +317,9 @@ def test_an_epoch_left_early_stops_its_workers_and_gives_its_memory_back(
     digits_val_store, monkeypatch
 ):
     """The training loop leaving an epoch (a crash, the run's last step): the workers waiting for
-    a free block slot are told to stop, so closing takes well under DataLoader's 5 s join, and
-    the next epoch reuses the memory and is exact."""
+    their turn are told the epoch ended, so closing takes well under DataLoader's 5 s join; the
+    next epochs reuse the memory and the same worker processes (no new fork, no new page
+    tables), and are exact, with what the left epoch's turns left in the queues skipped."""
     import time
 
     store = FeatureStore(digits_val_store)
@@ -317,14 +327,25 @@ def test_an_epoch_left_early_stops_its_workers_and_gives_its_memory_back(
     loader = FeatureBatches(store, cfg)
     epoch = loader.epoch(0)
     next(epoch)  # the workers are blocked: each has filled its slots
+
+    def workers() -> list[int]:  # DataLoader's persistent worker processes (a private field)
+        (memory,) = loader._idle
+        return [w.pid for w in memory.loader._iterator._workers]
+
     start = time.perf_counter()
     epoch.close()
     assert time.perf_counter() - start < 3 and len(loader._idle) == 1
-    got = [rows.tolist() for _, _, rows in loader.epoch(1)]
-    assert got == [
-        rows.tolist() for rows in plan_epoch(loader.valid, 2, loader.block_rows, cfg, 1).batches
-    ]
-    assert len(loader._idle) == 1
+    pids = workers()
+    features = zarr.open_group(str(digits_val_store))["features"][:]  # (N, V, P, C)
+    for e in (1, 2):
+        got = []
+        for x, _, rows in loader.epoch(e):
+            np.testing.assert_array_equal(x.numpy(), features[rows, loader.views(e)[rows]])
+            got.append(rows.tolist())
+        assert got == [
+            rows.tolist() for rows in plan_epoch(loader.valid, 2, loader.block_rows, cfg, e).batches
+        ]
+        assert len(loader._idle) == 1 and workers() == pids
 
 
 def test_a_worker_whose_trainer_died_stops_waiting_for_a_slot(monkeypatch):
@@ -346,21 +367,27 @@ def test_a_worker_whose_trainer_died_stops_waiting_for_a_slot(monkeypatch):
     assert loader_memory.wait_turn(free, poll=0.01) is None
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 def test_a_read_error_reaches_the_trainer_and_its_epoch_memory_is_not_reused(
-    digits_val_store, monkeypatch
+    digits_val_store, monkeypatch, workers
 ):
     """A block that cannot be read raises in the training loop as it was raised; that epoch's
-    memory is dropped, not reused (after an error a worker may still be writing into it)."""
+    memory is dropped, not reused (after an error a worker may still be writing into it), and
+    its worker processes are stopped."""
+    import multiprocessing
+
     store = FeatureStore(digits_val_store)
-    loader = FeatureBatches(store, LoaderConfig(batch_size=8, num_workers=0))
+    loader = FeatureBatches(store, LoaderConfig(batch_size=8, num_workers=workers))
+    before = set(multiprocessing.active_children())
 
     def fail(*args, **kwargs):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(FeatureStore, "read_drawn", fail)
+    monkeypatch.setattr(FeatureStore, "read_drawn", fail)  # forked workers inherit it
     with pytest.raises(OSError, match="disk gone"):
         next(loader.epoch(0))
     assert loader._idle == []
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_a_worker_maps_the_row_slots_at_once_not_a_page_fault_per_page(monkeypatch):
