@@ -8,8 +8,9 @@ shuffle buffer (on indices, so a whole epoch's batches are known before any byte
 one stored view per image. Every valid image is seen exactly once per epoch; ranks are disjoint and
 run the same number of steps (a rank with fewer rows gets a shorter, possibly empty, last batch).
 
-Blocks are read by torch DataLoader workers that open the store lazily (spawn-safe: the dataset
-holds a path, index arrays and shared buffers), in block order; the main process assembles batches.
+Blocks are read by torch DataLoader workers (`pipeline.loader_workers`) that open the store lazily
+(spawn-safe: the dataset holds a path, shared memory and queues), in block order; the main process
+assembles batches.
 On local disk no byte goes into memory the loader has not used before (`pipeline.loader_memory`):
 the workers read most rows straight into their batch's buffer in shared memory, which the batch is
 a view of, and the others into row slots, where they wait for a batch whose buffer is still in use
@@ -31,11 +32,12 @@ from queue import Full, Queue
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from .feature_store import FeatureStore
 from .latent_store import LatentStore
-from .loader_memory import BatchRing, RowSlots, SlotPlan, check_shared, shared_bytes, wait_turn
+from .loader_memory import BatchRing, RowSlots, SlotPlan, check_shared, shared_bytes
+from .loader_workers import BlockReader, block_of
 from .quantise import Stored
 
 
@@ -100,87 +102,12 @@ def _shuffle_buffer(stream: np.ndarray, size: int, rng: np.random.Generator) -> 
     return out
 
 
-class _BlockReader(IterableDataset):
-    """Reads blocks, each row's drawn view into its batch's buffer or its row slot (`SlotPlan`),
-    and yields the block's position once it is in. Its workers live as long as the loader's memory
-    (DataLoader's persistent workers): one iteration per epoch, the n-th of which reads the
-    epoch the main process tagged n. Worker w's queue carries the epoch's plan, then the turn of
-    each of its blocks (positions w, w + W, ...: their places are free), any batch buffer replaced
-    since (a caller kept a batch) and the epoch's end; what an earlier epoch left in it is
-    skipped. An int is all that crosses to the main process: DataLoader sends an array as a tensor
-    in new shared memory, one file descriptor handed over per block (8 ms of the main process's
-    time)."""
-
-    def __init__(
-        self, path: str, block_rows: int, slots: RowSlots, ring: list[RowSlots], turns: list
-    ):
-        self.path, self.block_rows, self.turns = path, block_rows, turns
-        self.slots, self.ring = slots, list(ring)  # ring: in the order of BatchRing.memory
-        self.epochs = 0  # iterations started in this process
-        self.store: FeatureStore | None = None  # opened in the worker (path or URL), once
-
-    def __iter__(self):
-        self.epochs += 1  # here, not in the generator: an epoch left early may never run it
-        return self._epoch(self.epochs)
-
-    def _epoch(self, tag: int):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if self.store is None:  # this process's first epoch
-            self.store = FeatureStore(self.path)
-            for memory in (self.slots, *self.ring):
-                memory.prefault()
-        queue = self.turns[worker]
-        got = self._next(queue, tag)
-        if got is None or got[0] != "epoch":  # the epoch ended before it began here
-            return
-        blocks, views, slot, batch, index, first = got[2:]
-        needed = batch >= 0
-        for p in range(worker, len(blocks), workers):
-            lo, hi, rows = _block(needed, int(blocks[p]), self.block_rows)
-            got = self._next(queue, tag)
-            if got is None or got[0] != "turn":  # the epoch was left early, or the main
-                return  # process is gone
-            slots = self.slots.arrays()
-            buffers = [
-                b.arrays() for b in self.ring[first:] + self.ring[:first]
-            ]  # batch t: [t % R]
-            into: list[list[np.ndarray]] = [[] for _ in slots]  # per part, each row's place
-            for s, t, j in zip(
-                slot[rows].tolist(), batch[rows].tolist(), index[rows].tolist(), strict=True
-            ):
-                for k, part in enumerate(into):
-                    part.append(slots[k][s] if s >= 0 else buffers[t % len(buffers)][k][j])
-            self.store.read_drawn(lo, hi, rows, views[rows], into=into)
-            yield p
-
-    def _next(self, queue, tag: int) -> tuple | None:
-        """The next message of epoch `tag` on `queue`, once any batch buffer replaced before it is
-        in place (and mapped), skipping what earlier epochs left; None when the main process is
-        gone."""
-        while True:
-            got = wait_turn(queue)
-            if got is None:
-                return None
-            if got[0] == "buffer":
-                _, i, self.ring[i] = got
-                self.ring[i].prefault()
-            elif got[1] == tag:
-                return got
-
-
 def _fill(batch: list[np.ndarray], slots: list[np.ndarray], waited: np.ndarray) -> None:
     """Row j of `batch` (per part) from row slot waited[j], for the rows that waited in a slot
     (>= 0): no name here outlives the call holding a view of the batch (`BatchRing`)."""
     for j in np.flatnonzero(waited >= 0).tolist():
         for part, array in zip(batch, slots, strict=True):
             part[j] = array[waited[j]]
-
-
-def _block(needed: np.ndarray, block: int, block_rows: int) -> tuple[int, int, np.ndarray]:
-    """The bounds [lo, hi) of `block` and its rows still `needed` ((N,) bool)."""
-    lo, hi = block * block_rows, min((block + 1) * block_rows, len(needed))
-    return lo, hi, np.flatnonzero(needed[lo:hi]) + lo
 
 
 # The batch buffers (`BatchRing`), and the batches a consumer holds while the next is assembled:
@@ -229,7 +156,7 @@ class FeatureBatches:
         for rows in batches:
             needed[rows] = True
         k = self.block_rows
-        rows_of = [_block(needed, int(b), k)[2] for b in plan.blocks]
+        rows_of = [block_of(needed, int(b), k)[2] for b in plan.blocks]
         blocks = np.array(
             [b for b, r in zip(plan.blocks, rows_of, strict=True) if len(r)], np.int64
         )
@@ -317,7 +244,7 @@ class FeatureBatches:
         workers = self.cfg.num_workers
         context = multiprocessing.get_context()  # the platform's default, as DataLoader's
         turns = [context.Queue() for _ in range(max(workers, 1))]
-        reader = _BlockReader(self.path, self.block_rows, slots, ring.memory, turns)
+        reader = BlockReader(self.path, self.block_rows, slots, ring.memory, turns)
         loader = DataLoader(
             reader,
             batch_size=None,
@@ -344,7 +271,7 @@ class _Memory:
 
     slots: RowSlots
     ring: BatchRing
-    turns: list  # a queue per worker (`_BlockReader`)
+    turns: list  # a queue per worker (`BlockReader`)
     loader: DataLoader | None  # its workers, kept from epoch to epoch
     epochs: int = 0  # epochs begun
 

@@ -22,7 +22,6 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass
-from queue import Empty
 
 import numpy as np
 import torch
@@ -203,16 +202,3 @@ class SlotPlan:
             del free[len(free) - reused :]
             capacity += new
         return cls(batch, index, slot, after, claims, last_block, capacity)
-
-
-def wait_turn(queue, poll: float = 1.0):
-    """The next message from `queue` (a block's turn, or a replaced batch buffer): None when
-    handed None, or when the process that started this one has died (a worker waiting here would
-    otherwise outlive a killed trainer)."""
-    parent = os.getppid()
-    while True:
-        try:
-            return queue.get(timeout=poll)
-        except Empty:
-            if os.getppid() != parent:
-                return None

@@ -118,8 +118,8 @@ def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digi
     from torch.utils.data import DataLoader
 
     from flatdino.pipeline.feature_store import FeatureStore
-    from flatdino.pipeline.loader import _BlockReader
     from flatdino.pipeline.loader_memory import RowSlots
+    from flatdino.pipeline.loader_workers import BlockReader
 
     store = FeatureStore(digits_val_store)
     n, views = store.num_images, np.ones(store.num_images, np.int64)
@@ -133,7 +133,7 @@ def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digi
     slots, ring = RowSlots(parts, 8), [RowSlots(parts, 12) for _ in range(2)]
     spawn = multiprocessing.get_context("spawn")
     turns = [spawn.Queue()]
-    reader = _BlockReader(str(digits_val_store), 8, slots, ring, turns)
+    reader = BlockReader(str(digits_val_store), 8, slots, ring, turns)
     loader = DataLoader(
         reader, batch_size=None, num_workers=1, multiprocessing_context=spawn,
         persistent_workers=True,
@@ -163,7 +163,7 @@ def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digi
     del stream, loader
     stopped = [spawn.Queue()]
     stopped[0].put(("stop", 1))  # the epoch ended before its plan came: nothing read
-    assert list(_BlockReader(str(digits_val_store), 8, slots, ring, stopped)) == []
+    assert list(BlockReader(str(digits_val_store), 8, slots, ring, stopped)) == []
 
 
 def test_prefetch_keeps_order_raises_and_stops():
@@ -353,18 +353,18 @@ def test_a_worker_whose_trainer_died_stops_waiting_for_a_slot(monkeypatch):
     parent pid changes), rather than waiting for ever; a slot or None is handed through."""
     import queue as queues
 
-    from flatdino.pipeline import loader_memory
+    from flatdino.pipeline import loader_workers
 
     free = queues.Queue()
     free.put(3)
     free.put(None)
     assert (
-        loader_memory.wait_turn(free, poll=0.01) == 3
-        and loader_memory.wait_turn(free, poll=0.01) is None
+        loader_workers.wait_turn(free, poll=0.01) == 3
+        and loader_workers.wait_turn(free, poll=0.01) is None
     )
     parents = iter([100, 100, 1])  # alive at the start and after one poll, then re-parented
-    monkeypatch.setattr(loader_memory.os, "getppid", lambda: next(parents))
-    assert loader_memory.wait_turn(free, poll=0.01) is None
+    monkeypatch.setattr(loader_workers.os, "getppid", lambda: next(parents))
+    assert loader_workers.wait_turn(free, poll=0.01) is None
 
 
 @pytest.mark.parametrize("workers", [0, 2])
