@@ -106,7 +106,9 @@ def test_resume_mid_epoch_yields_the_remaining_batches(digits_val_store):
         np.testing.assert_array_equal(x.numpy(), features[rows, views[rows]])
 
 
-def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digits_val_store):
+def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(
+    digits_val_store, monkeypatch
+):
     """Spawn-safe (the default start method of Python 3.14 is not fork): the dataset sent to a
     worker holds a path, the shared memory and its queue, no open store. For each epoch its
     queue carries the plan, then each block's turn: the worker reads each row into the place the
@@ -117,6 +119,7 @@ def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digi
 
     from torch.utils.data import DataLoader
 
+    from flatdino.pipeline import loader_workers
     from flatdino.pipeline.feature_store import FeatureStore
     from flatdino.pipeline.loader_memory import RowSlots
     from flatdino.pipeline.loader_workers import BlockReader
@@ -162,8 +165,14 @@ def test_block_reader_runs_in_a_spawned_worker_and_fills_the_planned_places(digi
         assert next(stream, "done") == "done"
     del stream, loader
     stopped = [spawn.Queue()]
-    stopped[0].put(("stop", 1))  # the epoch ended before its plan came: nothing read
-    assert list(BlockReader(str(digits_val_store), 8, slots, ring, stopped)) == []
+    reader = BlockReader(str(digits_val_store), 8, slots, ring, stopped)  # in this process
+    stopped[0].put(("stop", 1))  # epoch 1 ended before its plan came: nothing read
+    assert list(reader) == []
+    stopped[0].put(("epoch", 2, blocks, views, slot, batch, index, 0))
+    stopped[0].put(("stop", 2))  # epoch 2 ended before a turn came: nothing read
+    assert list(reader) == []
+    monkeypatch.setattr(loader_workers, "wait_turn", lambda queue: None)  # the trainer is gone
+    assert list(reader) == []
 
 
 def test_prefetch_keeps_order_raises_and_stops():
