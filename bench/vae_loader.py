@@ -39,6 +39,7 @@ import torch
 from flatdino.models.vae import FlatDinoVAE, kl_weight, vae_loss, vae_preset
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.loader import FeatureBatches, LoaderConfig, prefetch
+from flatdino.pipeline.quantise import parts
 from flatdino.trainers.configs import TrainVAEConfig
 from flatdino.trainers.optim import param_groups
 
@@ -76,18 +77,16 @@ def files(path: Path) -> float:
     return nbytes / (time.perf_counter() - start)
 
 
-def nbytes(stored) -> int:
+def nbytes(batch) -> int:
     """Bytes of a stored batch: float16 features, or int8 codes and their scales."""
-    parts = stored if isinstance(stored, tuple) else (stored,)
-    return sum(part.numel() * part.element_size() for part in parts)
+    return sum(part.numel() * part.element_size() for part in parts(batch))
 
 
 def plain(store: FeatureStore, reuse: bool = False) -> float:
     """Bytes/s of view 0 of every row, one storage block at a time, through the store's reader:
     into new arrays per block, or with `reuse` into one warm block-sized array per part."""
-    step, int8 = store.block_rows, store.feature_dtype == "int8"
-    parts = [((P, C), np.int8), ((P,), np.float16)] if int8 else [((P, C), np.float16)]
-    warm = [np.zeros((step, *shape), dtype) for shape, dtype in parts]
+    step = store.block_rows
+    warm = [np.zeros((step, *shape), dtype) for shape, dtype in store.row_parts]
     start, total = time.perf_counter(), 0
     for lo in range(0, store.num_images, step):
         rows = np.arange(lo, min(lo + step, store.num_images))
@@ -98,7 +97,7 @@ def plain(store: FeatureStore, reuse: bool = False) -> float:
             total += sum(array[: len(rows)].nbytes for array in warm)
         else:
             got = store.read_drawn(lo, rows[-1] + 1, rows, views)
-            total += sum(part.nbytes for part in (got if isinstance(got, tuple) else (got,)))
+            total += sum(part.nbytes for part in parts(got))
     return total / (time.perf_counter() - start)
 
 

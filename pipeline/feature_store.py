@@ -54,7 +54,7 @@ from zarr.core.sync import sync
 
 from .errors import FlatDinoError, MetadataError, json_object
 from .local_shards import LocalShards
-from .quantise import FEATURE_DTYPES, Stored, dequantise, quantise
+from .quantise import FEATURE_DTYPES, Stored, dequantise, parts, quantise, stored
 from .storage import Location, explained
 from .store import Shard, ShardedStore, create, read_parquet, shard_bounds, utc_now, write_parquet
 
@@ -129,6 +129,12 @@ class FeatureStore(ShardedStore):
         _, _, p, c = self.features.shape
         return int(p), int(c)
 
+    @property
+    def row_parts(self) -> list[tuple[tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of one row-view of each stored part: [((P, C), float16)], or for int8
+        [((P, C), int8), ((P,), float16)]."""
+        return [(tuple(a.shape[2:]), a.dtype) for a in self._stored]
+
     @cached_property
     def _stored(self) -> tuple[zarr.Array, ...]:
         """The arrays of a stored batch: (features,) or (codes, scales), opened once (their
@@ -154,9 +160,9 @@ class FeatureStore(ShardedStore):
         if self._local and self.per_view:
             rows, views = np.repeat(np.arange(shard.start, shard.stop), v), np.tile(np.arange(v), n)
             got = self.read_drawn(shard.start, shard.stop, rows, views)  # (n * V, P[, C])
-            feats = _stored_batch([p.reshape(n, v, *p.shape[1:]) for p in _parts(got)])
+            feats = stored([p.reshape(n, v, *p.shape[1:]) for p in parts(got)])
         else:
-            feats = _stored_batch([a[shard.start : shard.stop] for a in self._stored])
+            feats = stored([a[shard.start : shard.stop] for a in self._stored])
         valid = np.asarray(self.array("valid")[shard.start : shard.stop], dtype=bool)
         return feats, valid
 
@@ -190,7 +196,7 @@ class FeatureStore(ShardedStore):
                     sync(_read_runs(array.async_array, rows, views, got))
                 for target, row in zip(part, got, strict=True):
                     target[...] = row
-        return None if out is None else _stored_batch(out)
+        return None if out is None else stored(out)
 
     def write_shard(
         self,
@@ -396,14 +402,6 @@ class Dequantised:
         sel = selection if isinstance(selection, tuple) else (selection,)
         assert len(sel) <= 3, "select rows, views or patches, not channels"
         return dequantise((read(self.codes, sel), read(self.scales, sel)))
-
-
-def _stored_batch(parts: list[np.ndarray]) -> Stored:
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
-def _parts(stored: Stored) -> list[np.ndarray]:
-    return list(stored) if isinstance(stored, tuple) else [stored]
 
 
 def object_count(

@@ -38,7 +38,7 @@ from .feature_store import FeatureStore
 from .latent_store import LatentStore
 from .loader_memory import BatchRing, RowSlots, SlotPlan, check_shared, shared_bytes
 from .loader_workers import BlockReader, block_of
-from .quantise import Stored
+from .quantise import Stored, stored
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,9 @@ class FeatureBatches:
         self.labels = store.labels()
         self.num_views = store.num_views
         self.block_rows = store.block_rows  # one storage object: the unit of locality
-        self.sample_shape = store.sample_shape  # (P, C)
-        self.int8 = store.feature_dtype == "int8"
+        self.row_parts = (
+            store.row_parts
+        )  # (shape, dtype) of a row-view's features, or codes, scales
         self.num_valid = int(self.valid.sum())
         self._idle: list[_Memory] = []  # reused by the next epoch (module docstring)
 
@@ -201,8 +202,7 @@ class FeatureBatches:
                     memory.ring.claim(step, turns)
                     got = memory.ring.view(step, len(rows))
                     _fill(got, slots, places.slot[rows])
-                    got = [torch.from_numpy(part) for part in got]
-                    x = tuple(got) if self.int8 else got[0]  # (B, P, C) (int8: and scales (B, P))
+                    x = stored([torch.from_numpy(part) for part in got])  # (B, P, C) [, (B, P)]
                 else:
                     x = self._empty()  # empty tail batch
                 hand_turns(step + 1)  # before the yield, which waits for the consumer
@@ -236,8 +236,7 @@ class FeatureBatches:
                 self._idle.remove(memory)
                 return memory
         self._idle.clear()  # too small for this epoch: not kept beside the new memory
-        p, c = self.sample_shape
-        parts = [((p, c), np.int8), ((p,), np.float16)] if self.int8 else [((p, c), np.float16)]
+        parts = self.row_parts
         rows, batch = capacity + self.block_rows, self.cfg.batch_size
         check_shared(shared_bytes(parts, rows + RING * batch))
         slots, ring = RowSlots(parts, rows), BatchRing(parts, batch, RING)
@@ -259,10 +258,9 @@ class FeatureBatches:
         return _Memory(slots, ring, turns, loader)
 
     def _empty(self) -> Stored:
-        p, c = self.sample_shape
-        if self.int8:
-            return torch.zeros(0, p, c, dtype=torch.int8), torch.zeros(0, p, dtype=torch.float16)
-        return torch.zeros(0, p, c, dtype=torch.float16)
+        return stored(
+            [torch.from_numpy(np.zeros((0, *shape), dtype)) for shape, dtype in self.row_parts]
+        )
 
 
 @dataclass

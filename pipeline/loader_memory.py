@@ -84,9 +84,9 @@ class RowSlots:
 
 class BatchRing:
     """`size` batch buffers in shared memory; batch t of an epoch is assembled in buffer
-    (first + t) % size, `first` the one after the last handed out in the epoch before (a training loop
-    still holds that epoch's last batch), and handed out as a view of it; the workers read its
-    rows straight in (`SlotPlan`).
+    (first + t) % size, `first` the one after the last handed out in the epoch before (a training
+    loop still holds that epoch's last batch), and handed out as a view of it; the workers read
+    its rows straight in (`SlotPlan`).
 
     A buffer is written again only once no view of it is alive (the trainer has moved on: its
     batch, and any tensor sharing its memory, is gone). When one still is (a caller keeping its

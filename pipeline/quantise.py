@@ -24,7 +24,7 @@ import torch
 
 from .configs import FEATURE_DTYPES
 
-__all__ = ["FEATURE_DTYPES", "dequantise", "each", "quantise", "to_device"]
+__all__ = ["FEATURE_DTYPES", "dequantise", "each", "parts", "quantise", "stored", "to_device"]
 
 SCALE_DTYPE = np.float16  # one scale per patch vector; float32 measured no better (benchmarks.md)
 LEVELS = 127  # symmetric: -127..127 (-128 unused, so the code range is symmetric about 0)
@@ -51,6 +51,16 @@ def dequantise(x: Stored) -> Any:
             return codes.float() * scales.float().unsqueeze(-1)
         return codes.astype(np.float32) * scales.astype(np.float32)[..., None]
     return x.float() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+
+
+def parts(x: Stored) -> list:
+    """The arrays of a stored batch: [features], or [codes, scales]."""
+    return list(x) if isinstance(x, tuple) else [x]
+
+
+def stored(arrays: list) -> Stored:
+    """The stored batch of its arrays (`parts`' inverse)."""
+    return arrays[0] if len(arrays) == 1 else tuple(arrays)
 
 
 def each(x: Stored, fn: Callable[[Any], Any]) -> Stored:

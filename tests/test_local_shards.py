@@ -14,6 +14,7 @@ import zarr
 from flatdino.pipeline.errors import FlatDinoError
 from flatdino.pipeline.feature_store import FeatureStore
 from flatdino.pipeline.local_shards import MISSING, LocalShards
+from flatdino.pipeline.quantise import parts
 
 N, V, P, C, SHARD = 70, 3, 4, 5, 16
 
@@ -46,10 +47,6 @@ def through_zarr(store: FeatureStore, *args) -> list[np.ndarray]:
         return parts(store.read_drawn(*args))
     finally:
         del store.__dict__["_local"]
-
-
-def parts(stored) -> list[np.ndarray]:
-    return list(stored) if isinstance(stored, tuple) else [stored]
 
 
 @pytest.mark.parametrize(("dtype", "chunk_rows"), [("float16", 1), ("int8", 1), ("float16", 2)])
